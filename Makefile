@@ -1,0 +1,66 @@
+# Kairos developer commands. `make demo` runs the main job, `make test` runs the tests;
+# CI (.ci/run) calls `make check`, which is lint + types + test.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STACK := $(PY) deploy/stack.py
+
+.PHONY: help venv lock up down status logs demo test lint format typecheck check clean
+
+help:
+	@echo "make demo       start Kafka, Redis, worker and API locally and print the URLs"
+	@echo "make test       run the whole test suite against the real Kafka and Redis"
+	@echo "make check      lint + typecheck + test (what CI runs)"
+	@echo "make up|down|status|logs   the local stack (deploy/stack.py)"
+	@echo "make lock       re-pin constraints.txt from a fresh resolve"
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+# Re-resolve the newest versions allowed by pyproject.toml and pin them for CI.
+lock:
+	rm -rf .lockvenv && $(PYTHON) -m venv .lockvenv
+	.lockvenv/bin/pip install -q --upgrade pip && .lockvenv/bin/pip install -q -e '.[dev]'
+	{ echo "# Pinned by 'make lock'; CI installs exactly these."; \
+	  .lockvenv/bin/pip freeze --exclude-editable | grep -v '^-e'; } > constraints.txt
+	rm -rf .lockvenv
+
+up: venv
+	$(STACK) up
+
+down:
+	@if [ -x $(PY) ]; then $(STACK) down; else $(PYTHON) deploy/stack.py down; fi
+
+status: venv
+	$(STACK) status
+
+logs: venv
+	$(STACK) logs
+
+demo: venv
+	$(PY) -m scripts.demo
+
+test: venv
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: venv
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+typecheck: venv
+	$(VENV)/bin/mypy
+
+check: lint typecheck test
+
+clean: down
+	rm -rf $(VENV) .stack .mypy_cache .ruff_cache .pytest_cache

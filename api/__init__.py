@@ -1,0 +1,1 @@
+"""Kairos decision API: slot answers from session state, always within the deadline."""

@@ -1,0 +1,1 @@
+"""Kairos load tests and benchmarks: drives the system from outside, over HTTP and Kafka."""

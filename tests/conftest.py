@@ -1,0 +1,132 @@
+"""Session fixtures: the real Kafka broker and redis-server, and per-test isolation.
+
+The stack is found in this order: KAIROS_KAFKA_BOOTSTRAP + KAIROS_REDIS_URL in the
+environment (attach, never stop); a healthy stack from `deploy/stack.py up` in this checkout
+(attach, never stop); otherwise the fixture starts one and stops it when the session ends.
+Outside CI a stack that cannot start skips the integration tests with the reason; with
+CI=true it fails them.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+REPO = Path(__file__).resolve().parent.parent
+STACK = [sys.executable, str(REPO / "deploy" / "stack.py")]
+IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+
+@dataclass(frozen=True)
+class Stack:
+    kafka_bootstrap: str
+    redis_url: str
+
+
+def _unavailable(reason: str) -> None:
+    if IN_CI:
+        pytest.fail(f"CI=true and the real stack is unavailable: {reason}", pytrace=False)
+    pytest.skip(f"LOUD SKIP: real Kafka/Redis unavailable ({reason}); run `make up`")
+
+
+def _stack_env() -> dict[str, str]:
+    out = subprocess.run([*STACK, "env"], capture_output=True, text=True, check=False)
+    env: dict[str, str] = {}
+    for line in out.stdout.splitlines():
+        key, _, value = line.removeprefix("export ").partition("=")
+        env[key] = value
+    return env
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[Stack]:
+    if "KAIROS_KAFKA_BOOTSTRAP" in os.environ and "KAIROS_REDIS_URL" in os.environ:
+        yield Stack(os.environ["KAIROS_KAFKA_BOOTSTRAP"], os.environ["KAIROS_REDIS_URL"])
+        return
+    healthy = subprocess.run([*STACK, "status"], capture_output=True, check=False).returncode == 0
+    started = False
+    if not healthy:
+        up = subprocess.run([*STACK, "up"], capture_output=True, text=True, check=False)
+        if up.returncode != 0:
+            _unavailable(f"`deploy/stack.py up` failed:\n{up.stdout}\n{up.stderr}")
+        started = True
+    env = _stack_env()
+    try:
+        yield Stack(env["KAIROS_KAFKA_BOOTSTRAP"], env["KAIROS_REDIS_URL"])
+    finally:
+        if started:
+            subprocess.run([*STACK, "down"], capture_output=True, check=False, timeout=60)
+
+
+@pytest.fixture
+def unique() -> str:
+    """A short id for this test's topics, groups and key prefix."""
+    return uuid.uuid4().hex[:12]
+
+
+@pytest.fixture
+def key_prefix(unique: str) -> str:
+    return f"test-{unique}"
+
+
+@pytest.fixture
+async def redis_client(stack: Stack, key_prefix: str) -> AsyncIterator[aioredis.Redis]:
+    """A client on the real Redis; every key under this test's prefix is deleted afterwards."""
+    client = aioredis.Redis.from_url(stack.redis_url)
+    try:
+        await client.ping()
+    except Exception as exc:
+        await client.aclose()
+        _unavailable(f"redis at {stack.redis_url}: {exc}")
+    try:
+        yield client
+    finally:
+        async for key in client.scan_iter(match=f"{key_prefix}*", count=1000):
+            await client.delete(key)
+        await client.aclose()
+
+
+TopicFactory = Callable[..., Awaitable[str]]
+
+
+@pytest.fixture
+async def kafka_admin(stack: Stack) -> AsyncIterator[AIOKafkaAdminClient]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=stack.kafka_bootstrap)
+    try:
+        await admin.start()
+    except Exception as exc:
+        await admin.close()
+        _unavailable(f"kafka at {stack.kafka_bootstrap}: {exc}")
+    try:
+        yield admin
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+async def topic_factory(
+    kafka_admin: AIOKafkaAdminClient, unique: str
+) -> AsyncIterator[TopicFactory]:
+    """Creates uniquely named topics on the real broker and deletes them after the test."""
+    created: list[str] = []
+
+    async def make(base: str = "t", partitions: int = 1) -> str:
+        name = f"{base}.{unique}.{len(created)}"
+        await kafka_admin.create_topics(
+            [NewTopic(name, num_partitions=partitions, replication_factor=1)]
+        )
+        created.append(name)
+        return name
+
+    yield make
+    if created:
+        await kafka_admin.delete_topics(created)
