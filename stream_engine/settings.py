@@ -63,10 +63,32 @@ class Settings:
     decisions_topic: str = "decisions"
     consumer_group: str = "kairos-stream"
     partitions: int = 4
+    # Catalog file (JSONL or CSV); empty = generate the demo catalog into the stack dir.
+    catalog_path: str = ""
+    # Micro-batches: flush at batch_max events or after batch_within_ms, whichever is first.
+    batch_max: int = 500
+    batch_within_ms: float = 3.0
+    session_half_life_s: float = 1800.0
+    user_half_life_s: float = 14 * 86400.0
+    covisit_half_life_s: float = 7 * 86400.0
+    trending_half_life_s: float = 6 * 3600.0
+    session_ttl_s: int = 2 * 3600
+    user_ttl_s: int = 90 * 86400
+    aggregate_ttl_s: int = 14 * 86400
+    # How long an erasure or consent block outlives the data: at least topic retention, so a
+    # replay of the retained clickstream can't bring erased state back.
+    erasure_ttl_s: int = 30 * 86400
+    metrics_port: int = 9464
+    redis_pool_size: int = 8
 
     def __post_init__(self) -> None:
         if self.partitions < 1:
             raise ConfigError(f"KAIROS_PARTITIONS must be >= 1, got {self.partitions}")
+        if self.batch_max < 1 or self.batch_within_ms <= 0:
+            raise ConfigError("KAIROS_BATCH_MAX must be >= 1 and KAIROS_BATCH_WITHIN_MS > 0")
+        if min(self.session_half_life_s, self.user_half_life_s, self.covisit_half_life_s,
+               self.trending_half_life_s) <= 0:  # fmt: skip
+            raise ConfigError("half-lives (KAIROS_*_HALF_LIFE_S) must be > 0")
         if not self.key_prefix or "{" in self.key_prefix or "}" in self.key_prefix:
             raise ConfigError(
                 f"KAIROS_KEY_PREFIX must be non-empty and free of braces, got {self.key_prefix!r}"

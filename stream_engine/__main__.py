@@ -1,0 +1,109 @@
+"""Command line of the stream engine.
+
+python -m stream_engine worker                 run a stream worker (KAIROS_* settings)
+python -m stream_engine topics                 create the topics if missing
+python -m stream_engine catalog --out F [--items N] [--seed S]   write a demo catalog
+python -m stream_engine erase (--user U | --session S)           erase state now
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+from stream_engine.settings import Settings
+
+
+def _catalog_path(settings: Settings) -> Path:
+    if settings.catalog_path:
+        return Path(settings.catalog_path)
+    from stream_engine.demo_catalog import write_demo_catalog
+
+    path = Path(os.environ.get("KAIROS_STACK_DIR", ".stack")) / "catalog" / "demo.jsonl"
+    if not path.exists():
+        write_demo_catalog(path)
+    return path
+
+
+def cmd_worker(settings: Settings) -> int:
+    import faust
+    from prometheus_client import start_http_server
+
+    from stream_engine.app import create_app
+    from stream_engine.catalog import Catalog
+    from stream_engine.metrics import WorkerMetrics
+    from stream_engine.topics import ensure_topics
+
+    catalog = Catalog.from_file(_catalog_path(settings))
+    asyncio.run(ensure_topics(settings))
+    metrics = WorkerMetrics()
+    if settings.metrics_port:
+        start_http_server(settings.metrics_port, addr="127.0.0.1", registry=metrics.registry)
+    app = create_app(settings, catalog, metrics)
+    worker = faust.Worker(app, loglevel="WARNING", quiet=True)
+    worker.execute_from_commandline()  # runs until SIGTERM/SIGINT, then exits the process
+
+
+def cmd_erase(settings: Settings, user: str | None, session: str | None) -> int:
+    from stream_engine.app import redis_client
+    from stream_engine.erasure import erase_session, erase_user
+    from stream_engine.state import Keys
+
+    async def run() -> None:
+        redis = redis_client(settings)
+        keys, ttl = Keys(settings.key_prefix), settings.erasure_ttl_s * 1000
+        try:
+            if user:
+                sessions = await erase_user(redis, keys, user, ttl)
+                print(f"erased user {user} and {len(sessions)} session(s)")
+            if session:
+                await erase_session(redis, keys, session, ttl)
+                print(f"erased session {session}")
+        finally:
+            await redis.aclose()
+
+    asyncio.run(run())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m stream_engine")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("worker", help="run a stream worker")
+    sub.add_parser("topics", help="create the Kairos topics if missing")
+    cat = sub.add_parser("catalog", help="write a demo catalog (JSONL)")
+    cat.add_argument("--out", type=Path, required=True)
+    cat.add_argument("--items", type=int, default=10_000)
+    cat.add_argument("--seed", type=int, default=7)
+    erase = sub.add_parser("erase", help="erase a user's or a session's state now")
+    erase.add_argument("--user")
+    erase.add_argument("--session")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    settings = Settings.from_env(os.environ)
+    if args.command == "worker":
+        return cmd_worker(settings)
+    if args.command == "topics":
+        from stream_engine.topics import ensure_topics
+
+        asyncio.run(ensure_topics(settings))
+        return 0
+    if args.command == "catalog":
+        from stream_engine.demo_catalog import write_demo_catalog
+
+        print(write_demo_catalog(args.out, args.items, args.seed))
+        return 0
+    if not (args.user or args.session):
+        parser.error("erase needs --user or --session")
+    return cmd_erase(settings, args.user, args.session)
+
+
+if __name__ == "__main__":
+    # faust's Worker parses sys.argv itself; hand it only the program name.
+    argv = sys.argv[1:]
+    sys.argv = sys.argv[:1]
+    sys.exit(main(argv))

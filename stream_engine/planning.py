@@ -1,0 +1,324 @@
+"""Pure batch planning: from validated events and a snapshot of state, the writes to make.
+
+No I/O here: `plan_batch` takes what the store read and returns what it must write, so the
+rules (fences, consent, cart, recent items, co-visitation) are unit-testable without Redis.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from stream_engine.catalog import CATEGORY_SEP, Catalog, Vector
+from stream_engine.events import Event, EventType
+from stream_engine.vectors import DEFAULT_WEIGHTS, fold_events
+
+RECENT_MAX = 20
+BOUGHT_MAX = 50
+CART_MAX = 100
+COVISIT_WINDOW = 4
+OPENS = frozenset({EventType.VIEW, EventType.CLICK, EventType.ADD_TO_CART, EventType.PURCHASE})
+TREND_WEIGHTS = {t: w for t, w in DEFAULT_WEIGHTS.items() if w > 0}
+
+
+@dataclass(frozen=True, slots=True)
+class Positioned:
+    """A valid event and where it sits in Kafka."""
+
+    event: Event
+    partition: int
+    offset: int
+    produced_ms: int
+
+
+@dataclass(slots=True)
+class SessionSnapshot:
+    fence: int | None = None
+    partition: int | None = None
+    vector: Vector | None = None
+    vector_ts: int | None = None
+    count: int = 0
+    user: str | None = None
+    recent: list[str] = field(default_factory=list)
+    cart: list[str] = field(default_factory=list)
+    bought: list[str] = field(default_factory=list)
+    last_ts: int = 0
+    block: str | None = None
+
+
+@dataclass(slots=True)
+class UserSnapshot:
+    vector: Vector | None = None
+    vector_ts: int | None = None
+    fences: dict[str, int] = field(default_factory=dict)
+    blocked: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Tuning:
+    session_half_life_ms: float
+    user_half_life_ms: float
+    covisit_half_life_ms: float
+    trending_half_life_ms: float
+
+
+@dataclass(slots=True)
+class SessionWrite:
+    session_id: str
+    expected_fence: int | None
+    fence: int
+    partition: int
+    flags: str
+    fields: dict[str, bytes | str | int]
+    impressions: dict[str, int]
+    applied: int  # events whose effect this write carries
+
+
+@dataclass(slots=True)
+class UserWrite:
+    user_id: str
+    session_id: str
+    expected_fence: int | None
+    fence: int
+    vector: Vector
+    vector_ts: int
+
+
+@dataclass(slots=True)
+class AggregateWrite:
+    partition: int
+    expected_fence: int | None
+    fence: int
+    increments: dict[str, dict[str, float]]  # zset key suffix -> member -> increment
+    landmark: int
+
+
+@dataclass(slots=True)
+class Plan:
+    sessions: list[SessionWrite] = field(default_factory=list)
+    users: list[UserWrite] = field(default_factory=list)
+    user_blocks: list[tuple[str, bool]] = field(default_factory=list)  # (user, block?)
+    aggregates: list[AggregateWrite] = field(default_factory=list)
+    duplicates: int = 0
+    unknown_items: int = 0
+
+
+def _after(fence: int | None, fence_partition: int | None, p: Positioned) -> bool:
+    # A fence only orders offsets of the partition it was taken on.
+    return fence is None or fence_partition != p.partition or p.offset > fence
+
+
+@dataclass(slots=True)
+class _SessionWalk:
+    """The running state of one session while its new events are applied in order."""
+
+    snap: SessionSnapshot
+    flags: str = ""
+    blocked: bool = False
+    reset: bool = False
+    user: str | None = None
+    rows: list[int] = field(default_factory=list)
+    ts: list[int] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+    impressions: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    count: int = 0
+    last_ts: int = 0
+
+    def consent(self, allowed: bool) -> None:
+        if allowed:
+            if self.blocked or self.snap.block == "consent":
+                self.flags += "U"
+            self.blocked = False
+            return
+        # Withdrawn: everything so far is erased, and nothing is stored until it is given again.
+        self.reset, self.blocked = True, True
+        self.flags = "R"
+        self.rows, self.ts, self.weights = [], [], []
+        self.impressions.clear()
+        self.snap = SessionSnapshot(fence=self.snap.fence, partition=self.snap.partition)
+        self.count = 0
+
+
+def _apply_lists(walk: _SessionWalk, e: Event) -> None:
+    snap, item = walk.snap, e.item_id
+    if item is None:
+        return
+    if e.type in OPENS:
+        snap.recent = [item, *(r for r in snap.recent if r != item)][:RECENT_MAX]
+    if e.type is EventType.ADD_TO_CART and item not in snap.cart:
+        snap.cart = [*snap.cart, item][-CART_MAX:]
+    elif e.type in (EventType.REMOVE_FROM_CART, EventType.PURCHASE):
+        snap.cart = [c for c in snap.cart if c != item]
+    if e.type is EventType.PURCHASE and item not in snap.bought:
+        snap.bought = [item, *snap.bought][:BOUGHT_MAX]
+    if e.type is EventType.IMPRESSION:
+        walk.impressions[item] += 1
+
+
+def plan_session(
+    sid: str,
+    events: Sequence[Positioned],
+    snap: SessionSnapshot,
+    catalog: Catalog,
+    tuning: Tuning,
+    now_ms: int,
+) -> tuple[SessionWrite, _SessionWalk, int]:
+    """The write for one session's new events (already fence-filtered, in offset order)."""
+    walk = _SessionWalk(snap=snap, blocked=snap.block == "consent", user=snap.user)
+    unknown = 0
+    for p in events:
+        e = p.event
+        walk.last_ts = max(walk.last_ts, e.ts)
+        if e.type is EventType.CONSENT:
+            walk.consent(bool(e.consent))
+            continue
+        if walk.blocked:
+            continue
+        walk.count += 1
+        if e.user_id is not None:
+            walk.user = e.user_id
+        _apply_lists(walk, e)
+        weight = DEFAULT_WEIGHTS.get(e.type)
+        if weight is None or e.item_id is None:
+            continue
+        row = catalog.row.get(e.item_id)
+        if row is None:
+            unknown += 1
+            continue
+        walk.rows.append(row)
+        walk.ts.append(e.ts)
+        walk.weights.append(weight)
+    if walk.blocked and "R" in walk.flags:
+        walk.flags += "B"
+    s = walk.snap
+    vector, vector_ts = _session_vector(walk, catalog, tuning)
+    fields: dict[str, bytes | str | int] = {
+        "n": s.count + walk.count,
+        "r": " ".join(s.recent),
+        "c": " ".join(s.cart),
+        "b": " ".join(s.bought),
+        "lt": max(s.last_ts, walk.last_ts),
+        "w": now_ms,
+    }
+    if vector is not None:
+        fields["v"] = np.asarray(vector, dtype="<f4").tobytes()
+        fields["t"] = vector_ts
+    if walk.user is not None:
+        fields["u"] = walk.user
+    last = events[-1]
+    write = SessionWrite(
+        session_id=sid,
+        expected_fence=snap.fence if snap.partition == last.partition else None,
+        fence=last.offset,
+        partition=last.partition,
+        flags=walk.flags,
+        fields=fields,
+        impressions=dict(walk.impressions),
+        applied=len(events),
+    )
+    return write, walk, unknown
+
+
+def _session_vector(
+    walk: _SessionWalk, catalog: Catalog, tuning: Tuning
+) -> tuple[Vector | None, int]:
+    s = walk.snap
+    if not walk.rows:
+        return s.vector, int(s.vector_ts or 0)
+    old = s.vector if s.vector is not None else np.zeros(catalog.space.dims, dtype=np.float32)
+    return fold_events(
+        old,
+        s.vector_ts if s.vector is not None else None,
+        np.asarray(walk.ts, dtype=np.int64),
+        np.asarray(walk.weights, dtype=np.float64),
+        catalog.matrix[np.asarray(walk.rows, dtype=np.int64)],
+        tuning.session_half_life_ms,
+    )
+
+
+def plan_user(
+    uid: str,
+    sid: str,
+    new_events: Sequence[Positioned],
+    session_before: SessionSnapshot,
+    user: UserSnapshot,
+    catalog: Catalog,
+    tuning: Tuning,
+) -> UserWrite | None:
+    """Fold a linked session's new item events into the user's long-term profile.
+
+    When the session is linked for the first time (identify), its interests so far are
+    merged in too, so the user's next session on another device starts from them.
+    """
+    fence = user.fences.get(sid)
+    events = [p for p in new_events if fence is None or p.offset > fence]
+    if not events or user.blocked:
+        return None
+    dims = catalog.space.dims
+    rows, ts, weights = [], [], []
+    for p in events:
+        w = DEFAULT_WEIGHTS.get(p.event.type)
+        row = catalog.row.get(p.event.item_id or "")
+        if w is not None and row is not None:
+            rows.append(catalog.matrix[row])
+            ts.append(p.event.ts)
+            weights.append(w)
+    if fence is None and session_before.vector is not None and session_before.user != uid:
+        rows.append(session_before.vector)
+        ts.append(int(session_before.vector_ts or events[0].event.ts))
+        weights.append(1.0)
+    old = user.vector if user.vector is not None else np.zeros(dims, dtype=np.float32)
+    if rows:
+        vector, vector_ts = fold_events(
+            old,
+            user.vector_ts if user.vector is not None else None,
+            np.asarray(ts, dtype=np.int64),
+            np.asarray(weights, dtype=np.float64),
+            np.vstack(rows).astype(np.float32),
+            tuning.user_half_life_ms,
+        )
+    else:
+        vector, vector_ts = old, int(user.vector_ts or events[-1].event.ts)
+    return UserWrite(uid, sid, fence, events[-1].offset, vector, vector_ts)
+
+
+def plan_aggregates(
+    partition: int,
+    events: Sequence[Positioned],
+    recent_before: Mapping[str, list[str]],
+    catalog: Catalog,
+    landmark_ms: int,
+    tuning: Tuning,
+) -> dict[str, dict[str, float]]:
+    """Co-visitation (windowed, weighted by distance) and trending increments, forward-decayed.
+
+    Scores are stored multiplied by 2^((t - landmark)/h), so a sorted set ranks by decayed
+    value without ever being rewritten; readers divide by 2^((now - landmark)/h).
+    """
+    inc: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    recent = {sid: list(items) for sid, items in recent_before.items()}
+    for p in events:
+        e = p.event
+        if e.type not in OPENS or e.item_id is None:
+            continue
+        window = recent.setdefault(e.session_id, [])
+        cv_scale = float(np.exp2((e.ts - landmark_ms) / tuning.covisit_half_life_ms))
+        for d, prev in enumerate(window[:COVISIT_WINDOW], start=1):
+            if prev == e.item_id:
+                continue
+            inc[f"cv:{prev}"][e.item_id] += cv_scale / d
+            inc[f"cv:{e.item_id}"][prev] += 0.5 * cv_scale / d
+        recent[e.session_id] = [e.item_id, *(r for r in window if r != e.item_id)][:RECENT_MAX]
+        tr = TREND_WEIGHTS[e.type] * float(
+            np.exp2((e.ts - landmark_ms) / tuning.trending_half_life_ms)
+        )
+        inc["tr"][e.item_id] += tr
+        item = catalog.get(e.item_id)
+        if item is not None:
+            for depth in (1, 2):
+                if len(item.category) >= depth:
+                    inc[f"tr:{CATEGORY_SEP.join(item.category[:depth])}"][e.item_id] += tr
+    return {k: dict(v) for k, v in inc.items()}

@@ -1,0 +1,363 @@
+"""One micro-batch of clickstream: validate, read state once, plan, write once, fenced.
+
+Round trips per batch: one pipelined read of the sessions and aggregate fences, one for the
+linked users when there are any, one pipelined write of every fenced script. A fence
+conflict (another worker wrote after our read, e.g. during a rebalance) re-runs the batch;
+the fences make the parts already written no-ops.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError
+
+from stream_engine import state
+from stream_engine.catalog import Catalog
+from stream_engine.events import EventType, InvalidEvent, parse_event
+from stream_engine.planning import (
+    AggregateWrite,
+    Plan,
+    Positioned,
+    SessionSnapshot,
+    Tuning,
+    UserSnapshot,
+    _after,
+    plan_aggregates,
+    plan_session,
+    plan_user,
+)
+from stream_engine.state import Keys
+from stream_engine.vectors import from_bytes
+
+log = logging.getLogger(__name__)
+MAX_ATTEMPTS = 5
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """A Kafka message as the processor sees it."""
+
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes
+    timestamp_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    record: Record
+    reason: str
+    detail: str
+
+
+@dataclass(slots=True)
+class Outcome:
+    valid: list[Positioned] = field(default_factory=list)
+    dead: list[DeadLetter] = field(default_factory=list)
+    applied: int = 0
+    duplicates: int = 0
+    blocked: int = 0
+    unknown_items: int = 0
+    conflicts: int = 0
+    written_at_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Ttls:
+    session_ms: int
+    user_ms: int
+    aggregate_ms: int
+    erasure_ms: int
+
+
+class BatchProcessor:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        keys: Keys,
+        catalog: Catalog,
+        tuning: Tuning,
+        ttls: Ttls,
+        covisit_keep: int = 50,
+        trending_keep: int = 1000,
+    ) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.catalog = catalog
+        self.tuning = tuning
+        self.ttls = ttls
+        self.covisit_keep = covisit_keep
+        self.trending_keep = trending_keep
+        self._sha: dict[str, str] = {}
+
+    async def load_scripts(self) -> None:
+        """SCRIPT LOAD once; pipelines then call EVALSHA without redis-py's per-execute
+        SCRIPT EXISTS round trip. Called again after a NOSCRIPT (Redis restarted)."""
+        for name in ("APPLY_SESSION", "APPLY_USER", "APPLY_AGGREGATES", "BLOCK_USER",
+                     "UNBLOCK_USER"):  # fmt: skip
+            self._sha[name] = await self.redis.script_load(getattr(state, name))
+
+    def _call(self, pipe: Any, name: str, keys: Sequence[str], args: Sequence[Any]) -> None:
+        pipe.evalsha(self._sha[name], len(keys), *keys, *args)
+
+    @staticmethod
+    def validate(
+        records: Sequence[Record], now_ms: int
+    ) -> tuple[list[Positioned], list[DeadLetter]]:
+        valid: list[Positioned] = []
+        dead: list[DeadLetter] = []
+        for r in records:
+            try:
+                event = parse_event(r.value, now_ms, key=r.key or b"")
+            except InvalidEvent as exc:
+                dead.append(DeadLetter(r, exc.reason.value, exc.detail))
+                continue
+            valid.append(Positioned(event, r.partition, r.offset, r.timestamp_ms))
+        return valid, dead
+
+    async def process(self, records: Sequence[Record]) -> Outcome:
+        now_ms = int(time.time() * 1000)
+        valid, dead = self.validate(records, now_ms)
+        out = Outcome(valid=valid, dead=dead)
+        if not valid:
+            return out
+        if not self._sha:
+            await self.load_scripts()
+        for _attempt in range(MAX_ATTEMPTS):
+            plan = await self._plan(valid, now_ms)
+            try:
+                conflicts = await self._write(plan, out)
+            except NoScriptError:
+                await self.load_scripts()
+                continue
+            if not conflicts:
+                out.duplicates = plan.duplicates
+                out.unknown_items = plan.unknown_items
+                out.written_at_ms = int(time.time() * 1000)
+                return out
+            out.conflicts += conflicts
+            now_ms = int(time.time() * 1000)
+        raise RuntimeError(f"state writes still conflicting after {MAX_ATTEMPTS} attempts")
+
+    # ------------------------------------------------------------------ read
+
+    async def _read(
+        self, sessions: Sequence[str], partitions: Sequence[int]
+    ) -> tuple[dict[str, SessionSnapshot], dict[int, int | None], int | None]:
+        pipe = self.redis.pipeline(transaction=False)
+        for sid in sessions:
+            pipe.hmget(self.keys.session(sid), *state.SESSION_FIELDS)
+            pipe.get(self.keys.session_block(sid))
+        pipe.hmget(self.keys.agg_fence, *[str(p) for p in partitions])
+        pipe.hget(self.keys.agg_meta, "L")
+        res = await pipe.execute()
+        snaps = {
+            sid: self._session_snapshot(res[2 * i], res[2 * i + 1])
+            for i, sid in enumerate(sessions)
+        }
+        fences = {p: _int(v) for p, v in zip(partitions, res[-2], strict=True)}
+        return snaps, fences, _int(res[-1])
+
+    def _session_snapshot(self, row: list[Any], block: bytes | None) -> SessionSnapshot:
+        v, t, n, o, p, u, r, c, b, lt = row
+        return SessionSnapshot(
+            fence=_int(o),
+            partition=_int(p),
+            vector=from_bytes(v, self.catalog.space.dims),
+            vector_ts=_int(t),
+            count=_int(n) or 0,
+            user=u.decode() if u else None,
+            recent=r.decode().split() if r else [],
+            cart=c.decode().split() if c else [],
+            bought=b.decode().split() if b else [],
+            last_ts=_int(lt) or 0,
+            block=block.decode() if block else None,
+        )
+
+    async def _read_users(self, links: Sequence[tuple[str, str]]) -> dict[str, UserSnapshot]:
+        pipe = self.redis.pipeline(transaction=False)
+        for uid, sid in links:
+            pipe.hmget(self.keys.user(uid), "v", "t", f"f:{sid}")
+            pipe.exists(self.keys.user_block(uid))
+        res = await pipe.execute()
+        out: dict[str, UserSnapshot] = {}
+        for i, (uid, sid) in enumerate(links):
+            v, t, f = res[2 * i]
+            snap = out.setdefault(uid, UserSnapshot())
+            snap.vector = from_bytes(v, self.catalog.space.dims)
+            snap.vector_ts = _int(t)
+            if f is not None:
+                snap.fences[sid] = int(f)
+            snap.blocked = bool(res[2 * i + 1])
+        return out
+
+    # ------------------------------------------------------------------ plan
+
+    async def _plan(self, valid: Sequence[Positioned], now_ms: int) -> Plan:
+        by_session: dict[str, list[Positioned]] = defaultdict(list)
+        for p in valid:
+            by_session[p.event.session_id].append(p)
+        partitions = sorted({p.partition for p in valid})
+        sessions = list(by_session)
+        snaps, agg_fences, landmark = await self._read(sessions, partitions)
+        plan = Plan()
+        links: list[tuple[str, str, list[Positioned], SessionSnapshot]] = []
+        skip_aggregates: set[str] = set()
+        for sid, events in by_session.items():
+            snap = snaps[sid]
+            before = SessionSnapshot(**{f: getattr(snap, f) for f in SessionSnapshot.__slots__})
+            before.recent = list(snap.recent)
+            fresh = [p for p in events if _after(snap.fence, snap.partition, p)]
+            plan.duplicates += len(events) - len(fresh)
+            if not fresh:
+                continue
+            write, walk, unknown = plan_session(sid, fresh, snap, self.catalog, self.tuning, now_ms)
+            plan.unknown_items += unknown
+            plan.sessions.append(write)
+            if walk.reset or walk.blocked or before.block:
+                skip_aggregates.add(sid)
+            self._plan_user_links(plan, links, sid, fresh, before, walk)
+        await self._plan_users(plan, links)
+        self._plan_aggregates(plan, valid, partitions, agg_fences, landmark, snaps, skip_aggregates)
+        return plan
+
+    def _plan_user_links(
+        self,
+        plan: Plan,
+        links: list[tuple[str, str, list[Positioned], SessionSnapshot]],
+        sid: str,
+        fresh: list[Positioned],
+        before: SessionSnapshot,
+        walk: Any,
+    ) -> None:
+        consents = [p.event.consent for p in fresh if p.event.type is EventType.CONSENT]
+        withdrawn, given = False in consents, True in consents
+        users = {before.user, walk.user} - {None}
+        for uid in users:
+            assert uid is not None
+            if withdrawn:
+                plan.user_blocks.append((uid, True))
+            elif given:
+                plan.user_blocks.append((uid, False))
+        if walk.user is not None and not walk.blocked and not withdrawn:
+            links.append((walk.user, sid, fresh, before))
+
+    async def _plan_users(
+        self, plan: Plan, links: list[tuple[str, str, list[Positioned], SessionSnapshot]]
+    ) -> None:
+        if not links:
+            return
+        users = await self._read_users([(uid, sid) for uid, sid, _, _ in links])
+        for uid, sid, fresh, before in links:
+            write = plan_user(uid, sid, fresh, before, users[uid], self.catalog, self.tuning)
+            if write is not None:
+                plan.users.append(write)
+
+    def _plan_aggregates(
+        self,
+        plan: Plan,
+        valid: Sequence[Positioned],
+        partitions: Sequence[int],
+        fences: dict[int, int | None],
+        landmark: int | None,
+        snaps: dict[str, SessionSnapshot],
+        skip: set[str],
+    ) -> None:
+        if landmark is None:
+            landmark = min(p.event.ts for p in valid) // 3_600_000 * 3_600_000
+        for part in partitions:
+            fence = fences[part]
+            events = [
+                p for p in valid if p.partition == part and (fence is None or p.offset > fence)
+            ]
+            if not events:
+                continue
+            usable = [p for p in events if p.event.session_id not in skip]
+            recent = {p.event.session_id: snaps[p.event.session_id].recent for p in usable}
+            inc = plan_aggregates(part, usable, recent, self.catalog, landmark, self.tuning)
+            last = max(p.offset for p in events)
+            plan.aggregates.append(AggregateWrite(part, fence, last, inc, landmark))
+
+    # ------------------------------------------------------------------ write
+
+    async def _write(self, plan: Plan, out: Outcome) -> int:
+        """Aggregates, then users, then sessions: a crash between them leaves each part's
+        own fence telling the redelivery what is still to do."""
+        pipe = self.redis.pipeline(transaction=False)
+        kinds: list[tuple[str, int]] = []
+        for agg in plan.aggregates:
+            self._queue_aggregate(pipe, agg)
+            kinds.append(("agg", 0))
+        for uid, block in plan.user_blocks:
+            keys = [self.keys.user(uid), self.keys.user_sessions(uid), self.keys.user_block(uid)]
+            if block:
+                self._call(pipe, "BLOCK_USER", keys, ["consent", self.ttls.erasure_ms])
+            else:
+                self._call(pipe, "UNBLOCK_USER", [keys[2]], [])
+            kinds.append(("ublock", 0))
+        for u in plan.users:
+            self._call(
+                pipe,
+                "APPLY_USER",
+                [self.keys.user(u.user_id), self.keys.user_sessions(u.user_id),
+                 self.keys.user_block(u.user_id)],
+                [u.session_id, _fence(u.expected_fence), u.fence, self.ttls.user_ms,
+                 u.vector.astype("<f4").tobytes(), u.vector_ts, int(time.time() * 1000)],
+            )  # fmt: skip
+            kinds.append(("user", 0))
+        for s in plan.sessions:
+            args: list[Any] = [_fence(s.expected_fence), s.fence, s.partition,
+                               self.ttls.session_ms, s.flags, len(s.fields)]  # fmt: skip
+            for k, v in s.fields.items():
+                args += [k, v]
+            for item, n in s.impressions.items():
+                args += [item, n]
+            self._call(
+                pipe,
+                "APPLY_SESSION",
+                [self.keys.session(s.session_id), self.keys.impressions(s.session_id),
+                 self.keys.session_block(s.session_id)],
+                args,
+            )  # fmt: skip
+            kinds.append(("session", s.applied))
+        results = await pipe.execute()
+        conflicts = 0
+        for (kind, n), res in zip(kinds, results, strict=True):
+            if kind == "ublock":
+                continue
+            if res == 0:
+                conflicts += 1
+            elif kind == "session":
+                if res == 1:
+                    out.applied += n
+                else:  # -1 erased, -2 consent withdrawn: counted, never stored
+                    out.blocked += n
+        return conflicts
+
+    def _queue_aggregate(self, pipe: Any, agg: AggregateWrite) -> None:
+        keys = [self.keys.agg_fence, self.keys.agg_meta]
+        args: list[Any] = [agg.partition, _fence(agg.expected_fence), agg.fence, agg.landmark,
+                           self.ttls.aggregate_ms]  # fmt: skip
+        for suffix, members in agg.increments.items():
+            keys.append(f"{self.keys.prefix}:{{agg}}:{suffix}")
+            keep = self.covisit_keep if suffix.startswith("cv:") else self.trending_keep
+            args += [keep, len(members)]
+            for member, inc in members.items():
+                args += [member, repr(inc)]
+        self._call(pipe, "APPLY_AGGREGATES", keys, args)
+
+
+def _int(raw: bytes | str | None) -> int | None:
+    return None if raw is None else int(raw)
+
+
+def _fence(value: int | None) -> str:
+    return "" if value is None else str(value)

@@ -1,0 +1,185 @@
+"""Redis layout of Kairos state, and the fenced scripts that write it.
+
+All keys of one session share the hash tag `{session id}`, all keys of one user the tag
+`{u:user id}`, and the global aggregates the tag `{agg}`, so the layout works on Redis
+Cluster. Every key has a TTL. Vectors are raw little-endian float32.
+
+    P:{sid}:s      hash   v (vector as of t), t, n (events), o/p (fence: last offset and
+                          partition applied), u (user), r (recent items), c (cart),
+                          b (bought), lt (last event time), w (written at, ms)
+    P:{sid}:imp    hash   impression counts per item or banner (frequency caps)
+    P:{sid}:x      string "consent" (personalization off) or "erased"; checked on apply
+    P:{u:uid}:u    hash   v, t, f:<sid> (fence per linked session), w
+    P:{u:uid}:ss   set    the user's linked sessions
+    P:{u:uid}:x    string "erased"
+    P:{agg}:fence  hash   partition -> last offset applied to the aggregates
+    P:{agg}:meta   hash   L (landmark ms of forward decay)
+    P:{agg}:cv:<item>     zset  next items, forward-decayed co-visitation scores
+    P:{agg}:tr[:<node>]   zset  items, forward-decayed trending scores (global, per category)
+
+Every write checks its fence atomically with the write (compare-and-set): a redelivered or
+replayed event changes nothing, and a write based on a stale read is refused and retried.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    prefix: str
+
+    def session(self, sid: str) -> str:
+        return f"{self.prefix}:{{{sid}}}:s"
+
+    def impressions(self, sid: str) -> str:
+        return f"{self.prefix}:{{{sid}}}:imp"
+
+    def session_block(self, sid: str) -> str:
+        return f"{self.prefix}:{{{sid}}}:x"
+
+    def user(self, uid: str) -> str:
+        return f"{self.prefix}:{{u:{uid}}}:u"
+
+    def user_sessions(self, uid: str) -> str:
+        return f"{self.prefix}:{{u:{uid}}}:ss"
+
+    def user_block(self, uid: str) -> str:
+        return f"{self.prefix}:{{u:{uid}}}:x"
+
+    @property
+    def agg_fence(self) -> str:
+        return f"{self.prefix}:{{agg}}:fence"
+
+    @property
+    def agg_meta(self) -> str:
+        return f"{self.prefix}:{{agg}}:meta"
+
+    def covisit(self, item_id: str) -> str:
+        return f"{self.prefix}:{{agg}}:cv:{item_id}"
+
+    def trending(self, node: str | None = None) -> str:
+        return f"{self.prefix}:{{agg}}:tr" + ("" if node is None else f":{node}")
+
+
+SESSION_FIELDS = ("v", "t", "n", "o", "p", "u", "r", "c", "b", "lt")
+
+# KEYS: session, impressions, block
+# ARGV: expected fence ("" = none), new fence, partition, ttl ms, flags, n_fields,
+#       field, value, ... , then impression item, count, ...
+# flags: "U" unblock first (consent given again), "R" reset (delete the session's state
+#        first), "B" block after (consent withdrawn: keep only the fence).
+# Returns 1 applied, 0 fence conflict (re-read and retry), -1 erased, -2 blocked by consent.
+APPLY_SESSION = """
+local cur = redis.call('HGET', KEYS[1], 'o') or ''
+if cur ~= ARGV[1] then return 0 end
+local block = redis.call('GET', KEYS[3])
+if block == 'erased' then return -1 end
+local ttl = tonumber(ARGV[4])
+local flags = ARGV[5]
+if string.find(flags, 'U', 1, true) then
+  redis.call('DEL', KEYS[3])
+  block = false
+end
+if string.find(flags, 'R', 1, true) then redis.call('DEL', KEYS[1], KEYS[2]) end
+if string.find(flags, 'B', 1, true) then
+  redis.call('SET', KEYS[3], 'consent', 'PX', ttl)
+  block = 'consent'
+end
+redis.call('HSET', KEYS[1], 'o', ARGV[2], 'p', ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ttl)
+if block == 'consent' then return -2 end
+local nf = tonumber(ARGV[6])
+if nf > 0 then
+  local args = {}
+  for i = 7, 6 + 2 * nf do args[#args + 1] = ARGV[i] end
+  redis.call('HSET', KEYS[1], unpack(args))
+end
+local first_imp = 7 + 2 * nf
+if #ARGV >= first_imp then
+  for i = first_imp, #ARGV, 2 do
+    redis.call('HINCRBY', KEYS[2], ARGV[i], tonumber(ARGV[i + 1]))
+  end
+  redis.call('PEXPIRE', KEYS[2], ttl)
+end
+return 1
+"""
+
+# KEYS: user, user sessions, user block
+# ARGV: session id, expected fence for that session ("" = none), new fence, ttl ms,
+#       vector bytes, vector time ms, written-at ms
+# Returns 1 applied, 0 fence conflict, -1 erased.
+APPLY_USER = """
+if redis.call('EXISTS', KEYS[3]) == 1 then return -1 end
+local f = 'f:' .. ARGV[1]
+local cur = redis.call('HGET', KEYS[1], f) or ''
+if cur ~= ARGV[2] then return 0 end
+local ttl = tonumber(ARGV[4])
+redis.call('HSET', KEYS[1], f, ARGV[3], 'v', ARGV[5], 't', ARGV[6], 'w', ARGV[7])
+redis.call('PEXPIRE', KEYS[1], ttl)
+redis.call('SADD', KEYS[2], ARGV[1])
+redis.call('PEXPIRE', KEYS[2], ttl)
+return 1
+"""
+
+# KEYS: agg fence, agg meta, then the zsets to touch
+# ARGV: partition, expected fence, new fence, landmark used, ttl ms,
+#       then per zset: keep (max members), n_members, member, increment, ...
+# Returns 1 applied, 0 fence or landmark conflict.
+APPLY_AGGREGATES = """
+local cur = redis.call('HGET', KEYS[1], ARGV[1]) or ''
+if cur ~= ARGV[2] then return 0 end
+local landmark = redis.call('HGET', KEYS[2], 'L')
+if not landmark then
+  redis.call('HSET', KEYS[2], 'L', ARGV[4])
+elseif landmark ~= ARGV[4] then
+  return 0
+end
+local ttl = tonumber(ARGV[5])
+local i = 6
+for k = 3, #KEYS do
+  local keep = tonumber(ARGV[i])
+  local n = tonumber(ARGV[i + 1])
+  i = i + 2
+  for _ = 1, n do
+    redis.call('ZINCRBY', KEYS[k], ARGV[i + 1], ARGV[i])
+    i = i + 2
+  end
+  if redis.call('ZCARD', KEYS[k]) > keep then
+    redis.call('ZREMRANGEBYRANK', KEYS[k], 0, -keep - 1)
+  end
+  redis.call('PEXPIRE', KEYS[k], ttl)
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ttl)
+redis.call('PEXPIRE', KEYS[2], ttl)
+return 1
+"""
+
+# KEYS: user, user sessions, user block; ARGV: "consent" or "erased", ttl ms.
+# Consent withdrawn by a linked session, or erasure: the profile goes, the block stays.
+BLOCK_USER = """
+redis.call('DEL', KEYS[1])
+redis.call('SET', KEYS[3], ARGV[1], 'PX', tonumber(ARGV[2]))
+return redis.call('SMEMBERS', KEYS[2])
+"""
+
+# KEYS: user block. Consent given again: lift a consent block (never an erasure).
+UNBLOCK_USER = """
+if redis.call('GET', KEYS[1]) == 'consent' then redis.call('DEL', KEYS[1]) end
+return 1
+"""
+
+# KEYS: session, impressions, block; ARGV: ttl ms. Erasure of one session.
+ERASE_SESSION = """
+local o = redis.call('HGET', KEYS[1], 'o')
+local p = redis.call('HGET', KEYS[1], 'p')
+redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('SET', KEYS[3], 'erased', 'PX', tonumber(ARGV[1]))
+if o then
+  redis.call('HSET', KEYS[1], 'o', o, 'p', p)
+  redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[1]))
+end
+return 1
+"""
