@@ -161,6 +161,8 @@ def create_app(settings: Settings, catalog: Catalog, metrics: WorkerMetrics) -> 
         web_enabled=False,
         stream_wait_empty=False,
         broker_commit_interval=1.0,
+        broker_session_timeout=settings.group_session_timeout_s,
+        broker_heartbeat_interval=min(3.0, settings.group_session_timeout_s / 4),
     )
     clickstream = app.topic(
         settings.clickstream_topic, key_serializer="raw", value_serializer="raw"

@@ -78,6 +78,8 @@ class Settings:
     # How long an erasure or consent block outlives the data: at least topic retention, so a
     # replay of the retained clickstream can't bring erased state back.
     erasure_ttl_s: int = 30 * 86400
+    # A crashed worker's partitions wait this long for the group to notice (faust: 60 s).
+    group_session_timeout_s: float = 10.0
     metrics_port: int = 9464
     redis_pool_size: int = 8
 

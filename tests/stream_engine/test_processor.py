@@ -1,0 +1,220 @@
+"""BatchProcessor on the real Redis: the math lands, fences hold, consent and erasure stick."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import redis.asyncio as aioredis
+
+from stream_engine.catalog import Catalog
+from stream_engine.demo_catalog import generate
+from stream_engine.erasure import erase_user
+from stream_engine.events import Event, EventType, encode_event
+from stream_engine.planning import Tuning
+from stream_engine.processor import BatchProcessor, Record, Ttls
+from stream_engine.state import Keys
+from stream_engine.vectors import DEFAULT_WEIGHTS, fold_events, from_bytes
+
+pytestmark = pytest.mark.integration
+
+TUNING = Tuning(1_800_000, 14 * 86_400_000, 7 * 86_400_000, 6 * 3_600_000)
+TTLS = Ttls(3_600_000, 86_400_000, 86_400_000, 86_400_000)
+CATALOG = Catalog(generate(300))
+ITEMS = [it.item_id for it in CATALOG.items]
+
+
+@pytest.fixture
+def processor(redis_client: aioredis.Redis, key_prefix: str) -> BatchProcessor:
+    return BatchProcessor(redis_client, Keys(key_prefix), CATALOG, TUNING, TTLS)
+
+
+class Log:
+    """Builds records as a partition of the clickstream would hold them."""
+
+    def __init__(self, partition: int = 0) -> None:
+        self.partition = partition
+        self.offset = 0
+        self.t0 = int(time.time() * 1000) - 60_000
+        self._ids: Iterator[int] = iter(range(10**9))
+
+    def __call__(self, etype: EventType, sid: str, **kw: object) -> Record:
+        n = next(self._ids)
+        event = Event(f"e{n}", etype, sid, self.t0 + 1000 * n, **kw)  # type: ignore[arg-type]
+        rec = Record(self.partition, self.offset, sid.encode(), encode_event(event), self.t0)
+        self.offset += 1
+        return rec
+
+
+async def _session(redis: aioredis.Redis, key_prefix: str, sid: str) -> dict[bytes, bytes]:
+    return dict(await redis.hgetall(Keys(key_prefix).session(sid)))  # type: ignore[misc]
+
+
+async def test_state_matches_the_vector_math(
+    processor: BatchProcessor, redis_client: aioredis.Redis, key_prefix: str
+) -> None:
+    log = Log()
+    seq = [(EventType.VIEW, ITEMS[0]), (EventType.CLICK, ITEMS[1]),
+           (EventType.ADD_TO_CART, ITEMS[2]), (EventType.PURCHASE, ITEMS[2])]  # fmt: skip
+    records = [log(t, "s1", item_id=i) for t, i in seq]
+    out = await processor.process(records)
+    assert out.applied == 4
+    s = await _session(redis_client, key_prefix, "s1")
+    ts = np.array([log.t0 + 1000 * k for k in range(4)])
+    weights = np.array([DEFAULT_WEIGHTS[t] for t, _ in seq])
+    rows = CATALOG.matrix[[CATALOG.row[i] for _, i in seq]]
+    expected, t = fold_events(np.zeros(CATALOG.space.dims, np.float32), None, ts, weights,
+                              rows, TUNING.session_half_life_ms)  # fmt: skip
+    stored = from_bytes(s[b"v"], CATALOG.space.dims)
+    assert stored is not None
+    np.testing.assert_allclose(stored, expected, rtol=1e-5)
+    assert int(s[b"t"]) == t
+    assert s[b"r"].decode().split() == [ITEMS[2], ITEMS[1], ITEMS[0]]
+    assert s[b"c"] == b""  # bought, so out of the cart
+    assert s[b"b"] == ITEMS[2].encode()
+    assert int(s[b"n"]) == 4
+    ttl = await redis_client.pttl(Keys(key_prefix).session("s1"))
+    assert 0 < ttl <= TTLS.session_ms
+
+
+async def test_redelivery_changes_nothing(
+    processor: BatchProcessor, redis_client: aioredis.Redis, key_prefix: str
+) -> None:
+    log = Log()
+    records = [log(EventType.VIEW, f"s{k % 3}", item_id=ITEMS[k]) for k in range(9)]
+    await processor.process(records)
+    keys = sorted([k async for k in redis_client.scan_iter(match=f"{key_prefix}*")])
+    before = {k: await _dump(redis_client, k) for k in keys}
+    again = await processor.process(records[3:] + records[:3])
+    assert again.applied == 0
+    assert again.duplicates == 9
+    after = {k: await _dump(redis_client, k) for k in keys}
+    assert _without_written_at(after) == _without_written_at(before)
+
+
+async def test_two_workers_racing_on_one_batch_apply_it_once(
+    redis_client: aioredis.Redis, key_prefix: str
+) -> None:
+    a = BatchProcessor(redis_client, Keys(key_prefix), CATALOG, TUNING, TTLS)
+    b = BatchProcessor(redis_client, Keys(key_prefix), CATALOG, TUNING, TTLS)
+    log = Log()
+    records = [log(EventType.CLICK, "s1", item_id=ITEMS[k]) for k in range(20)]
+    outs = await asyncio.gather(a.process(records), b.process(records))
+    assert sum(o.applied for o in outs) == 20
+    assert int((await _session(redis_client, key_prefix, "s1"))[b"n"]) == 20
+
+
+async def test_consent_withdrawn_erases_and_blocks_until_given_again(
+    processor: BatchProcessor, redis_client: aioredis.Redis, key_prefix: str
+) -> None:
+    log = Log()
+    await processor.process([log(EventType.VIEW, "s1", item_id=ITEMS[0], user_id="u1")])
+    assert (await redis_client.exists(Keys(key_prefix).user("u1"))) == 1
+    out = await processor.process([log(EventType.CONSENT, "s1", consent=False)])
+    s = await _session(redis_client, key_prefix, "s1")
+    assert set(s) == {b"o", b"p"}  # only the fence is left
+    assert (await redis_client.exists(Keys(key_prefix).user("u1"))) == 0
+    out = await processor.process([log(EventType.CLICK, "s1", item_id=ITEMS[1])])
+    assert out.blocked == 1
+    assert set(await _session(redis_client, key_prefix, "s1")) == {b"o", b"p"}
+    await processor.process(
+        [log(EventType.CONSENT, "s1", consent=True), log(EventType.CLICK, "s1", item_id=ITEMS[2])]
+    )
+    s = await _session(redis_client, key_prefix, "s1")
+    assert s[b"r"] == ITEMS[2].encode()
+
+
+async def test_identify_merges_the_session_into_the_user_profile(
+    processor: BatchProcessor, redis_client: aioredis.Redis, key_prefix: str
+) -> None:
+    log = Log()
+    await processor.process([log(EventType.CLICK, "s1", item_id=ITEMS[k]) for k in range(3)])
+    await processor.process([log(EventType.IDENTIFY, "s1", user_id="u1")])
+    keys = Keys(key_prefix)
+    user = dict(await redis_client.hgetall(keys.user("u1")))  # type: ignore[misc]
+    session = await _session(redis_client, key_prefix, "s1")
+    uv = from_bytes(user[b"v"], CATALOG.space.dims)
+    sv = from_bytes(session[b"v"], CATALOG.space.dims)
+    assert uv is not None
+    assert sv is not None
+    cos = float(uv @ sv / np.linalg.norm(uv) / np.linalg.norm(sv))
+    assert cos > 0.999
+    assert session[b"u"] == b"u1"
+    assert await redis_client.smembers(keys.user_sessions("u1")) == {b"s1"}  # type: ignore[misc]
+    # Later events of the linked session keep feeding the profile.
+    await processor.process([log(EventType.PURCHASE, "s1", item_id=ITEMS[9])])
+    later = from_bytes(
+        await redis_client.hget(keys.user("u1"), "v"),
+        CATALOG.space.dims,  # type: ignore[misc]
+    )
+    assert later is not None
+    assert not np.allclose(later, uv)
+
+
+async def test_erased_user_stays_erased_when_events_are_replayed(
+    processor: BatchProcessor, redis_client: aioredis.Redis, key_prefix: str
+) -> None:
+    log = Log()
+    keys = Keys(key_prefix)
+    first = [log(EventType.VIEW, "s1", item_id=ITEMS[0], user_id="u1"),
+             log(EventType.VIEW, "s2", item_id=ITEMS[1], user_id="u1")]  # fmt: skip
+    await processor.process(first)
+    assert await erase_user(redis_client, keys, "u1", TTLS.erasure_ms) == ["s1", "s2"]
+    assert await redis_client.exists(keys.user("u1")) == 0
+    # A replay re-publishes the old events as new messages (new offsets).
+    replay = [Record(0, 100 + k, r.key, r.value, r.timestamp_ms) for k, r in enumerate(first)]
+    out = await processor.process(replay)
+    assert out.blocked == 2
+    assert out.applied == 0
+    for sid in ("s1", "s2"):
+        assert b"v" not in await _session(redis_client, key_prefix, sid)
+    assert await redis_client.exists(keys.user("u1")) == 0
+
+
+async def test_covisitation_and_trending_are_counted_once(
+    processor: BatchProcessor, redis_client: aioredis.Redis, key_prefix: str
+) -> None:
+    log = Log()
+    records = [log(EventType.VIEW, "s1", item_id=ITEMS[0]),
+               log(EventType.VIEW, "s1", item_id=ITEMS[1]),
+               log(EventType.VIEW, "s2", item_id=ITEMS[0]),
+               log(EventType.CLICK, "s2", item_id=ITEMS[1])]  # fmt: skip
+    await processor.process(records)
+    keys = Keys(key_prefix)
+    nxt = await redis_client.zrange(keys.covisit(ITEMS[0]), 0, -1, withscores=True)
+    assert [m for m, _ in nxt] == [ITEMS[1].encode()]
+    trending = await redis_client.zrange(keys.trending(), 0, -1, desc=True, withscores=True)
+    assert trending[0][0] == ITEMS[1].encode()  # 1 view + 1 click beats 2 views
+    await processor.process(records)
+    assert await redis_client.zrange(keys.covisit(ITEMS[0]), 0, -1, withscores=True) == nxt
+
+
+async def test_bad_events_are_dead_lettered_and_good_ones_still_flow(
+    processor: BatchProcessor, redis_client: aioredis.Redis, key_prefix: str
+) -> None:
+    log = Log()
+    good = log(EventType.VIEW, "s1", item_id=ITEMS[0])
+    bad = Record(0, 99, b"s1", b"{oops", 0)
+    out = await processor.process([bad, good])
+    assert [d.reason for d in out.dead] == ["bad_json"]
+    assert out.applied == 1
+    assert b"v" in await _session(redis_client, key_prefix, "s1")
+
+
+async def _dump(redis: aioredis.Redis, key: bytes) -> object:
+    kind = (await redis.type(key)).decode()
+    if kind == "hash":
+        return dict(await redis.hgetall(key))  # type: ignore[misc]
+    if kind == "zset":
+        return await redis.zrange(key, 0, -1, withscores=True)
+    return await redis.dump(key)
+
+
+def _without_written_at(dumps: dict[bytes, object]) -> dict[bytes, object]:
+    return {
+        k: {f: v for f, v in d.items() if f != b"w"} if isinstance(d, dict) else d
+        for k, d in dumps.items()
+    }

@@ -1,0 +1,234 @@
+"""The worker process end to end on the real broker and Redis: publish → state, DLQ,
+kill -9 and restart without loss or doubling, two workers sharing the partitions."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+import redis.asyncio as aioredis
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
+
+from stream_engine.demo_catalog import generate, write_demo_catalog
+from stream_engine.settings import Settings
+from stream_engine.topics import ensure_topics, topic_names
+from stream_engine.state import Keys
+from tests.conftest import Stack
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+ITEMS = [it.item_id for it in generate(500)]
+WorkerFactory = Callable[[], "subprocess.Popen[bytes]"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+async def worker_env(
+    stack: Stack, unique: str, key_prefix: str, tmp_path: Path
+) -> AsyncIterator[dict[str, str]]:
+    catalog = write_demo_catalog(tmp_path / "catalog.jsonl", n_items=500)
+    env = {
+        **os.environ,
+        "KAIROS_KAFKA_BOOTSTRAP": stack.kafka_bootstrap,
+        "KAIROS_REDIS_URL": stack.redis_url,
+        "KAIROS_KEY_PREFIX": key_prefix,
+        "KAIROS_CLICKSTREAM_TOPIC": f"clickstream.{unique}",
+        "KAIROS_DLQ_TOPIC": f"clickstream.dlq.{unique}",
+        "KAIROS_CATALOG_TOPIC": f"catalog.{unique}",
+        "KAIROS_DECISIONS_TOPIC": f"decisions.{unique}",
+        "KAIROS_CONSUMER_GROUP": f"kairos-test-{unique}",
+        "KAIROS_CATALOG_PATH": str(catalog),
+        "KAIROS_PARTITIONS": "4",
+    }
+    settings = Settings.from_env(env)
+    await ensure_topics(settings)
+    yield env
+    admin = AIOKafkaAdminClient(bootstrap_servers=stack.kafka_bootstrap)
+    await admin.start()
+    try:
+        await admin.delete_topics(topic_names(settings))
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+def start_worker(worker_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[..., object]]:
+    """Starts worker processes; every one is stopped (TERM, then KILL) after the test."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(metrics_port: int = 0) -> subprocess.Popen[bytes]:
+        env = {**worker_env, "KAIROS_METRICS_PORT": str(metrics_port)}
+        with (tmp_path / f"worker{len(procs)}.log").open("wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "stream_engine", "worker"],
+                env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture
+async def producer(stack: Stack) -> AsyncIterator[AIOKafkaProducer]:
+    p = AIOKafkaProducer(bootstrap_servers=stack.kafka_bootstrap, linger_ms=0)
+    await p.start()
+    yield p
+    await p.stop()
+
+
+def _event(n: int, sid: str, etype: str = "view", **extra: object) -> bytes:
+    body = {"event_id": f"e{n}", "type": etype, "session_id": sid,
+            "ts": int(time.time() * 1000), "item_id": ITEMS[n % len(ITEMS)], **extra}  # fmt: skip
+    return orjson.dumps(body)
+
+
+async def _wait_for(check: Callable[[], object], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await check():  # type: ignore[misc]
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+async def _counts(redis: aioredis.Redis, keys: Keys, sessions: list[str]) -> list[int]:
+    pipe = redis.pipeline(transaction=False)
+    for sid in sessions:
+        pipe.hget(keys.session(sid), "n")
+    return [int(v or 0) for v in await pipe.execute()]
+
+
+async def test_published_events_reach_redis_and_bad_ones_the_dlq(
+    start_worker: Callable[..., object],
+    producer: AIOKafkaProducer,
+    redis_client: aioredis.Redis,
+    worker_env: dict[str, str],
+    key_prefix: str,
+    stack: Stack,
+) -> None:
+    topic = worker_env["KAIROS_CLICKSTREAM_TOPIC"]
+    start_worker()
+    await producer.send_and_wait(topic, _event(0, "s1"), key=b"s1")
+    await producer.send_and_wait(topic, b"{broken", key=b"s1")
+    await producer.send_and_wait(topic, _event(1, "s1", "teleport"), key=b"s1")
+    await producer.send_and_wait(topic, _event(2, "s1", "click"), key=b"s1")
+    keys = Keys(key_prefix)
+
+    async def two_applied() -> bool:
+        return (await _counts(redis_client, keys, ["s1"])) == [2]
+
+    await _wait_for(two_applied, 60, "two valid events applied")
+    consumer = AIOKafkaConsumer(
+        worker_env["KAIROS_DLQ_TOPIC"], bootstrap_servers=stack.kafka_bootstrap,
+        auto_offset_reset="earliest", group_id=None,
+    )  # fmt: skip
+    await consumer.start()
+    try:
+        reasons: list[str] = []
+        async with asyncio.timeout(30):
+            while len(reasons) < 2:
+                for msgs in (await consumer.getmany(timeout_ms=500)).values():
+                    reasons += [orjson.loads(m.value)["reason"] for m in msgs]
+    finally:
+        await consumer.stop()
+    assert sorted(reasons) == ["bad_json", "unknown_type"]
+
+
+async def test_kill_and_restart_loses_nothing_and_doubles_nothing(
+    start_worker: Callable[..., subprocess.Popen[bytes]],
+    producer: AIOKafkaProducer,
+    redis_client: aioredis.Redis,
+    worker_env: dict[str, str],
+    key_prefix: str,
+) -> None:
+    topic = worker_env["KAIROS_CLICKSTREAM_TOPIC"]
+    sessions = [f"s{k}" for k in range(40)]
+    sent: Counter[str] = Counter()
+    for n in range(3000):
+        sid = sessions[(n * 7) % len(sessions)]
+        await producer.send(topic, _event(n, sid), key=sid.encode())
+        sent[sid] += 1
+    await producer.flush()
+    keys = Keys(key_prefix)
+    first = start_worker()
+
+    async def some_applied() -> bool:
+        return sum(await _counts(redis_client, keys, sessions)) > 0
+
+    await _wait_for(some_applied, 60, "the first worker to apply something")
+    os.killpg(first.pid, signal.SIGKILL)  # mid-stream, no chance to commit
+    first.wait()
+    start_worker()
+
+    async def all_applied() -> bool:
+        return sum(await _counts(redis_client, keys, sessions)) >= 3000
+
+    await _wait_for(all_applied, 90, "all 3000 events applied after restart")
+    await asyncio.sleep(1.0)  # anything doubled would show up now
+    assert await _counts(redis_client, keys, sessions) == [sent[s] for s in sessions]
+
+
+async def test_two_workers_share_the_partitions(
+    start_worker: Callable[..., object],
+    producer: AIOKafkaProducer,
+    redis_client: aioredis.Redis,
+    worker_env: dict[str, str],
+    key_prefix: str,
+) -> None:
+    ports = [_free_port(), _free_port()]
+    start_worker(ports[0])
+    start_worker(ports[1])
+    await asyncio.sleep(8)  # both join the group before the events arrive
+    topic = worker_env["KAIROS_CLICKSTREAM_TOPIC"]
+    sessions = [f"s{k}" for k in range(64)]
+    for n, sid in enumerate(sessions * 5):
+        await producer.send(topic, _event(n, sid), key=sid.encode())
+    await producer.flush()
+    keys = Keys(key_prefix)
+
+    async def all_applied() -> bool:
+        return sum(await _counts(redis_client, keys, sessions)) >= 320
+
+    await _wait_for(all_applied, 90, "320 events applied by the pair")
+    assert await _counts(redis_client, keys, sessions) == [5] * 64
+    per_worker = [_applied_by(port) for port in ports]
+    assert all(n > 0 for n in per_worker), per_worker
+    assert sum(per_worker) == 320
+
+
+def _applied_by(port: int) -> int:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return int(
+        sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("kairos_events_total{") and 'outcome="ok"' in line
+        )
+    )
