@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
+from typing import cast
 
 import numpy as np
 import pytest
@@ -49,8 +50,12 @@ class Log:
         return rec
 
 
+async def _hash(redis: aioredis.Redis, key: str | bytes) -> dict[bytes, bytes]:
+    return cast(dict[bytes, bytes], await redis.hgetall(key))
+
+
 async def _session(redis: aioredis.Redis, key_prefix: str, sid: str) -> dict[bytes, bytes]:
-    return dict(await redis.hgetall(Keys(key_prefix).session(sid)))  # type: ignore[misc]
+    return await _hash(redis, Keys(key_prefix).session(sid))
 
 
 async def test_state_matches_the_vector_math(
@@ -134,7 +139,7 @@ async def test_identify_merges_the_session_into_the_user_profile(
     await processor.process([log(EventType.CLICK, "s1", item_id=ITEMS[k]) for k in range(3)])
     await processor.process([log(EventType.IDENTIFY, "s1", user_id="u1")])
     keys = Keys(key_prefix)
-    user = dict(await redis_client.hgetall(keys.user("u1")))  # type: ignore[misc]
+    user = await _hash(redis_client, keys.user("u1"))
     session = await _session(redis_client, key_prefix, "s1")
     uv = from_bytes(user[b"v"], CATALOG.space.dims)
     sv = from_bytes(session[b"v"], CATALOG.space.dims)
@@ -143,13 +148,10 @@ async def test_identify_merges_the_session_into_the_user_profile(
     cos = float(uv @ sv / np.linalg.norm(uv) / np.linalg.norm(sv))
     assert cos > 0.999
     assert session[b"u"] == b"u1"
-    assert await redis_client.smembers(keys.user_sessions("u1")) == {b"s1"}  # type: ignore[misc]
+    assert await redis_client.smembers(keys.user_sessions("u1")) == {b"s1"}
     # Later events of the linked session keep feeding the profile.
     await processor.process([log(EventType.PURCHASE, "s1", item_id=ITEMS[9])])
-    later = from_bytes(
-        await redis_client.hget(keys.user("u1"), "v"),
-        CATALOG.space.dims,  # type: ignore[misc]
-    )
+    later = from_bytes((await _hash(redis_client, keys.user("u1")))[b"v"], CATALOG.space.dims)
     assert later is not None
     assert not np.allclose(later, uv)
 
@@ -184,12 +186,12 @@ async def test_covisitation_and_trending_are_counted_once(
                log(EventType.CLICK, "s2", item_id=ITEMS[1])]  # fmt: skip
     await processor.process(records)
     keys = Keys(key_prefix)
-    nxt = await redis_client.zrange(keys.covisit(ITEMS[0]), 0, -1, withscores=True)
+    nxt = await _zset(redis_client, keys.covisit(ITEMS[0]))
     assert [m for m, _ in nxt] == [ITEMS[1].encode()]
-    trending = await redis_client.zrange(keys.trending(), 0, -1, desc=True, withscores=True)
+    trending = await _zset(redis_client, keys.trending(), desc=True)
     assert trending[0][0] == ITEMS[1].encode()  # 1 view + 1 click beats 2 views
     await processor.process(records)
-    assert await redis_client.zrange(keys.covisit(ITEMS[0]), 0, -1, withscores=True) == nxt
+    assert await _zset(redis_client, keys.covisit(ITEMS[0])) == nxt
 
 
 async def test_bad_events_are_dead_lettered_and_good_ones_still_flow(
@@ -204,12 +206,20 @@ async def test_bad_events_are_dead_lettered_and_good_ones_still_flow(
     assert b"v" in await _session(redis_client, key_prefix, "s1")
 
 
+async def _zset(
+    redis: aioredis.Redis, key: str | bytes, desc: bool = False
+) -> list[tuple[bytes, float]]:
+    return cast(
+        list[tuple[bytes, float]], await redis.zrange(key, 0, -1, desc=desc, withscores=True)
+    )
+
+
 async def _dump(redis: aioredis.Redis, key: bytes) -> object:
-    kind = (await redis.type(key)).decode()
+    kind = cast(bytes, await redis.type(key)).decode()
     if kind == "hash":
-        return dict(await redis.hgetall(key))  # type: ignore[misc]
+        return await _hash(redis, key)
     if kind == "zset":
-        return await redis.zrange(key, 0, -1, withscores=True)
+        return await _zset(redis, key)
     return await redis.dump(key)
 
 

@@ -4,6 +4,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from stream_engine.catalog import Vector
 from stream_engine.vectors import decay_factor, fold_events, from_bytes, to_bytes
 
 HALF_LIFE = 60_000.0
@@ -44,7 +45,9 @@ def test_order_and_batching_do_not_change_the_result(
     rng = np.random.default_rng(seed)
     catalog = rng.random((5, 8), dtype=np.float32)
 
-    def fold(evs: list[tuple[int, float, int]], old: np.ndarray, old_ts: int | None) -> tuple:
+    def fold(
+        evs: list[tuple[int, float, int]], old: Vector, old_ts: int | None
+    ) -> tuple[Vector, int | None]:
         if not evs:
             return old, old_ts
         ts = np.array([e[0] for e in evs], dtype=np.int64)

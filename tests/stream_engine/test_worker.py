@@ -23,8 +23,8 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from stream_engine.demo_catalog import generate, write_demo_catalog
 from stream_engine.settings import Settings
-from stream_engine.topics import ensure_topics, topic_names
 from stream_engine.state import Keys
+from stream_engine.topics import ensure_topics, topic_names
 from tests.conftest import Stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
@@ -109,13 +109,13 @@ def _event(n: int, sid: str, etype: str = "view", **extra: object) -> bytes:
     return orjson.dumps(body)
 
 
-async def _wait_for(check: Callable[[], object], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
+async def _wait_for(check: Callable[[], object], within: float, what: str) -> None:
+    deadline = time.monotonic() + within
     while time.monotonic() < deadline:
         if await check():  # type: ignore[misc]
             return
         await asyncio.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    raise AssertionError(f"timed out after {within}s waiting for {what}")
 
 
 async def _counts(redis: aioredis.Redis, keys: Keys, sessions: list[str]) -> list[int]:
