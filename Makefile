@@ -44,7 +44,7 @@ logs: venv
 	$(STACK) logs
 
 demo: venv
-	$(PY) -m scripts.demo
+	$(STACK) demo $(DEMO_ARGS)
 
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -1,6 +1,7 @@
 """The local Kairos stack: a real Kafka broker (KRaft) and a real redis-server on loopback.
 
-    python deploy/stack.py up [SERVICE ...]   start (idempotent); prints the env to use
+    python deploy/stack.py up [SERVICE ...]   start (idempotent; default kafka redis; + worker)
+    python deploy/stack.py demo [--detach]    kafka, redis and the worker, until Ctrl-C
     python deploy/stack.py down               stop exactly what `up` started
     python deploy/stack.py status             one line per service
     python deploy/stack.py logs [SERVICE] [-n N] [-f]
@@ -14,7 +15,8 @@ broker by accident. Ports default to 9092/9093 (Kafka) and 6379 (Redis), can be 
 KAIROS_KAFKA_PORT, KAIROS_KAFKA_CONTROLLER_PORT and KAIROS_REDIS_PORT, and when a default is
 taken by someone else a free port is chosen and remembered.
 
-The worker and API entries start once their packages exist; they run from the same venv.
+The worker runs from the same Python (the venv) as this script; its metrics port is
+KAIROS_WORKER_METRICS_PORT (default 9464).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -91,6 +94,7 @@ PORT_DEFAULTS = {
     "kafka_controller": ("KAIROS_KAFKA_CONTROLLER_PORT", 9093),
     "redis": ("KAIROS_REDIS_PORT", 6379),
     "api": ("KAIROS_API_PORT", 8000),
+    "worker_metrics": ("KAIROS_WORKER_METRICS_PORT", 9464),
 }
 
 
@@ -128,7 +132,7 @@ def choose_ports(layout: Layout, running: set[str]) -> dict[str, int]:
     """Keep remembered ports; an explicit env port wins; a busy default moves to a free one."""
     ports = load_ports(layout)
     for key, (env_name, default) in PORT_DEFAULTS.items():
-        owner = "kafka" if key.startswith("kafka") else key
+        owner = key.split("_")[0]
         if env_name in os.environ:
             ports[key] = int(os.environ[env_name])
             continue
@@ -468,12 +472,48 @@ def start_kafka(layout: Layout, ports: dict[str, int], timeout: float) -> str:
     return f"started (pid {pid}) on {HOST}:{ports['kafka']}"
 
 
+# ----------------------------------------------------------------------------- worker
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as resp:
+            return bool(resp.status == 200)
+    except OSError:
+        return False
+
+
+def start_worker(layout: Layout, ports: dict[str, int], timeout: float) -> str:
+    metrics = f"http://{HOST}:{ports['worker_metrics']}/metrics"
+    if (pid := running_pid(layout, "worker")) is not None:
+        return f"already running (pid {pid}); metrics {metrics}"
+    env = {
+        **stack_env(ports),
+        "KAIROS_STACK_DIR": str(layout.stack_dir),
+        "KAIROS_METRICS_PORT": str(ports["worker_metrics"]),
+    }
+    argv = [sys.executable, "-m", "stream_engine", "worker"]
+    pid = spawn(layout, "worker", argv, env={**env, "PYTHONPATH": str(REPO)})
+    log = layout.log_file("worker")
+
+    def ready() -> bool:
+        if running_pid(layout, "worker") is None:
+            raise StackError(f"worker exited during start; see {log}\n{tail(log, 25)}")
+        return _http_ok(metrics)
+
+    wait_until(ready, timeout, "worker", log)
+    return f"started (pid {pid}); metrics {metrics}"
+
+
 # ----------------------------------------------------------------------------- commands
 
 SERVICES: dict[str, Callable[[Layout, dict[str, int], float], str]] = {
     "redis": start_redis,
     "kafka": start_kafka,
+    "worker": start_worker,
 }
+DEFAULT_SERVICES = ["redis", "kafka"]
+DEMO_SERVICES = ["redis", "kafka", "worker"]
 STOP_ORDER = ["api", "worker", "simulator", "kafka", "redis"]
 
 
@@ -485,7 +525,7 @@ def cmd_up(layout: Layout, names: list[str], timeout: float) -> int:
     t0 = time.monotonic()
     ports = choose_ports(layout, _running(layout))
     env = write_env(layout, ports)
-    for name in names or list(SERVICES):
+    for name in names or DEFAULT_SERVICES:
         if name not in SERVICES:
             raise StackError(f"unknown service {name!r}; known: {', '.join(SERVICES)}")
         t = time.monotonic()
@@ -493,6 +533,28 @@ def cmd_up(layout: Layout, names: list[str], timeout: float) -> int:
     print(f"stack ready in {time.monotonic() - t0:.1f}s; environment ({layout.env_file}):")
     for k, v in env.items():
         print(f"  {k}={v}")
+    return 0
+
+
+def cmd_demo(layout: Layout, timeout: float, detach: bool) -> int:
+    """Everything a newcomer needs, in the foreground; Ctrl-C stops what it started."""
+    cmd_up(layout, DEMO_SERVICES, timeout)
+    ports = load_ports(layout)
+    print("\nKairos is running:")
+    print(f"  worker metrics  http://{HOST}:{ports['worker_metrics']}/metrics")
+    print(f"  publish events  Kafka {HOST}:{ports['kafka']}, topic clickstream (docs/events.md)")
+    print(f"  session state   redis-cli -p {ports['redis']} --scan --pattern 'kairos:*'")
+    if detach:
+        print("stop it with: make down")
+        return 0
+    print("Ctrl-C stops everything.")
+    try:
+        while all(running_pid(layout, n) is not None for n in DEMO_SERVICES):
+            time.sleep(1)
+        print("a service exited; stopping the rest (see `make logs`)", file=sys.stderr)
+    except KeyboardInterrupt:
+        print()
+    cmd_down(layout)
     return 0
 
 
@@ -561,6 +623,9 @@ def main(argv: list[str] | None = None) -> int:
     up = sub.add_parser("up", help="start services (default: kafka and redis)")
     up.add_argument("services", nargs="*")
     up.add_argument("--timeout", type=float, default=float(os.environ.get("KAIROS_UP_TIMEOUT", 90)))
+    demo = sub.add_parser("demo", help="start everything and stay in the foreground")
+    demo.add_argument("--detach", action="store_true", help="return once everything is up")
+    demo.add_argument("--timeout", type=float, default=90.0)
     sub.add_parser("down", help="stop everything `up` started")
     sub.add_parser("status", help="health of each service")
     logs = sub.add_parser("logs", help="show service logs")
@@ -573,6 +638,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "up":
             return cmd_up(layout, args.services, args.timeout)
+        if args.command == "demo":
+            return cmd_demo(layout, args.timeout, args.detach)
         if args.command == "down":
             return cmd_down(layout)
         if args.command == "status":

@@ -29,7 +29,7 @@ def _catalog_path(settings: Settings) -> Path:
     return path
 
 
-def cmd_worker(settings: Settings) -> int:
+def cmd_worker(settings: Settings) -> None:
     import faust
     from prometheus_client import start_http_server
 
@@ -43,18 +43,23 @@ def cmd_worker(settings: Settings) -> int:
     metrics = WorkerMetrics()
     if settings.metrics_port:
         start_http_server(settings.metrics_port, addr="127.0.0.1", registry=metrics.registry)
+    if settings.engine == "aiokafka":
+        from stream_engine.consumer import run_forever
+
+        run_forever(settings, catalog, metrics)
+        return
     app = create_app(settings, catalog, metrics)
     worker = faust.Worker(app, loglevel="WARNING", quiet=True)
     worker.execute_from_commandline()  # runs until SIGTERM/SIGINT, then exits the process
 
 
 def cmd_erase(settings: Settings, user: str | None, session: str | None) -> int:
-    from stream_engine.app import redis_client
     from stream_engine.erasure import erase_session, erase_user
     from stream_engine.state import Keys
+    from stream_engine.store import connect
 
     async def run() -> None:
-        redis = redis_client(settings)
+        redis = connect(settings.redis_url)
         keys, ttl = Keys(settings.key_prefix), settings.erasure_ttl_s * 1000
         try:
             if user:
@@ -86,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     settings = Settings.from_env(os.environ)
     if args.command == "worker":
-        return cmd_worker(settings)
+        cmd_worker(settings)
+        return 0
     if args.command == "topics":
         from stream_engine.topics import ensure_topics
 

@@ -349,9 +349,7 @@ class BatchProcessor:
         for suffix, members in agg.increments.items():
             keys.append(f"{self.keys.prefix}:{{agg}}:{suffix}")
             keep = self.covisit_keep if suffix.startswith("cv:") else self.trending_keep
-            args += [keep, len(members)]
-            for member, inc in members.items():
-                args += [member, repr(inc)]
+            args += [keep, " ".join(f"{m} {inc!r}" for m, inc in members.items())]
         self._call(pipe, "APPLY_AGGREGATES", keys, args)
 
 

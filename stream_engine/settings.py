@@ -12,6 +12,7 @@ T = TypeVar("T")
 
 DEFAULT_KAFKA_BOOTSTRAP = "127.0.0.1:9092"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+ENGINES = ("faust", "aiokafka")
 
 
 def _parse_bool(raw: str) -> bool:
@@ -62,12 +63,16 @@ class Settings:
     catalog_topic: str = "catalog"
     decisions_topic: str = "decisions"
     consumer_group: str = "kairos-stream"
+    # "faust" (the faust agent) or "aiokafka" (the plain consumer loop; see consumer.py)
+    engine: str = "faust"
     partitions: int = 4
     # Catalog file (JSONL or CSV); empty = generate the demo catalog into the stack dir.
     catalog_path: str = ""
     # Micro-batches: flush at batch_max events or after batch_within_ms, whichever is first.
     batch_max: int = 500
     batch_within_ms: float = 3.0
+    # aiokafka engine: commit applied offsets at most this often (fences cover redelivery).
+    commit_interval_ms: int = 200
     session_half_life_s: float = 1800.0
     user_half_life_s: float = 14 * 86400.0
     covisit_half_life_s: float = 7 * 86400.0
@@ -86,6 +91,10 @@ class Settings:
     def __post_init__(self) -> None:
         if self.partitions < 1:
             raise ConfigError(f"KAIROS_PARTITIONS must be >= 1, got {self.partitions}")
+        if self.engine not in ENGINES:
+            raise ConfigError(
+                f"KAIROS_ENGINE must be one of {', '.join(ENGINES)}, got {self.engine!r}"
+            )
         if self.batch_max < 1 or self.batch_within_ms <= 0:
             raise ConfigError("KAIROS_BATCH_MAX must be >= 1 and KAIROS_BATCH_WITHIN_MS > 0")
         if min(self.session_half_life_s, self.user_half_life_s, self.covisit_half_life_s,

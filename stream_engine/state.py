@@ -87,15 +87,16 @@ if string.find(flags, 'B', 1, true) then
   redis.call('SET', KEYS[3], 'consent', 'PX', ttl)
   block = 'consent'
 end
-redis.call('HSET', KEYS[1], 'o', ARGV[2], 'p', ARGV[3])
-redis.call('PEXPIRE', KEYS[1], ttl)
-if block == 'consent' then return -2 end
-local nf = tonumber(ARGV[6])
-if nf > 0 then
-  local args = {}
-  for i = 7, 6 + 2 * nf do args[#args + 1] = ARGV[i] end
-  redis.call('HSET', KEYS[1], unpack(args))
+if block == 'consent' then
+  redis.call('HSET', KEYS[1], 'o', ARGV[2], 'p', ARGV[3])
+  redis.call('PEXPIRE', KEYS[1], ttl)
+  return -2
 end
+local nf = tonumber(ARGV[6])
+local args = {'o', ARGV[2], 'p', ARGV[3]}
+for i = 7, 6 + 2 * nf do args[#args + 1] = ARGV[i] end
+redis.call('HSET', KEYS[1], unpack(args))
+redis.call('PEXPIRE', KEYS[1], ttl)
 local first_imp = 7 + 2 * nf
 if #ARGV >= first_imp then
   for i = first_imp, #ARGV, 2 do
@@ -125,7 +126,8 @@ return 1
 
 # KEYS: agg fence, agg meta, then the zsets to touch
 # ARGV: partition, expected fence, new fence, landmark used, ttl ms,
-#       then per zset: keep (max members), n_members, member, increment, ...
+#       then per zset: keep (max members), "member increment member increment ..."
+# (ids never contain spaces; one packed argument per zset keeps client-side packing cheap)
 # Returns 1 applied, 0 fence or landmark conflict.
 APPLY_AGGREGATES = """
 local cur = redis.call('HGET', KEYS[1], ARGV[1]) or ''
@@ -140,12 +142,10 @@ local ttl = tonumber(ARGV[5])
 local i = 6
 for k = 3, #KEYS do
   local keep = tonumber(ARGV[i])
-  local n = tonumber(ARGV[i + 1])
-  i = i + 2
-  for _ = 1, n do
-    redis.call('ZINCRBY', KEYS[k], ARGV[i + 1], ARGV[i])
-    i = i + 2
+  for member, inc in string.gmatch(ARGV[i + 1], '(%S+) (%S+)') do
+    redis.call('ZINCRBY', KEYS[k], inc, member)
   end
+  i = i + 2
   if redis.call('ZCARD', KEYS[k]) > keep then
     redis.call('ZREMRANGEBYRANK', KEYS[k], 0, -keep - 1)
   end

@@ -1,0 +1,33 @@
+"""Benchmarks and load tests; they drive Kairos from outside, over Kafka, Redis and HTTP.
+
+python -m loadtest ingest [--rates 1000,5000,10000] [--duration 15] [--repeats 3]
+                        [--engines faust,aiokafka]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+
+from loadtest import ingest
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loadtest")
+    sub = parser.add_subparsers(dest="command", required=True)
+    ing = sub.add_parser("ingest", help="freshness and throughput of the stream worker")
+    ing.add_argument("--rates", default="1000,5000,10000")
+    ing.add_argument("--duration", type=float, default=15.0)
+    ing.add_argument("--repeats", type=int, default=3)
+    ing.add_argument("--engines", default="faust,aiokafka")
+    ing.add_argument("--out", type=Path, default=Path("artifacts"))
+    args = parser.parse_args(argv)
+    rates = [int(r) for r in args.rates.split(",") if r.strip()]
+    engines = [e for e in args.engines.split(",") if e.strip()]
+    asyncio.run(ingest.run(rates, args.duration, args.repeats, engines, args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

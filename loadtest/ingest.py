@@ -1,0 +1,413 @@
+"""Ingest benchmark: event produced → state visible in Redis, beside raw Kafka latency.
+
+    python -m loadtest ingest [--rates 1000,5000,10000] [--duration 15] [--repeats 3]
+
+For each rate and repeat, in the same run on the same broker:
+  * raw:    aiokafka producer → aiokafka consumer on a scratch topic (the floor);
+  * kairos: the same producer pattern with realistic sessions → a real stream worker
+            (`python -m stream_engine worker`, started here) → Redis; an event counts as
+            visible when a keyspace notification for its session arrives and the session's
+            event count covers it (one HGET, so this slightly overstates freshness).
+Both are open loop with latency from the intended send time. Figures are medians over the
+repeats. Needs KAIROS_KAFKA_BOOTSTRAP / KAIROS_REDIS_URL (or the local stack defaults).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import defaultdict, deque
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from loadtest.openloop import PacingStats, Percentiles, median_of, open_loop
+from loadtest.traffic import Traffic
+from stream_engine.catalog import load_items
+from stream_engine.demo_catalog import write_demo_catalog
+
+DRAIN_S = 10.0
+
+
+@dataclass
+class RunResult:  # kind: "raw" or the engine name
+    rate: int
+    kind: str
+    latency: Percentiles
+    pacing: PacingStats
+    unseen: int
+    max_backlog_late: int  # most events outstanding during the last third of the run
+    cpu: dict[str, float] = field(default_factory=dict)  # % of one core, by process
+
+
+@dataclass
+class Bench:
+    bootstrap: str
+    redis_url: str
+    partitions: int = 4
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
+
+    @property
+    def prefix(self) -> str:
+        return f"bench-{self.run_id}"
+
+    def topic(self, name: str) -> str:
+        return f"{name}.bench-{self.run_id}"
+
+
+# ----------------------------------------------------------------------------- raw kafka
+
+
+async def run_raw(bench: Bench, rate: int, duration: float) -> RunResult:
+    topic = bench.topic(f"raw{rate}")
+    await _create_topics(bench, [topic])
+    intended: dict[int, float] = {}
+    latencies: list[float] = []
+    consumer = AIOKafkaConsumer(bootstrap_servers=bench.bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    tps = [TopicPartition(topic, p) for p in range(bench.partitions)]
+    consumer.assign(tps)
+    await consumer.seek_to_end(*tps)
+    producer = AIOKafkaProducer(bootstrap_servers=bench.bootstrap, linger_ms=0)
+    await producer.start()
+    pad = b"x" * 140  # about the size of a clickstream event
+
+    async def consume() -> None:
+        while True:
+            batch = await consumer.getmany(timeout_ms=100)
+            now = time.monotonic()
+            for msgs in batch.values():
+                for m in msgs:
+                    latencies.append(now - intended[int(m.value.split(b" ", 1)[0])])
+
+    async def send(i: int, t: float) -> None:
+        intended[i] = t
+        await producer.send(topic, b"%d %s" % (i, pad), key=b"k%d" % (i % 997))
+
+    task = asyncio.create_task(consume())
+    try:
+        pacing = await open_loop(rate, duration, send)
+        await producer.flush()
+        await _drain(lambda: len(latencies) >= pacing.sent)
+    finally:
+        task.cancel()
+        await producer.stop()
+        await consumer.stop()
+    return RunResult(rate, "raw", Percentiles.of_ms(latencies), pacing,
+                     pacing.sent - len(latencies), 0)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- kairos
+
+
+class Visibility:
+    """Tracks which sent events are visible in Redis, from keyspace notifications."""
+
+    def __init__(self, redis: aioredis.Redis, prefix: str) -> None:
+        self.redis = redis
+        self.prefix = prefix
+        self.pending: dict[str, deque[tuple[int, float]]] = defaultdict(deque)
+        self.latencies: list[float] = []
+        self.outstanding = 0
+
+    def sent(self, sid: str, seq: int, intended: float) -> None:
+        self.pending[sid].append((seq, intended))
+        self.outstanding += 1
+
+    async def watch(self, db: int) -> None:
+        pubsub = self.redis.pubsub()
+        await pubsub.psubscribe(f"__keyspace@{db}__:{self.prefix}:*")
+        sid_of = re.compile(rb"\{(.*)\}:s$")
+        try:
+            while True:
+                touched: set[str] = set()
+                msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.05)
+                while msg is not None:
+                    m = sid_of.search(msg["channel"])
+                    if m:
+                        touched.add(m.group(1).decode())
+                    msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0)
+                if touched:
+                    await self._resolve(touched)
+        finally:
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def _resolve(self, sids: set[str]) -> None:
+        order = list(sids)
+        pipe = self.redis.pipeline(transaction=False)
+        for sid in order:
+            pipe.hget(f"{self.prefix}:{{{sid}}}:s", "n")
+        counts = await pipe.execute()
+        now = time.monotonic()
+        for sid, n in zip(order, counts, strict=True):
+            applied = int(n or 0)
+            queue = self.pending.get(sid)
+            while queue and queue[0][0] <= applied:
+                self.latencies.append(now - queue.popleft()[1])
+                self.outstanding -= 1
+
+
+async def run_kairos(
+    bench: Bench, traffic: Traffic, redis: aioredis.Redis, rate: int, duration: float, db: int
+) -> RunResult:
+    vis = Visibility(redis, bench.prefix)
+    watcher = asyncio.create_task(vis.watch(db))
+    await asyncio.sleep(0.2)
+    producer = AIOKafkaProducer(bootstrap_servers=bench.bootstrap, linger_ms=0)
+    await producer.start()
+    topic = bench.topic("clickstream")
+    backlog: list[tuple[float, int]] = []
+
+    async def send(i: int, t: float) -> None:
+        sid, value, seq = traffic.next_event()
+        vis.sent(sid, seq, t)
+        await producer.send(topic, value, key=sid.encode())
+        if i % max(1, rate // 4) == 0:
+            backlog.append((t, vis.outstanding))
+
+    try:
+        pacing = await open_loop(rate, duration, send)
+        await producer.flush()
+        await _drain(lambda: vis.outstanding <= 0)
+    finally:
+        watcher.cancel()
+        await producer.stop()
+    tail = [b for t, b in backlog if t >= backlog[0][0] + duration * 2 / 3] if backlog else []
+    return RunResult(rate, "kairos", Percentiles.of_ms(vis.latencies), pacing,
+                     vis.outstanding, max(tail, default=0))  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def cpu_seconds(pid: int | None = None) -> float:
+    """User + system CPU seconds of a process (this one by default), from /proc."""
+    fields = Path(f"/proc/{pid or os.getpid()}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self.t0 = time.monotonic()
+        self.start = {name: cpu_seconds(pid) for name, pid in pids.items()}
+
+    def percent(self) -> dict[str, float]:
+        elapsed = time.monotonic() - self.t0
+        return {
+            name: round(100 * (cpu_seconds(pid) - self.start[name]) / elapsed, 1)
+            for name, pid in self.pids.items()
+        }
+
+
+async def _drain(done: Callable[[], bool]) -> None:
+    """Give what is in flight up to DRAIN_S to arrive; what doesn't is reported as unseen."""
+    for _ in range(int(DRAIN_S / 0.05)):
+        if done():
+            return
+        await asyncio.sleep(0.05)
+
+
+async def _create_topics(bench: Bench, topics: list[str]) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bench.bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(t, bench.partitions, 1) for t in topics])
+    finally:
+        await admin.close()
+
+
+async def _cleanup(bench: Bench, redis: aioredis.Redis) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bench.bootstrap)
+    await admin.start()
+    try:
+        mine = [t for t in await admin.list_topics() if t.endswith(f"bench-{bench.run_id}")]
+        if mine:
+            await admin.delete_topics(mine)
+    finally:
+        await admin.close()
+    batch: list[bytes] = []
+    async for key in redis.scan_iter(match=f"{bench.prefix}:*", count=2000):
+        batch.append(key)
+        if len(batch) >= 2000:
+            await redis.unlink(*batch)
+            batch.clear()
+    if batch:
+        await redis.unlink(*batch)
+
+
+def start_worker(
+    bench: Bench, engine: str, catalog: Path, workdir: Path
+) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "KAIROS_KAFKA_BOOTSTRAP": bench.bootstrap,
+        "KAIROS_REDIS_URL": bench.redis_url,
+        "KAIROS_KEY_PREFIX": bench.prefix,
+        "KAIROS_CLICKSTREAM_TOPIC": bench.topic("clickstream"),
+        "KAIROS_DLQ_TOPIC": bench.topic("dlq"),
+        "KAIROS_CATALOG_TOPIC": bench.topic("catalog"),
+        "KAIROS_DECISIONS_TOPIC": bench.topic("decisions"),
+        "KAIROS_CONSUMER_GROUP": f"kairos-{bench.prefix}",
+        "KAIROS_CATALOG_PATH": str(catalog),
+        "KAIROS_PARTITIONS": str(bench.partitions),
+        "KAIROS_METRICS_PORT": "0",
+        "KAIROS_ENGINE": engine,
+    }
+    with (workdir / f"worker-{engine}.log").open("wb") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "stream_engine", "worker"], env=env, cwd=workdir,
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+
+
+def stop_worker(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def redis_benchmark(redis_url: str) -> dict[str, float]:
+    """redis-benchmark SET/GET requests/s on the same server, as the store's baseline."""
+    exe = shutil.which("redis-benchmark")
+    if exe is None:
+        return {}
+    port = re.search(r":(\d+)", redis_url.split("//", 1)[1])
+    cmd = [exe, "-h", "127.0.0.1", "-p", port.group(1) if port else "6379",
+           "-t", "set,get", "-n", "50000", "-c", "20", "-q"]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False).stdout
+    return {
+        m.group(1).lower(): float(m.group(2))
+        for m in re.finditer(r"(SET|GET): ([\d.]+) requests per second", out)
+    }
+
+
+# ----------------------------------------------------------------------------- main
+
+
+@dataclass
+class Lane:
+    """One engine under test: its own topics, key prefix and worker process."""
+
+    engine: str
+    bench: Bench
+    traffic: Traffic  # its own shoppers: a session's sequence numbers must match its lane
+    proc: subprocess.Popen[bytes] | None = None
+
+
+async def run(
+    rates: list[int], duration: float, repeats: int, engines: list[str], out_dir: Path
+) -> dict[str, Any]:
+    bootstrap = os.environ.get("KAIROS_KAFKA_BOOTSTRAP", "127.0.0.1:9092")
+    redis_url = os.environ.get("KAIROS_REDIS_URL", "redis://127.0.0.1:6379/0")
+    raw = Bench(bootstrap, redis_url)
+    workdir = Path(tempfile.mkdtemp(prefix="kairos-ingest-"))
+    catalog = write_demo_catalog(workdir / "catalog.jsonl", 10_000)
+    items = load_items(catalog)
+    lanes = [
+        Lane(e, Bench(bootstrap, redis_url, run_id=f"{raw.run_id}-{e}"),
+             Traffic(items, active_sessions=5000, seed=n + 1))
+        for n, e in enumerate(engines)
+    ]  # fmt: skip
+    redis = aioredis.Redis.from_url(redis_url)
+    db = int(redis.connection_pool.connection_kwargs.get("db", 0))
+    config = await redis.config_get("notify-keyspace-events")
+    old_notify = str(config.get("notify-keyspace-events") or "")
+    await redis.config_set("notify-keyspace-events", "Kh")
+    results: list[RunResult] = []
+    try:
+        for lane in lanes:
+            names = ("clickstream", "dlq", "catalog", "decisions")
+            await _create_topics(lane.bench, [lane.bench.topic(n) for n in names])
+            lane.proc = start_worker(lane.bench, lane.engine, catalog, workdir)
+        for lane in lanes:
+            print(f"warming up {lane.engine} (log: {workdir}/worker-{lane.engine}.log)", flush=True)
+            await run_kairos(lane.bench, lane.traffic, redis, 200, 5.0, db)
+        store = redis_benchmark(redis_url)
+        for rep in range(repeats):
+            for rate in rates:
+                results.append(await run_raw(raw, rate, duration))
+                _print_run(rep, results[-1])
+                for lane in lanes:
+                    assert lane.proc is not None
+                    meter = CpuMeter({"generator": os.getpid(), "worker": lane.proc.pid})
+                    r = await run_kairos(lane.bench, lane.traffic, redis, rate, duration, db)
+                    r.cpu = meter.percent()
+                    r.kind = lane.engine
+                    results.append(r)
+                    _print_run(rep, r)
+    finally:
+        for lane in lanes:
+            if lane.proc is not None:
+                stop_worker(lane.proc)
+        await redis.config_set("notify-keyspace-events", old_notify)
+        for bench in (raw, *(lane.bench for lane in lanes)):
+            await _cleanup(bench, redis)
+        await redis.aclose()
+    report = summarize(results, rates, ["raw", *engines], store)
+    print(f"results: {write_report(out_dir, report, results)}")
+    return report
+
+
+def _print_run(rep: int, r: RunResult) -> None:
+    print(f"  repeat {rep + 1} {r.kind:<8} {r.rate:>6}/s  p50 {r.latency.p50:8.2f} ms"
+          f"  p99 {r.latency.p99:8.2f} ms  p99.9 {r.latency.p999:8.2f} ms"
+          f"  sent {r.pacing.rate:7.0f}/s  unseen {r.unseen}"
+          f"  gen-late p99 {r.pacing.late_p99_ms:.1f} ms"
+          + "".join(f"  cpu {k} {v:.0f}%" for k, v in r.cpu.items()), flush=True)  # fmt: skip
+
+
+def write_report(out_dir: Path, report: dict[str, Any], results: list[RunResult]) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"ingest-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    body = {"summary": report, "runs": [asdict(r) for r in results]}
+    path.write_bytes(orjson.dumps(body, option=orjson.OPT_INDENT_2))
+    return path
+
+
+def summarize(
+    results: list[RunResult], rates: list[int], kinds: list[str], store: dict[str, float]
+) -> dict[str, Any]:
+    print("\nmedian over repeats; latency from the intended send time, ms")
+    print(f"{'rate/s':>7} {'path':<9} {'p50':>8} {'p99':>8} {'p99.9':>8} {'p99/raw':>8} "
+          f"{'unseen':>7} {'late backlog':>12}")  # fmt: skip
+    summary: dict[str, Any] = {"redis_benchmark_rps": store, "rates": {}}
+    for rate in rates:
+        row: dict[str, Any] = {}
+        raw_p99 = float("nan")
+        for kind in kinds:
+            runs = [r for r in results if r.rate == rate and r.kind == kind]
+            if not runs:
+                continue
+            lat = median_of([r.latency for r in runs])
+            raw_p99 = lat.p99 if kind == "raw" else raw_p99
+            ratio = lat.p99 / raw_p99 if raw_p99 == raw_p99 and raw_p99 > 0 else float("nan")
+            unseen = max(r.unseen for r in runs)
+            backlog = max(r.max_backlog_late for r in runs)
+            print(f"{rate:>7} {kind:<9} {lat.p50:8.2f} {lat.p99:8.2f} {lat.p999:8.2f} "
+                  f"{ratio:8.2f} {unseen:>7} {backlog:>12}")  # fmt: skip
+            row[kind] = {**asdict(lat), "p99_over_raw": ratio, "unseen": unseen,
+                         "late_backlog": backlog}  # fmt: skip
+        summary["rates"][str(rate)] = row
+    if store:
+        print("redis-benchmark on the same server: "
+              + ", ".join(f"{k.upper()} {v:,.0f}/s" for k, v in store.items()))  # fmt: skip
+    return summary

@@ -1,0 +1,78 @@
+"""Open-loop pacing and latency summaries shared by the benchmarks.
+
+Sends are scheduled at fixed intended times (start + i / rate) whatever the system does,
+and every latency is measured from the intended time, so a stalled system can't hide its
+tail by slowing the generator down (coordinated omission).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True, slots=True)
+class PacingStats:
+    sent: int
+    duration_s: float
+    late_p99_ms: float  # how far behind its intended time the generator got (self-check)
+
+    @property
+    def rate(self) -> float:
+        return self.sent / self.duration_s if self.duration_s > 0 else 0.0
+
+
+async def open_loop(
+    rate: float,
+    duration_s: float,
+    send: Callable[[int, float], Awaitable[None]],
+) -> PacingStats:
+    """Call send(i, intended_monotonic_time) for i in range(rate * duration) on schedule."""
+    total = int(rate * duration_s)
+    start = time.monotonic() + 0.02
+    late: list[float] = []
+    i = 0
+    while i < total:
+        now = time.monotonic()
+        due = min(total, int((now - start) * rate) + 1)
+        while i < due:
+            intended = start + i / rate
+            late.append(time.monotonic() - intended)
+            await send(i, intended)
+            i += 1
+        delay = start + i / rate - time.monotonic()
+        await asyncio.sleep(max(0.0, delay))
+    elapsed = time.monotonic() - start
+    late_p99 = float(np.percentile(late, 99)) * 1000 if late else 0.0
+    return PacingStats(total, elapsed, max(0.0, late_p99))
+
+
+@dataclass(frozen=True, slots=True)
+class Percentiles:
+    p50: float
+    p99: float
+    p999: float
+    count: int
+
+    @classmethod
+    def of_ms(cls, samples_s: Sequence[float]) -> Percentiles:
+        if not samples_s:
+            return cls(float("nan"), float("nan"), float("nan"), 0)
+        arr = np.asarray(samples_s) * 1000
+        p50, p99, p999 = np.percentile(arr, [50, 99, 99.9])
+        return cls(float(p50), float(p99), float(p999), len(samples_s))
+
+
+def median_of(runs: Sequence[Percentiles]) -> Percentiles:
+    """The median over repeats of each percentile (the machine is shared and noisy)."""
+    return Percentiles(
+        statistics.median(r.p50 for r in runs),
+        statistics.median(r.p99 for r in runs),
+        statistics.median(r.p999 for r in runs),
+        int(statistics.median(r.count for r in runs)),
+    )

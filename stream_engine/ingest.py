@@ -1,0 +1,137 @@
+"""Applying clickstream batches, whichever consumer delivers them: state, DLQ, metrics.
+
+Both consumers (the faust agent in app.py and the plain aiokafka loop in consumer.py) hand
+their batches to Ingest, so fencing, retries, dead-lettering and metrics are one code path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from stream_engine.catalog import Catalog
+from stream_engine.metrics import WorkerMetrics
+from stream_engine.planning import Tuning
+from stream_engine.processor import BatchProcessor, DeadLetter, Outcome, Record, Ttls
+from stream_engine.settings import Settings
+from stream_engine.state import Keys
+from stream_engine.store import connect
+
+log = logging.getLogger("kairos.worker")
+STORE_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+MAX_BACKOFF_S = 2.0
+
+
+def tuning_of(settings: Settings) -> Tuning:
+    return Tuning(
+        session_half_life_ms=settings.session_half_life_s * 1000,
+        user_half_life_ms=settings.user_half_life_s * 1000,
+        covisit_half_life_ms=settings.covisit_half_life_s * 1000,
+        trending_half_life_ms=settings.trending_half_life_s * 1000,
+    )
+
+
+def ttls_of(settings: Settings) -> Ttls:
+    return Ttls(
+        session_ms=settings.session_ttl_s * 1000,
+        user_ms=settings.user_ttl_s * 1000,
+        aggregate_ms=settings.aggregate_ttl_s * 1000,
+        erasure_ms=settings.erasure_ttl_s * 1000,
+    )
+
+
+def redis_client(settings: Settings) -> aioredis.Redis:
+    return connect(settings.redis_url, max_connections=settings.redis_pool_size)
+
+
+def dead_letter_body(d: DeadLetter) -> bytes:
+    return orjson.dumps(
+        {
+            "reason": d.reason,
+            "detail": d.detail,
+            "partition": d.record.partition,
+            "offset": d.record.offset,
+            "raw": d.record.value.decode("utf-8", "replace"),
+        }
+    )
+
+
+class Ingest:
+    """State of the clickstream agent: the processor and what it reports."""
+
+    def __init__(self, settings: Settings, catalog: Catalog, metrics: WorkerMetrics) -> None:
+        self.settings = settings
+        self.catalog = catalog
+        self.metrics = metrics
+        self._processor: BatchProcessor | None = None
+
+    @property
+    def processor(self) -> BatchProcessor:
+        if self._processor is None:
+            self._processor = BatchProcessor(
+                redis_client(self.settings),
+                Keys(self.settings.key_prefix),
+                self.catalog,
+                tuning_of(self.settings),
+                ttls_of(self.settings),
+            )
+        return self._processor
+
+    async def apply(self, records: Sequence[Record]) -> Outcome:
+        """Apply a batch; retry Redis outages in place (never skip), isolate poison events."""
+        delay = 0.05
+        while True:
+            try:
+                return await self.processor.process(records)
+            except STORE_ERRORS as exc:
+                self.metrics.store_errors.inc()
+                log.warning("redis unavailable (%s); retrying batch in %.2fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, MAX_BACKOFF_S)
+            except Exception:
+                if len(records) == 1:
+                    log.exception("event at %s/%s failed", records[0].partition, records[0].offset)
+                    return _poisoned(records[0])
+                log.exception("batch failed; retrying its events one at a time")
+                return await self._one_by_one(records)
+
+    async def _one_by_one(self, records: Sequence[Record]) -> Outcome:
+        total = Outcome()
+        for r in records:
+            o = await self.apply([r])
+            total.valid += o.valid
+            total.dead += o.dead
+            total.applied += o.applied
+            total.duplicates += o.duplicates
+            total.blocked += o.blocked
+            total.unknown_items += o.unknown_items
+            total.written_at_ms = o.written_at_ms or total.written_at_ms
+        return total
+
+    def observe(self, outcome: Outcome, batch: int) -> None:
+        m = self.metrics
+        m.batch_size.observe(batch)
+        written = outcome.written_at_ms or int(time.time() * 1000)
+        for p in outcome.valid:
+            m.events.labels(p.event.type.value, "ok").inc()
+            m.freshness_produced.observe(max(0, written - p.produced_ms) / 1000)
+            m.freshness_event.observe(max(0, written - p.event.ts) / 1000)
+        for d in outcome.dead:
+            m.dlq.labels(d.reason).inc()
+        if outcome.duplicates:
+            m.events.labels("any", "duplicate").inc(outcome.duplicates)
+        if outcome.blocked:
+            m.events.labels("any", "blocked").inc(outcome.blocked)
+        if outcome.conflicts:
+            m.conflicts.inc(outcome.conflicts)
+
+
+def _poisoned(r: Record) -> Outcome:
+    return Outcome(dead=[DeadLetter(r, "processing_error", "see worker log")])
