@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from stream_engine.catalog import Item
 from stream_engine.events import Event, EventType, encode_event
 
+TRACKED = "trk-"
 FUNNEL = (
     (EventType.VIEW, 0.70),
     (EventType.CLICK, 0.20),
@@ -46,6 +47,9 @@ class Traffic:
     affinity: float = 0.8  # share of events inside the shopper's current category
     drift: float = 0.08  # chance per event that the shopper moves to another category
     seed: int = 1
+    # Share of sessions whose ids start with TRACKED, so a benchmark can follow a sample of
+    # sessions (cheaply, by key pattern) instead of every one.
+    tracked_share: float = 1.0
     rng: random.Random = field(init=False)
 
     def __post_init__(self) -> None:
@@ -67,7 +71,8 @@ class Traffic:
         self._serial += 1
         leaf = self._leaves[self.rng.randrange(len(self._leaves))]
         length = max(1, int(self.rng.expovariate(1 / self.mean_session_events)))
-        return _Shopper(f"sim-{self.seed}-{self._serial}", leaf, length)
+        kind = TRACKED if self.rng.random() < self.tracked_share else "sim-"
+        return _Shopper(f"{kind}{self.seed}-{self._serial}", leaf, length)
 
     def _item(self, shopper: _Shopper) -> Item:
         if self.rng.random() < self.drift:

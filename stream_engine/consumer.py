@@ -71,7 +71,8 @@ class ClickstreamConsumer:
             max_poll_records=s.batch_max,
             session_timeout_ms=session_ms,
             heartbeat_interval_ms=max(500, session_ms // 4),
-            fetch_max_wait_ms=100,
+            fetch_min_bytes=s.fetch_min_bytes,
+            fetch_max_wait_ms=s.fetch_max_wait_ms,
         )
 
     async def run(self) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import Sequence
 
 import orjson
@@ -25,7 +26,7 @@ from stream_engine.state import Keys
 from stream_engine.store import connect
 
 log = logging.getLogger("kairos.worker")
-STORE_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+STORE_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError)
 MAX_BACKOFF_S = 2.0
 
 
@@ -48,7 +49,8 @@ def ttls_of(settings: Settings) -> Ttls:
 
 
 def redis_client(settings: Settings) -> aioredis.Redis:
-    return connect(settings.redis_url, max_connections=settings.redis_pool_size)
+    # The processor bounds each pipeline with its own deadline (STORE_TIMEOUT_S).
+    return connect(settings.redis_url, max_connections=settings.redis_pool_size, timeout_s=None)
 
 
 def dead_letter_body(d: DeadLetter) -> bytes:
@@ -119,10 +121,13 @@ class Ingest:
         m = self.metrics
         m.batch_size.observe(batch)
         written = outcome.written_at_ms or int(time.time() * 1000)
+        by_type = Counter(p.event.type.value for p in outcome.valid)
+        for etype, n in by_type.items():
+            m.events.labels(etype, "ok").inc(n)
+        produced, event_time = m.freshness_produced.observe, m.freshness_event.observe
         for p in outcome.valid:
-            m.events.labels(p.event.type.value, "ok").inc()
-            m.freshness_produced.observe(max(0, written - p.produced_ms) / 1000)
-            m.freshness_event.observe(max(0, written - p.event.ts) / 1000)
+            produced(max(0, written - p.produced_ms) / 1000)
+            event_time(max(0, written - p.event.ts) / 1000)
         for d in outcome.dead:
             m.dlq.labels(d.reason).inc()
         if outcome.duplicates:

@@ -8,6 +8,7 @@ the fences make the parts already written no-ops.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import defaultdict
@@ -38,6 +39,8 @@ from stream_engine.vectors import from_bytes
 
 log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 5
+# One deadline per pipeline round trip (the connections carry no per-reply timer).
+STORE_TIMEOUT_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,7 +161,8 @@ class BatchProcessor:
             pipe.get(self.keys.session_block(sid))
         pipe.hmget(self.keys.agg_fence, *[str(p) for p in partitions])
         pipe.hget(self.keys.agg_meta, "L")
-        res = await pipe.execute()
+        async with asyncio.timeout(STORE_TIMEOUT_S):
+            res = await pipe.execute()
         snaps = {
             sid: self._session_snapshot(res[2 * i], res[2 * i + 1])
             for i, sid in enumerate(sessions)
@@ -187,7 +191,8 @@ class BatchProcessor:
         for uid, sid in links:
             pipe.hmget(self.keys.user(uid), "v", "t", f"f:{sid}")
             pipe.exists(self.keys.user_block(uid))
-        res = await pipe.execute()
+        async with asyncio.timeout(STORE_TIMEOUT_S):
+            res = await pipe.execute()
         out: dict[str, UserSnapshot] = {}
         for i, (uid, sid) in enumerate(links):
             v, t, f = res[2 * i]
@@ -328,7 +333,8 @@ class BatchProcessor:
                 args,
             )  # fmt: skip
             kinds.append(("session", s.applied))
-        results = await pipe.execute()
+        async with asyncio.timeout(STORE_TIMEOUT_S):
+            results = await pipe.execute()
         conflicts = 0
         for (kind, n), res in zip(kinds, results, strict=True):
             if kind == "ublock":

@@ -73,6 +73,10 @@ class Settings:
     batch_within_ms: float = 3.0
     # aiokafka engine: commit applied offsets at most this often (fences cover redelivery).
     commit_interval_ms: int = 200
+    # aiokafka engine: let the broker gather up to fetch_min_bytes for up to fetch_max_wait_ms
+    # before answering a fetch; each fetch costs the worker a Python protocol round trip.
+    fetch_min_bytes: int = 1
+    fetch_max_wait_ms: int = 100
     session_half_life_s: float = 1800.0
     user_half_life_s: float = 14 * 86400.0
     covisit_half_life_s: float = 7 * 86400.0

@@ -38,9 +38,15 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@pytest.fixture(params=["faust", "aiokafka"])
+def engine(request: pytest.FixtureRequest) -> str:
+    """Every worker test runs against both consumers; they share one contract."""
+    return str(request.param)
+
+
 @pytest.fixture
 async def worker_env(
-    stack: Stack, unique: str, key_prefix: str, tmp_path: Path
+    stack: Stack, unique: str, key_prefix: str, tmp_path: Path, engine: str
 ) -> AsyncIterator[dict[str, str]]:
     catalog = write_demo_catalog(tmp_path / "catalog.jsonl", n_items=500)
     env = {
@@ -55,6 +61,7 @@ async def worker_env(
         "KAIROS_CONSUMER_GROUP": f"kairos-test-{unique}",
         "KAIROS_CATALOG_PATH": str(catalog),
         "KAIROS_PARTITIONS": "4",
+        "KAIROS_ENGINE": engine,
     }
     settings = Settings.from_env(env)
     await ensure_topics(settings)
