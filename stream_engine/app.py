@@ -14,7 +14,8 @@ from typing import Any
 import faust
 
 from stream_engine.catalog import Catalog
-from stream_engine.ingest import Ingest, dead_letter_body
+from stream_engine.catalog_updates import CatalogFollower
+from stream_engine.ingest import Ingest, dead_letter_body, redis_client
 from stream_engine.metrics import WorkerMetrics
 from stream_engine.processor import Record
 from stream_engine.settings import Settings
@@ -50,6 +51,11 @@ def create_app(settings: Settings, catalog: Catalog, metrics: WorkerMetrics) -> 
             for d in outcome.dead:
                 await dlq.send(key=d.record.key, value=dead_letter_body(d))
             ingest.observe(outcome, len(records))
+
+    @app.task  # type: ignore[untyped-decorator]
+    async def follow_catalog() -> None:
+        follower = CatalogFollower(settings, catalog, redis_client(settings), metrics)
+        await follower.run()
 
     app.kairos_ingest = ingest  # type: ignore[attr-defined]
     return app

@@ -12,6 +12,7 @@ dead letters) are acknowledged.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import time
@@ -23,7 +24,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
 from stream_engine.catalog import Catalog
-from stream_engine.ingest import Ingest, dead_letter_body
+from stream_engine.catalog_updates import CatalogFollower
+from stream_engine.ingest import Ingest, dead_letter_body, redis_client
 from stream_engine.metrics import WorkerMetrics
 from stream_engine.processor import Record
 from stream_engine.settings import Settings
@@ -166,6 +168,15 @@ def run_forever(settings: Settings, catalog: Catalog, metrics: WorkerMetrics) ->
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, consumer.stopping.set)
-        await consumer.run()
+        redis = redis_client(settings)
+        follower = CatalogFollower(settings, catalog, redis, metrics)
+        follow = asyncio.create_task(follower.run(consumer.stopping))
+        try:
+            await consumer.run()
+        finally:
+            follow.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await follow
+            await redis.aclose()
 
     uvloop.run(main())

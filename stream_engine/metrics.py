@@ -42,6 +42,10 @@ class WorkerMetrics:
             "kairos_store_errors_total", "Redis failures while applying a batch (retried)",
             registry=r,
         )  # fmt: skip
+        self.catalog_updates = Counter(
+            "kairos_catalog_updates_total", "Catalog topic messages, by outcome", ["outcome"],
+            registry=r,
+        )  # fmt: skip
         self.lag = Gauge(
             "kairos_consumer_lag", "Messages behind the partition's high watermark",
             ["partition"], registry=r,

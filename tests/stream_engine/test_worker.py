@@ -14,6 +14,7 @@ import urllib.request
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import cast
 
 import orjson
 import pytest
@@ -21,10 +22,13 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 
+from stream_engine.catalog import Catalog
+from stream_engine.catalog_updates import catalog_items_key
 from stream_engine.demo_catalog import generate, write_demo_catalog
 from stream_engine.settings import Settings
 from stream_engine.state import Keys
 from stream_engine.topics import ensure_topics, topic_names
+from stream_engine.vectors import from_bytes
 from tests.conftest import Stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
@@ -239,3 +243,45 @@ def _applied_by(port: int) -> int:
             if line.startswith("kairos_events_total{") and 'outcome="ok"' in line
         )
     )
+
+
+async def test_catalog_updates_take_effect_within_seconds(
+    start_worker: Callable[..., object],
+    producer: AIOKafkaProducer,
+    redis_client: aioredis.Redis,
+    worker_env: dict[str, str],
+    key_prefix: str,
+) -> None:
+    catalog = Catalog.from_file(Path(worker_env["KAIROS_CATALOG_PATH"]))
+    template = catalog.items[1]
+    start_worker()
+    updates = worker_env["KAIROS_CATALOG_TOPIC"]
+    sold_out = {"item_id": ITEMS[0], "stock": 0}
+    new_item = {"item_id": "new-1", "title": "Fresh", "category": template.category_path,
+                "price": 12.5, "stock": 3}  # fmt: skip
+    for body in (sold_out, new_item, {"stock": 1}):  # the last one is refused: no item_id
+        await producer.send_and_wait(updates, orjson.dumps(body), key=b"k")
+    items_key = catalog_items_key(key_prefix)
+
+    async def mirrored() -> bool:
+        return await redis_client.hlen(items_key) == 2
+
+    await _wait_for(mirrored, 30, "both catalog updates mirrored into Redis")
+    stored = orjson.loads(cast(bytes, await redis_client.hget(items_key, ITEMS[0])))
+    assert stored["stock"] == 0
+    assert stored["title"] == catalog.items[0].title  # untouched fields kept
+    # The worker knows the new item: a click on it moves the session into its category.
+    click = orjson.dumps({"event_id": "c1", "type": "click", "session_id": "s1",
+                          "ts": int(time.time() * 1000), "item_id": "new-1"})  # fmt: skip
+    await producer.send_and_wait(worker_env["KAIROS_CLICKSTREAM_TOPIC"], click, key=b"s1")
+    keys = Keys(key_prefix)
+
+    async def has_vector() -> bool:
+        return bool(await redis_client.hexists(keys.session("s1"), "v"))
+
+    await _wait_for(has_vector, 30, "the click on the new item applied")
+    raw = cast(bytes, await redis_client.hget(keys.session("s1"), "v"))
+    vector = from_bytes(raw, catalog.space.dims)
+    assert vector is not None
+    category = "cat:" + " > ".join(template.category[:2])
+    assert vector[catalog.space.index[category]] > 0

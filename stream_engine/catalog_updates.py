@@ -1,0 +1,123 @@
+"""Catalog changes from the `catalog` topic: new items, price and stock changes, in seconds.
+
+A message is a JSON item object keyed by item_id. For a known item only the fields present
+change (`{"item_id": "sku-1", "stock": 0}` marks it sold out); a new item needs at least
+`item_id` and `category`. Every worker reads the whole topic from the beginning without a
+consumer group (each needs every change; make the topic compacted in production), applies
+it to its in-memory catalog, and mirrors the merged item into Redis for the decision API:
+
+    P:{catalog}:items    hash   item_id -> item JSON (the catalog file's format)
+    P:{catalog}:version  string incremented on every applied change
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from stream_engine.catalog import Catalog, CatalogError, Item, item_from_mapping
+from stream_engine.ingest import MAX_BACKOFF_S, STORE_ERRORS
+from stream_engine.metrics import WorkerMetrics
+from stream_engine.settings import Settings
+
+log = logging.getLogger("kairos.catalog")
+
+
+def catalog_items_key(prefix: str) -> str:
+    return f"{prefix}:{{catalog}}:items"
+
+
+def catalog_version_key(prefix: str) -> str:
+    return f"{prefix}:{{catalog}}:version"
+
+
+def merge_update(catalog: Catalog, raw: bytes, where: str) -> Item:
+    """The item after applying one update message; CatalogError if it is malformed."""
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise CatalogError(f"{where}: not JSON ({exc})") from None
+    if not isinstance(obj, dict) or "item_id" not in obj:
+        raise CatalogError(f"{where}: expected an object with item_id")
+    existing = catalog.get(str(obj["item_id"]))
+    merged: dict[str, Any] = existing.to_json() if existing is not None else {}
+    merged.update(obj)
+    return item_from_mapping(merged, where)
+
+
+class CatalogFollower:
+    """Applies the catalog topic to a worker's catalog, and mirrors it into Redis."""
+
+    def __init__(
+        self, settings: Settings, catalog: Catalog, redis: aioredis.Redis, metrics: WorkerMetrics
+    ) -> None:
+        self.settings = settings
+        self.catalog = catalog
+        self.redis = redis
+        self.metrics = metrics
+
+    async def run(self, stopping: asyncio.Event | None = None) -> None:
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.settings.kafka_bootstrap,
+            group_id=None,
+            enable_auto_commit=False,
+            fetch_max_wait_ms=200,
+        )
+        await consumer.start()
+        try:
+            topic = self.settings.catalog_topic
+            await consumer.topics()  # fetches metadata for partitions_for_topic
+            parts = consumer.partitions_for_topic(topic) or {0}
+            tps = [TopicPartition(topic, p) for p in sorted(parts)]
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            while stopping is None or not stopping.is_set():
+                batch = await consumer.getmany(timeout_ms=500)
+                for msgs in batch.values():
+                    await self._apply_retrying(
+                        [(f"{topic}/{m.partition}@{m.offset}", m.value) for m in msgs]
+                    )
+        finally:
+            await consumer.stop()
+
+    async def _apply_retrying(self, messages: list[tuple[str, bytes | None]]) -> None:
+        delay = 0.05
+        while True:
+            try:
+                await self.apply(messages)
+                return
+            except STORE_ERRORS as exc:
+                log.warning("redis unavailable for catalog updates (%s); retrying", exc)
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, MAX_BACKOFF_S)
+
+    async def apply(self, messages: list[tuple[str, bytes | None]]) -> int:
+        items: list[Item] = []
+        for where, raw in messages:
+            try:
+                items.append(merge_update(self.catalog, raw or b"", where))
+            except CatalogError as exc:
+                self.metrics.catalog_updates.labels("invalid").inc()
+                log.warning("catalog update refused: %s", exc)
+        if not items:
+            return 0
+        for item in items:
+            self.catalog.upsert(item)
+        prefix = self.settings.key_prefix
+        ttl = self.settings.aggregate_ttl_s * 1000
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(
+            catalog_items_key(prefix),
+            mapping={it.item_id: orjson.dumps(it.to_json()) for it in items},
+        )
+        pipe.pexpire(catalog_items_key(prefix), ttl)
+        pipe.incrby(catalog_version_key(prefix), len(items))
+        pipe.pexpire(catalog_version_key(prefix), ttl)
+        await pipe.execute()
+        self.metrics.catalog_updates.labels("applied").inc(len(items))
+        return len(items)
