@@ -2,6 +2,7 @@
 
 python -m loadtest ingest [--rates 1000,5000,10000] [--duration 15] [--repeats 3]
                         [--engines faust,aiokafka]
+    python -m loadtest memory [--sessions 100000] [--events-per-session 4]
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import argparse
 import asyncio
 from pathlib import Path
 
-from loadtest import ingest
+from loadtest import ingest, memory
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,7 +23,14 @@ def main(argv: list[str] | None = None) -> int:
     ing.add_argument("--repeats", type=int, default=3)
     ing.add_argument("--engines", default="faust,aiokafka")
     ing.add_argument("--out", type=Path, default=Path("artifacts"))
+    mem = sub.add_parser("memory", help="Redis memory per session")
+    mem.add_argument("--sessions", type=int, default=100_000)
+    mem.add_argument("--events-per-session", type=int, default=4)
+    mem.add_argument("--engine", default="aiokafka")
     args = parser.parse_args(argv)
+    if args.command == "memory":
+        asyncio.run(memory.run(args.sessions, args.events_per_session, args.engine))
+        return 0
     rates = [int(r) for r in args.rates.split(",") if r.strip()]
     engines = [e for e in args.engines.split(",") if e.strip()]
     asyncio.run(ingest.run(rates, args.duration, args.repeats, engines, args.out))

@@ -228,10 +228,18 @@ async def _drain(done: Callable[[], bool]) -> None:
 
 
 async def _create_topics(bench: Bench, topics: list[str]) -> None:
+    """Create topics and wait until every partition has a leader, so that the first
+    measured sends don't include leader election."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bench.bootstrap)
     await admin.start()
     try:
         await admin.create_topics([NewTopic(t, bench.partitions, 1) for t in topics])
+        for _ in range(100):
+            described = await admin.describe_topics(topics)
+            leaders = [p["leader"] for t in described for p in t["partitions"]]
+            if len(leaders) == len(topics) * bench.partitions and min(leaders) >= 0:
+                return
+            await asyncio.sleep(0.1)
     finally:
         await admin.close()
 
