@@ -6,7 +6,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STACK := $(PY) deploy/stack.py
 
-.PHONY: help venv lock up down status logs demo test lint format typecheck check clean
+.PHONY: help venv lock up down status logs demo test lint format typecheck check clean \
+	bench-ingest bench-memory
 
 help:
 	@echo "make demo       start Kafka, Redis, worker and API locally and print the URLs"
@@ -14,6 +15,7 @@ help:
 	@echo "make check      lint + typecheck + test (what CI runs)"
 	@echo "make up|down|status|logs   the local stack (deploy/stack.py)"
 	@echo "make lock       re-pin constraints.txt from a fresh resolve"
+	@echo "make bench-ingest / bench-memory   benchmarks (loadtest/README.md)"
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -61,6 +63,13 @@ typecheck: venv
 	$(VENV)/bin/mypy
 
 check: lint typecheck test
+
+# Benchmarks print figures beside a same-run baseline; they are not tests.
+bench-ingest: up
+	source .stack/stack.env && $(PY) -m loadtest ingest $(BENCH_ARGS)
+
+bench-memory: up
+	source .stack/stack.env && $(PY) -m loadtest memory $(BENCH_ARGS)
 
 clean: down
 	rm -rf $(VENV) .stack .mypy_cache .ruff_cache .pytest_cache
