@@ -211,7 +211,7 @@ def plan_session(
     last = events[-1]
     write = SessionWrite(
         session_id=sid,
-        expected_fence=snap.fence if snap.partition == last.partition else None,
+        expected_fence=snap.fence,  # compare-and-set on what we read, whatever its partition
         fence=last.offset,
         partition=last.partition,
         flags=walk.flags,

@@ -228,3 +228,20 @@ def _without_written_at(dumps: dict[bytes, object]) -> dict[bytes, object]:
         k: {f: v for f, v in d.items() if f != b"w"} if isinstance(d, dict) else d
         for k, d in dumps.items()
     }
+
+
+async def test_a_session_moving_partition_still_applies(
+    processor: BatchProcessor, redis_client: aioredis.Redis, key_prefix: str
+) -> None:
+    """After a partition-count change a session's events arrive on another partition with
+    unrelated offsets: they must apply (not conflict forever), and be fenced there."""
+    first, second = Log(partition=0), Log(partition=3)
+    first.offset = 500
+    await processor.process([first(EventType.VIEW, "s1", item_id=ITEMS[0])])
+    moved = [second(EventType.VIEW, "s1", item_id=ITEMS[1])]
+    out = await processor.process(moved)
+    assert out.applied == 1
+    assert out.dead == []
+    s = await _session(redis_client, key_prefix, "s1")
+    assert (int(s[b"p"]), int(s[b"o"]), int(s[b"n"])) == (3, 0, 2)
+    assert (await processor.process(moved)).duplicates == 1
