@@ -49,14 +49,6 @@ class SessionSnapshot:
     block: str | None = None
 
 
-@dataclass(slots=True)
-class UserSnapshot:
-    vector: Vector | None = None
-    vector_ts: int | None = None
-    fences: dict[str, int] = field(default_factory=dict)
-    blocked: bool = False
-
-
 @dataclass(frozen=True, slots=True)
 class Tuning:
     session_half_life_ms: float
@@ -79,11 +71,12 @@ class SessionWrite:
 
 @dataclass(slots=True)
 class UserWrite:
+    """A linked session's current state, copied into its user's profile."""
+
     user_id: str
     session_id: str
-    expected_fence: int | None
-    fence: int
-    vector: Vector
+    count: int
+    vector: bytes  # b"" while the session has no vector yet
     vector_ts: int
 
 
@@ -237,52 +230,6 @@ def _session_vector(
         catalog.matrix[np.asarray(walk.rows, dtype=np.int64)],
         tuning.session_half_life_ms,
     )
-
-
-def plan_user(
-    uid: str,
-    sid: str,
-    new_events: Sequence[Positioned],
-    session_before: SessionSnapshot,
-    user: UserSnapshot,
-    catalog: Catalog,
-    tuning: Tuning,
-) -> UserWrite | None:
-    """Fold a linked session's new item events into the user's long-term profile.
-
-    When the session is linked for the first time (identify), its interests so far are
-    merged in too, so the user's next session on another device starts from them.
-    """
-    fence = user.fences.get(sid)
-    events = [p for p in new_events if fence is None or p.offset > fence]
-    if not events or user.blocked:
-        return None
-    dims = catalog.space.dims
-    rows, ts, weights = [], [], []
-    for p in events:
-        w = DEFAULT_WEIGHTS.get(p.event.type)
-        row = catalog.row.get(p.event.item_id or "")
-        if w is not None and row is not None:
-            rows.append(catalog.matrix[row])
-            ts.append(p.event.ts)
-            weights.append(w)
-    if fence is None and session_before.vector is not None and session_before.user != uid:
-        rows.append(session_before.vector)
-        ts.append(int(session_before.vector_ts or events[0].event.ts))
-        weights.append(1.0)
-    old = user.vector if user.vector is not None else np.zeros(dims, dtype=np.float32)
-    if rows:
-        vector, vector_ts = fold_events(
-            old,
-            user.vector_ts if user.vector is not None else None,
-            np.asarray(ts, dtype=np.int64),
-            np.asarray(weights, dtype=np.float64),
-            np.vstack(rows).astype(np.float32),
-            tuning.user_half_life_ms,
-        )
-    else:
-        vector, vector_ts = old, int(user.vector_ts or events[-1].event.ts)
-    return UserWrite(uid, sid, fence, events[-1].offset, vector, vector_ts)
 
 
 def plan_aggregates(

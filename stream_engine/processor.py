@@ -28,17 +28,17 @@ from stream_engine.planning import (
     Positioned,
     SessionSnapshot,
     Tuning,
-    UserSnapshot,
+    UserWrite,
     _after,
     plan_aggregates,
     plan_session,
-    plan_user,
 )
 from stream_engine.state import Keys
 from stream_engine.vectors import from_bytes
 
 log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 5
+MAX_USER_SESSIONS = 32
 # One deadline per pipeline round trip (the connections carry no per-reply timer).
 STORE_TIMEOUT_S = 5.0
 
@@ -186,24 +186,6 @@ class BatchProcessor:
             block=block.decode() if block else None,
         )
 
-    async def _read_users(self, links: Sequence[tuple[str, str]]) -> dict[str, UserSnapshot]:
-        pipe = self.redis.pipeline(transaction=False)
-        for uid, sid in links:
-            pipe.hmget(self.keys.user(uid), "v", "t", f"f:{sid}")
-            pipe.exists(self.keys.user_block(uid))
-        async with asyncio.timeout(STORE_TIMEOUT_S):
-            res = await pipe.execute()
-        out: dict[str, UserSnapshot] = {}
-        for i, (uid, sid) in enumerate(links):
-            v, t, f = res[2 * i]
-            snap = out.setdefault(uid, UserSnapshot())
-            snap.vector = from_bytes(v, self.catalog.space.dims)
-            snap.vector_ts = _int(t)
-            if f is not None:
-                snap.fences[sid] = int(f)
-            snap.blocked = bool(res[2 * i + 1])
-        return out
-
     # ------------------------------------------------------------------ plan
 
     async def _plan(self, valid: Sequence[Positioned], now_ms: int) -> Plan:
@@ -211,60 +193,49 @@ class BatchProcessor:
         for p in valid:
             by_session[p.event.session_id].append(p)
         partitions = sorted({p.partition for p in valid})
-        sessions = list(by_session)
-        snaps, agg_fences, landmark = await self._read(sessions, partitions)
+        snaps, agg_fences, landmark = await self._read(list(by_session), partitions)
         plan = Plan()
-        links: list[tuple[str, str, list[Positioned], SessionSnapshot]] = []
         skip_aggregates: set[str] = set()
         for sid, events in by_session.items():
             snap = snaps[sid]
-            before = SessionSnapshot(**{f: getattr(snap, f) for f in SessionSnapshot.__slots__})
-            before.recent = list(snap.recent)
+            recent_before = list(snap.recent)
+            blocked_before = snap.block is not None
             fresh = [p for p in events if _after(snap.fence, snap.partition, p)]
             plan.duplicates += len(events) - len(fresh)
-            if not fresh:
-                continue
-            write, walk, unknown = plan_session(sid, fresh, snap, self.catalog, self.tuning, now_ms)
-            plan.unknown_items += unknown
-            plan.sessions.append(write)
-            if walk.reset or walk.blocked or before.block:
-                skip_aggregates.add(sid)
-            self._plan_user_links(plan, links, sid, fresh, before, walk)
-        await self._plan_users(plan, links)
+            if fresh:
+                write, walk, unknown = plan_session(
+                    sid, fresh, snap, self.catalog, self.tuning, now_ms
+                )
+                plan.unknown_items += unknown
+                plan.sessions.append(write)
+                if walk.reset or walk.blocked or blocked_before:
+                    skip_aggregates.add(sid)
+                self._plan_consent(plan, fresh, {snap.user, walk.user})
+                user, blocked = walk.user, walk.blocked
+                count = int(write.fields["n"])
+                vector = bytes(write.fields.get("v", b""))  # type: ignore[arg-type]
+                vector_ts = int(write.fields.get("t", 0))
+            else:
+                # Already applied (redelivery): still (re)copy it to the user, whose write
+                # may be the part that didn't happen; the event count makes it idempotent.
+                user, blocked, count = snap.user, blocked_before, snap.count
+                vector = b"" if snap.vector is None else snap.vector.astype("<f4").tobytes()
+                vector_ts = int(snap.vector_ts or 0)
+            snap.recent = recent_before
+            if user is not None and not blocked:
+                plan.users.append(UserWrite(user, sid, count, vector, vector_ts))
         self._plan_aggregates(plan, valid, partitions, agg_fences, landmark, snaps, skip_aggregates)
         return plan
 
-    def _plan_user_links(
-        self,
-        plan: Plan,
-        links: list[tuple[str, str, list[Positioned], SessionSnapshot]],
-        sid: str,
-        fresh: list[Positioned],
-        before: SessionSnapshot,
-        walk: Any,
-    ) -> None:
+    @staticmethod
+    def _plan_consent(plan: Plan, fresh: list[Positioned], users: set[str | None]) -> None:
         consents = [p.event.consent for p in fresh if p.event.type is EventType.CONSENT]
-        withdrawn, given = False in consents, True in consents
-        users = {before.user, walk.user} - {None}
-        for uid in users:
-            assert uid is not None
-            if withdrawn:
-                plan.user_blocks.append((uid, True))
-            elif given:
-                plan.user_blocks.append((uid, False))
-        if walk.user is not None and not walk.blocked and not withdrawn:
-            links.append((walk.user, sid, fresh, before))
-
-    async def _plan_users(
-        self, plan: Plan, links: list[tuple[str, str, list[Positioned], SessionSnapshot]]
-    ) -> None:
-        if not links:
+        if not consents:
             return
-        users = await self._read_users([(uid, sid) for uid, sid, _, _ in links])
-        for uid, sid, fresh, before in links:
-            write = plan_user(uid, sid, fresh, before, users[uid], self.catalog, self.tuning)
-            if write is not None:
-                plan.users.append(write)
+        withdrawn = False in consents
+        for uid in users - {None}:
+            assert uid is not None
+            plan.user_blocks.append((uid, withdrawn))
 
     def _plan_aggregates(
         self,
@@ -314,8 +285,8 @@ class BatchProcessor:
                 "APPLY_USER",
                 [self.keys.user(u.user_id), self.keys.user_sessions(u.user_id),
                  self.keys.user_block(u.user_id)],
-                [u.session_id, _fence(u.expected_fence), u.fence, self.ttls.user_ms,
-                 u.vector.astype("<f4").tobytes(), u.vector_ts, int(time.time() * 1000)],
+                [u.session_id, u.count, u.vector, u.vector_ts, self.ttls.user_ms,
+                 int(time.time() * 1000), MAX_USER_SESSIONS],
             )  # fmt: skip
             kinds.append(("user", 0))
         for s in plan.sessions:

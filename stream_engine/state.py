@@ -9,7 +9,9 @@ Cluster. Every key has a TTL. Vectors are raw little-endian float32.
                           b (bought), lt (last event time), w (written at, ms)
     P:{sid}:imp    hash   impression counts per item or banner (frequency caps)
     P:{sid}:x      string "consent" (personalization off) or "erased"; checked on apply
-    P:{u:uid}:u    hash   v, t, f:<sid> (fence per linked session), w
+    P:{u:uid}:u    hash   per linked session: s:<sid> (its vector), t:<sid>, n:<sid>; w.
+                          The profile is their sum, decayed with the user half-life
+                          (vectors.user_profile).
     P:{u:uid}:ss   set    the user's linked sessions
     P:{u:uid}:x    string "erased"
     P:{agg}:fence  hash   partition -> last offset applied to the aggregates
@@ -108,19 +110,37 @@ return 1
 """
 
 # KEYS: user, user sessions, user block
-# ARGV: session id, expected fence for that session ("" = none), new fence, ttl ms,
-#       vector bytes, vector time ms, written-at ms
-# Returns 1 applied, 0 fence conflict, -1 erased.
+# ARGV: session id, session event count, session vector bytes ("" = none yet), its time ms,
+#       ttl ms, written-at ms, max sessions kept
+# Each linked session owns its own fields (s:<sid>, t:<sid>, n:<sid>), so two workers
+# applying two sessions of one user never overwrite each other, and a redelivered or stale
+# write (lower event count) changes nothing. Past max sessions the oldest one is dropped.
+# Returns 1 applied, 2 stale (ignored), -1 erased or consent withdrawn.
 APPLY_USER = """
 if redis.call('EXISTS', KEYS[3]) == 1 then return -1 end
-local f = 'f:' .. ARGV[1]
-local cur = redis.call('HGET', KEYS[1], f) or ''
-if cur ~= ARGV[2] then return 0 end
-local ttl = tonumber(ARGV[4])
-redis.call('HSET', KEYS[1], f, ARGV[3], 'v', ARGV[5], 't', ARGV[6], 'w', ARGV[7])
+local sid = ARGV[1]
+local n = tonumber(ARGV[2])
+local cur = tonumber(redis.call('HGET', KEYS[1], 'n:' .. sid) or '-1')
+if n < cur then return 2 end
+local ttl = tonumber(ARGV[5])
+if ARGV[3] ~= '' then
+  redis.call('HSET', KEYS[1], 's:' .. sid, ARGV[3], 't:' .. sid, ARGV[4], 'n:' .. sid, n,
+             'w', ARGV[6])
+else
+  redis.call('HSET', KEYS[1], 'n:' .. sid, n, 'w', ARGV[6])
+end
 redis.call('PEXPIRE', KEYS[1], ttl)
-redis.call('SADD', KEYS[2], ARGV[1])
+redis.call('SADD', KEYS[2], sid)
 redis.call('PEXPIRE', KEYS[2], ttl)
+if redis.call('SCARD', KEYS[2]) > tonumber(ARGV[7]) then
+  local oldest, oldest_t = nil, nil
+  for _, m in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+    local t = tonumber(redis.call('HGET', KEYS[1], 't:' .. m) or '0')
+    if oldest_t == nil or t < oldest_t then oldest, oldest_t = m, t end
+  end
+  redis.call('HDEL', KEYS[1], 's:' .. oldest, 't:' .. oldest, 'n:' .. oldest)
+  redis.call('SREM', KEYS[2], oldest)
+end
 return 1
 """
 

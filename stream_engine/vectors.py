@@ -66,3 +66,22 @@ def from_bytes(raw: bytes | None, dims: int) -> Vector | None:
     if raw is None or len(raw) != dims * 4:
         return None
     return np.frombuffer(raw, dtype="<f4").astype(np.float32)
+
+
+def user_profile(
+    fields: Mapping[bytes, bytes], dims: int, now_ms: int, half_life_ms: float
+) -> Vector | None:
+    """A user's long-term profile from their hash: the sum of their linked sessions' vectors
+    (fields s:<sid>, times t:<sid>), each decayed to now with the user half-life."""
+    total = np.zeros(dims, dtype=np.float32)
+    found = False
+    for key, value in fields.items():
+        if not key.startswith(b"s:"):
+            continue
+        vector = from_bytes(value, dims)
+        if vector is None:
+            continue
+        t = int(fields.get(b"t:" + key[2:], b"0"))
+        total += vector * np.float32(decay_factor(max(0, now_ms - t), half_life_ms))
+        found = True
+    return total if found else None

@@ -18,7 +18,7 @@ from stream_engine.events import Event, EventType, encode_event
 from stream_engine.planning import Tuning
 from stream_engine.processor import BatchProcessor, Record, Ttls
 from stream_engine.state import Keys
-from stream_engine.vectors import DEFAULT_WEIGHTS, fold_events, from_bytes
+from stream_engine.vectors import DEFAULT_WEIGHTS, fold_events, from_bytes, user_profile
 
 pytestmark = pytest.mark.integration
 
@@ -132,6 +132,14 @@ async def test_consent_withdrawn_erases_and_blocks_until_given_again(
     assert s[b"r"] == ITEMS[2].encode()
 
 
+async def _profile(redis: aioredis.Redis, key_prefix: str, uid: str) -> np.ndarray:
+    fields = await _hash(redis, Keys(key_prefix).user(uid))
+    now = int(time.time() * 1000)
+    vector = user_profile(fields, CATALOG.space.dims, now, TUNING.user_half_life_ms)
+    assert vector is not None
+    return vector
+
+
 async def test_identify_merges_the_session_into_the_user_profile(
     processor: BatchProcessor, redis_client: aioredis.Redis, key_prefix: str
 ) -> None:
@@ -139,11 +147,9 @@ async def test_identify_merges_the_session_into_the_user_profile(
     await processor.process([log(EventType.CLICK, "s1", item_id=ITEMS[k]) for k in range(3)])
     await processor.process([log(EventType.IDENTIFY, "s1", user_id="u1")])
     keys = Keys(key_prefix)
-    user = await _hash(redis_client, keys.user("u1"))
+    uv = await _profile(redis_client, key_prefix, "u1")
     session = await _session(redis_client, key_prefix, "s1")
-    uv = from_bytes(user[b"v"], CATALOG.space.dims)
     sv = from_bytes(session[b"v"], CATALOG.space.dims)
-    assert uv is not None
     assert sv is not None
     cos = float(uv @ sv / np.linalg.norm(uv) / np.linalg.norm(sv))
     assert cos > 0.999
@@ -151,8 +157,7 @@ async def test_identify_merges_the_session_into_the_user_profile(
     assert await redis_client.smembers(keys.user_sessions("u1")) == {b"s1"}
     # Later events of the linked session keep feeding the profile.
     await processor.process([log(EventType.PURCHASE, "s1", item_id=ITEMS[9])])
-    later = from_bytes((await _hash(redis_client, keys.user("u1")))[b"v"], CATALOG.space.dims)
-    assert later is not None
+    later = await _profile(redis_client, key_prefix, "u1")
     assert not np.allclose(later, uv)
 
 
@@ -245,3 +250,45 @@ async def test_a_session_moving_partition_still_applies(
     s = await _session(redis_client, key_prefix, "s1")
     assert (int(s[b"p"]), int(s[b"o"]), int(s[b"n"])) == (3, 0, 2)
     assert (await processor.process(moved)).duplicates == 1
+
+
+async def test_sessions_of_one_user_on_two_workers_lose_no_update(
+    redis_client: aioredis.Redis, key_prefix: str
+) -> None:
+    """Two workers apply sessions of the same user at the same moment: the profile carries
+    every session (each owns its fields, so neither can overwrite the other)."""
+    a = BatchProcessor(redis_client, Keys(key_prefix), CATALOG, TUNING, TTLS)
+    b = BatchProcessor(redis_client, Keys(key_prefix), CATALOG, TUNING, TTLS)
+    log_a, log_b = Log(partition=0), Log(partition=1)
+    for _ in range(5):
+        await asyncio.gather(
+            a.process([log_a(EventType.CLICK, "s1", item_id=ITEMS[0], user_id="u1")]),
+            b.process(
+                [
+                    log_b(EventType.CLICK, "s2", item_id=ITEMS[1], user_id="u1"),
+                    log_b(EventType.VIEW, "s3", item_id=ITEMS[2], user_id="u1"),
+                ]
+            ),
+        )
+    profile = await _profile(redis_client, key_prefix, "u1")
+    sessions = [from_bytes((await _session(redis_client, key_prefix, s))[b"v"],
+                           CATALOG.space.dims) for s in ("s1", "s2", "s3")]  # fmt: skip
+    assert all(v is not None for v in sessions)
+    expected = sum(v for v in sessions if v is not None)
+    np.testing.assert_allclose(profile, expected, rtol=1e-3, atol=1e-5)
+    for item in (ITEMS[0], ITEMS[1], ITEMS[2]):
+        assert profile @ CATALOG.matrix[CATALOG.row[item]] > 0
+
+
+async def test_a_redelivered_batch_repairs_a_missing_user_write(
+    processor: BatchProcessor, redis_client: aioredis.Redis, key_prefix: str
+) -> None:
+    """A crash after the session write but before the user write: the redelivery finds the
+    session already applied and still brings the profile up to date."""
+    log = Log()
+    records = [log(EventType.CLICK, "s1", item_id=ITEMS[0], user_id="u1")]
+    await processor.process(records)
+    await redis_client.delete(Keys(key_prefix).user("u1"))  # the lost write
+    again = await processor.process(records)
+    assert again.duplicates == 1
+    assert await _profile(redis_client, key_prefix, "u1") is not None
