@@ -83,6 +83,7 @@ class Ingest:
                 self.catalog,
                 tuning_of(self.settings),
                 ttls_of(self.settings),
+                cache_size=self.settings.session_cache_size,
             )
         return self._processor
 

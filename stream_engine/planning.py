@@ -48,6 +48,13 @@ class SessionSnapshot:
     last_ts: int = 0
     block: str | None = None
 
+    def copy(self) -> SessionSnapshot:
+        """A copy whose lists planning may change (the vector is never changed in place)."""
+        return SessionSnapshot(
+            self.fence, self.partition, self.vector, self.vector_ts, self.count, self.user,
+            list(self.recent), list(self.cart), list(self.bought), self.last_ts, self.block,
+        )  # fmt: skip
+
 
 @dataclass(frozen=True, slots=True)
 class Tuning:
@@ -67,6 +74,7 @@ class SessionWrite:
     fields: dict[str, bytes | str | int]
     impressions: dict[str, int]
     applied: int  # events whose effect this write carries
+    after: SessionSnapshot | None = None  # the state once written (the owner's cache)
 
 
 @dataclass(slots=True)
@@ -212,6 +220,21 @@ def plan_session(
         impressions=dict(walk.impressions),
         applied=len(events),
     )
+    if walk.blocked:
+        write.after = SessionSnapshot(last.offset, last.partition, block="consent")
+    else:
+        write.after = SessionSnapshot(
+            fence=last.offset,
+            partition=last.partition,
+            vector=vector,
+            vector_ts=vector_ts if vector is not None else None,
+            count=int(fields["n"]),
+            user=walk.user,
+            recent=list(s.recent),
+            cart=list(s.cart),
+            bought=list(s.bought),
+            last_ts=int(fields["lt"]),
+        )
     return write, walk, unknown
 
 

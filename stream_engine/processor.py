@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +27,7 @@ from stream_engine.planning import (
     Plan,
     Positioned,
     SessionSnapshot,
+    SessionWrite,
     Tuning,
     UserWrite,
     _after,
@@ -81,6 +82,47 @@ class Ttls:
     erasure_ms: int
 
 
+class OwnerCache:
+    """What this worker last wrote, per session and per partition's aggregates.
+
+    Sessions are partition-affine, so the worker that owns a partition is normally the only
+    writer of its sessions and can skip reading them back. Every write still compares the
+    fence it expects: if anyone else wrote meanwhile (rebalance, erasure, TTL expiry, a
+    flushed Redis), the write is refused, the entry dropped and the state read again.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.sessions: OrderedDict[str, SessionSnapshot] = OrderedDict()
+        self.agg_fences: dict[int, int | None] = {}
+        self.landmark: int | None = None
+
+    def get(self, sid: str) -> SessionSnapshot | None:
+        snap = self.sessions.get(sid)
+        if snap is not None:
+            self.sessions.move_to_end(sid)
+        return snap
+
+    def put(self, sid: str, snap: SessionSnapshot) -> None:
+        if self.size <= 0:
+            return
+        self.sessions[sid] = snap
+        self.sessions.move_to_end(sid)
+        while len(self.sessions) > self.size:
+            self.sessions.popitem(last=False)
+
+    def drop(self, sid: str) -> None:
+        self.sessions.pop(sid, None)
+
+    def drop_aggregates(self) -> None:
+        self.agg_fences.clear()
+        self.landmark = None
+
+    def clear(self) -> None:
+        self.sessions.clear()
+        self.drop_aggregates()
+
+
 class BatchProcessor:
     def __init__(
         self,
@@ -91,6 +133,7 @@ class BatchProcessor:
         ttls: Ttls,
         covisit_keep: int = 50,
         trending_keep: int = 1000,
+        cache_size: int = 50_000,
     ) -> None:
         self.redis = redis
         self.keys = keys
@@ -100,6 +143,7 @@ class BatchProcessor:
         self.covisit_keep = covisit_keep
         self.trending_keep = trending_keep
         self._sha: dict[str, str] = {}
+        self.cache = OwnerCache(cache_size)
 
     async def load_scripts(self) -> None:
         """SCRIPT LOAD once; pipelines then call EVALSHA without redis-py's per-execute
@@ -135,12 +179,16 @@ class BatchProcessor:
         if not self._sha:
             await self.load_scripts()
         for _attempt in range(MAX_ATTEMPTS):
-            plan = await self._plan(valid, now_ms)
             try:
+                plan = await self._plan(valid, now_ms)
                 conflicts = await self._write(plan, out)
             except NoScriptError:
                 await self.load_scripts()
+                self.cache.clear()
                 continue
+            except BaseException:
+                self.cache.clear()  # a write may or may not have landed: trust Redis again
+                raise
             if not conflicts:
                 out.duplicates = plan.duplicates
                 out.unknown_items = plan.unknown_items
@@ -155,18 +203,24 @@ class BatchProcessor:
     async def _read(
         self, sessions: Sequence[str], partitions: Sequence[int]
     ) -> tuple[dict[str, SessionSnapshot], dict[int, int | None], int | None]:
+        """State as of now: from the owner cache where we hold it, else one pipelined read."""
+        snaps = {sid: snap.copy() for sid in sessions if (snap := self.cache.get(sid))}
+        missing = [sid for sid in sessions if sid not in snaps]
+        fences = {p: self.cache.agg_fences[p] for p in partitions if p in self.cache.agg_fences}
+        landmark = self.cache.landmark
+        need_aggs = len(fences) < len(partitions) or landmark is None
+        if not missing and not need_aggs:
+            return snaps, fences, landmark
         pipe = self.redis.pipeline(transaction=False)
-        for sid in sessions:
+        for sid in missing:
             pipe.hmget(self.keys.session(sid), *state.SESSION_FIELDS)
             pipe.get(self.keys.session_block(sid))
         pipe.hmget(self.keys.agg_fence, *[str(p) for p in partitions])
         pipe.hget(self.keys.agg_meta, "L")
         async with asyncio.timeout(STORE_TIMEOUT_S):
             res = await pipe.execute()
-        snaps = {
-            sid: self._session_snapshot(res[2 * i], res[2 * i + 1])
-            for i, sid in enumerate(sessions)
-        }
+        for i, sid in enumerate(missing):
+            snaps[sid] = self._session_snapshot(res[2 * i], res[2 * i + 1])
         fences = {p: _int(v) for p, v in zip(partitions, res[-2], strict=True)}
         return snaps, fences, _int(res[-1])
 
@@ -268,17 +322,17 @@ class BatchProcessor:
         """Aggregates, then users, then sessions: a crash between them leaves each part's
         own fence telling the redelivery what is still to do."""
         pipe = self.redis.pipeline(transaction=False)
-        kinds: list[tuple[str, int]] = []
+        kinds: list[tuple[str, Any]] = []
         for agg in plan.aggregates:
             self._queue_aggregate(pipe, agg)
-            kinds.append(("agg", 0))
+            kinds.append(("agg", agg))
         for uid, block in plan.user_blocks:
             keys = [self.keys.user(uid), self.keys.user_sessions(uid), self.keys.user_block(uid)]
             if block:
                 self._call(pipe, "BLOCK_USER", keys, ["consent", self.ttls.erasure_ms])
             else:
                 self._call(pipe, "UNBLOCK_USER", [keys[2]], [])
-            kinds.append(("ublock", 0))
+            kinds.append(("ublock", None))
         for u in plan.users:
             self._call(
                 pipe,
@@ -288,7 +342,7 @@ class BatchProcessor:
                 [u.session_id, u.count, u.vector, u.vector_ts, self.ttls.user_ms,
                  int(time.time() * 1000), MAX_USER_SESSIONS],
             )  # fmt: skip
-            kinds.append(("user", 0))
+            kinds.append(("user", u))
         for s in plan.sessions:
             args: list[Any] = [_fence(s.expected_fence), s.fence, s.partition,
                                self.ttls.session_ms, s.flags, len(s.fields)]  # fmt: skip
@@ -303,21 +357,42 @@ class BatchProcessor:
                  self.keys.session_block(s.session_id)],
                 args,
             )  # fmt: skip
-            kinds.append(("session", s.applied))
+            kinds.append(("session", s))
         async with asyncio.timeout(STORE_TIMEOUT_S):
             results = await pipe.execute()
         conflicts = 0
-        for (kind, n), res in zip(kinds, results, strict=True):
-            if kind == "ublock":
-                continue
-            if res == 0:
-                conflicts += 1
-            elif kind == "session":
-                if res == 1:
-                    out.applied += n
-                else:  # -1 erased, -2 consent withdrawn: counted, never stored
-                    out.blocked += n
+        for (kind, write), res in zip(kinds, results, strict=True):
+            if kind == "session":
+                conflicts += self._after_session_write(write, res, out)
+            elif kind == "agg":
+                conflicts += self._after_aggregate_write(write, res)
         return conflicts
+
+    def _after_session_write(self, write: SessionWrite, res: int, out: Outcome) -> int:
+        sid = write.session_id
+        if res == 0:
+            self.cache.drop(sid)  # someone else wrote it: read it again
+            return 1
+        if res == 1:
+            out.applied += write.applied
+            if write.after is not None:
+                self.cache.put(sid, write.after)
+            return 0
+        # -1 erased, -2 consent withdrawn: counted, never stored
+        out.blocked += write.applied
+        if res == -2:
+            self.cache.put(sid, SessionSnapshot(write.fence, write.partition, block="consent"))
+        else:
+            self.cache.drop(sid)
+        return 0
+
+    def _after_aggregate_write(self, agg: AggregateWrite, res: int) -> int:
+        if res == 0:
+            self.cache.drop_aggregates()
+            return 1
+        self.cache.agg_fences[agg.partition] = agg.fence
+        self.cache.landmark = agg.landmark
+        return 0
 
     def _queue_aggregate(self, pipe: Any, agg: AggregateWrite) -> None:
         keys = [self.keys.agg_fence, self.keys.agg_meta]

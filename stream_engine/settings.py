@@ -91,6 +91,8 @@ class Settings:
     group_session_timeout_s: float = 10.0
     metrics_port: int = 9464
     redis_pool_size: int = 8
+    # Sessions whose last written state a worker keeps, to skip reading them back (0 = off).
+    session_cache_size: int = 50_000
 
     def __post_init__(self) -> None:
         if self.partitions < 1:

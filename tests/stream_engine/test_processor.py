@@ -292,3 +292,20 @@ async def test_a_redelivered_batch_repairs_a_missing_user_write(
     again = await processor.process(records)
     assert again.duplicates == 1
     assert await _profile(redis_client, key_prefix, "u1") is not None
+
+
+async def test_the_owner_cache_yields_to_what_redis_holds(
+    processor: BatchProcessor, redis_client: aioredis.Redis, key_prefix: str
+) -> None:
+    """The worker skips reading sessions it wrote last; if the key expired or was rewritten
+    meanwhile, the fenced write is refused and the state read again."""
+    log = Log()
+    await processor.process([log(EventType.VIEW, "s1", item_id=ITEMS[0])])
+    assert processor.cache.get("s1") is not None
+    await redis_client.delete(Keys(key_prefix).session("s1"))  # expired behind our back
+    out = await processor.process([log(EventType.CLICK, "s1", item_id=ITEMS[1])])
+    assert out.applied == 1
+    assert out.conflicts == 1
+    s = await _session(redis_client, key_prefix, "s1")
+    assert int(s[b"n"]) == 1
+    assert s[b"r"] == ITEMS[1].encode()
