@@ -8,8 +8,9 @@ python -m loadtest ingest [--rates 1000,5000,10000] [--duration 15] [--repeats 3
 from __future__ import annotations
 
 import argparse
-import asyncio
 from pathlib import Path
+
+import uvloop
 
 from loadtest import ingest, memory
 
@@ -29,11 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     mem.add_argument("--engine", default="aiokafka")
     args = parser.parse_args(argv)
     if args.command == "memory":
-        asyncio.run(memory.run(args.sessions, args.events_per_session, args.engine))
+        uvloop.run(memory.run(args.sessions, args.events_per_session, args.engine))
         return 0
     rates = [int(r) for r in args.rates.split(",") if r.strip()]
     engines = [e for e in args.engines.split(",") if e.strip()]
-    asyncio.run(ingest.run(rates, args.duration, args.repeats, engines, args.out))
+    uvloop.run(ingest.run(rates, args.duration, args.repeats, engines, args.out))
     return 0
 
 
