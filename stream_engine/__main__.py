@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import sys
 from pathlib import Path
 
+from stream_engine.logs import configure
 from stream_engine.settings import Settings
 
 
@@ -88,8 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     erase.add_argument("--user")
     erase.add_argument("--session")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     settings = Settings.from_env(os.environ)
+    configure(settings.log_format, settings.log_level)
     if args.command == "worker":
         cmd_worker(settings)
         return 0

@@ -52,6 +52,14 @@ def create_app(settings: Settings, catalog: Catalog, metrics: WorkerMetrics) -> 
                 await dlq.send(key=d.record.key, value=dead_letter_body(d))
             ingest.observe(outcome, len(records))
 
+    @app.timer(1.0)  # type: ignore[untyped-decorator]
+    async def report_lag() -> None:
+        consumer = app.consumer
+        ingest.report_lag(
+            {tp.partition: consumer.highwater(tp) for tp in consumer.assignment()
+             if tp.topic == settings.clickstream_topic}
+        )  # fmt: skip
+
     @app.task  # type: ignore[untyped-decorator]
     async def follow_catalog() -> None:
         follower = CatalogFollower(settings, catalog, redis_client(settings), metrics)

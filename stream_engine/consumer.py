@@ -58,7 +58,6 @@ class ClickstreamConsumer:
         self.stopping = asyncio.Event()
         self._listener = _Revocations()
         self._last_lag = 0.0
-        self._positions: dict[TopicPartition, int] = {}
         self._uncommitted: dict[TopicPartition, int] = {}
         self._last_commit = 0.0
 
@@ -116,7 +115,6 @@ class ClickstreamConsumer:
             await asyncio.gather(*sent)  # dead letters are durable before we commit past them
         self.ingest.observe(outcome, len(records))
         offsets = {tp: msgs[-1].offset + 1 for tp, msgs in batch.items()}
-        self._positions.update(offsets)
         if generation != self._listener.generation:
             # Partitions moved meanwhile; the new owner replays, fences make it a no-op.
             self._uncommitted.clear()
@@ -143,11 +141,9 @@ class ClickstreamConsumer:
         if now - self._last_lag < LAG_EVERY_S:
             return
         self._last_lag = now
-        for tp in consumer.assignment():
-            high = consumer.highwater(tp)
-            done = self._positions.get(tp)
-            if high is not None and done is not None:
-                self.metrics.lag.labels(str(tp.partition)).set(max(0, high - done))
+        self.ingest.report_lag(
+            {tp.partition: consumer.highwater(tp) for tp in consumer.assignment()}
+        )
 
 
 def _record(m: Any) -> Record:

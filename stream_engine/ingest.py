@@ -73,6 +73,8 @@ class Ingest:
         self.catalog = catalog
         self.metrics = metrics
         self._processor: BatchProcessor | None = None
+        # partition -> next offset to apply (for the consumer-lag gauge)
+        self.positions: dict[int, int] = {}
 
     @property
     def processor(self) -> BatchProcessor:
@@ -120,6 +122,11 @@ class Ingest:
 
     def observe(self, outcome: Outcome, batch: int) -> None:
         m = self.metrics
+        seen = [(p.partition, p.offset) for p in outcome.valid]
+        seen += [(d.record.partition, d.record.offset) for d in outcome.dead]
+        for partition, offset in seen:
+            if offset >= self.positions.get(partition, 0):
+                self.positions[partition] = offset + 1
         m.batch_size.observe(batch)
         written = outcome.written_at_ms or int(time.time() * 1000)
         by_type = Counter(p.event.type.value for p in outcome.valid)
@@ -137,6 +144,13 @@ class Ingest:
             m.events.labels("any", "blocked").inc(outcome.blocked)
         if outcome.conflicts:
             m.conflicts.inc(outcome.conflicts)
+
+    def report_lag(self, highwaters: dict[int, int | None]) -> None:
+        """Lag per partition: the high watermark minus the next offset to apply."""
+        for partition, high in highwaters.items():
+            done = self.positions.get(partition)
+            if high is not None and done is not None:
+                self.metrics.lag.labels(str(partition)).set(max(0, high - done))
 
 
 def _poisoned(r: Record) -> Outcome:

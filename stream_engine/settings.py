@@ -90,6 +90,8 @@ class Settings:
     # A crashed worker's partitions wait this long for the group to notice (faust: 60 s).
     group_session_timeout_s: float = 10.0
     metrics_port: int = 9464
+    log_format: str = "text"  # or "json": one object a line
+    log_level: str = "INFO"
     redis_pool_size: int = 8
     # Sessions whose last written state a worker keeps, to skip reading them back (0 = off).
     session_cache_size: int = 50_000
@@ -101,6 +103,8 @@ class Settings:
             raise ConfigError(
                 f"KAIROS_ENGINE must be one of {', '.join(ENGINES)}, got {self.engine!r}"
             )
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f"KAIROS_LOG_FORMAT must be text or json, got {self.log_format!r}")
         if self.batch_max < 1 or self.batch_within_ms <= 0:
             raise ConfigError("KAIROS_BATCH_MAX must be >= 1 and KAIROS_BATCH_WITHIN_MS > 0")
         if min(self.session_half_life_s, self.user_half_life_s, self.covisit_half_life_s,

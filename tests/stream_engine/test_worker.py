@@ -229,18 +229,35 @@ async def test_two_workers_share_the_partitions(
 
     await _wait_for(all_applied, 90, "320 events applied by the pair")
     assert await _counts(redis_client, keys, sessions) == [5] * 64
-    per_worker = [_applied_by(port) for port in ports]
+    per_worker = [_metric(port, "kairos_events_total{", 'outcome="ok"') for port in ports]
     assert all(n > 0 for n in per_worker), per_worker
     assert sum(per_worker) == 320
+    # Each reports lag for the partitions it owns; together all four, and nothing left.
+    await asyncio.sleep(2.5)
+    lags = [_samples(port, "kairos_consumer_lag{") for port in ports]
+    assert all(lags), lags
+    assert sorted(p for lag in lags for p in lag) == ['"0"', '"1"', '"2"', '"3"']
+    assert all(v == 0 for lag in lags for v in lag.values())
 
 
-def _applied_by(port: int) -> int:
+def _samples(port: int, prefix: str) -> dict[str, float]:
+    """label value (of the first label) -> sample value, for the lines starting with prefix."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            labels, value = line.rsplit(" ", 1)
+            out[labels.split("=", 1)[1].split(",")[0].rstrip("}")] = float(value)
+    return out
+
+
+def _metric(port: int, prefix: str, contains: str) -> int:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     return int(
         sum(
             float(line.rsplit(" ", 1)[1])
             for line in text.splitlines()
-            if line.startswith("kairos_events_total{") and 'outcome="ok"' in line
+            if line.startswith(prefix) and contains in line
         )
     )
 
