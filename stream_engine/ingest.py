@@ -97,7 +97,7 @@ class Ingest:
                 return await self.processor.process(records)
             except STORE_ERRORS as exc:
                 self.metrics.store_errors.inc()
-                log.warning("redis unavailable (%s); retrying batch in %.2fs", exc, delay)
+                log.warning("redis unavailable (%r); retrying batch in %.2fs", exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, MAX_BACKOFF_S)
             except Exception:

@@ -25,6 +25,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from stream_engine.catalog import Catalog
 from stream_engine.catalog_updates import catalog_items_key
 from stream_engine.demo_catalog import generate, write_demo_catalog
+from stream_engine.processor import STORE_TIMEOUT_S
 from stream_engine.settings import Settings
 from stream_engine.state import Keys
 from stream_engine.topics import ensure_topics, topic_names
@@ -302,3 +303,69 @@ async def test_catalog_updates_take_effect_within_seconds(
     assert vector is not None
     category = "cat:" + " > ".join(template.category[:2])
     assert vector[catalog.space.index[category]] > 0
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A redis-server of this test's own, so the test may freeze it."""
+    port = _free_port()
+    proc = subprocess.Popen(
+        ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+         "--appendonly", "no", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.05)
+    yield f"redis://127.0.0.1:{port}/0", proc
+    proc.send_signal(signal.SIGCONT)
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+async def test_a_frozen_redis_delays_but_loses_and_doubles_nothing(
+    start_worker: Callable[..., subprocess.Popen[bytes]],
+    producer: AIOKafkaProducer,
+    worker_env: dict[str, str],
+    key_prefix: str,
+    private_redis: tuple[str, subprocess.Popen[bytes]],
+) -> None:
+    """Redis stops answering for longer than the worker's store deadline: writes already
+    sent may still run when it wakes, the worker retries them, and the fences keep every
+    session's count exact."""
+    url, server = private_redis
+    worker_env["KAIROS_REDIS_URL"] = url
+    redis = aioredis.Redis.from_url(url)
+    topic = worker_env["KAIROS_CLICKSTREAM_TOPIC"]
+    sessions = [f"s{k}" for k in range(20)]
+    keys = Keys(key_prefix)
+    start_worker()
+    try:
+        for n in range(200):
+            sid = sessions[n % 20]
+            await producer.send(topic, _event(n, sid), key=sid.encode())
+        await producer.flush()
+
+        async def some_applied() -> bool:
+            return sum(await _counts(redis, keys, sessions)) > 0
+
+        await _wait_for(some_applied, 60, "the worker to start applying")
+        server.send_signal(signal.SIGSTOP)
+        for n in range(200, 600):
+            sid = sessions[n % 20]
+            await producer.send(topic, _event(n, sid), key=sid.encode())
+        await producer.flush()
+        await asyncio.sleep(STORE_TIMEOUT_S + 1.5)
+        server.send_signal(signal.SIGCONT)
+
+        async def all_applied() -> bool:
+            return sum(await _counts(redis, keys, sessions)) >= 600
+
+        await _wait_for(all_applied, 60, "all 600 events applied after Redis woke up")
+        await asyncio.sleep(1.0)
+        assert await _counts(redis, keys, sessions) == [30] * 20
+    finally:
+        await redis.aclose()
