@@ -97,6 +97,7 @@ class ClickstreamConsumer:
         finally:
             await consumer.stop()
             await producer.stop()
+            await self.ingest.aclose()
 
     async def _handle(
         self,

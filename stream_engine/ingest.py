@@ -89,6 +89,11 @@ class Ingest:
             )
         return self._processor
 
+    async def aclose(self) -> None:
+        if self._processor is not None:
+            await self._processor.aclose()
+            await self._processor.redis.aclose()
+
     async def apply(self, records: Sequence[Record]) -> Outcome:
         """Apply a batch; retry Redis outages in place (never skip), isolate poison events."""
         delay = 0.05

@@ -1,7 +1,8 @@
 """One micro-batch of clickstream: validate, read state once, plan, write once, fenced.
 
-Round trips per batch: one pipelined read of the sessions and aggregate fences, one for the
-linked users when there are any, one pipelined write of every fenced script. A fence
+Round trips per batch: one pipelined read of the sessions this worker didn't write last
+(see OwnerCache) and of the aggregate fences, and one pipelined write of every fenced
+script, both on the worker's own connection (store.Batches). A fence
 conflict (another worker wrote after our read, e.g. during a rebalance) re-runs the batch;
 the fences make the parts already written no-ops.
 """
@@ -35,12 +36,13 @@ from stream_engine.planning import (
     plan_session,
 )
 from stream_engine.state import Keys
+from stream_engine.store import Batches
 from stream_engine.vectors import from_bytes
 
 log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 5
 MAX_USER_SESSIONS = 32
-# One deadline per pipeline round trip (the connections carry no per-reply timer).
+# One deadline per round trip (the connection carries no per-reply timer).
 STORE_TIMEOUT_S = 5.0
 
 
@@ -144,16 +146,22 @@ class BatchProcessor:
         self.trending_keep = trending_keep
         self._sha: dict[str, str] = {}
         self.cache = OwnerCache(cache_size)
+        self.batches = Batches(redis)
 
     async def load_scripts(self) -> None:
-        """SCRIPT LOAD once; pipelines then call EVALSHA without redis-py's per-execute
-        SCRIPT EXISTS round trip. Called again after a NOSCRIPT (Redis restarted)."""
+        """SCRIPT LOAD once; batches then call EVALSHA. Called again after a NOSCRIPT
+        (Redis restarted or flushed its scripts)."""
         for name in ("APPLY_SESSION", "APPLY_USER", "APPLY_AGGREGATES", "BLOCK_USER",
                      "UNBLOCK_USER"):  # fmt: skip
             self._sha[name] = await self.redis.script_load(getattr(state, name))
 
-    def _call(self, pipe: Any, name: str, keys: Sequence[str], args: Sequence[Any]) -> None:
-        pipe.evalsha(self._sha[name], len(keys), *keys, *args)
+    async def aclose(self) -> None:
+        await self.batches.aclose()
+
+    def _call(
+        self, cmds: list[tuple[Any, ...]], name: str, keys: Sequence[str], args: Sequence[Any]
+    ) -> None:
+        cmds.append(("EVALSHA", self._sha[name], len(keys), *keys, *args))
 
     @staticmethod
     def validate(
@@ -211,14 +219,14 @@ class BatchProcessor:
         need_aggs = len(fences) < len(partitions) or landmark is None
         if not missing and not need_aggs:
             return snaps, fences, landmark
-        pipe = self.redis.pipeline(transaction=False)
+        cmds: list[tuple[Any, ...]] = []
         for sid in missing:
-            pipe.hmget(self.keys.session(sid), *state.SESSION_FIELDS)
-            pipe.get(self.keys.session_block(sid))
-        pipe.hmget(self.keys.agg_fence, *[str(p) for p in partitions])
-        pipe.hget(self.keys.agg_meta, "L")
+            cmds.append(("HMGET", self.keys.session(sid), *state.SESSION_FIELDS))
+            cmds.append(("GET", self.keys.session_block(sid)))
+        cmds.append(("HMGET", self.keys.agg_fence, *[str(p) for p in partitions]))
+        cmds.append(("HGET", self.keys.agg_meta, "L"))
         async with asyncio.timeout(STORE_TIMEOUT_S):
-            res = await pipe.execute()
+            res = await self.batches.execute(cmds)
         for i, sid in enumerate(missing):
             snaps[sid] = self._session_snapshot(res[2 * i], res[2 * i + 1])
         fences = {p: _int(v) for p, v in zip(partitions, res[-2], strict=True)}
@@ -321,7 +329,7 @@ class BatchProcessor:
     async def _write(self, plan: Plan, out: Outcome) -> int:
         """Aggregates, then users, then sessions: a crash between them leaves each part's
         own fence telling the redelivery what is still to do."""
-        pipe = self.redis.pipeline(transaction=False)
+        pipe: list[tuple[Any, ...]] = []
         kinds: list[tuple[str, Any]] = []
         for agg in plan.aggregates:
             self._queue_aggregate(pipe, agg)
@@ -359,7 +367,7 @@ class BatchProcessor:
             )  # fmt: skip
             kinds.append(("session", s))
         async with asyncio.timeout(STORE_TIMEOUT_S):
-            results = await pipe.execute()
+            results = await self.batches.execute(pipe)
         conflicts = 0
         for (kind, write), res in zip(kinds, results, strict=True):
             if kind == "session":
@@ -394,7 +402,7 @@ class BatchProcessor:
         self.cache.landmark = agg.landmark
         return 0
 
-    def _queue_aggregate(self, pipe: Any, agg: AggregateWrite) -> None:
+    def _queue_aggregate(self, pipe: list[tuple[Any, ...]], agg: AggregateWrite) -> None:
         keys = [self.keys.agg_fence, self.keys.agg_meta]
         args: list[Any] = [agg.partition, _fence(agg.expected_fence), agg.fence, agg.landmark,
                            self.ttls.aggregate_ms]  # fmt: skip

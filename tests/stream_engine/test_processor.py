@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import cast
 
 import numpy as np
@@ -29,8 +29,18 @@ ITEMS = [it.item_id for it in CATALOG.items]
 
 
 @pytest.fixture
-def processor(redis_client: aioredis.Redis, key_prefix: str) -> BatchProcessor:
-    return BatchProcessor(redis_client, Keys(key_prefix), CATALOG, TUNING, TTLS)
+async def processor(redis_client: aioredis.Redis, key_prefix: str) -> AsyncIterator[BatchProcessor]:
+    made = BatchProcessor(redis_client, Keys(key_prefix), CATALOG, TUNING, TTLS)
+    yield made
+    await made.aclose()
+
+
+@pytest.fixture
+async def second(redis_client: aioredis.Redis, key_prefix: str) -> AsyncIterator[BatchProcessor]:
+    """Another worker's processor on the same Redis and key prefix."""
+    made = BatchProcessor(redis_client, Keys(key_prefix), CATALOG, TUNING, TTLS)
+    yield made
+    await made.aclose()
 
 
 class Log:
@@ -101,10 +111,9 @@ async def test_redelivery_changes_nothing(
 
 
 async def test_two_workers_racing_on_one_batch_apply_it_once(
-    redis_client: aioredis.Redis, key_prefix: str
+    processor: BatchProcessor, second: BatchProcessor, redis_client: aioredis.Redis, key_prefix: str
 ) -> None:
-    a = BatchProcessor(redis_client, Keys(key_prefix), CATALOG, TUNING, TTLS)
-    b = BatchProcessor(redis_client, Keys(key_prefix), CATALOG, TUNING, TTLS)
+    a, b = processor, second
     log = Log()
     records = [log(EventType.CLICK, "s1", item_id=ITEMS[k]) for k in range(20)]
     outs = await asyncio.gather(a.process(records), b.process(records))
@@ -253,12 +262,11 @@ async def test_a_session_moving_partition_still_applies(
 
 
 async def test_sessions_of_one_user_on_two_workers_lose_no_update(
-    redis_client: aioredis.Redis, key_prefix: str
+    processor: BatchProcessor, second: BatchProcessor, redis_client: aioredis.Redis, key_prefix: str
 ) -> None:
     """Two workers apply sessions of the same user at the same moment: the profile carries
     every session (each owns its fields, so neither can overwrite the other)."""
-    a = BatchProcessor(redis_client, Keys(key_prefix), CATALOG, TUNING, TTLS)
-    b = BatchProcessor(redis_client, Keys(key_prefix), CATALOG, TUNING, TTLS)
+    a, b = processor, second
     log_a, log_b = Log(partition=0), Log(partition=1)
     for _ in range(5):
         await asyncio.gather(
