@@ -48,13 +48,6 @@ class SessionSnapshot:
     last_ts: int = 0
     block: str | None = None
 
-    def copy(self) -> SessionSnapshot:
-        """A copy whose lists planning may change (the vector is never changed in place)."""
-        return SessionSnapshot(
-            self.fence, self.partition, self.vector, self.vector_ts, self.count, self.user,
-            list(self.recent), list(self.cart), list(self.bought), self.last_ts, self.block,
-        )  # fmt: skip
-
 
 @dataclass(frozen=True, slots=True)
 class Tuning:
@@ -74,7 +67,6 @@ class SessionWrite:
     fields: dict[str, bytes | str | int]
     impressions: dict[str, int]
     applied: int  # events whose effect this write carries
-    after: SessionSnapshot | None = None  # the state once written (the owner's cache)
 
 
 @dataclass(slots=True)
@@ -210,32 +202,20 @@ def plan_session(
     if walk.user is not None:
         fields["u"] = walk.user
     last = events[-1]
-    write = SessionWrite(
-        session_id=sid,
-        expected_fence=snap.fence,  # compare-and-set on what we read, whatever its partition
-        fence=last.offset,
-        partition=last.partition,
-        flags=walk.flags,
-        fields=fields,
-        impressions=dict(walk.impressions),
-        applied=len(events),
-    )
-    if walk.blocked:
-        write.after = SessionSnapshot(last.offset, last.partition, block="consent")
-    else:
-        write.after = SessionSnapshot(
+    return (
+        SessionWrite(
+            session_id=sid,
+            expected_fence=snap.fence,  # compare-and-set on what we read, whatever its partition
             fence=last.offset,
             partition=last.partition,
-            vector=vector,
-            vector_ts=vector_ts if vector is not None else None,
-            count=int(fields["n"]),
-            user=walk.user,
-            recent=list(s.recent),
-            cart=list(s.cart),
-            bought=list(s.bought),
-            last_ts=int(fields["lt"]),
-        )
-    return write, walk, unknown
+            flags=walk.flags,
+            fields=fields,
+            impressions=dict(walk.impressions),
+            applied=len(events),
+        ),
+        walk,
+        unknown,
+    )
 
 
 def _session_vector(
