@@ -21,6 +21,10 @@ Cluster. Every key has a TTL. Vectors are raw little-endian float32.
 
 Every write checks its fence atomically with the write (compare-and-set): a redelivered or
 replayed event changes nothing, and a write based on a stale read is refused and retried.
+
+Known limit: aggregate scores grow as 2^((t - L)/h) from the landmark L in {agg}:meta and
+are never rebased yet; with the default 6 h trending half-life they leave the range of a
+double about 250 days after L. A rebase (scale every zset down, move L) is still to do.
 """
 
 from __future__ import annotations
