@@ -42,6 +42,8 @@ from stream_engine.vectors import from_bytes
 log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 5
 MAX_USER_SESSIONS = 32
+# 2^256 is far inside a double's range and leaves the relative precision untouched.
+REBASE_AFTER_HALF_LIVES = 256
 # One deadline per round trip (the connection carries no per-reply timer).
 STORE_TIMEOUT_S = 5.0
 
@@ -172,7 +174,7 @@ class BatchProcessor:
         """SCRIPT LOAD once; batches then call EVALSHA. Called again after a NOSCRIPT
         (Redis restarted or flushed its scripts)."""
         for name in ("APPLY_SESSION", "APPLY_USER", "APPLY_AGGREGATES", "BLOCK_USER",
-                     "UNBLOCK_USER"):  # fmt: skip
+                     "UNBLOCK_USER", "REBASE_AGGREGATES"):  # fmt: skip
             self._sha[name] = await self.redis.script_load(getattr(state, name))
 
     async def aclose(self) -> None:
@@ -279,6 +281,7 @@ class BatchProcessor:
             by_session[p.event.session_id].append(p)
         partitions = sorted({p.partition for p in valid})
         snaps, agg_fences, landmark = await self._read(list(by_session), partitions)
+        landmark = await self._rebase_if_due(landmark, max(p.event.ts for p in valid))
         plan = Plan()
         skip_aggregates: set[str] = set()
         for sid, events in by_session.items():
@@ -312,6 +315,27 @@ class BatchProcessor:
         self._plan_aggregates(plan, valid, partitions, agg_fences, landmark, snaps, skip_aggregates)
         return plan
 
+    async def _rebase_if_due(self, landmark: int | None, newest_ms: int) -> int | None:
+        """Move the aggregates' landmark forward before their scores could overflow."""
+        if landmark is None:
+            return None
+        shortest = min(self.tuning.trending_half_life_ms, self.tuning.covisit_half_life_ms)
+        if (newest_ms - landmark) / shortest < REBASE_AFTER_HALF_LIVES:
+            return landmark
+        new = newest_ms - newest_ms % 1000
+        if new <= landmark:
+            return landmark
+        prefix = f"{self.keys.prefix}:{{agg}}:"
+        log.info("rebasing aggregates from landmark %d to %d", landmark, new)
+        async with asyncio.timeout(STORE_TIMEOUT_S * 10):
+            await self.redis.evalsha(
+                self._sha["REBASE_AGGREGATES"], 1, self.keys.agg_meta, landmark, new, prefix,
+                self.tuning.trending_half_life_ms, self.tuning.covisit_half_life_ms,
+            )  # fmt: skip
+        self.cache.drop_aggregates()
+        stored = await self.redis.hget(self.keys.agg_meta, "L")
+        return _int(stored)
+
     @staticmethod
     def _plan_consent(plan: Plan, fresh: list[Positioned], users: set[str | None]) -> None:
         consents = [p.event.consent for p in fresh if p.event.type is EventType.CONSENT]
@@ -333,7 +357,8 @@ class BatchProcessor:
         skip: set[str],
     ) -> None:
         if landmark is None:
-            landmark = min(p.event.ts for p in valid) // 3_600_000 * 3_600_000
+            first = min(p.event.ts for p in valid)
+            landmark = first - first % 1000
         for part in partitions:
             fence = fences[part]
             events = [

@@ -22,9 +22,11 @@ Cluster. Every key has a TTL. Vectors are raw little-endian float32.
 Every write checks its fence atomically with the write (compare-and-set): a redelivered or
 replayed event changes nothing, and a write based on a stale read is refused and retried.
 
-Known limit: aggregate scores grow as 2^((t - L)/h) from the landmark L in {agg}:meta and
-are never rebased yet; with the default 6 h trending half-life they leave the range of a
-double about 250 days after L. A rebase (scale every zset down, move L) is still to do.
+Aggregate scores grow as 2^((t - L)/h) from the landmark L in {agg}:meta. Before they
+could leave the range of a double, a worker moves L forward and scales every aggregate
+sorted set down by the same factor (REBASE_AGGREGATES), in one script, so readers always
+see scores and landmark that agree. That script walks the {agg} keys with SCAN: fine on one
+Redis; on a cluster all of them share the {agg} slot, but they are not declared as KEYS.
 """
 
 from __future__ import annotations
@@ -178,6 +180,33 @@ end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
 redis.call('PEXPIRE', KEYS[1], ttl)
 redis.call('PEXPIRE', KEYS[2], ttl)
+return 1
+"""
+
+# KEYS: agg meta; ARGV: landmark expected, new landmark, key prefix ("P:{agg}:"),
+#       trending half-life ms, co-visitation half-life ms.
+# Scales every aggregate sorted set by 2^(-(new - old)/h) and moves the landmark, keeping
+# each key's TTL (ZUNIONSTORE would drop it). Returns 1, or 0 if the landmark moved already.
+REBASE_AGGREGATES = """
+if redis.call('HGET', KEYS[1], 'L') ~= ARGV[1] then return 0 end
+local dt = tonumber(ARGV[2]) - tonumber(ARGV[1])
+local f_tr = 2 ^ (-dt / tonumber(ARGV[4]))
+local f_cv = 2 ^ (-dt / tonumber(ARGV[5]))
+local cursor = '0'
+repeat
+  local res = redis.call('SCAN', cursor, 'MATCH', ARGV[3] .. '*', 'COUNT', 1000)
+  cursor = res[1]
+  for _, k in ipairs(res[2]) do
+    if redis.call('TYPE', k).ok == 'zset' then
+      local f = f_tr
+      if string.find(k, ARGV[3] .. 'cv:', 1, true) == 1 then f = f_cv end
+      local ttl = redis.call('PTTL', k)
+      redis.call('ZUNIONSTORE', k, 1, k, 'WEIGHTS', f)
+      if ttl > 0 then redis.call('PEXPIRE', k, ttl) end
+    end
+  end
+until cursor == '0'
+redis.call('HSET', KEYS[1], 'L', ARGV[2])
 return 1
 """
 

@@ -317,3 +317,33 @@ async def test_the_owner_cache_yields_to_what_redis_holds(
     s = await _session(redis_client, key_prefix, "s1")
     assert int(s[b"n"]) == 1
     assert s[b"r"] == ITEMS[1].encode()
+
+
+async def test_aggregates_are_rebased_before_their_scores_overflow(
+    redis_client: aioredis.Redis, key_prefix: str
+) -> None:
+    """With 1 s half-lives, 300 s of events is 300 half-lives: the landmark moves, every
+    sorted set is scaled down with it, rankings and TTLs survive."""
+    fast = Tuning(1_800_000, 86_400_000, covisit_half_life_ms=2_000, trending_half_life_ms=1_000)
+    processor = BatchProcessor(redis_client, Keys(key_prefix), CATALOG, fast, TTLS)
+    keys = Keys(key_prefix)
+    try:
+        log = Log()
+        log.t0 -= 600_000
+        first = [log(EventType.VIEW, "s1", item_id=ITEMS[0]),
+                 log(EventType.VIEW, "s1", item_id=ITEMS[1])]  # fmt: skip
+        await processor.process(first)
+        old_landmark = int(cast(bytes, await redis_client.hget(keys.agg_meta, "L")))
+        log.t0 += 300_000
+        await processor.process([log(EventType.VIEW, "s2", item_id=ITEMS[2])])
+        landmark = int(cast(bytes, await redis_client.hget(keys.agg_meta, "L")))
+        assert landmark > old_landmark + 250_000
+        trending = await _zset(redis_client, keys.trending(), desc=True)
+        assert trending[0][0] == ITEMS[2].encode()  # the recent view outranks the old ones
+        assert all(0 < score < 2**64 for _, score in trending), trending
+        # The old co-visitation pair was scaled with the same landmark move.
+        ((_, pair),) = await _zset(redis_client, keys.covisit(ITEMS[0]))
+        assert 0 < pair < 1e-30
+        assert await redis_client.pttl(keys.trending()) > 0
+    finally:
+        await processor.aclose()
