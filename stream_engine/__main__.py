@@ -14,6 +14,7 @@ import os
 import sys
 from pathlib import Path
 
+from stream_engine.exceptions import ConfigError
 from stream_engine.logs import configure
 from stream_engine.settings import Settings
 
@@ -88,7 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     erase.add_argument("--user")
     erase.add_argument("--session")
     args = parser.parse_args(argv)
-    settings = Settings.from_env(os.environ)
+    try:
+        settings = Settings.from_env(os.environ)
+    except ConfigError as exc:
+        print(f"stream_engine: bad setting: {exc}", file=sys.stderr)
+        return 2
     configure(settings.log_format, settings.log_level)
     if args.command == "worker":
         cmd_worker(settings)
