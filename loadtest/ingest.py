@@ -16,7 +16,9 @@ repeats. Needs KAIROS_KAFKA_BOOTSTRAP / KAIROS_REDIS_URL (or the local stack def
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import os
+import platform
 import re
 import shutil
 import signal
@@ -372,6 +374,7 @@ async def run(
     ]  # fmt: skip
     redis = aioredis.Redis.from_url(redis_url)
     db = int(redis.connection_pool.connection_kwargs.get("db", 0))
+    server = await redis.info("server")
     config = await redis.config_get("notify-keyspace-events")
     old_notify = str(config.get("notify-keyspace-events") or "")
     await redis.config_set("notify-keyspace-events", "Kh")
@@ -408,6 +411,7 @@ async def run(
             await _cleanup(bench, redis)
         await redis.aclose()
     report = summarize(results, rates, ["raw", *engines], store)
+    report["environment"] = environment(server)
     print(f"results: {write_report(out_dir, report, results)}")
     return report
 
@@ -419,6 +423,29 @@ def _print_run(rep: int, r: RunResult) -> None:
           f"  gen-late p99 {r.pacing.late_p99_ms:.1f} ms"
           + "".join(f"  cpu {k} {v:.0f}%" for k, v in r.cpu.items())
           + (f"  catch-up {r.catch_up_s:.1f}s" if r.catch_up_s else ""), flush=True)  # fmt: skip
+
+
+def environment(redis_info: dict[str, Any]) -> dict[str, Any]:
+    """What a reader needs to compare two result files."""
+    cpu = next(
+        (ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+         if ln.startswith("model name")),
+        "unknown",
+    )  # fmt: skip
+    versions: dict[str, str | None] = {}
+    for dist in ("aiokafka", "faust-streaming", "redis", "hiredis", "numpy", "uvloop"):
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            versions[dist] = None
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "redis_server": redis_info.get("redis_version"),
+        "packages": versions,
+        "worker_settings": {k: v for k, v in os.environ.items() if k.startswith("KAIROS_")},
+    }
 
 
 def write_report(out_dir: Path, report: dict[str, Any], results: list[RunResult]) -> Path:
