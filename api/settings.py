@@ -19,6 +19,8 @@ class Settings:
     key_prefix: str = "kairos"
     api_host: str = "127.0.0.1"
     api_port: int = DEFAULT_API_PORT
+    # Budget for one Redis round trip on the request path (the decision deadline is longer).
+    redis_timeout_ms: float = 8.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:

@@ -1,7 +1,7 @@
 """The local Kairos stack: a real Kafka broker (KRaft) and a real redis-server on loopback.
 
-    python deploy/stack.py up [SERVICE ...]   start (idempotent; default kafka redis; + worker)
-    python deploy/stack.py demo [--detach]    kafka, redis and the worker, until Ctrl-C
+    python deploy/stack.py up [SERVICE ...]   start (idempotent; default kafka redis; + worker api)
+    python deploy/stack.py demo [--detach]    kafka, redis, the worker and the API, until Ctrl-C
     python deploy/stack.py down               stop exactly what `up` started
     python deploy/stack.py status             one line per service
     python deploy/stack.py logs [SERVICE] [-n N] [-f]
@@ -15,8 +15,8 @@ broker by accident. Ports default to 9092/9093 (Kafka) and 6379 (Redis), can be 
 KAIROS_KAFKA_PORT, KAIROS_KAFKA_CONTROLLER_PORT and KAIROS_REDIS_PORT, and when a default is
 taken by someone else a free port is chosen and remembered.
 
-The worker runs from the same Python (the venv) as this script; its metrics port is
-KAIROS_WORKER_METRICS_PORT (default 9464).
+The worker and the API run from the same Python (the venv) as this script; the worker's
+metrics port is KAIROS_WORKER_METRICS_PORT (default 9464), the API's KAIROS_API_PORT (8000).
 """
 
 from __future__ import annotations
@@ -505,15 +505,33 @@ def start_worker(layout: Layout, ports: dict[str, int], timeout: float) -> str:
     return f"started (pid {pid}); metrics {metrics}"
 
 
+def start_api(layout: Layout, ports: dict[str, int], timeout: float) -> str:
+    url = f"http://{HOST}:{ports['api']}"
+    if (pid := running_pid(layout, "api")) is not None:
+        return f"already running (pid {pid}) on {url}"
+    env = {**stack_env(ports), "KAIROS_API_PORT": str(ports["api"]), "PYTHONPATH": str(REPO)}
+    pid = spawn(layout, "api", [sys.executable, "-m", "api"], env=env)
+    log = layout.log_file("api")
+
+    def ready() -> bool:
+        if running_pid(layout, "api") is None:
+            raise StackError(f"api exited during start; see {log}\n{tail(log, 25)}")
+        return _http_ok(f"{url}/readyz")
+
+    wait_until(ready, timeout, "api", log)
+    return f"started (pid {pid}) on {url}"
+
+
 # ----------------------------------------------------------------------------- commands
 
 SERVICES: dict[str, Callable[[Layout, dict[str, int], float], str]] = {
     "redis": start_redis,
     "kafka": start_kafka,
     "worker": start_worker,
+    "api": start_api,
 }
 DEFAULT_SERVICES = ["redis", "kafka"]
-DEMO_SERVICES = ["redis", "kafka", "worker"]
+DEMO_SERVICES = ["redis", "kafka", "worker", "api"]
 STOP_ORDER = ["api", "worker", "simulator", "kafka", "redis"]
 
 
@@ -541,6 +559,9 @@ def cmd_demo(layout: Layout, timeout: float, detach: bool) -> int:
     cmd_up(layout, DEMO_SERVICES, timeout)
     ports = load_ports(layout)
     print("\nKairos is running:")
+    print(
+        f"  decision API    http://{HOST}:{ports['api']}/readyz (slots arrive with the API issue)"
+    )
     print(f"  worker metrics  http://{HOST}:{ports['worker_metrics']}/metrics")
     print(f"  publish events  Kafka {HOST}:{ports['kafka']}, topic clickstream (docs/events.md)")
     print(f"  session state   redis-cli -p {ports['redis']} --scan --pattern 'kairos:*'")

@@ -44,7 +44,7 @@ def connect(
         health_check_interval=10,
         connection_class=HiredisPackingConnection,
     )
-    return aioredis.Redis(connection_pool=pool)
+    return aioredis.Redis.from_pool(pool)  # the client owns the pool and closes it
 
 
 class Batches:
