@@ -14,7 +14,7 @@ import numpy as np
 
 from stream_engine.catalog import CATEGORY_SEP, Catalog, Vector
 from stream_engine.events import Event, EventType
-from stream_engine.vectors import DEFAULT_WEIGHTS, fold_events
+from stream_engine.vectors import DEFAULT_WEIGHTS, fold_events, to_bytes
 
 RECENT_MAX = 20
 BOUGHT_MAX = 50
@@ -197,7 +197,7 @@ def plan_session(
         "w": now_ms,
     }
     if vector is not None:
-        fields["v"] = np.asarray(vector, dtype="<f4").tobytes()
+        fields["v"] = to_bytes(vector)
         fields["t"] = vector_ts
     if walk.user is not None:
         fields["u"] = walk.user

@@ -37,7 +37,7 @@ from stream_engine.planning import (
 )
 from stream_engine.state import Keys
 from stream_engine.store import Batches
-from stream_engine.vectors import from_bytes
+from stream_engine.vectors import from_bytes, to_bytes
 
 log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 5
@@ -307,7 +307,7 @@ class BatchProcessor:
                 # Already applied (redelivery): still (re)copy it to the user, whose write
                 # may be the part that didn't happen; the event count makes it idempotent.
                 user, blocked, count = snap.user, blocked_before, snap.count
-                vector = b"" if snap.vector is None else snap.vector.astype("<f4").tobytes()
+                vector = b"" if snap.vector is None else to_bytes(snap.vector)
                 vector_ts = int(snap.vector_ts or 0)
             snap.recent = recent_before
             if user is not None and not blocked:
