@@ -32,6 +32,7 @@ from stream_engine.planning import (
     Tuning,
     UserWrite,
     _after,
+    fold_session_vectors,
     plan_aggregates,
     plan_session,
 )
@@ -284,21 +285,27 @@ class BatchProcessor:
         landmark = await self._rebase_if_due(landmark, max(p.event.ts for p in valid))
         plan = Plan()
         skip_aggregates: set[str] = set()
+        planned: dict[str, tuple[SessionWrite, Any]] = {}
+        recent_before: dict[str, list[str]] = {}
         for sid, events in by_session.items():
             snap = snaps[sid]
-            recent_before = list(snap.recent)
-            blocked_before = snap.block is not None
+            recent_before[sid] = list(snap.recent)
             fresh = [p for p in events if _after(snap.fence, snap.partition, p)]
             plan.duplicates += len(events) - len(fresh)
-            if fresh:
-                write, walk, unknown = plan_session(
-                    sid, fresh, snap, self.catalog, self.tuning, now_ms
-                )
-                plan.unknown_items += unknown
-                plan.sessions.append(write)
-                if walk.reset or walk.blocked or blocked_before:
-                    skip_aggregates.add(sid)
-                self._plan_consent(plan, fresh, {snap.user, walk.user})
+            if not fresh:
+                continue
+            write, walk, unknown = plan_session(sid, fresh, snap, self.catalog, self.tuning, now_ms)
+            plan.unknown_items += unknown
+            plan.sessions.append(write)
+            planned[sid] = (write, walk)
+            if walk.reset or walk.blocked or snap.block is not None:
+                skip_aggregates.add(sid)
+            self._plan_consent(plan, fresh, {snap.user, walk.user})
+        fold_session_vectors(list(planned.values()), self.catalog, self.tuning)
+        for sid in by_session:
+            snap = snaps[sid]
+            if sid in planned:
+                write, walk = planned[sid]
                 user, blocked = walk.user, walk.blocked
                 count = int(write.fields["n"])
                 vector = bytes(write.fields.get("v", b""))  # type: ignore[arg-type]
@@ -306,10 +313,10 @@ class BatchProcessor:
             else:
                 # Already applied (redelivery): still (re)copy it to the user, whose write
                 # may be the part that didn't happen; the event count makes it idempotent.
-                user, blocked, count = snap.user, blocked_before, snap.count
+                user, blocked, count = snap.user, snap.block is not None, snap.count
                 vector = b"" if snap.vector is None else to_bytes(snap.vector)
                 vector_ts = int(snap.vector_ts or 0)
-            snap.recent = recent_before
+            snap.recent = recent_before[sid]
             if user is not None and not blocked:
                 plan.users.append(UserWrite(user, sid, count, vector, vector_ts))
         self._plan_aggregates(plan, valid, partitions, agg_fences, landmark, snaps, skip_aggregates)

@@ -57,6 +57,30 @@ def fold_events(
     return out.astype(np.float32), t
 
 
+def fold_many(
+    old: Matrix,
+    old_ts: Ints,
+    has_old: npt.NDArray[np.bool_],
+    owner: Ints,
+    event_ts: Ints,
+    weights: Floats,
+    item_vectors: Matrix,
+    half_life_ms: float,
+) -> tuple[Matrix, Ints]:
+    """fold_events for many sessions at once (row i of `old` is session i; event j belongs
+    to session owner[j]; every session has at least one event). One numpy pass per batch
+    instead of a handful of small operations per session."""
+    newest = np.full(old.shape[0], np.iinfo(np.int64).min, dtype=np.int64)
+    np.maximum.at(newest, owner, event_ts)
+    t = np.where(has_old, np.maximum(old_ts, newest), newest)
+    coef = (weights * decay_factor(t[owner] - event_ts, half_life_ms)).astype(np.float32)
+    out = np.zeros_like(old)
+    np.add.at(out, owner, item_vectors * coef[:, None])
+    keep = np.where(has_old, decay_factor(np.where(has_old, t - old_ts, 0), half_life_ms), 0.0)
+    out += old * keep.astype(np.float32)[:, None]
+    return out, t
+
+
 def to_bytes(v: Vector) -> bytes:
     """Raw little-endian float32, the storage form of every vector."""
     return np.asarray(v, dtype="<f4").tobytes()

@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stream_engine.catalog import Vector
-from stream_engine.vectors import decay_factor, fold_events, from_bytes, to_bytes
+from stream_engine.vectors import decay_factor, fold_events, fold_many, from_bytes, to_bytes
 
 HALF_LIFE = 60_000.0
 
@@ -74,3 +74,35 @@ def test_bytes_round_trip_little_endian_float32() -> None:
     assert restored is not None
     np.testing.assert_array_equal(restored, v)
     assert from_bytes(raw, 4) is None
+
+
+@settings(max_examples=100)
+@given(
+    sessions=st.lists(events, min_size=1, max_size=6),
+    olds=st.lists(st.one_of(st.none(), st.integers(0, 3_600_000)), min_size=6, max_size=6),
+    seed=st.integers(0, 99),
+)
+def test_fold_many_is_fold_events_for_each_session(
+    sessions: list[list[tuple[int, float, int]]], olds: list[int | None], seed: int
+) -> None:
+    """The batched fold the worker uses equals the one-session reference, session by session."""
+    rng = np.random.default_rng(seed)
+    catalog = rng.random((5, 8), dtype=np.float32)
+    old = rng.random((len(sessions), 8), dtype=np.float32)
+    old_ts = np.array([o or 0 for o in olds[: len(sessions)]], dtype=np.int64)
+    has_old = np.array([o is not None for o in olds[: len(sessions)]])
+    owner = np.array([i for i, evs in enumerate(sessions) for _ in evs], dtype=np.int64)
+    flat = [e for evs in sessions for e in evs]
+    many, times = fold_many(
+        old, old_ts, has_old, owner, np.array([e[0] for e in flat], dtype=np.int64),
+        np.array([e[1] for e in flat]), catalog[[e[2] for e in flat]], HALF_LIFE,
+    )  # fmt: skip
+    for i, evs in enumerate(sessions):
+        one, t = fold_events(
+            old[i] if has_old[i] else np.zeros(8, np.float32),
+            int(old_ts[i]) if has_old[i] else None,
+            np.array([e[0] for e in evs], dtype=np.int64), np.array([e[1] for e in evs]),
+            catalog[[e[2] for e in evs]], HALF_LIFE,
+        )  # fmt: skip
+        assert int(times[i]) == t
+        np.testing.assert_allclose(many[i], one, rtol=1e-4, atol=1e-4)
