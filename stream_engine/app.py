@@ -50,7 +50,7 @@ def create_app(settings: Settings, catalog: Catalog, metrics: WorkerMetrics) -> 
             outcome = await ingest.apply(records)
             for d in outcome.dead:
                 await dlq.send(key=d.record.key, value=dead_letter_body(d))
-            ingest.observe(outcome, len(records))
+            ingest.observe(outcome, records)
 
     @app.timer(1.0)  # type: ignore[untyped-decorator]
     async def report_lag() -> None:

@@ -114,7 +114,7 @@ class ClickstreamConsumer:
                 for d in outcome.dead
             ]
             await asyncio.gather(*sent)  # dead letters are durable before we commit past them
-        self.ingest.observe(outcome, len(records))
+        self.ingest.observe(outcome, records)
         offsets = {tp: msgs[-1].offset + 1 for tp, msgs in batch.items()}
         if generation != self._listener.generation:
             # Partitions moved meanwhile; the new owner replays, fences make it a no-op.

@@ -122,17 +122,16 @@ class Ingest:
             total.duplicates += o.duplicates
             total.blocked += o.blocked
             total.unknown_items += o.unknown_items
+            total.conflicts += o.conflicts
             total.written_at_ms = o.written_at_ms or total.written_at_ms
         return total
 
-    def observe(self, outcome: Outcome, batch: int) -> None:
+    def observe(self, outcome: Outcome, records: Sequence[Record]) -> None:
         m = self.metrics
-        seen = [(p.partition, p.offset) for p in outcome.valid]
-        seen += [(d.record.partition, d.record.offset) for d in outcome.dead]
-        for partition, offset in seen:
-            if offset >= self.positions.get(partition, 0):
-                self.positions[partition] = offset + 1
-        m.batch_size.observe(batch)
+        for r in records:
+            if r.offset >= self.positions.get(r.partition, 0):
+                self.positions[r.partition] = r.offset + 1
+        m.batch_size.observe(len(records))
         written = outcome.written_at_ms or int(time.time() * 1000)
         by_type = Counter(p.event.type.value for p in outcome.valid)
         for etype, n in by_type.items():

@@ -100,13 +100,13 @@ class Plan:
     unknown_items: int = 0
 
 
-def _after(fence: int | None, fence_partition: int | None, p: Positioned) -> bool:
+def is_new(fence: int | None, fence_partition: int | None, p: Positioned) -> bool:
     # A fence only orders offsets of the partition it was taken on.
     return fence is None or fence_partition != p.partition or p.offset > fence
 
 
 @dataclass(slots=True)
-class _SessionWalk:
+class SessionWalk:
     """The running state of one session while its new events are applied in order."""
 
     snap: SessionSnapshot
@@ -136,7 +136,7 @@ class _SessionWalk:
         self.count = 0
 
 
-def _apply_lists(walk: _SessionWalk, e: Event) -> None:
+def _apply_lists(walk: SessionWalk, e: Event) -> None:
     snap, item = walk.snap, e.item_id
     if item is None:
         return
@@ -159,9 +159,9 @@ def plan_session(
     catalog: Catalog,
     tuning: Tuning,
     now_ms: int,
-) -> tuple[SessionWrite, _SessionWalk, int]:
+) -> tuple[SessionWrite, SessionWalk, int]:
     """The write for one session's new events (already fence-filtered, in offset order)."""
-    walk = _SessionWalk(snap=snap, blocked=snap.block == "consent", user=snap.user)
+    walk = SessionWalk(snap=snap, blocked=snap.block == "consent", user=snap.user)
     unknown = 0
     for p in events:
         e = p.event
@@ -219,7 +219,7 @@ def plan_session(
 
 
 def fold_session_vectors(
-    planned: Sequence[tuple[SessionWrite, _SessionWalk]], catalog: Catalog, tuning: Tuning
+    planned: Sequence[tuple[SessionWrite, SessionWalk]], catalog: Catalog, tuning: Tuning
 ) -> None:
     """Fold the item events of every planned session into its vector, in one numpy pass,
     and put the vector and its time into the session's write."""

@@ -28,11 +28,12 @@ from stream_engine.planning import (
     Plan,
     Positioned,
     SessionSnapshot,
+    SessionWalk,
     SessionWrite,
     Tuning,
     UserWrite,
-    _after,
     fold_session_vectors,
+    is_new,
     plan_aggregates,
     plan_session,
 )
@@ -285,12 +286,12 @@ class BatchProcessor:
         landmark = await self._rebase_if_due(landmark, max(p.event.ts for p in valid))
         plan = Plan()
         skip_aggregates: set[str] = set()
-        planned: dict[str, tuple[SessionWrite, Any]] = {}
+        planned: dict[str, tuple[SessionWrite, SessionWalk]] = {}
         recent_before: dict[str, list[str]] = {}
         for sid, events in by_session.items():
             snap = snaps[sid]
             recent_before[sid] = list(snap.recent)
-            fresh = [p for p in events if _after(snap.fence, snap.partition, p)]
+            fresh = [p for p in events if is_new(snap.fence, snap.partition, p)]
             plan.duplicates += len(events) - len(fresh)
             if not fresh:
                 continue
