@@ -1,36 +1,51 @@
 """The decision API application: `create_app(settings)` builds it, clients open in lifespan.
 
-This first slice serves health only (`/healthz`, `/readyz`); the slot endpoints, the beacon
-collector and the rest of the decision API arrive with their issue.
+    GET  /v1/slots/{slot}   POST /v1/decisions   POST /v1/events
+    GET  /healthz  /readyz  /metrics  /openapi.json
+    /admin/...     (bearer token; see api/admin.py)
+
+The app starts without Kafka (exposures and beacons queue, then drop and count) and
+without Redis (every decision is a default with its reason until Redis answers).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from pathlib import Path
 
-import redis.asyncio as aioredis
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Mount, Route, request_response
 
+from api import admin
+from api.collector import collect
+from api.config import load_config
+from api.endpoints import JSON, page_decisions, runtime, slot_decision, static_baseline
+from api.exceptions import BadRequest
+from api.items import ServingCatalog
+from api.limits import BodyLimit
+from api.metrics import ApiMetrics
+from api.openapi import document
+from api.publisher import Publisher
+from api.runtime import STORE_ERRORS, ConfigSource, Runtime, initial_serving
+from api.session_state import StateReader
 from api.settings import Settings
+from stream_engine.catalog import Catalog
+from stream_engine.demo_catalog import resolve_catalog_path
+from stream_engine.state import Keys
 from stream_engine.store import connect
 
+log = logging.getLogger("kairos.api")
 
-@dataclass
-class State:
-    settings: Settings
-    redis: aioredis.Redis
-
-
-def _state(request: Request) -> State:
-    state: State = request.app.state.kairos
-    return state
+DEMO_CONFIG = Path(__file__).resolve().parent / "demo_config.yaml"
 
 
 async def healthz(request: Request) -> Response:
@@ -39,37 +54,123 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
-    """Ready: Redis answers within the store budget. 503 with the reason otherwise."""
-    state = _state(request)
+    """Ready: Redis answers within the store budget and a config is in force."""
+    rt = runtime(request)
+    config = {"version": rt.serving.config.version, "reload_error": rt.source.error}
     try:
-        async with asyncio.timeout(state.settings.redis_timeout_ms / 1000):
-            await state.redis.ping()
-    except (OSError, TimeoutError, aioredis.RedisError) as exc:
-        body = {"status": "not_ready", "redis": "unavailable", "detail": type(exc).__name__}
+        async with asyncio.timeout(rt.settings.redis_timeout_ms / 1000):
+            await rt.redis.ping()
+    except (TimeoutError, *STORE_ERRORS) as exc:
+        body = {"status": "not_ready", "redis": "unavailable", "detail": type(exc).__name__,
+                "config": config}  # fmt: skip
         return JSONResponse(body, status_code=503)
-    return JSONResponse({"status": "ready", "redis": "ok"})
+    return JSONResponse({"status": "ready", "redis": "ok", "config": config})
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    registry = runtime(request).metrics.registry
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
+async def openapi(request: Request) -> Response:
+    return JSON(document(runtime(request).serving.config.version))
 
 
 async def http_error(request: Request, exc: Exception) -> Response:
     """Every error answers JSON with the status and what went wrong."""
     assert isinstance(exc, HTTPException)
-    return JSONResponse(
-        {"error": exc.detail, "status": exc.status_code}, status_code=exc.status_code
+    return JSON({"error": exc.detail, "status": exc.status_code}, exc.status_code)
+
+
+async def bad_request(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, BadRequest)
+    return JSON({"error": exc.detail, "status": exc.status}, exc.status)
+
+
+def build_runtime(settings: Settings, metrics: ApiMetrics) -> Runtime:
+    """Everything but the event loop's tasks; raises ConfigFileError or CatalogError."""
+    config_path = Path(settings.config_path) if settings.config_path else DEMO_CONFIG
+    config = load_config(config_path)
+    path = resolve_catalog_path(settings.catalog_path, settings.stack_dir)
+    catalog = ServingCatalog(Catalog.from_file(path))
+    keys = Keys(settings.key_prefix)
+    redis = connect(
+        settings.redis_url,
+        max_connections=settings.redis_connections + 2,
+        timeout_s=settings.redis_timeout_ms / 1000,
     )
+    reader = StateReader(redis, keys, catalog.space.dims, settings.user_half_life_s * 1000,
+                         settings.redis_connections)  # fmt: skip
+
+    def dropped(topic: str, why: str) -> None:
+        metrics.dropped.labels(topic, why).inc()
+
+    rt = Runtime(
+        settings=settings,
+        redis=redis,
+        reader=reader,
+        catalog=catalog,
+        serving=initial_serving(config, catalog),
+        source=ConfigSource(config_path, config_path.stat().st_mtime_ns),
+        metrics=metrics,
+        publisher=Publisher(settings.kafka_bootstrap, settings.publish_queue, dropped),
+        keys=keys,
+    )
+    metrics.config_version.labels(config.version).set(1)
+    return rt
 
 
-def create_app(settings: Settings) -> Starlette:
+def create_app(settings: Settings, metrics: ApiMetrics | None = None) -> Starlette:
+    metrics = metrics or ApiMetrics()
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        redis = connect(settings.redis_url, timeout_s=settings.redis_timeout_ms / 1000)
-        app.state.kairos = State(settings, redis)
+        rt = build_runtime(settings, metrics)
+        app.state.runtime = rt
+        rt.publisher.start()
+        with contextlib.suppress(TimeoutError, *STORE_ERRORS):
+            await rt.refresh()  # trending at once when Redis is there; else the loop retries
+        refresher = asyncio.create_task(rt.run_refresher(), name="kairos-refresher")
         try:
             yield
         finally:
-            await redis.aclose()
+            refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await refresher
+            await rt.publisher.stop()
+            await rt.reader.aclose()
+            await rt.redis.aclose()
 
+    beacons = CORSMiddleware(
+        request_response(collect),
+        allow_origins=settings.origins,
+        allow_methods=["POST"],
+        allow_headers=["content-type"],
+        max_age=600,
+    )
+    routes = [
+        Route("/healthz", healthz),
+        Route("/readyz", readyz),
+        Route("/metrics", metrics_endpoint),
+        Route("/openapi.json", openapi),
+        Route("/v1/slots/{slot}", slot_decision),
+        Route("/v1/decisions", page_decisions, methods=["POST"]),
+        Route("/v1/events", beacons, methods=["POST", "OPTIONS"]),
+        Mount(
+            "/admin",
+            routes=[
+                Route("/status", admin.status),
+                Route("/pause", admin.pause, methods=["POST"]),
+                Route("/reload", admin.reload, methods=["POST"]),
+                Route("/erase", admin.erase, methods=["POST"]),
+            ],
+        ),
+    ]
+    if settings.bench_static:
+        routes.append(Route("/bench/static", static_baseline))
     return Starlette(
-        routes=[Route("/healthz", healthz), Route("/readyz", readyz)],
-        exception_handlers={HTTPException: http_error},
+        routes=routes,
+        middleware=[Middleware(BodyLimit, max_bytes=settings.max_body_bytes)],
+        exception_handlers={HTTPException: http_error, BadRequest: bad_request},
         lifespan=lifespan,
     )

@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from stream_engine.exceptions import ConfigError
 from stream_engine.settings import DEFAULT_KAFKA_BOOTSTRAP, DEFAULT_REDIS_URL, from_environment
 
 DEFAULT_API_PORT = 8000
+PLACEHOLDER_TOKENS = frozenset({"changeme", "changethis", "secret", "admin", "token"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,8 +21,53 @@ class Settings:
     key_prefix: str = "kairos"
     api_host: str = "127.0.0.1"
     api_port: int = DEFAULT_API_PORT
-    # Budget for one Redis round trip on the request path (the decision deadline is longer).
+    # "local" allows an empty admin token (admin routes then answer 403); anything else
+    # refuses to start without a real one.
+    environment: str = "local"
+    admin_token: str = ""
+    # Decision config (YAML); empty = the demo config shipped in api/demo_config.yaml.
+    config_path: str = ""
+    # Catalog file, the same one the worker reads; empty = the demo catalog in stack_dir.
+    catalog_path: str = ""
+    stack_dir: str = ".stack"
+    clickstream_topic: str = "clickstream"
+    decisions_topic: str = "decisions"
+    # Whole-decision deadline, and the budget of the Redis read within it.
+    deadline_ms: float = 20.0
     redis_timeout_ms: float = 8.0
+    redis_connections: int = 4
+    # Must match the worker's KAIROS_USER_HALF_LIFE_S (the profile decays with it).
+    user_half_life_s: float = 14 * 86400.0
+    # Trending, catalog changes and config file changes are picked up this often.
+    refresh_interval_s: float = 1.0
+    # Must be at least the worker's KAIROS_ERASURE_TTL_S (erasures from /admin/erase).
+    erasure_ttl_s: int = 30 * 86400
+    publish_queue: int = 10_000
+    max_body_bytes: int = 64 * 1024
+    # Comma-separated origins allowed to post beacons from a browser ("*" = any).
+    cors_origins: str = ""
+    # Adds GET /bench/static, the benchmark's same-process baseline endpoint.
+    bench_static: bool = False
+
+    def __post_init__(self) -> None:
+        if self.environment != "local" and (
+            len(self.admin_token) < 16 or self.admin_token.lower() in PLACEHOLDER_TOKENS
+        ):
+            raise ConfigError(
+                "KAIROS_ADMIN_TOKEN must be a real secret (16+ chars) outside "
+                f"KAIROS_ENVIRONMENT=local (environment is {self.environment!r})"
+            )
+        if not 0 < self.redis_timeout_ms < self.deadline_ms:
+            raise ConfigError("KAIROS_REDIS_TIMEOUT_MS must be > 0 and < KAIROS_DEADLINE_MS")
+        if self.redis_connections < 1 or self.publish_queue < 1 or self.max_body_bytes < 1024:
+            raise ConfigError(
+                "KAIROS_REDIS_CONNECTIONS and KAIROS_PUBLISH_QUEUE must be >= 1, "
+                "KAIROS_MAX_BODY_BYTES >= 1024"
+            )
+
+    @property
+    def origins(self) -> list[str]:
+        return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:

@@ -20,14 +20,9 @@ from stream_engine.settings import Settings
 
 
 def _catalog_path(settings: Settings) -> Path:
-    if settings.catalog_path:
-        return Path(settings.catalog_path)
-    from stream_engine.demo_catalog import write_demo_catalog
+    from stream_engine.demo_catalog import resolve_catalog_path
 
-    path = Path(os.environ.get("KAIROS_STACK_DIR", ".stack")) / "catalog" / "demo.jsonl"
-    if not path.exists():
-        write_demo_catalog(path)
-    return path
+    return resolve_catalog_path(settings.catalog_path, os.environ.get("KAIROS_STACK_DIR", ".stack"))
 
 
 def cmd_worker(settings: Settings) -> None:

@@ -8,6 +8,7 @@ ranks from a Zipf law and map them straight to `items[rank]`. Deterministic for 
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -69,6 +70,12 @@ MEDIAN_PRICE = {
 }  # fmt: skip
 
 
+def _singular(leaf: str) -> str:
+    if leaf.endswith(("ches", "shes", "sses")):
+        return leaf[:-2]
+    return leaf[:-1] if leaf.endswith("s") and not leaf.endswith("ss") else leaf
+
+
 def leaf_paths() -> list[tuple[str, str, str]]:
     return [
         (d, c, leaf) for d, cats in TREE.items() for c, leaves in cats.items() for leaf in leaves
@@ -85,7 +92,7 @@ def generate(n_items: int = 10_000, seed: int = 7) -> list[Item]:
         price = round(rng.lognormvariate(0, 0.6) * MEDIAN_PRICE[dept], 2)
         # One item in twenty is out of stock.
         stock = 0 if rng.random() < 0.05 else rng.randint(1, 500)
-        title = f"{brand} {ADJECTIVES[rng.randrange(len(ADJECTIVES))]} {leaf.rstrip('s')}"
+        title = f"{brand} {ADJECTIVES[rng.randrange(len(ADJECTIVES))]} {_singular(leaf)}"
         items.append(
             Item(
                 item_id=f"sku-{i:06d}",
@@ -100,5 +107,18 @@ def generate(n_items: int = 10_000, seed: int = 7) -> list[Item]:
 
 
 def write_demo_catalog(path: Path, n_items: int = 10_000, seed: int = 7) -> Path:
-    write_jsonl(generate(n_items, seed), path)
+    # Written aside and renamed, so a worker and an API starting together never read half.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    write_jsonl(generate(n_items, seed), tmp)
+    tmp.replace(path)
+    return path
+
+
+def resolve_catalog_path(catalog_path: str, stack_dir: str) -> Path:
+    """The configured catalog file, else the demo catalog in the stack dir (written once)."""
+    if catalog_path:
+        return Path(catalog_path)
+    path = Path(stack_dir) / "catalog" / "demo.jsonl"
+    if not path.exists():
+        write_demo_catalog(path)
     return path

@@ -9,9 +9,10 @@ Cluster. Every key has a TTL. Vectors are raw little-endian float32.
                           b (bought), lt (last event time), w (written at, ms)
     P:{sid}:imp    hash   impression counts per item or banner (frequency caps)
     P:{sid}:x      string "consent" (personalization off) or "erased"; checked on apply
-    P:{u:uid}:u    hash   per linked session: s:<sid> (its vector), t:<sid>, n:<sid>; w.
-                          The profile is their sum, decayed with the user half-life
-                          (vectors.user_profile).
+    P:{u:uid}:u    hash   per linked session: s:<sid> (its vector), t:<sid>, n:<sid>; w;
+                          a (anchor: the first session linked, which fixes the user's
+                          holdout group). The profile is the sum of the session vectors,
+                          decayed with the user half-life (vectors.user_profile).
     P:{u:uid}:ss   set    the user's linked sessions
     P:{u:uid}:x    string "erased"
     P:{agg}:fence  hash   partition -> last offset applied to the aggregates
@@ -135,6 +136,7 @@ if ARGV[3] ~= '' then
 else
   redis.call('HSET', KEYS[1], 'n:' .. sid, n, 'w', ARGV[6])
 end
+redis.call('HSETNX', KEYS[1], 'a', sid)
 redis.call('PEXPIRE', KEYS[1], ttl)
 redis.call('SADD', KEYS[2], sid)
 redis.call('PEXPIRE', KEYS[2], ttl)

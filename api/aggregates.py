@@ -1,0 +1,119 @@
+"""Trending and co-visitation as the API reads them: cached in the process, off the hot path.
+
+Trending (global and per category node) is refreshed in the background every second.
+Co-visitation neighbours are cached per item for a few seconds; a decision whose recent
+items miss the cache fetches them in one extra round trip within its Redis budget, and goes
+on without them if that fails. Scores in Redis are forward-decayed from a landmark; dividing
+by a key's best score removes the landmark, so the API needs no clock agreement with it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from api.items import ServingCatalog
+from api.scoring import Trending
+from stream_engine.catalog import CATEGORY_SEP
+from stream_engine.state import Keys
+
+TRENDING_DEPTH = 2  # the worker keeps trending for category nodes of depth 1 and 2
+TRENDING_TOP = 200
+COVIS_TOP = 30
+COVIS_TTL_S = 5.0
+COVIS_CACHE_MAX = 50_000
+
+Neighbours = list[tuple[int, float]]
+
+
+def trending_keys(catalog: ServingCatalog) -> list[str]:
+    """ "" (global) and every category node of depth <= 2 the space knows."""
+    nodes = [
+        n[4:]
+        for n in catalog.space.names
+        if n.startswith("cat:") and n.count(CATEGORY_SEP) < TRENDING_DEPTH
+    ]
+    return ["", *nodes]
+
+
+def trending_commands(keys: Keys, names: Sequence[str]) -> list[tuple[Any, ...]]:
+    return [
+        ("ZREVRANGE", keys.trending(n or None), 0, TRENDING_TOP - 1, "WITHSCORES") for n in names
+    ]
+
+
+def _members(reply: Any, catalog: ServingCatalog) -> tuple[list[int], list[float]]:
+    rows: list[int] = []
+    scores: list[float] = []
+    reply = reply or []
+    if reply and isinstance(reply[0], list):  # RESP3: [[member, score], ...]
+        pairs = [(m, s) for m, s in reply]
+    else:  # RESP2: member, score, member, score, ...
+        pairs = list(zip(reply[::2], reply[1::2], strict=True))
+    for member, score in pairs:
+        row = catalog.row(member.decode())
+        if row is not None:
+            rows.append(row)
+            scores.append(float(score))
+    return rows, scores
+
+
+def parse_trending(
+    names: Sequence[str], replies: Sequence[Any], catalog: ServingCatalog
+) -> Trending:
+    by_key = {}
+    prior = np.zeros(len(catalog), np.float32)
+    for name, reply in zip(names, replies, strict=True):
+        rows, scores = _members(reply, catalog)
+        by_key[name] = np.asarray(rows, dtype=np.int64)
+        if name == "" and scores and scores[0] > 0:
+            prior[rows] = np.asarray(scores, np.float32) / np.float32(scores[0])
+    return Trending(by_key, prior)
+
+
+class CovisCache:
+    """item row -> its co-visitation neighbours (row, score / best score), for a few seconds."""
+
+    def __init__(self, ttl_s: float = COVIS_TTL_S, max_items: int = COVIS_CACHE_MAX) -> None:
+        self.ttl_s = ttl_s
+        self.max_items = max_items
+        self._entries: OrderedDict[int, tuple[float, Neighbours]] = OrderedDict()
+
+    def lookup(self, rows: Sequence[int]) -> tuple[dict[int, Neighbours], list[int]]:
+        now = time.monotonic()
+        found: dict[int, Neighbours] = {}
+        missing: list[int] = []
+        for r in rows:
+            entry = self._entries.get(r)
+            if entry is not None and entry[0] > now:
+                found[r] = entry[1]
+            else:
+                missing.append(r)
+        return found, missing
+
+    def commands(self, keys: Keys, catalog: ServingCatalog, rows: Sequence[int]) -> list[Any]:
+        return [
+            ("ZREVRANGE", keys.covisit(catalog.item(r).item_id), 0, COVIS_TOP - 1, "WITHSCORES")
+            for r in rows
+        ]
+
+    def store(
+        self, rows: Sequence[int], replies: Sequence[Any], catalog: ServingCatalog
+    ) -> dict[int, Neighbours]:
+        expires = time.monotonic() + self.ttl_s
+        out: dict[int, Neighbours] = {}
+        for r, reply in zip(rows, replies, strict=True):
+            if isinstance(reply, Exception):
+                continue
+            members, scores = _members(reply, catalog)
+            best = scores[0] if scores and scores[0] > 0 else 1.0
+            out[r] = [(m, s / best) for m, s in zip(members, scores, strict=True)]
+            self._entries[r] = (expires, out[r])
+            self._entries.move_to_end(r)
+        while len(self._entries) > self.max_items:
+            self._entries.popitem(last=False)
+        return out

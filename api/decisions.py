@@ -1,0 +1,304 @@
+"""The decision for a page: the ladder from personalized to the slot's default, with reasons.
+
+    personalized   the session's own interest vector (>= min_signal_events events)
+    profile        the linked user's long-term profile (a new session of a known user)
+    contextual     the page's item (anchor: context slots) for a visitor without signal
+    trending       trending in the session's categories, else globally (fallback no_signal)
+    default        the slot's precomputed default (no_signal, or the reason it was forced)
+    holdout        the control group: the default, always
+
+A page asks for several slots at once; they share one state read, and no item appears
+twice on the page.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+from api.config import Anchor, Slot, SlotKind
+from api.fallback import FallbackReason
+from api.holdout import Group
+from api.rules import Pick, rules_fired, select, under_cap
+from api.scoring import Signals, candidates, merge_covis, reason, score, top_categories, unit
+from api.serving import Serving
+from api.session_state import SessionView
+from stream_engine.catalog import CATEGORY_SEP
+
+MIN_BANNER_SIMILARITY = 0.35
+PERSONAL = frozenset({"personalized", "profile"})
+
+
+@dataclass(frozen=True, slots=True)
+class SlotAsk:
+    slot: Slot
+    n: int
+
+
+@dataclass(frozen=True, slots=True)
+class PageAsk:
+    session_id: str
+    user_id: str | None
+    asks: tuple[SlotAsk, ...]
+    context_item: str | None = None
+    sensitive_ok: bool = False  # the storefront's consent for sensitive categories
+
+
+@dataclass(slots=True)
+class SlotDecision:
+    slot: str
+    decision_id: str
+    strategy: str
+    fallback_reason: FallbackReason | None
+    group: Group
+    config_version: str
+    state_age_ms: int | None
+    items: list[dict[str, Any]] = field(default_factory=list)
+    banner: dict[str, Any] | None = None
+    rules: list[str] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "slot": self.slot,
+            "decision_id": self.decision_id,
+            "strategy": self.strategy,
+            "fallback_reason": self.fallback_reason.value if self.fallback_reason else None,
+            "group": self.group.value,
+            "config_version": self.config_version,
+            "state_age_ms": self.state_age_ms,
+        }
+        if self.banner is not None:
+            out["banner"] = self.banner
+        else:
+            out["items"] = self.items
+        if self.rules:
+            out["rules"] = self.rules
+        return out
+
+
+def new_decision_id() -> str:
+    return secrets.token_hex(8)
+
+
+def _item_json(serving: Serving, row: int, why: str) -> dict[str, Any]:
+    item = serving.catalog.item(row)
+    out: dict[str, Any] = {
+        "item_id": item.item_id,
+        "title": item.title,
+        "category": item.category_path,
+        "price": item.price,
+        "reason": why,
+    }
+    if item.image:
+        out["image"] = item.image
+    return out
+
+
+def _banner_json(banner_id: str, creative: Any, why: str) -> dict[str, Any]:
+    return {"banner_id": banner_id, **creative, "reason": why}
+
+
+def _base(serving: Serving, ask: SlotAsk, group: Group, age_ms: int | None) -> SlotDecision:
+    return SlotDecision(
+        slot=ask.slot.name,
+        decision_id=new_decision_id(),
+        strategy="default",
+        fallback_reason=None,
+        group=group,
+        config_version=serving.config.version,
+        state_age_ms=age_ms,
+    )
+
+
+def default_decision(
+    serving: Serving,
+    ask: SlotAsk,
+    why: FallbackReason,
+    group: Group,
+    used: set[int],
+    age_ms: int | None = None,
+) -> SlotDecision:
+    """The slot's precomputed default; cheap enough for the overload path."""
+    d = _base(serving, ask, group, age_ms)
+    d.strategy = "holdout" if why is FallbackReason.HOLDOUT else "default"
+    d.fallback_reason = why
+    slot = ask.slot
+    if slot.kind is SlotKind.BANNER:
+        banner = serving.banners[slot.name].default
+        d.banner = _banner_json(banner.banner_id, banner.creative, "featured")
+        return d
+    default = serving.defaults[slot.name]
+    for p in default.picks:
+        if len(d.items) == ask.n:
+            break
+        if p.row not in used:
+            used.add(p.row)
+            why_item = f"featured by {p.pinned_by}" if p.pinned_by else default.reason
+            d.items.append(_item_json(serving, p.row, why_item))
+    return d
+
+
+class PageDecider:
+    """Decides every slot of one page from one SessionView."""
+
+    def __init__(self, serving: Serving, page: PageAsk, view: SessionView, now_ms: int) -> None:
+        self.serving = serving
+        self.page = page
+        self.view = view
+        self.used: set[int] = set()
+        cat = serving.catalog
+        self.blocked = set(cat.rows(view.bought)) | set(cat.rows(view.cart))
+        self.recent_rows = [r for r in cat.rows(view.recent) if r < serving.size]
+        self.age_ms = None if view.written_ms is None else max(0, now_ms - view.written_ms)
+        events = view.events if view.vector is not None else 0
+        if events >= serving.config.min_signal_events:
+            self.strategy, self.interest = "personalized", unit(view.vector)
+        elif view.profile is not None:
+            self.strategy, self.interest = "profile", unit(view.profile)
+        else:
+            self.strategy, self.interest = "trending", None
+        if self.interest is None:
+            self.strategy = "trending"
+        weak = unit(view.vector) if self.interest is None else self.interest
+        names = serving.catalog.space.names
+        self.categories = top_categories(names, weak) if weak is not None else []
+
+    def decide(self, ask: SlotAsk, group: Group, neighbours: Any) -> SlotDecision:
+        if ask.slot.kind is SlotKind.BANNER:
+            return self._banner(ask, group)
+        return self._items(ask, group, neighbours)
+
+    def _context_row(self, slot: Slot) -> int | None:
+        if slot.anchor is not Anchor.CONTEXT or self.page.context_item is None:
+            return None
+        row = self.serving.catalog.row(self.page.context_item)
+        return row if row is not None and row < self.serving.size else None
+
+    def _signals(self, slot: Slot, neighbours: Any) -> tuple[Signals, str]:
+        strategy, interest = self.strategy, self.interest
+        recent, categories = self.recent_rows, self.categories
+        ctx = self._context_row(slot)
+        anchor_title = None
+        if ctx is not None:
+            anchor_title = self.serving.catalog.item(ctx).title
+            item_vec = self.serving.catalog.matrix[ctx]
+            interest = unit(item_vec if interest is None else item_vec + 0.5 * interest)
+            recent = [ctx, *(r for r in recent if r != ctx)]
+            node = CATEGORY_SEP.join(self.serving.catalog.item(ctx).category[:2])
+            categories = [node, *(c for c in categories if c != node)]
+            if strategy == "trending":
+                strategy = "contextual"
+        covis, via = merge_covis(recent, neighbours)
+        return Signals(interest, recent, covis, via, categories, anchor_title), strategy
+
+    def _items(self, ask: SlotAsk, group: Group, neighbours: Any) -> SlotDecision:
+        serving, slot = self.serving, ask.slot
+        signals, strategy = self._signals(slot, neighbours)
+        if signals.interest is None and not signals.covis and not signals.categories:
+            return default_decision(serving, ask, FallbackReason.NO_SIGNAL, group, self.used,
+                                    self.age_ms)  # fmt: skip
+        rows = candidates(serving.catalog, signals, serving.trending, serving.category_rows)
+        rows = rows[rows < serving.size]
+        scored = score(serving.catalog, rows, signals, serving.trending)
+        blocked = self.used | self.blocked
+        if slot.exclude_seen:
+            blocked |= set(signals.recent_rows)
+        personal = strategy in PERSONAL
+        sensitive = serving.sensitive if personal and not self.page.sensitive_ok else None
+        picks = select(slot, ask.n, rows, scored.total, serving.catalog, serving.rules[slot.name],
+                       blocked, sensitive)  # fmt: skip
+        if not picks:
+            return default_decision(serving, ask, FallbackReason.NO_SIGNAL, group, self.used,
+                                    self.age_ms)  # fmt: skip
+        d = _base(serving, ask, group, self.age_ms)
+        d.strategy = strategy
+        if strategy == "trending":
+            d.fallback_reason = FallbackReason.NO_SIGNAL
+        index = {int(r): i for i, r in enumerate(rows)}
+        for p in picks:
+            self.used.add(p.row)
+            d.items.append(_item_json(serving, p.row, self._why(p, scored, index, signals,
+                                                                personal)))  # fmt: skip
+        self._fill(d, ask)
+        d.rules = rules_fired(picks, serving.rules[slot.name])
+        return d
+
+    def _why(self, p: Pick, scored: Any, index: dict[int, int], signals: Signals,
+             personal: bool) -> str:  # fmt: skip
+        if p.pinned_by is not None or p.row not in index:
+            return f"featured by {p.pinned_by}" if p.pinned_by else "featured"
+        return reason(self.serving.catalog, p.row, scored, index[p.row], signals, personal)
+
+    def _fill(self, d: SlotDecision, ask: SlotAsk) -> None:
+        """Too few candidates survived the filters: top up from the slot's default."""
+        if len(d.items) >= ask.n:
+            return
+        extra = default_decision(self.serving, SlotAsk(ask.slot, ask.n - len(d.items)),
+                                 FallbackReason.NO_SIGNAL, d.group, self.used)  # fmt: skip
+        d.items.extend(extra.items)
+
+    def _banner(self, ask: SlotAsk, group: Group) -> SlotDecision:
+        bs = self.serving.banners[ask.slot.name]
+        interest = self.interest
+        if interest is None or not bs.banners:
+            return default_decision(self.serving, ask, FallbackReason.NO_SIGNAL, group,
+                                    self.used, self.age_ms)  # fmt: skip
+        sims = bs.vectors @ interest
+        best, best_score = None, 0.0
+        for i, b in enumerate(bs.banners):
+            if not b.targeted or sims[i] < MIN_BANNER_SIMILARITY:
+                continue
+            if not under_cap(self.view.impressions, b.banner_id, b.frequency_cap):
+                continue
+            if bs.sensitive[i] and not self.page.sensitive_ok:
+                continue
+            if (s := float(sims[i]) * b.priority) > best_score:
+                best, best_score = b, s
+        if best is None:
+            return default_decision(self.serving, ask, FallbackReason.NO_SIGNAL, group,
+                                    self.used, self.age_ms)  # fmt: skip
+        d = _base(self.serving, ask, group, self.age_ms)
+        d.strategy = self.strategy
+        d.banner = _banner_json(best.banner_id, best.creative, self._banner_reason(best))
+        return d
+
+    def _banner_reason(self, banner: Any) -> str:
+        cat = self.serving.catalog
+        for target in banner.categories:
+            mask = cat.category_mask([target])
+            seen = sum(1 for r in self.recent_rows if mask[r])
+            if seen:
+                name = target.split(CATEGORY_SEP)[-1]
+                return f"because you viewed {seen} item{'s' if seen > 1 else ''} in {name}"
+        if self.categories:
+            return f"matches your interest in {self.categories[0].split(CATEGORY_SEP)[-1]}"
+        return "picked for you"
+
+
+def covis_sources(serving: Serving, page: PageAsk, view: SessionView) -> list[int]:
+    """The rows whose co-visitation neighbours this page needs."""
+    cat = serving.catalog
+    rows = [r for r in cat.rows(view.recent[:5]) if r < serving.size]
+    if page.context_item is not None and (r := cat.row(page.context_item)) is not None:
+        rows.insert(0, r)
+    return rows
+
+
+def decide_page(
+    serving: Serving,
+    page: PageAsk,
+    view: SessionView,
+    group: Group,
+    neighbours: Any,
+    now_ms: int,
+) -> list[SlotDecision]:
+    decider = PageDecider(serving, page, view, now_ms)
+    return [decider.decide(ask, group, neighbours) for ask in page.asks]
+
+
+def fallback_page(
+    serving: Serving, page: PageAsk, why: FallbackReason, group: Group
+) -> list[SlotDecision]:
+    used: set[int] = set()
+    return [default_decision(serving, ask, why, group, used) for ask in page.asks]

@@ -1,0 +1,138 @@
+"""Public decision endpoints: GET /v1/slots/{slot} and POST /v1/decisions.
+
+A fallback is a normal 200: the body's `fallback_reason` and the `X-Kairos-Fallback`
+header say what was served instead and why. Bad input is a 4xx that says what is wrong.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+
+from api.config import Slot
+from api.decisions import PageAsk, SlotAsk, SlotDecision
+from api.exceptions import BadRequest
+from api.limits import json_body, valid_id
+from api.runtime import Runtime
+
+MAX_PAGE_SLOTS = 10
+FALLBACK_HEADER = "x-kairos-fallback"
+VERSION_HEADER = "x-kairos-config-version"
+
+
+def runtime(request: Request) -> Runtime:
+    rt: Runtime = request.app.state.runtime
+    return rt
+
+
+class JSON(Response):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
+
+
+def _slot(rt: Runtime, name: Any) -> Slot:
+    slots = rt.serving.config.slots
+    if not isinstance(name, str) or name not in slots:
+        known = ", ".join(sorted(slots))
+        raise BadRequest(f"unknown slot {str(name)[:64]!r}; this config has: {known}", 404)
+    return slots[name]
+
+
+def _n(slot: Slot, raw: Any) -> int:
+    if raw is None or raw == "":
+        return slot.n
+    try:
+        n = int(raw)
+    except (TypeError, ValueError):
+        raise BadRequest(f"n must be an integer, got {str(raw)[:32]!r}") from None
+    if not 1 <= n <= slot.max_n:
+        raise BadRequest(f"n must be between 1 and {slot.max_n} for slot {slot.name}")
+    return n
+
+
+def _flag(raw: Any, name: str) -> bool:
+    if raw in (None, "", False, "false", "0"):
+        return False
+    if raw in (True, "true", "1"):
+        return True
+    raise BadRequest(f"{name} must be true or false")
+
+
+def _answer(decisions: list[SlotDecision], body: dict[str, Any], started: float) -> Response:
+    body["served_in_ms"] = round((time.perf_counter() - started) * 1000, 3)
+    reasons = sorted({d.fallback_reason.value for d in decisions if d.fallback_reason})
+    headers = {VERSION_HEADER: decisions[0].config_version if decisions else ""}
+    if reasons:
+        headers[FALLBACK_HEADER] = ",".join(reasons)
+    return JSON(body, headers=headers)
+
+
+async def slot_decision(request: Request) -> Response:
+    """One slot for one visitor: GET /v1/slots/{slot}?session_id=…[&user_id=…][&n=…]
+    [&item_id=…][&sensitive_ok=true]."""
+    started = time.perf_counter()
+    rt = runtime(request)
+    q = request.query_params
+    slot = _slot(rt, request.path_params["slot"])
+    page = PageAsk(
+        session_id=valid_id(q.get("session_id"), "session_id") or "",
+        user_id=valid_id(q.get("user_id"), "user_id", required=False),
+        asks=(SlotAsk(slot, _n(slot, q.get("n"))),),
+        context_item=valid_id(q.get("item_id"), "item_id", required=False),
+        sensitive_ok=_flag(q.get("sensitive_ok"), "sensitive_ok"),
+    )
+    decisions = await rt.decide(page)
+    return _answer(decisions, decisions[0].as_json(), started)
+
+
+def _page(rt: Runtime, body: Any) -> PageAsk:
+    if not isinstance(body, dict):
+        raise BadRequest("body must be a JSON object")
+    raw_slots = body.get("slots")
+    if not isinstance(raw_slots, list) or not 1 <= len(raw_slots) <= MAX_PAGE_SLOTS:
+        raise BadRequest(f"slots must be a list of 1 to {MAX_PAGE_SLOTS} slots")
+    asks: list[SlotAsk] = []
+    for entry in raw_slots:
+        spec = entry if isinstance(entry, dict) else {"slot": entry}
+        slot = _slot(rt, spec.get("slot"))
+        if any(a.slot.name == slot.name for a in asks):
+            raise BadRequest(f"slot {slot.name} is asked for twice")
+        asks.append(SlotAsk(slot, _n(slot, spec.get("n"))))
+    return PageAsk(
+        session_id=valid_id(body.get("session_id"), "session_id") or "",
+        user_id=valid_id(body.get("user_id"), "user_id", required=False),
+        asks=tuple(asks),
+        context_item=valid_id(body.get("item_id"), "item_id", required=False),
+        sensitive_ok=_flag(body.get("sensitive_ok"), "sensitive_ok"),
+    )
+
+
+async def page_decisions(request: Request) -> Response:
+    """Several slots of one page: one state read, no item twice on the page.
+
+    Body: {"session_id": "…", "user_id": "…"?, "item_id": "…"?, "slots": ["home_hero",
+    {"slot": "home_recs", "n": 8}]}"""
+    started = time.perf_counter()
+    rt = runtime(request)
+    page = _page(rt, json_body(await request.body()))
+    decisions = await rt.decide(page)
+    body = {"session_id": page.session_id, "decisions": [d.as_json() for d in decisions]}
+    return _answer(decisions, body, started)
+
+
+async def static_baseline(request: Request) -> Response:
+    """The benchmark's baseline: same process, same stack, a static payload."""
+    return JSON(_STATIC)
+
+
+_STATIC = {
+    "slot": "baseline",
+    "strategy": "default",
+    "items": [{"item_id": f"sku-{i:06d}", "reason": "static"} for i in range(8)],
+}

@@ -1,0 +1,97 @@
+"""The catalog as the API serves it: the worker's item vectors plus what filters need per row.
+
+The API builds the same vector space as the worker from the same catalog file, so session
+vectors written by the worker read back with the same meaning. Stock, price and new items
+arrive through the worker's Redis mirror of the `catalog` topic (`{catalog}:items`), polled
+in the background by `follow_mirror`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import numpy as np
+import numpy.typing as npt
+import orjson
+
+from stream_engine.catalog import CATEGORY_SEP, Catalog, CatalogError, Item, item_from_mapping
+
+log = logging.getLogger("kairos.api.items")
+
+Rows = npt.NDArray[np.int64]
+Mask = npt.NDArray[np.bool_]
+
+
+class ServingCatalog:
+    """Items by row, with per-row arrays for filters (stock, category, brand)."""
+
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+        self.space = catalog.space
+        self.version = 0  # bumps on every applied change; compiled configs check it
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        items = self.catalog.items
+        self.in_stock: Mask = np.fromiter((it.stock > 0 for it in items), bool, len(items))
+        leaves = sorted({it.category_path for it in items})
+        self.leaf_names = leaves
+        leaf_index = {name: i for i, name in enumerate(leaves)}
+        self.leaf: Rows = np.fromiter(
+            (leaf_index[it.category_path] for it in items), np.int64, len(items)
+        )
+        self.version += 1
+
+    def __len__(self) -> int:
+        return len(self.catalog)
+
+    @property
+    def matrix(self) -> npt.NDArray[np.float32]:
+        return self.catalog.matrix
+
+    def item(self, row: int) -> Item:
+        return self.catalog.items[row]
+
+    def row(self, item_id: str) -> int | None:
+        return self.catalog.row.get(item_id)
+
+    def rows(self, item_ids: Iterable[str]) -> list[int]:
+        get = self.catalog.row.get
+        return [r for i in item_ids if (r := get(i)) is not None]
+
+    def category_mask(self, categories: Iterable[str]) -> Mask:
+        """Rows whose category path is one of `categories` or below one of them."""
+        prefixes = tuple(categories)
+        mask = np.zeros(len(self), dtype=bool)
+        if not prefixes:
+            return mask
+        hits = [
+            i
+            for i, name in enumerate(self.leaf_names)
+            if any(name == p or name.startswith(p + CATEGORY_SEP) for p in prefixes)
+        ]
+        if hits:
+            mask = np.isin(self.leaf, np.asarray(hits, dtype=np.int64))
+        return mask
+
+    def brand_mask(self, brands: Iterable[str]) -> Mask:
+        wanted = set(brands)
+        return np.fromiter((it.brand in wanted for it in self.catalog.items), bool, len(self))
+
+    def apply_updates(self, raw_items: Iterable[tuple[str, bytes]]) -> int:
+        """Apply mirrored items (id, JSON); returns how many changed. Bad rows are skipped."""
+        changed = 0
+        for item_id, raw in raw_items:
+            try:
+                obj = orjson.loads(raw)
+                item = item_from_mapping(obj, f"catalog mirror item {item_id}")
+            except (orjson.JSONDecodeError, CatalogError, TypeError, AttributeError) as exc:
+                log.warning("catalog mirror: skipped %s: %s", item_id, exc)
+                continue
+            if self.catalog.get(item.item_id) != item:
+                self.catalog.upsert(item)
+                changed += 1
+        if changed:
+            self._rebuild()
+        return changed

@@ -1,0 +1,69 @@
+"""Input limits: request body size (Starlette has none) and id validation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api.exceptions import BadRequest
+from stream_engine.events import ID_PATTERN
+
+
+def valid_id(value: Any, name: str, required: bool = True) -> str | None:
+    if value is None or value == "":
+        if required:
+            raise BadRequest(f"{name} is required")
+        return None
+    if not isinstance(value, str) or not ID_PATTERN.fullmatch(value):
+        raise BadRequest(f"{name} must be 1-128 characters of [A-Za-z0-9._:@-]")
+    return value
+
+
+def json_body(raw: bytes) -> Any:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"body is not JSON: {exc}") from None
+
+
+class BodyLimit:
+    """Refuses bodies over `max_bytes` with 413: by Content-Length before reading, or while
+    reading (BadRequest, mapped to 413 by the app's error handler)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope["headers"]:
+            if name == b"content-length" and (not value.isdigit() or int(value) > self.max_bytes):
+                await self._refuse(send)
+                return
+        seen = 0
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise BadRequest(f"body over {self.max_bytes} bytes", 413)
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+    async def _refuse(self, send: Send) -> None:
+        body = orjson.dumps({"error": f"body over {self.max_bytes} bytes", "status": 413})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,63 @@
+"""Prometheus metrics of the decision API (GET /metrics)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 1.0,
+)  # fmt: skip
+
+
+class ApiMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.decisions = Counter(
+            "kairos_api_decisions_total", "Slot decisions by slot, strategy and fallback reason",
+            ["slot", "strategy", "fallback_reason"], registry=r,
+        )  # fmt: skip
+        self.fallbacks = Counter(
+            "kairos_api_fallbacks_total", "Slot decisions that served a default, by reason",
+            ["reason"], registry=r,
+        )  # fmt: skip
+        self.latency = Histogram(
+            "kairos_api_request_seconds", "Handler time of decision requests", ["endpoint"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.state_age = Histogram(
+            "kairos_api_state_age_seconds", "Age of the session state a decision used",
+            buckets=(0.01, 0.1, 1, 10, 60, 600, 3600), registry=r,
+        )  # fmt: skip
+        self.in_flight = Gauge("kairos_api_in_flight", "Decision requests in flight", registry=r)
+        self.limit = Gauge(
+            "kairos_api_in_flight_limit", "Adaptive bound on requests in flight", registry=r
+        )
+        self.breaker_open = Gauge(
+            "kairos_api_redis_breaker_open", "1 while the Redis circuit breaker is open",
+            registry=r,
+        )  # fmt: skip
+        self.dropped = Counter(
+            "kairos_api_publish_dropped_total", "Messages for Kafka dropped, by topic and why",
+            ["topic", "why"], registry=r,
+        )  # fmt: skip
+        self.beacons = Counter(
+            "kairos_api_beacon_events_total", "Collected beacon events by outcome", ["outcome"],
+            registry=r,
+        )  # fmt: skip
+        self.reloads = Counter(
+            "kairos_api_config_reloads_total", "Config reloads by outcome", ["outcome"],
+            registry=r,
+        )  # fmt: skip
+        self.config_version = Gauge(
+            "kairos_api_config_info", "The decision config in force (value 1)", ["version"],
+            registry=r,
+        )  # fmt: skip
+        self.refresh_errors = Counter(
+            "kairos_api_refresh_errors_total", "Background refreshes that failed (kept the last)",
+            registry=r,
+        )  # fmt: skip
+        self.covis_errors = Counter(
+            "kairos_api_covis_errors_total", "Co-visitation reads that failed or ran late",
+            registry=r,
+        )  # fmt: skip

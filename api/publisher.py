@@ -1,0 +1,111 @@
+"""Asynchronous publishing to Kafka: decision exposures and collected beacon events.
+
+The request path only ever calls `offer`, which puts the message on a bounded queue and
+returns at once; a background task drains it into an aiokafka producer. When Kafka is
+slow or down the queue fills and further messages are dropped and counted, never
+awaited. The producer (re)connects in the background, so the API starts without Kafka.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+
+log = logging.getLogger("kairos.api.publisher")
+
+Message = tuple[str, bytes, bytes]  # topic, key, value
+MAX_BACKOFF_S = 5.0
+
+
+class Publisher:
+    def __init__(
+        self,
+        bootstrap: str,
+        capacity: int,
+        on_drop: Callable[[str, str], None],
+        linger_ms: int = 5,
+    ) -> None:
+        self.bootstrap = bootstrap
+        self.queue: asyncio.Queue[Message | None] = asyncio.Queue(maxsize=capacity)
+        self.on_drop = on_drop  # (topic, why) -> None, for the metrics
+        self.linger_ms = linger_ms
+        self.connected = False
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
+
+    def offer(self, topic: str, key: bytes, value: bytes) -> bool:
+        """Queue a message; False (and counted) when the queue is full."""
+        try:
+            self.queue.put_nowait((topic, key, value))
+        except asyncio.QueueFull:
+            self.on_drop(topic, "queue_full")
+            return False
+        return True
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="kairos-publisher")
+
+    async def stop(self, grace_s: float = 3.0) -> None:
+        """Flush what is queued (while Kafka answers, up to grace_s), then close."""
+        if self._task is None:
+            return
+        self._stopping.set()
+        with contextlib.suppress(asyncio.QueueFull):
+            self.queue.put_nowait(None)  # wakes the drain loop; a full queue drains anyway
+        try:
+            async with asyncio.timeout(grace_s):
+                await asyncio.shield(self._task)
+        except TimeoutError:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        delay = 0.1
+        while not self._stopping.is_set():
+            producer = AIOKafkaProducer(
+                bootstrap_servers=self.bootstrap,
+                linger_ms=self.linger_ms,
+                acks=1,
+                request_timeout_ms=5000,
+            )
+            try:
+                await producer.start()
+                self.connected, delay = True, 0.1
+                await self._drain(producer)
+            except (KafkaError, OSError) as exc:
+                log.warning("kafka unavailable for publishing (%s); retrying", exc)
+            finally:
+                self.connected = False
+                with contextlib.suppress(Exception):
+                    await producer.stop()  # flushes what the producer holds
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), delay)
+            delay = min(2 * delay, MAX_BACKOFF_S)
+
+    async def _drain(self, producer: AIOKafkaProducer) -> None:
+        while True:
+            message = await self.queue.get()
+            if message is None:
+                return
+            topic, key, value = message
+            try:
+                # send() only waits for room in the producer's buffer, not for the broker.
+                fut = await producer.send(topic, value=value, key=key)
+            except KafkaError as exc:
+                self.on_drop(topic, "kafka_error")
+                log.warning("dropped a message for %s: %s", topic, exc)
+                continue
+            fut.add_done_callback(self._check(topic))
+
+    def _check(self, topic: str) -> Callable[[asyncio.Future[object]], None]:
+        def done(fut: asyncio.Future[object]) -> None:
+            if not fut.cancelled() and fut.exception() is not None:
+                self.on_drop(topic, "kafka_error")
+
+        return done

@@ -1,0 +1,174 @@
+"""Merchandising rules, filters and diversity: from scored candidates to the items served.
+
+Rules and their row masks are compiled once per config or catalog change (and on every
+refresh tick, so start/end windows take effect), never per request. Order of a pick:
+rules exclude and re-weight, filters drop what must never be shown (purchased, in cart,
+out of stock, sensitive without consent, already on the page), diversity keeps at most k
+per category, then pins take their positions.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from api.config import Action, DecisionConfig, Slot, SlotKind
+from api.items import Mask, Rows, ServingCatalog
+
+Scores = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True, slots=True)
+class Pin:
+    rule_id: str
+    position: int
+    rows: tuple[int, ...]
+
+
+@dataclass(slots=True)
+class SlotRules:
+    exclude: Mask
+    weight: Scores  # product of active boost/bury factors per row
+    pins: tuple[Pin, ...] = ()
+    fired: dict[str, Mask] = field(default_factory=dict)  # rule id -> rows it touches
+
+
+def compile_rules(
+    config: DecisionConfig, catalog: ServingCatalog, now: dt.datetime
+) -> dict[str, SlotRules]:
+    """Per items slot: the rows its active rules exclude, re-weight and pin."""
+    n = len(catalog)
+    out: dict[str, SlotRules] = {}
+    masks: dict[str, Mask] = {}
+    for rule in config.rules:
+        if rule.window.active(now):
+            mask = catalog.category_mask(rule.categories) | catalog.brand_mask(rule.brands)
+            mask[catalog.rows(rule.items)] = True
+            masks[rule.rule_id] = mask
+    for slot in config.slots.values():
+        if slot.kind is not SlotKind.ITEMS:
+            continue
+        rules = SlotRules(np.zeros(n, dtype=bool), np.ones(n, dtype=np.float32))
+        pins: list[Pin] = []
+        for rule in config.rules:
+            hit = masks.get(rule.rule_id)
+            if hit is None or not rule.applies_to(slot.name):
+                continue
+            rules.fired[rule.rule_id] = hit
+            if rule.action is Action.EXCLUDE:
+                rules.exclude |= hit
+            elif rule.action is Action.PIN:
+                pins.append(Pin(rule.rule_id, rule.position, tuple(catalog.rows(rule.items))))
+            else:
+                rules.weight[hit] *= np.float32(rule.factor)
+        rules.pins = tuple(sorted(pins, key=lambda p: p.position))
+        out[slot.name] = rules
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Pick:
+    row: int
+    pinned_by: str | None = None
+
+
+def _allowed(
+    rows: Rows,
+    catalog: ServingCatalog,
+    rules: SlotRules,
+    blocked_rows: Collection[int],
+    sensitive: Mask | None,
+) -> Mask:
+    ok: Mask = catalog.in_stock[rows] & ~rules.exclude[rows]
+    if sensitive is not None:
+        ok &= ~sensitive[rows]
+    if blocked_rows:
+        ok &= ~np.isin(rows, np.fromiter(blocked_rows, np.int64, len(blocked_rows)))
+    return ok
+
+
+def select(
+    slot: Slot,
+    n: int,
+    rows: Rows,
+    scores: Scores,
+    catalog: ServingCatalog,
+    rules: SlotRules,
+    blocked_rows: Collection[int],
+    sensitive: Mask | None = None,
+) -> list[Pick]:
+    """The n items to serve from scored candidates (rows[i] scored scores[i])."""
+    ok = _allowed(rows, catalog, rules, blocked_rows, sensitive)
+    rows, weighted = rows[ok], scores[ok] * rules.weight[rows[ok]]
+    pins = _pins(rules, catalog, blocked_rows, sensitive, n)
+    pinned = {p.row for p in pins}
+    wanted = n - len(pins)
+    chosen: list[int] = []
+    per_category: dict[int, int] = {}
+    cap = slot.max_per_category or n
+    for i in np.argsort(-weighted, kind="stable"):
+        if len(chosen) == wanted:
+            break
+        row = int(rows[i])
+        leaf = int(catalog.leaf[row])
+        if row in pinned or per_category.get(leaf, 0) >= cap:
+            continue
+        per_category[leaf] = per_category.get(leaf, 0) + 1
+        chosen.append(row)
+    picks = [Pick(r) for r in chosen]
+    last = -1
+    for p in pins:  # sorted by position; pins sharing a position keep their file order
+        last = min(max(p.position, last + 1), len(picks))
+        picks.insert(last, Pick(p.row, p.pinned_by))
+    return picks[:n]
+
+
+@dataclass(frozen=True, slots=True)
+class _PinnedRow:
+    row: int
+    position: int
+    pinned_by: str
+
+
+def _pins(
+    rules: SlotRules,
+    catalog: ServingCatalog,
+    blocked_rows: Collection[int],
+    sensitive: Mask | None,
+    n: int,
+) -> list[_PinnedRow]:
+    out: list[_PinnedRow] = []
+    taken: set[int] = set()
+    for pin in rules.pins:
+        for row in pin.rows:
+            if row in taken or row in blocked_rows or not catalog.in_stock[row]:
+                continue
+            if rules.exclude[row] or (sensitive is not None and sensitive[row]):
+                continue
+            out.append(_PinnedRow(row, pin.position, pin.rule_id))
+            taken.add(row)
+            break  # one item per pin rule: its first item that may be shown
+    return out[:n]
+
+
+def rules_fired(picks: list[Pick], rules: SlotRules) -> list[str]:
+    """Rule ids that shaped this answer (for the report's "rules that never fired")."""
+    rows = np.asarray([p.row for p in picks], dtype=np.int64)
+    if rows.size == 0:
+        return []
+    return [rid for rid, mask in rules.fired.items() if bool(mask[rows].any())]
+
+
+def sensitive_mask(config: DecisionConfig, catalog: ServingCatalog) -> Mask | None:
+    if not config.sensitive_categories:
+        return None
+    return catalog.category_mask(config.sensitive_categories)
+
+
+def under_cap(impressions: Mapping[str, int], banner_id: str, cap: int) -> bool:
+    """Frequency cap: impressions of this banner the session reported, against its cap."""
+    return cap == 0 or impressions.get(banner_id, 0) < cap

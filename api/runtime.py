@@ -1,0 +1,270 @@
+"""The API's running state and the guarded decision path.
+
+`Runtime.decide` is where a page decision meets its guards, in this order: pause switches,
+the in-flight limit, the Redis breaker, the Redis read under its budget, holdout, consent,
+co-visitation within what is left of the budget, the deadline, then the decision itself.
+Every exit that is not a personalized answer is a default with its reason.
+
+`Runtime.refresh` runs in the background: config file changes, catalog changes from the
+worker's Redis mirror, trending; then it swaps in a new Serving snapshot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from api.aggregates import CovisCache, parse_trending, trending_commands, trending_keys
+from api.config import DecisionConfig, load_config
+from api.decisions import PageAsk, SlotDecision, covis_sources, decide_page, default_decision
+from api.exceptions import ConfigFileError
+from api.fallback import Breaker, FallbackReason, Limiter, Pauses
+from api.holdout import Group, assign, stable_id
+from api.items import ServingCatalog
+from api.metrics import ApiMetrics
+from api.publisher import Publisher
+from api.scoring import Trending
+from api.serving import Serving, build_serving
+from api.session_state import SessionView, StateReader
+from api.settings import Settings
+from stream_engine.catalog_updates import catalog_items_key, catalog_version_key
+from stream_engine.state import Keys
+
+log = logging.getLogger("kairos.api")
+
+STORE_ERRORS = (RedisError, OSError, ConnectionError)
+
+
+@dataclass(slots=True)
+class ConfigSource:
+    path: Path
+    mtime_ns: int = -1
+    error: str | None = None  # the last reload's error, while the previous config serves
+
+
+@dataclass(slots=True)
+class Runtime:
+    settings: Settings
+    redis: aioredis.Redis
+    reader: StateReader
+    catalog: ServingCatalog
+    serving: Serving
+    source: ConfigSource
+    metrics: ApiMetrics
+    publisher: Publisher
+    keys: Keys
+    breaker: Breaker = field(default_factory=Breaker)
+    pauses: Pauses = field(default_factory=Pauses)
+    limiter: Limiter = field(default_factory=lambda: Limiter(0.010))
+    covis: CovisCache = field(default_factory=CovisCache)
+    catalog_version: bytes | None = None
+
+    # -- the decision path ---------------------------------------------------------------
+
+    async def decide(self, page: PageAsk) -> list[SlotDecision]:
+        started = time.perf_counter()
+        serving = self.serving
+        if not self.limiter.try_acquire():
+            group = assign(page.session_id, serving.config.holdout_share)
+            return self._record(page, self._fallback(page, FallbackReason.OVERLOAD, group))
+        self.metrics.in_flight.inc()
+        try:
+            decisions = await self._decide(page, serving, started)
+        finally:
+            self.metrics.in_flight.dec()
+            self.limiter.release(time.perf_counter() - started)
+            self.metrics.limit.set(self.limiter.limit)
+        return self._record(page, decisions)
+
+    async def _decide(self, page: PageAsk, serving: Serving, started: float) -> list[SlotDecision]:
+        s = self.settings
+        share = serving.config.holdout_share
+        if all(self.pauses.paused(a.slot.name) for a in page.asks):
+            return self._fallback(page, FallbackReason.PAUSED, assign(page.session_id, share))
+        view, why = await self._read(page)
+        if view is None:
+            assert why is not None
+            return self._fallback(page, why, assign(page.session_id, share))
+        group = assign(stable_id(page.session_id, view.user_anchor), share)
+        if group is Group.HOLDOUT:
+            return self._fallback(page, FallbackReason.HOLDOUT, group, view)
+        if view.block or view.user_block:
+            return self._fallback(page, FallbackReason.CONSENT, group, view)
+        neighbours = await self._neighbours(page, view, serving, started)
+        if (time.perf_counter() - started) * 1000 > s.deadline_ms:
+            return self._fallback(page, FallbackReason.TIMEOUT, group, view)
+        now_ms = int(time.time() * 1000)
+        active = PageAsk(page.session_id, page.user_id,
+                         tuple(a for a in page.asks if not self.pauses.paused(a.slot.name)),
+                         page.context_item, page.sensitive_ok)  # fmt: skip
+        decided = iter(decide_page(serving, active, view, group, neighbours, now_ms))
+        used: set[int] = set()
+        return [
+            default_decision(serving, a, FallbackReason.PAUSED, group, used)
+            if self.pauses.paused(a.slot.name)
+            else next(decided)
+            for a in page.asks
+        ]
+
+    async def _read(self, page: PageAsk) -> tuple[SessionView | None, FallbackReason | None]:
+        if not self.breaker.allow():
+            return None, FallbackReason.STORE_UNAVAILABLE
+        budget = self.settings.redis_timeout_ms / 1000
+        try:
+            view = await self.reader.read(
+                page.session_id, page.user_id, int(time.time() * 1000), budget
+            )
+        except TimeoutError:
+            self._store_failed()
+            return None, FallbackReason.TIMEOUT
+        except STORE_ERRORS:
+            self._store_failed()
+            return None, FallbackReason.STORE_UNAVAILABLE
+        self.breaker.success()
+        self.metrics.breaker_open.set(0)
+        return view, None
+
+    def _store_failed(self) -> None:
+        self.breaker.failure()
+        self.metrics.breaker_open.set(0 if self.breaker.state == "closed" else 1)
+
+    async def _neighbours(
+        self, page: PageAsk, view: SessionView, serving: Serving, started: float
+    ) -> dict[int, Any]:
+        sources = covis_sources(serving, page, view)
+        found, missing = self.covis.lookup(sources)
+        if not missing:
+            return found
+        left_ms = self.settings.redis_timeout_ms - (time.perf_counter() - started) * 1000
+        if left_ms <= 0.5:
+            self.metrics.covis_errors.inc()
+            return found
+        try:
+            replies = await self.reader.execute(
+                self.covis.commands(self.keys, serving.catalog, missing), left_ms / 1000
+            )
+        except (TimeoutError, *STORE_ERRORS):
+            self.metrics.covis_errors.inc()
+            return found
+        found.update(self.covis.store(missing, replies, serving.catalog))
+        return found
+
+    def _fallback(
+        self,
+        page: PageAsk,
+        why: FallbackReason,
+        group: Group,
+        view: SessionView | None = None,
+    ) -> list[SlotDecision]:
+        serving = self.serving
+        age = None
+        if view is not None and view.written_ms is not None:
+            age = max(0, int(time.time() * 1000) - view.written_ms)
+        used: set[int] = set()
+        return [default_decision(serving, a, why, group, used, age) for a in page.asks]
+
+    def _record(self, page: PageAsk, decisions: list[SlotDecision]) -> list[SlotDecision]:
+        """Metrics and the exposure record of every decision (queued, never awaited)."""
+        now_ms = int(time.time() * 1000)
+        for d in decisions:
+            reason = d.fallback_reason.value if d.fallback_reason else ""
+            self.metrics.decisions.labels(d.slot, d.strategy, reason).inc()
+            if d.fallback_reason is not None and d.strategy != "trending":
+                self.metrics.fallbacks.labels(reason).inc()
+            if d.state_age_ms is not None:
+                self.metrics.state_age.observe(d.state_age_ms / 1000)
+            exposure = {
+                "decision_id": d.decision_id,
+                "ts": now_ms,
+                "session_id": page.session_id,
+                "user_id": page.user_id,
+                "slot": d.slot,
+                "strategy": d.strategy,
+                "fallback_reason": reason or None,
+                "group": d.group.value,
+                "config_version": d.config_version,
+                "items": [i["item_id"] for i in d.items],
+                "banner": d.banner["banner_id"] if d.banner else None,
+            }
+            self.publisher.offer(
+                self.settings.decisions_topic, page.session_id.encode(), orjson.dumps(exposure)
+            )
+        return decisions
+
+    # -- background refresh --------------------------------------------------------------
+
+    def reload_config(self, force: bool = False) -> DecisionConfig | None:
+        """Load the config file if it changed; raises ConfigFileError (the old one stays)."""
+        try:
+            mtime = self.source.path.stat().st_mtime_ns
+        except OSError as exc:
+            raise ConfigFileError(f"{self.source.path}: cannot read ({exc.strerror})") from None
+        if mtime == self.source.mtime_ns and not force:
+            return None
+        self.source.mtime_ns = mtime
+        try:
+            config = load_config(self.source.path)
+        except ConfigFileError as exc:
+            self.source.error = str(exc)
+            self.metrics.reloads.labels("error").inc()
+            raise
+        self.source.error = None
+        self.metrics.reloads.labels("ok").inc()
+        self.metrics.config_version.clear()
+        self.metrics.config_version.labels(config.version).set(1)
+        self.serving = build_serving(
+            config, self.catalog, self.serving.trending, _now(), previous=None
+        )
+        log.info("decision config %s in force (%s)", config.version, self.source.path)
+        return config
+
+    async def refresh(self) -> None:
+        """One background tick; a failure keeps the last snapshot and is counted."""
+        try:
+            self.reload_config()
+        except ConfigFileError as exc:
+            log.error("config reload refused, keeping %s: %s", self.serving.config.version, exc)
+        names = trending_keys(self.catalog)
+        cmds: list[tuple[Any, ...]] = [("GET", catalog_version_key(self.settings.key_prefix))]
+        cmds += trending_commands(self.keys, names)
+        replies = await self.reader.execute(cmds, timeout_s=1.0)
+        if replies[0] is not None and replies[0] != self.catalog_version:
+            mirror = await self.redis.hgetall(catalog_items_key(self.settings.key_prefix))
+            self.catalog.apply_updates(
+                (_text(k), v if isinstance(v, bytes) else v.encode()) for k, v in mirror.items()
+            )
+            self.catalog_version = replies[0]
+        trending = parse_trending(names, replies[1:], self.catalog)
+        self.serving = build_serving(
+            self.serving.config, self.catalog, trending, _now(), previous=self.serving
+        )
+
+    async def run_refresher(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.refresh_interval_s)
+            try:
+                await self.refresh()
+            except (TimeoutError, *STORE_ERRORS) as exc:
+                self.metrics.refresh_errors.inc()
+                log.warning("background refresh failed, serving the last snapshot: %s", exc)
+
+
+def _text(raw: bytes | str) -> str:
+    return raw.decode() if isinstance(raw, bytes) else raw
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def initial_serving(config: DecisionConfig, catalog: ServingCatalog) -> Serving:
+    return build_serving(config, catalog, Trending(), _now())

@@ -1,0 +1,169 @@
+"""What a decision reads besides the visitor's state, rebuilt off the request path.
+
+`build_serving` turns the config in force, the catalog, trending and the clock into one
+immutable snapshot: compiled rules per slot, banner vectors, candidate rows per category,
+and the precomputed default answer of every slot (trending through the slot's rules, else
+its configured default). The background refresher swaps in a new snapshot every second;
+requests only ever read one.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from api.config import Banner, DecisionConfig, Slot, SlotKind
+from api.items import Mask, Rows, ServingCatalog
+from api.rules import Pick, SlotRules, compile_rules, select, sensitive_mask
+from api.scoring import Trending
+from stream_engine.catalog import CATEGORY_SEP, Matrix, Vector
+
+
+@dataclass(frozen=True, slots=True)
+class BannerSet:
+    """The active banners of one slot, in file order, with their targeting vectors."""
+
+    banners: tuple[Banner, ...]
+    vectors: Matrix  # row i: unit targeting vector of banners[i] (zeros if untargeted)
+    sensitive: tuple[bool, ...]
+    default: Banner
+
+
+@dataclass(frozen=True, slots=True)
+class SlotDefault:
+    picks: tuple[Pick, ...]
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Serving:
+    config: DecisionConfig
+    catalog: ServingCatalog
+    trending: Trending
+    rules: Mapping[str, SlotRules]
+    banners: Mapping[str, BannerSet]
+    category_rows: Mapping[str, Rows]
+    defaults: Mapping[str, SlotDefault]
+    sensitive: Mask | None
+    size: int  # catalog rows when built; newer rows wait for the next snapshot
+    catalog_version: int
+    compiled_at: dt.datetime
+
+
+def _category_rows(catalog: ServingCatalog) -> dict[str, Rows]:
+    """Every category node of the space -> its in-stock rows, in catalog order."""
+    out: dict[str, Rows] = {}
+    for name in catalog.space.names:
+        if name.startswith("cat:"):
+            mask = catalog.category_mask([name[4:]]) & catalog.in_stock
+            out[name[4:]] = np.flatnonzero(mask).astype(np.int64)
+    return out
+
+
+def _banner_vector(banner: Banner, catalog: ServingCatalog) -> Vector:
+    dims = catalog.space.dims
+    v = np.zeros(dims, np.float32)
+    for cat in banner.categories:
+        mask = catalog.category_mask([cat])
+        if mask.any():
+            v += catalog.matrix[mask].mean(axis=0)
+    rows = catalog.rows(banner.items)
+    if rows:
+        v += catalog.matrix[rows].mean(axis=0)
+    norm = float(np.linalg.norm(v))
+    return v / norm if norm > 0 else v
+
+
+def _banner_sets(
+    config: DecisionConfig, catalog: ServingCatalog, now: dt.datetime
+) -> dict[str, BannerSet]:
+    by_id = {b.banner_id: b for b in config.banners}
+    out: dict[str, BannerSet] = {}
+    for slot in config.slots.values():
+        if slot.kind is not SlotKind.BANNER or slot.default_banner is None:
+            continue
+        active = tuple(b for b in config.banners if slot.name in b.slots and b.window.active(now))
+        vectors = (
+            np.stack([_banner_vector(b, catalog) for b in active])
+            if active
+            else np.zeros((0, catalog.space.dims), np.float32)
+        )
+        sensitive = tuple(
+            any(c == s or c.startswith(s + CATEGORY_SEP)
+                for c in b.categories for s in config.sensitive_categories)
+            for b in active
+        )  # fmt: skip
+        out[slot.name] = BannerSet(active, vectors, sensitive, by_id[slot.default_banner])
+    return out
+
+
+def _default_picks(
+    slot: Slot, catalog: ServingCatalog, rules: SlotRules, trending: Trending
+) -> SlotDefault:
+    rows = trending.get()
+    picks = select(slot, slot.max_n, rows, trending.prior_of(rows), catalog, rules, ())
+    reason = "popular right now"
+    if len(picks) < slot.max_n:
+        # Not enough trending yet (a fresh deployment): the slot's configured default items,
+        # then the catalog's first items in stock.
+        taken = {p.row for p in picks}
+        static = np.asarray(catalog.rows(slot.default_items), np.int64)
+        first = np.flatnonzero(catalog.in_stock)[: slot.max_n * 4].astype(np.int64)
+        fill = np.concatenate([static, first])
+        weights = np.linspace(1.0, 0.5, fill.size, dtype=np.float32)
+        more = select(slot, slot.max_n - len(picks), fill, weights, catalog, rules, taken)
+        picks += more
+        if not trending.get().size:
+            reason = "featured"
+    return SlotDefault(tuple(picks), reason)
+
+
+RECOMPILE_EVERY = dt.timedelta(seconds=60)
+
+
+def build_serving(
+    config: DecisionConfig,
+    catalog: ServingCatalog,
+    trending: Trending,
+    now: dt.datetime,
+    previous: Serving | None = None,
+) -> Serving:
+    """A new snapshot. Rules, banners and category rows are recompiled only when the config
+    or the catalog changed, or a minute passed (so start/end windows take effect within a
+    minute); the defaults follow trending every time."""
+    if (
+        previous is not None
+        and previous.config is config
+        and previous.catalog_version == catalog.version
+        and now - previous.compiled_at < RECOMPILE_EVERY
+    ):
+        rules, banners = previous.rules, previous.banners
+        category_rows, sensitive = previous.category_rows, previous.sensitive
+        compiled_at = previous.compiled_at
+    else:
+        rules = compile_rules(config, catalog, now)
+        banners = _banner_sets(config, catalog, now)
+        category_rows = _category_rows(catalog)
+        sensitive = sensitive_mask(config, catalog)
+        compiled_at = now
+    defaults = {
+        s.name: _default_picks(s, catalog, rules[s.name], trending)
+        for s in config.slots.values()
+        if s.kind is SlotKind.ITEMS
+    }
+    return Serving(
+        config=config,
+        catalog=catalog,
+        trending=trending,
+        rules=rules,
+        banners=banners,
+        category_rows=category_rows,
+        defaults=defaults,
+        sensitive=sensitive,
+        size=len(catalog),
+        catalog_version=catalog.version,
+        compiled_at=compiled_at,
+    )

@@ -1,0 +1,126 @@
+"""Reading what the stream engine wrote: one round trip per decision.
+
+The session hash, its impression counts, its consent/erasure block and (when the caller
+names the user) the user's profile and block travel in one packed write and one read on a
+connection held by the API (`stream_engine.store.Batches`, a small pool of them), with
+one deadline for the whole round trip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from stream_engine.catalog import Vector
+from stream_engine.state import Keys
+from stream_engine.store import Batches
+from stream_engine.vectors import from_bytes, user_profile
+
+
+@dataclass(slots=True)
+class SessionView:
+    """A session's state as the API sees it. An unknown session is an empty view."""
+
+    session_id: str
+    vector: Vector | None = None
+    events: int = 0
+    recent: list[str] = field(default_factory=list)
+    cart: list[str] = field(default_factory=list)
+    bought: list[str] = field(default_factory=list)
+    impressions: dict[str, int] = field(default_factory=dict)
+    written_ms: int | None = None  # when the worker last wrote it (state age)
+    user: str | None = None
+    block: str | None = None  # "consent" or "erased"
+    profile: Vector | None = None
+    user_anchor: str | None = None  # the session that first linked the user (holdout)
+    user_block: str | None = None
+
+
+def _pairs(reply: Any) -> dict[bytes, bytes]:
+    if isinstance(reply, dict):
+        return reply
+    it = iter(reply or ())
+    return dict(zip(it, it, strict=True))
+
+
+def _words(raw: bytes | None) -> list[str]:
+    return raw.decode().split() if raw else []
+
+
+def parse_view(
+    sid: str,
+    replies: Sequence[Any],
+    dims: int,
+    now_ms: int,
+    user_half_life_ms: float,
+) -> SessionView:
+    s = _pairs(replies[0])
+    imp = _pairs(replies[1])
+    view = SessionView(
+        session_id=sid,
+        vector=from_bytes(s.get(b"v"), dims),
+        events=int(s.get(b"n", 0)),
+        recent=_words(s.get(b"r")),
+        cart=_words(s.get(b"c")),
+        bought=_words(s.get(b"b")),
+        impressions={k.decode(): int(v) for k, v in imp.items()},
+        written_ms=int(s[b"w"]) if b"w" in s else None,
+        user=s[b"u"].decode() if s.get(b"u") else None,
+        block=replies[2].decode() if replies[2] else None,
+    )
+    if len(replies) > 3:
+        u = _pairs(replies[3])
+        view.profile = user_profile(u, dims, now_ms, user_half_life_ms)
+        view.user_anchor = u[b"a"].decode() if u.get(b"a") else None
+        view.user_block = replies[4].decode() if replies[4] else None
+    return view
+
+
+class StateReader:
+    """A pool of held connections; each read is one round trip under one deadline."""
+
+    def __init__(
+        self, redis: aioredis.Redis, keys: Keys, dims: int, user_half_life_ms: float, size: int
+    ) -> None:
+        self.keys = keys
+        self.dims = dims
+        self.user_half_life_ms = user_half_life_ms
+        self._all = [Batches(redis) for _ in range(size)]
+        self._free: asyncio.Queue[Batches] = asyncio.Queue()
+        for b in self._all:
+            self._free.put_nowait(b)
+
+    async def execute(self, commands: Sequence[tuple[Any, ...]], timeout_s: float) -> list[Any]:
+        """Raises TimeoutError or a Redis/OS error; a cancelled read drops its connection."""
+        async with asyncio.timeout(timeout_s):
+            conn = await self._free.get()
+            try:
+                return await conn.execute(commands)
+            finally:
+                self._free.put_nowait(conn)
+
+    def commands(self, sid: str, uid: str | None) -> list[tuple[Any, ...]]:
+        k = self.keys
+        cmds: list[tuple[Any, ...]] = [
+            ("HGETALL", k.session(sid)),
+            ("HGETALL", k.impressions(sid)),
+            ("GET", k.session_block(sid)),
+        ]
+        if uid is not None:
+            cmds += [("HGETALL", k.user(uid)), ("GET", k.user_block(uid))]
+        return cmds
+
+    async def read(self, sid: str, uid: str | None, now_ms: int, timeout_s: float) -> SessionView:
+        replies = await self.execute(self.commands(sid, uid), timeout_s)
+        for r in replies:
+            if isinstance(r, Exception):
+                raise r
+        return parse_view(sid, replies, self.dims, now_ms, self.user_half_life_ms)
+
+    async def aclose(self) -> None:
+        for b in self._all:
+            await b.aclose()

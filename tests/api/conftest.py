@@ -1,0 +1,105 @@
+"""API fixtures: a demo catalog file shared with an in-process stream processor, settings
+pointing at the real stack with this test's key prefix, and an in-process HTTP client."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from pathlib import Path
+
+import httpx
+import pytest
+import redis.asyncio as aioredis
+
+from api.app import create_app
+from api.settings import Settings
+from stream_engine.catalog import Catalog
+from stream_engine.demo_catalog import write_demo_catalog
+from stream_engine.events import Event, EventType, encode_event
+from stream_engine.planning import Tuning
+from stream_engine.processor import BatchProcessor, Record, Ttls
+from stream_engine.state import Keys
+from tests.conftest import Stack
+
+ADMIN_TOKEN = "test-admin-token-0123456789"
+TUNING = Tuning(1_800_000, 14 * 86_400_000, 7 * 86_400_000, 6 * 3_600_000)
+TTLS = Ttls(3_600_000, 86_400_000, 86_400_000, 86_400_000)
+
+
+@pytest.fixture(scope="session")
+def catalog_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_demo_catalog(tmp_path_factory.mktemp("catalog") / "demo.jsonl", n_items=2000)
+
+
+@pytest.fixture(scope="session")
+def catalog(catalog_file: Path) -> Catalog:
+    return Catalog.from_file(catalog_file)
+
+
+@pytest.fixture
+def settings(stack: Stack, key_prefix: str, catalog_file: Path, unique: str) -> Settings:
+    return Settings(
+        kafka_bootstrap=stack.kafka_bootstrap,
+        redis_url=stack.redis_url,
+        key_prefix=key_prefix,
+        catalog_path=str(catalog_file),
+        admin_token=ADMIN_TOKEN,
+        clickstream_topic=f"clickstream.{unique}",
+        decisions_topic=f"decisions.{unique}",
+        refresh_interval_s=0.2,
+    )
+
+
+@asynccontextmanager
+async def client_for(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """The app with its lifespan run, behind an in-process HTTP client."""
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://kairos") as client:
+            client.app = app  # type: ignore[attr-defined]
+            yield client
+
+
+def with_(settings: Settings, **changes: object) -> Settings:
+    return replace(settings, **changes)  # type: ignore[arg-type]
+
+
+class Clicks:
+    """Writes session state with the real stream processor (the worker's code path)."""
+
+    def __init__(self, processor: BatchProcessor) -> None:
+        self.processor = processor
+        self.offset = 0
+        self.t0 = int(time.time() * 1000) - 120_000
+        self._n = iter(range(10**9))
+
+    async def __call__(self, sid: str, *events: tuple[EventType, str | None], **kw: object) -> None:
+        records = []
+        for etype, item in events:
+            n = next(self._n)
+            event = Event(f"e{n}", etype, sid, self.t0 + 100 * n, item_id=item, **kw)  # type: ignore[arg-type]
+            records.append(Record(0, self.offset, sid.encode(), encode_event(event), self.t0))
+            self.offset += 1
+        out = await self.processor.process(records)
+        assert not out.dead
+
+
+@pytest.fixture
+async def clicks(
+    redis_client: aioredis.Redis, key_prefix: str, catalog: Catalog
+) -> AsyncIterator[Clicks]:
+    processor = BatchProcessor(redis_client, Keys(key_prefix), catalog, TUNING, TTLS)
+    yield Clicks(processor)
+    await processor.aclose()
+
+
+@pytest.fixture
+def items_in(catalog: Catalog) -> Callable[[str], list[str]]:
+    def pick(category: str) -> list[str]:
+        return [it.item_id for it in catalog.items
+                if it.category_path.startswith(category) and it.stock > 0]  # fmt: skip
+
+    return pick
