@@ -21,7 +21,16 @@ from api.config import Anchor, Slot, SlotKind
 from api.fallback import FallbackReason
 from api.holdout import Group
 from api.rules import Pick, rules_fired, select, under_cap
-from api.scoring import Signals, candidates, merge_covis, reason, score, top_categories, unit
+from api.scoring import (
+    Signals,
+    candidates,
+    leaf_shares,
+    merge_covis,
+    reason,
+    score,
+    top_categories,
+    unit,
+)
 from api.serving import Serving
 from api.session_state import SessionView
 from stream_engine.catalog import CATEGORY_SEP
@@ -72,7 +81,6 @@ class SlotDecision:
             out["banner"] = self.banner
         else:
             out["items"] = self.items
-        if self.rules:
             out["rules"] = self.rules
         return out
 
@@ -190,7 +198,8 @@ class PageDecider:
             if strategy == "trending":
                 strategy = "contextual"
         covis, via = merge_covis(recent, neighbours)
-        return Signals(interest, recent, covis, via, categories, anchor_title), strategy
+        leaves = leaf_shares(self.serving.catalog, recent)
+        return Signals(interest, recent, covis, via, categories, anchor_title, leaves), strategy
 
     def _items(self, ask: SlotAsk, group: Group, neighbours: Any) -> SlotDecision:
         serving, slot = self.serving, ask.slot

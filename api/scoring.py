@@ -23,6 +23,8 @@ from stream_engine.catalog import CATEGORY_SEP, Vector
 W_INTEREST = 1.0
 W_COVISIT = 0.6
 W_TREND = 0.2
+# Same leaf category as the session's recent items (the space may stop above the leaves).
+W_LEAF = 0.3
 # How many of the session's most recent items feed co-visitation, and their weights.
 COVISIT_SOURCES = 5
 RECENCY = (1.0, 0.7, 0.5, 0.35, 0.25)
@@ -64,6 +66,17 @@ class Signals:
     covis_via: dict[int, int] = field(default_factory=dict)  # row -> recent row it came from
     categories: list[str] = field(default_factory=list)  # strongest category nodes
     anchor_title: str | None = None  # the page's item, for "similar to …"
+    leaves: dict[int, float] = field(default_factory=dict)  # leaf -> recency-weighted share
+
+
+def leaf_shares(catalog: ServingCatalog, recent_rows: Sequence[int]) -> dict[int, float]:
+    weights = [RECENCY[min(i, len(RECENCY) - 1)] for i in range(len(recent_rows))]
+    total = sum(weights)
+    out: dict[int, float] = {}
+    for row, w in zip(recent_rows, weights, strict=True):
+        leaf = int(catalog.leaf[row])
+        out[leaf] = out.get(leaf, 0.0) + w / total
+    return out
 
 
 def unit(v: Vector | None) -> Vector | None:
@@ -113,6 +126,9 @@ def candidates(
     category_rows: Mapping[str, Rows],
 ) -> Rows:
     parts: list[Rows] = [np.fromiter(signals.covis, np.int64, len(signals.covis))]
+    top_leaves = sorted(signals.leaves, key=lambda k: -signals.leaves[k])[:TOP_CATEGORIES]
+    for leaf in top_leaves:
+        parts.append(category_rows.get(catalog.leaf_names[leaf], _NO_ROWS)[:CATEGORY_CANDIDATES])
     for cat in signals.categories:
         parts.append(trending.get(cat))
         parts.append(category_rows.get(cat, _NO_ROWS)[:CATEGORY_CANDIDATES])
@@ -127,6 +143,7 @@ class Scored:
     interest: Floats
     covis: Floats
     trend: Floats
+    leaf: Floats
 
 
 def score(catalog: ServingCatalog, rows: Rows, signals: Signals, trending: Trending) -> Scored:
@@ -138,8 +155,13 @@ def score(catalog: ServingCatalog, rows: Rows, signals: Signals, trending: Trend
     )
     covis = np.fromiter((signals.covis.get(int(r), 0.0) for r in rows), np.float32, n)
     trend = trending.prior_of(rows)
-    total = W_INTEREST * interest + W_COVISIT * covis + W_TREND * trend
-    return Scored(rows, total.astype(np.float32), interest, covis, trend)
+    leaf = np.zeros(n, np.float32)
+    if signals.leaves and n:
+        leaf_of = catalog.leaf[rows]
+        for lf, share in signals.leaves.items():
+            leaf[leaf_of == lf] = share
+    total = W_INTEREST * interest + W_COVISIT * covis + W_TREND * trend + W_LEAF * leaf
+    return Scored(rows, total.astype(np.float32), interest, covis, trend, leaf)
 
 
 def reason(
@@ -153,7 +175,9 @@ def reason(
     """A short reason a person can read, from the component that contributed most."""
     item = catalog.item(row)
     parts = {
-        "interest": W_INTEREST * float(scored.interest[i]) if personal else 0.0,
+        "interest": (W_INTEREST * float(scored.interest[i]) + W_LEAF * float(scored.leaf[i]))
+        if personal
+        else 0.0,
         "covis": W_COVISIT * float(scored.covis[i]),
         "trend": W_TREND * float(scored.trend[i]),
     }

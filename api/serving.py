@@ -54,12 +54,24 @@ class Serving:
 
 
 def _category_rows(catalog: ServingCatalog) -> dict[str, Rows]:
-    """Every category node of the space -> its in-stock rows, in catalog order."""
-    out: dict[str, Rows] = {}
+    """Every leaf category and every category node of the space -> its in-stock rows, in
+    catalog order. Grouped with one sort, not a scan per category (100k items)."""
+    rows = np.flatnonzero(catalog.in_stock).astype(np.int64)
+    leaves = catalog.leaf[rows]
+    order = np.argsort(leaves, kind="stable")
+    rows, leaves = rows[order], leaves[order]
+    bounds = np.flatnonzero(np.diff(leaves)) + 1
+    out: dict[str, Rows] = {
+        catalog.leaf_names[int(group[0])]: r
+        for r, group in zip(np.split(rows, bounds), np.split(leaves, bounds), strict=True)
+        if group.size
+    }
     for name in catalog.space.names:
         if name.startswith("cat:"):
-            mask = catalog.category_mask([name[4:]]) & catalog.in_stock
-            out[name[4:]] = np.flatnonzero(mask).astype(np.int64)
+            node = name[4:]
+            parts = [r for leaf, r in out.items()
+                     if leaf == node or leaf.startswith(node + CATEGORY_SEP)]  # fmt: skip
+            out[node] = np.sort(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
     return out
 
 

@@ -1,0 +1,108 @@
+"""Rules, filters and diversity on a small catalog: no services involved."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from api.config import parse_config
+from api.items import ServingCatalog
+from api.rules import compile_rules, select
+from api.scoring import Signals, merge_covis, top_categories
+from stream_engine.catalog import Catalog
+from stream_engine.demo_catalog import generate
+
+CATALOG = ServingCatalog(Catalog(generate(400)))
+NOW = dt.datetime(2026, 11, 22, tzinfo=dt.UTC)
+ITEMS = CATALOG.catalog.items
+IN_STOCK = [i for i, it in enumerate(ITEMS) if it.stock > 0]
+SOLD_OUT = [i for i, it in enumerate(ITEMS) if it.stock == 0]
+
+
+def _config(rules: list[dict[str, object]], **slot: object) -> dict[str, object]:
+    return {
+        "version": "t",
+        "slots": {"recs": {"kind": "items", "n": 6, **slot}},
+        "rules": rules,
+    }
+
+
+def _pick(rules: list[dict[str, object]], rows: list[int], blocked: set[int] | None = None,
+          n: int = 6, **slot: object) -> list[int]:  # fmt: skip
+    if blocked is None:
+        blocked = set()
+    config = parse_config(_config(rules, **slot), "test.yaml")
+    compiled = compile_rules(config, CATALOG, NOW)["recs"]
+    arr = np.asarray(rows, np.int64)
+    scores = np.linspace(1.0, 0.1, arr.size, dtype=np.float32)  # rows in order of preference
+    picks = select(config.slots["recs"], n, arr, scores, CATALOG, compiled, blocked)
+    return [p.row for p in picks]
+
+
+def test_best_scores_first_and_filters_drop_sold_out_and_blocked() -> None:
+    rows = SOLD_OUT[:2] + IN_STOCK[:10]
+    got = _pick([], rows, blocked={IN_STOCK[0]})
+    assert got == IN_STOCK[1:7]
+
+
+def test_exclude_boost_and_pin() -> None:
+    rows = IN_STOCK[:10]
+    excluded = ITEMS[rows[0]].category_path
+    got = _pick([{"id": "x", "action": "exclude", "categories": [excluded]}], rows)
+    assert all(ITEMS[r].category_path != excluded for r in got)
+    last = ITEMS[rows[9]].item_id
+    got = _pick([{"id": "b", "action": "boost", "items": [last], "factor": 50}], rows)
+    assert got[0] == rows[9]
+    pinned = ITEMS[IN_STOCK[50]].item_id
+    got = _pick([{"id": "p", "action": "pin", "items": [pinned], "position": 2}], rows)
+    assert got[2] == IN_STOCK[50]
+    assert len(got) == 6
+
+
+def test_a_pin_never_shows_a_sold_out_or_purchased_item() -> None:
+    rows = IN_STOCK[:10]
+    sold_out = ITEMS[SOLD_OUT[0]].item_id
+    got = _pick([{"id": "p", "action": "pin", "items": [sold_out], "position": 0}], rows)
+    assert SOLD_OUT[0] not in got
+    bought = ITEMS[IN_STOCK[60]].item_id
+    got = _pick([{"id": "p", "action": "pin", "items": [bought]}], rows, blocked={IN_STOCK[60]})
+    assert IN_STOCK[60] not in got
+
+
+def test_rules_outside_their_window_do_nothing() -> None:
+    rows = IN_STOCK[:10]
+    rule: dict[str, object] = {"id": "x", "action": "exclude", "items": [ITEMS[rows[0]].item_id],
+            "start": "2027-01-01T00:00:00Z"}  # fmt: skip
+    assert _pick([rule], rows)[0] == rows[0]
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.sampled_from(IN_STOCK), min_size=1, max_size=60, unique=True),
+       st.integers(1, 3))  # fmt: skip
+def test_diversity_caps_items_per_category(rows: list[int], cap: int) -> None:
+    got = _pick([], rows, max_per_category=cap)
+    leaves = [ITEMS[r].category_path for r in got]
+    assert all(leaves.count(leaf) <= cap for leaf in leaves)
+    assert len(set(got)) == len(got)
+
+
+def test_covisitation_merges_by_recency_and_normalizes() -> None:
+    score, via = merge_covis([1, 2], {1: [(10, 1.0), (11, 0.5)], 2: [(11, 1.0)]})
+    assert score[10] == pytest.approx(1.0 / 1.2)
+    assert score[11] == pytest.approx(1.0)
+    assert via[11] == 2
+    assert via[10] == 1
+
+
+def test_top_categories_prefer_the_strongest_then_the_deepest() -> None:
+    space = CATALOG.space
+    v = np.zeros(space.dims, np.float32)
+    v[space.index["cat:Sports"]] = 1.0
+    v[space.index["cat:Sports > Running"]] = 1.0
+    v[space.index["cat:Home"]] = 0.5
+    assert top_categories(space.names, v, k=2) == ["Sports > Running", "Sports"]
+    assert Signals(None, []).interest is None
