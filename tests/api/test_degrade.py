@@ -1,0 +1,153 @@
+"""Degrade, don't fail: a frozen or killed Redis, overload and pauses answer defaults in
+budget, with the reason, and personalization comes back by itself."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+import pytest
+import redis.asyncio as aioredis
+
+from api.fallback import Limiter
+from api.settings import Settings
+from stream_engine.catalog import Catalog
+from stream_engine.events import EventType
+from stream_engine.processor import BatchProcessor
+from stream_engine.state import Keys
+from tests.api.conftest import ADMIN_TOKEN, TTLS, TUNING, Clicks, client_for, with_
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
+Picker = Callable[[str], list[str]]
+URL = "/v1/slots/home_recs?session_id=shopper"
+
+
+@pytest.fixture
+async def private(
+    private_redis: tuple[str, subprocess.Popen[bytes]], catalog: Catalog, key_prefix: str
+) -> AsyncIterator[tuple[str, subprocess.Popen[bytes], Clicks]]:
+    url, proc = private_redis
+    client = aioredis.Redis.from_url(url)
+    processor = BatchProcessor(client, Keys(key_prefix), catalog, TUNING, TTLS)
+    yield url, proc, Clicks(processor)
+    await processor.aclose()
+    await client.aclose()
+
+
+async def _get(client: httpx.AsyncClient, url: str = URL) -> dict[str, Any]:
+    response = await client.get(url)
+    assert response.status_code == 200
+    body: dict[str, Any] = response.json()
+    return body
+
+
+async def _until(client: httpx.AsyncClient, strategy: str, within_s: float) -> dict[str, Any]:
+    deadline = asyncio.get_running_loop().time() + within_s
+    while True:
+        body = await _get(client)
+        if body["strategy"] == strategy or asyncio.get_running_loop().time() > deadline:
+            return body
+        await asyncio.sleep(0.1)
+
+
+async def test_a_frozen_redis_gets_defaults_in_budget_then_personalization_resumes(
+    settings: Settings, private: tuple[str, subprocess.Popen[bytes], Clicks], items_in: Picker
+) -> None:
+    url, proc, clicks = private
+    await clicks("shopper", *[(EventType.CLICK, i) for i in items_in("Home > Kitchen")[:3]])
+    async with client_for(with_(settings, redis_url=url)) as client:
+        assert (await _get(client))["strategy"] == "personalized"
+        proc.send_signal(signal.SIGSTOP)
+        try:
+            answers = [await _get(client) for _ in range(8)]
+        finally:
+            proc.send_signal(signal.SIGCONT)
+        back = await _until(client, "personalized", within_s=5)
+    reasons = [a["fallback_reason"] for a in answers]
+    assert reasons[0] == "timeout"
+    assert "store_unavailable" in reasons  # the breaker opened: no more waiting on Redis
+    assert all(a["strategy"] == "default" and len(a["items"]) == 8 for a in answers)
+    assert max(a["served_in_ms"] for a in answers) < settings.deadline_ms + 10
+    assert back["strategy"] == "personalized"
+
+
+async def test_a_killed_redis_gets_defaults_and_a_restarted_one_personalizes_again(
+    settings: Settings,
+    private: tuple[str, subprocess.Popen[bytes], Clicks],
+    items_in: Picker,
+    tmp_path: Any,
+) -> None:
+    url, proc, clicks = private
+    port = url.rsplit(":", 1)[1].split("/")[0]
+    await clicks("shopper", *[(EventType.CLICK, i) for i in items_in("Books")[:3]])
+    async with client_for(with_(settings, redis_url=url)) as client:
+        assert (await _get(client))["strategy"] == "personalized"
+        proc.terminate()
+        proc.wait(timeout=10)
+        down = [await _get(client) for _ in range(6)]
+        ready = await client.get("/readyz")
+        again = subprocess.Popen(  # noqa: ASYNC220 - a restart, once, in a test
+            ["redis-server", "--bind", "127.0.0.1", "--port", port, "--save", "",
+             "--appendonly", "no", "--dir", str(tmp_path)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            for _ in range(50):  # the processor's held connection died with the old server
+                try:
+                    await clicks("shopper", *[(EventType.CLICK, i) for i in items_in("Books")[:3]])
+                    break
+                except (OSError, aioredis.RedisError):
+                    await asyncio.sleep(0.1)
+            back = await _until(client, "personalized", within_s=5)
+        finally:
+            again.terminate()
+            again.wait(timeout=10)
+    assert {a["fallback_reason"] for a in down} == {"store_unavailable"}
+    assert all(len(a["items"]) == 8 for a in down)
+    assert ready.status_code == 503
+    assert back["strategy"] == "personalized"
+
+
+async def test_requests_beyond_the_in_flight_limit_get_the_default_at_once(
+    settings: Settings, private: tuple[str, subprocess.Popen[bytes], Clicks]
+) -> None:
+    url, proc, _ = private
+    async with client_for(with_(settings, redis_url=url)) as client:
+        runtime = client.app.state.runtime  # type: ignore[attr-defined]
+        runtime.limiter = Limiter(target_s=0.01, initial=3, low=3, high=3)
+        proc.send_signal(signal.SIGSTOP)  # every admitted request waits out its Redis budget
+        try:
+            answers = await asyncio.gather(*[_get(client) for _ in range(12)])
+        finally:
+            proc.send_signal(signal.SIGCONT)
+        metrics = (await client.get("/metrics")).text
+    reasons = [a["fallback_reason"] for a in answers]
+    assert reasons.count("overload") >= 12 - 3
+    assert all(len(a["items"]) == 8 for a in answers)
+    assert 'kairos_api_fallbacks_total{reason="overload"}' in metrics
+
+
+async def test_pausing_a_slot_or_everything(
+    settings: Settings, clicks: Clicks, items_in: Picker
+) -> None:
+    await clicks("shopper", *[(EventType.CLICK, i) for i in items_in("Toys")[:3]])
+    auth = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+    async with client_for(settings) as client:
+        assert (await _get(client))["strategy"] == "personalized"
+        paused = await client.post("/admin/pause", json={"slot": "home_recs"}, headers=auth)
+        one = await _get(client)
+        hero = await _get(client, "/v1/slots/home_hero?session_id=shopper")
+        await client.post("/admin/pause", json={"slot": "home_recs", "paused": False}, headers=auth)
+        await client.post("/admin/pause", json={"paused": True}, headers=auth)
+        everything = await _get(client, "/v1/slots/home_hero?session_id=shopper")
+        await client.post("/admin/pause", json={"paused": False}, headers=auth)
+        resumed = await _get(client)
+    assert paused.json()["pauses"] == {"all": False, "slots": ["home_recs"]}
+    assert one["fallback_reason"] == "paused"
+    assert hero["strategy"] == "personalized"
+    assert everything["fallback_reason"] == "paused"
+    assert resumed["strategy"] == "personalized"

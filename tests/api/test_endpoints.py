@@ -1,0 +1,220 @@
+"""The HTTP surface: input errors, the beacon collector and exposures on the real Kafka,
+admin operations, config reload, OpenAPI and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import redis.asyncio as aioredis
+from aiokafka import AIOKafkaConsumer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from api.app import DEMO_CONFIG
+from api.settings import Settings
+from stream_engine.events import EventType
+from stream_engine.state import Keys
+from tests.api.conftest import ADMIN_TOKEN, Clicks, client_for, with_
+from tests.conftest import Stack
+
+pytestmark = pytest.mark.integration
+AUTH = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+@pytest.mark.parametrize(
+    ("url", "status", "says"),
+    [
+        ("/v1/slots/home_recs", 400, "session_id is required"),
+        ("/v1/slots/home_recs?session_id=a%20b", 400, "session_id must be 1-128 characters"),
+        ("/v1/slots/home_recs?session_id=" + "x" * 129, 400, "session_id must be"),
+        ("/v1/slots/nope?session_id=s", 404, "unknown slot 'nope'; this config has: home_hero"),
+        ("/v1/slots/home_recs?session_id=s&n=0", 400, "n must be between 1 and 24"),
+        ("/v1/slots/home_recs?session_id=s&n=x", 400, "n must be an integer"),
+        ("/v1/slots/home_recs?session_id=s&sensitive_ok=maybe", 400, "sensitive_ok must be"),
+    ],
+)
+async def test_bad_queries_get_a_clear_4xx(
+    settings: Settings, url: str, status: int, says: str
+) -> None:
+    async with client_for(settings) as client:
+        response = await client.get(url)
+    assert response.status_code == status
+    assert says in response.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "says"),
+    [
+        (b"{not json", 400, "body is not JSON"),
+        (b"[1, 2]", 400, "body must be a JSON object"),
+        (b'{"session_id": "s"}', 400, "slots must be a list of 1 to 10"),
+        (b'{"session_id": "s", "slots": ["home_recs", "home_recs"]}', 400, "asked for twice"),
+        (b'{"slots": ["home_recs"]}', 400, "session_id is required"),
+        (b'{"session_id": "s", "slots": [{"slot": "x"}]}', 404, "unknown slot"),
+        (b'{"session_id": "s", "slots": ["home_recs"], "pad": "' + b"x" * 70_000 + b'"}', 413,
+         "body over 65536 bytes"),
+    ],
+)  # fmt: skip
+async def test_bad_bodies_get_a_clear_4xx(
+    settings: Settings, body: bytes, status: int, says: str
+) -> None:
+    async with client_for(settings) as client:
+        response = await client.post("/v1/decisions", content=body)
+    assert response.status_code == status
+    assert says in response.json()["error"]
+
+
+@pytest.fixture
+async def topics(kafka_admin: AIOKafkaAdminClient, settings: Settings) -> AsyncIterator[None]:
+    names = [settings.clickstream_topic, settings.decisions_topic]
+    await kafka_admin.create_topics([NewTopic(n, 1, 1) for n in names])
+    yield
+    await kafka_admin.delete_topics(names)
+
+
+async def _consume(stack: Stack, topic: str, n: int) -> list[tuple[bytes, dict[str, Any]]]:
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=stack.kafka_bootstrap, auto_offset_reset="earliest"
+    )
+    await consumer.start()
+    out: list[tuple[bytes, dict[str, Any]]] = []
+    try:
+        async with asyncio.timeout(20):
+            while len(out) < n:
+                for msgs in (await consumer.getmany(timeout_ms=200)).values():
+                    out += [(m.key, orjson.loads(m.value)) for m in msgs]
+    finally:
+        await consumer.stop()
+    return out
+
+
+@pytest.mark.usefixtures("topics")
+async def test_beacons_reach_the_clickstream_and_bad_ones_are_refused_with_reasons(
+    settings: Settings, stack: Stack
+) -> None:
+    now = int(time.time() * 1000)
+    events = [
+        {"type": "view", "session_id": "b1", "item_id": "sku-000001"},  # id and ts filled in
+        {"type": "click", "session_id": "b1", "item_id": "sku-000002", "ts": now,
+         "event_id": "e-2"},
+        {"type": "fly", "session_id": "b1"},
+        {"type": "view", "session_id": "b1"},
+    ]  # fmt: skip
+    async with client_for(with_(settings, cors_origins="https://shop.example")) as client:
+        response = await client.post("/v1/events", json={"events": events})
+        nothing = await client.post("/v1/events", json=[{"type": "view"}])
+        preflight = await client.options(
+            "/v1/events",
+            headers={"origin": "https://shop.example", "access-control-request-method": "POST"},
+        )
+        foreign = await client.post(
+            "/v1/events", json=events[:1], headers={"origin": "https://evil.example"}
+        )
+        got = await _consume(stack, settings.clickstream_topic, 3)
+    assert response.status_code == 202
+    assert response.json() == {
+        "accepted": 2,
+        "rejected": [
+            {"index": 2, "reason": "unknown_type", "detail": "'fly'"},
+            {"index": 3, "reason": "missing_item", "detail": "view events need item_id"},
+        ],
+    }
+    assert nothing.status_code == 400
+    assert preflight.headers["access-control-allow-origin"] == "https://shop.example"
+    assert "access-control-allow-origin" not in foreign.headers
+    assert [k for k, _ in got] == [b"b1"] * 3
+    assert got[1][1]["event_id"] == "e-2"
+    assert got[0][1]["event_id"]
+    assert got[0][1]["ts"] >= now - 1000
+
+
+@pytest.mark.usefixtures("topics")
+async def test_every_decision_is_exposed_on_the_decisions_topic(
+    settings: Settings, stack: Stack
+) -> None:
+    async with client_for(settings) as client:
+        body = {"session_id": "exp1", "user_id": "u-9", "slots": ["home_hero", "home_recs"]}
+        decisions = (await client.post("/v1/decisions", json=body)).json()["decisions"]
+        got = await _consume(stack, settings.decisions_topic, 2)
+    by_id = {v["decision_id"]: v for _, v in got}
+    for d in decisions:
+        exposure = by_id[d["decision_id"]]
+        assert exposure["session_id"] == "exp1"
+        assert exposure["user_id"] == "u-9"
+        assert exposure["group"] == d["group"]
+        assert exposure["strategy"] == d["strategy"]
+        assert exposure["config_version"] == "demo-2026-11-22.1"
+    assert by_id[decisions[1]["decision_id"]]["items"] == [
+        i["item_id"] for i in decisions[1]["items"]
+    ]
+    assert by_id[decisions[0]["decision_id"]]["banner"] == decisions[0]["banner"]["banner_id"]
+
+
+async def test_admin_needs_the_token(settings: Settings) -> None:
+    async with client_for(settings) as client:
+        missing = await client.get("/admin/status")
+        wrong = await client.get("/admin/status", headers={"authorization": "Bearer nope"})
+        ok = await client.get("/admin/status", headers=AUTH)
+    async with client_for(with_(settings, admin_token="")) as client:
+        disabled = await client.get("/admin/status", headers=AUTH)
+    assert missing.status_code == wrong.status_code == 401
+    assert ok.status_code == 200
+    assert ok.json()["config"]["version"] == "demo-2026-11-22.1"
+    assert disabled.status_code == 403
+
+
+async def test_a_broken_config_is_refused_and_a_fixed_one_takes_over_without_restart(
+    settings: Settings, tmp_path: Path
+) -> None:
+    path = tmp_path / "kairos.yaml"
+    path.write_text(DEMO_CONFIG.read_text())
+    async with client_for(with_(settings, config_path=str(path))) as client:
+        path.write_text(DEMO_CONFIG.read_text().replace("kind: banner", "kind: billboard", 1))
+        refused = await client.post("/admin/reload", headers=AUTH)
+        still = (await client.get("/v1/slots/home_recs?session_id=s")).json()
+        path.write_text(DEMO_CONFIG.read_text().replace("demo-2026-11-22.1", "v2"))
+        await asyncio.sleep(settings.refresh_interval_s * 3)  # picked up by the refresher
+        after = await client.get("/v1/slots/home_recs?session_id=s")
+        ready = (await client.get("/readyz")).json()
+    assert refused.status_code == 422
+    error = refused.json()["error"]
+    assert str(path) in error
+    assert "slot home_hero: kind must be one of banner, items, got 'billboard'" in error
+    assert refused.json()["in_force"] == "demo-2026-11-22.1"
+    assert still["config_version"] == "demo-2026-11-22.1"
+    assert after.json()["config_version"] == "v2"
+    assert after.headers["x-kairos-config-version"] == "v2"
+    assert ready["config"] == {"version": "v2", "reload_error": None}
+
+
+async def test_erasing_a_session_removes_its_state_now(
+    settings: Settings, clicks: Clicks, redis_client: aioredis.Redis, key_prefix: str
+) -> None:
+    await clicks("gone", (EventType.CLICK, "sku-000001"))
+    async with client_for(settings) as client:
+        assert (await client.get("/v1/slots/home_recs?session_id=gone")).json()["strategy"] == (
+            "personalized"
+        )
+        erased = await client.post("/admin/erase", json={"session_id": "gone"}, headers=AUTH)
+        after = (await client.get("/v1/slots/home_recs?session_id=gone")).json()
+        both = await client.post("/admin/erase", json={"session_id": "a", "user_id": "b"},
+                                 headers=AUTH)  # fmt: skip
+    assert erased.json() == {"erased": {"session_id": "gone"}}
+    assert after["fallback_reason"] == "consent"
+    assert await redis_client.hget(Keys(key_prefix).session("gone"), "v") is None
+    assert both.status_code == 400
+
+
+async def test_openapi_and_metrics(settings: Settings) -> None:
+    async with client_for(settings) as client:
+        await client.get("/v1/slots/home_recs?session_id=m1")
+        spec = (await client.get("/openapi.json")).json()
+        metrics = (await client.get("/metrics")).text
+    assert {"/v1/slots/{slot}", "/v1/decisions", "/v1/events"} <= set(spec["paths"])
+    assert 'kairos_api_decisions_total{fallback_reason="no_signal",slot="home_recs"' in metrics
+    assert 'kairos_api_config_info{version="demo-2026-11-22.1"} 1.0' in metrics
