@@ -46,6 +46,8 @@ class Settings:
     max_body_bytes: int = 64 * 1024
     # Comma-separated origins allowed to post beacons from a browser ("*" = any).
     cors_origins: str = ""
+    log_format: str = "text"  # or "json"
+    log_level: str = "INFO"
     # Adds GET /bench/static, the benchmark's same-process baseline endpoint.
     bench_static: bool = False
 

@@ -29,6 +29,7 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -505,11 +506,27 @@ def start_worker(layout: Layout, ports: dict[str, int], timeout: float) -> str:
     return f"started (pid {pid}); metrics {metrics}"
 
 
+def admin_token(layout: Layout) -> str:
+    """The local stack's admin token for the API's /admin routes, made once per stack dir."""
+    path = layout.stack_dir / "admin_token"
+    if not path.exists():
+        layout.stack_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_urlsafe(24))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
 def start_api(layout: Layout, ports: dict[str, int], timeout: float) -> str:
     url = f"http://{HOST}:{ports['api']}"
     if (pid := running_pid(layout, "api")) is not None:
         return f"already running (pid {pid}) on {url}"
-    env = {**stack_env(ports), "KAIROS_API_PORT": str(ports["api"]), "PYTHONPATH": str(REPO)}
+    env = {
+        **stack_env(ports),
+        "KAIROS_API_PORT": str(ports["api"]),
+        "KAIROS_STACK_DIR": str(layout.stack_dir),
+        "KAIROS_ADMIN_TOKEN": admin_token(layout),
+        "PYTHONPATH": str(REPO),
+    }
     pid = spawn(layout, "api", [sys.executable, "-m", "api"], env=env)
     log = layout.log_file("api")
 
@@ -559,9 +576,14 @@ def cmd_demo(layout: Layout, timeout: float, detach: bool) -> int:
     cmd_up(layout, DEMO_SERVICES, timeout)
     ports = load_ports(layout)
     print("\nKairos is running:")
-    print(
-        f"  decision API    http://{HOST}:{ports['api']}/readyz (slots arrive with the API issue)"
-    )
+    api = f"http://{HOST}:{ports['api']}"
+    page = '{"session_id": "demo-1", "slots": ["home_hero", "home_recs"]}'
+    click = '{"type": "click", "session_id": "demo-1", "item_id": "sku-000003"}'
+    print(f"  one slot        {api}/v1/slots/home_recs?session_id=demo-1")
+    print(f"  a whole page    curl -XPOST {api}/v1/decisions -d '{page}'")
+    print(f"  send a click    curl -XPOST {api}/v1/events -d '{click}'")
+    print(f"  API docs        {api}/openapi.json   metrics {api}/metrics")
+    print(f"  admin token     {layout.stack_dir / 'admin_token'} (Authorization: Bearer …)")
     print(f"  worker metrics  http://{HOST}:{ports['worker_metrics']}/metrics")
     print(f"  publish events  Kafka {HOST}:{ports['kafka']}, topic clickstream (docs/events.md)")
     print(f"  session state   redis-cli -p {ports['redis']} --scan --pattern 'kairos:*'")
