@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STACK := $(PY) deploy/stack.py
 
 .PHONY: help venv lock up down status logs demo test lint format typecheck check clean \
-	bench-ingest bench-memory
+	bench-ingest bench-memory bench-decisions
 
 help:
 	@echo "make demo       start Kafka, Redis, worker and API locally and print the URLs"
@@ -15,7 +15,7 @@ help:
 	@echo "make check      lint + typecheck + test (what CI runs)"
 	@echo "make up|down|status|logs   the local stack (deploy/stack.py)"
 	@echo "make lock       re-pin constraints.txt from a fresh resolve"
-	@echo "make bench-ingest / bench-memory   benchmarks (loadtest/README.md)"
+	@echo "make bench-ingest / bench-memory / bench-decisions   benchmarks (loadtest/README.md)"
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -70,6 +70,9 @@ bench-ingest: up
 
 bench-memory: up
 	source .stack/stack.env && $(PY) -m loadtest memory $(BENCH_ARGS)
+
+bench-decisions: up
+	source .stack/stack.env && $(PY) -m loadtest decisions $(BENCH_ARGS)
 
 clean: down
 	rm -rf $(VENV) .stack .mypy_cache .ruff_cache .pytest_cache

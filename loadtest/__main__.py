@@ -3,6 +3,8 @@
 python -m loadtest ingest [--rates 1000,5000,10000] [--duration 15] [--repeats 3]
                         [--engines faust,aiokafka]
     python -m loadtest memory [--sessions 100000] [--events-per-session 4]
+    python -m loadtest decisions [--rates 500,1000,2000,3000] [--duration 10] [--repeats 3]
+                                 [--sessions 100000] [--items 10000] [--rss-items 100000]
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from pathlib import Path
 
 import uvloop
 
-from loadtest import ingest, memory
+from loadtest import decisions, ingest, memory
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,7 +30,26 @@ def main(argv: list[str] | None = None) -> int:
     mem.add_argument("--sessions", type=int, default=100_000)
     mem.add_argument("--events-per-session", type=int, default=4)
     mem.add_argument("--engine", default="aiokafka")
+    dec = sub.add_parser("decisions", help="decision API latency beside a static baseline")
+    dec.add_argument("--rates", default="500,1000,2000,3000")
+    dec.add_argument("--duration", type=float, default=10.0)
+    dec.add_argument("--warmup", type=float, default=2.0)
+    dec.add_argument("--repeats", type=int, default=3)
+    dec.add_argument("--sessions", type=int, default=100_000)
+    dec.add_argument("--events-per-session", type=int, default=3)
+    dec.add_argument("--items", type=int, default=10_000)
+    dec.add_argument("--rss-items", type=int, default=100_000)
+    dec.add_argument("--out", type=Path, default=Path("artifacts"))
     args = parser.parse_args(argv)
+    if args.command == "decisions":
+        uvloop.run(
+            decisions.run(
+                [int(r) for r in args.rates.split(",") if r.strip()], args.duration,
+                args.warmup, args.repeats, args.sessions, args.events_per_session, args.items,
+                args.rss_items, args.out,
+            )
+        )  # fmt: skip
+        return 0
     if args.command == "memory":
         uvloop.run(memory.run(args.sessions, args.events_per_session, args.engine))
         return 0

@@ -1,0 +1,365 @@
+"""Decision latency at fixed arrival rates, beside a static endpoint of the same process.
+
+    python -m loadtest decisions [--rates 500,1000,2000,3000] [--duration 10] [--repeats 3]
+                                 [--sessions 100000] [--items 10000] [--rss-items 100000]
+
+1. Seeds Redis through the real pipeline: a worker consumes --sessions sessions of
+   realistic clickstream (Zipf popularity, drifting category affinity) from Kafka.
+2. Starts one API process (uvicorn + uvloop) on that state with `/bench/static`, a static
+   payload served by the same process and stack: the same-run baseline.
+3. For each repeat and rate, alternating which goes first, drives the baseline and
+   `GET /v1/slots/home_recs` open-loop (fixed arrival rate, latency from the intended send
+   time, warm-up excluded) over keep-alive connections, with uniformly drawn seeded
+   sessions. Reports medians over repeats of p50/p99/p99.9, achieved rate, errors and the
+   share of answers that degraded (timeout, overload, store_unavailable).
+4. Overload: 3x the highest rate that held p99 <= 10 ms, once.
+5. The API's resident memory with this catalog, and with a --rss-items catalog.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+from aiokafka import AIOKafkaProducer
+
+from loadtest.http import Client, HttpError
+from loadtest.ingest import (
+    Bench,
+    CpuMeter,
+    _cleanup,
+    _create_topics,
+    environment,
+    redis_benchmark,
+    start_worker,
+    stop_worker,
+)
+from loadtest.openloop import PacingStats, Percentiles, median_of, open_loop
+from loadtest.traffic import Traffic
+from stream_engine.catalog import load_items
+from stream_engine.demo_catalog import write_demo_catalog
+
+SLO_P99_MS = 10.0
+DEGRADED = frozenset({b"timeout", b"overload", b"store_unavailable"})
+TOPICS = ("clickstream", "dlq", "catalog", "decisions")
+
+
+@dataclass
+class Step:
+    kind: str  # "static" (baseline) or "slots"
+    rate: int
+    latency: Percentiles
+    pacing: PacingStats
+    answered: int
+    errors: int
+    fallbacks: dict[str, int] = field(default_factory=dict)
+    cpu: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def degraded_share(self) -> float:
+        bad = sum(n for r, n in self.fallbacks.items() if r.encode() in DEGRADED)
+        return bad / self.answered if self.answered else 0.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def measure(
+    client: Client, kind: str, rate: int, duration: float, warmup: float,
+    path: Callable[[int], str], pid: int,
+) -> Step:  # fmt: skip
+    latencies: list[float] = []
+    errors = 0
+    reasons: Counter[str] = Counter()
+    tasks: set[asyncio.Task[None]] = set()
+    warm = int(rate * warmup)
+
+    async def one(i: int, intended: float) -> None:
+        nonlocal errors
+        try:
+            response = await client.request("GET", path(i))
+        except HttpError:
+            errors += i >= warm
+            return
+        if i < warm:
+            return
+        latencies.append(time.monotonic() - intended)
+        if response.status != 200:
+            errors += 1
+        for r in filter(None, response.headers.get(b"x-kairos-fallback", b"").split(b",")):
+            reasons[r.decode()] += 1
+
+    async def send(i: int, intended: float) -> None:
+        task = asyncio.create_task(one(i, intended))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    cpu = CpuMeter({"api": pid, "generator": os.getpid()})
+    pacing = await open_loop(rate, warmup + duration, send)
+    if tasks:
+        _, pending = await asyncio.wait(set(tasks), timeout=10)
+        errors += len(pending)  # never answered: counted, not hidden
+        for t in pending:
+            t.cancel()
+    return Step(kind, rate, Percentiles.of_ms(latencies), pacing, len(latencies), errors,
+                dict(reasons), cpu.percent())  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+async def seed(bench: Bench, catalog: Path, workdir: Path, sessions: int, per: int) -> list[str]:
+    """Sessions through the real pipeline (Kafka -> worker -> Redis); returns their ids."""
+    traffic = Traffic(load_items(catalog), active_sessions=sessions, mean_session_events=10**9)
+    worker = start_worker(bench, "aiokafka", catalog, workdir)
+    producer = AIOKafkaProducer(bootstrap_servers=bench.bootstrap, linger_ms=5)
+    await producer.start()
+    sent: set[str] = set()
+    t0 = time.monotonic()
+    redis = aioredis.Redis.from_url(bench.redis_url)
+    try:
+        for _ in range(sessions * per):
+            sid, value, _seq = traffic.next_event()
+            sent.add(sid)
+            await producer.send(bench.topic("clickstream"), value, key=sid.encode())
+        await producer.flush()
+        sids = sorted(sent)
+        probe = random.Random(1).sample(sids, min(2000, len(sids)))
+        deadline = time.monotonic() + 900
+        while True:
+            pipe = redis.pipeline(transaction=False)
+            for sid in probe:
+                pipe.exists(f"{bench.prefix}:{{{sid}}}:s")
+            if all(await pipe.execute()):
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError("the worker did not apply the seed within 15 minutes")
+            await asyncio.sleep(1)
+        # the last events of the probed sessions may still be in flight: wait for the lag
+        await asyncio.sleep(3)
+    finally:
+        await producer.stop()
+        stop_worker(worker)
+        await redis.aclose()
+    print(f"seeded {len(sids)} sessions ({sessions * per} events) through the worker in "
+          f"{time.monotonic() - t0:.0f}s", flush=True)  # fmt: skip
+    return sids
+
+
+def start_api(bench: Bench, catalog: Path, workdir: Path, port: int) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "KAIROS_KAFKA_BOOTSTRAP": bench.bootstrap,
+        "KAIROS_REDIS_URL": bench.redis_url,
+        "KAIROS_KEY_PREFIX": bench.prefix,
+        "KAIROS_CATALOG_PATH": str(catalog),
+        "KAIROS_STACK_DIR": str(workdir),
+        "KAIROS_CLICKSTREAM_TOPIC": bench.topic("clickstream"),
+        "KAIROS_DECISIONS_TOPIC": bench.topic("decisions"),
+        "KAIROS_API_PORT": str(port),
+        "KAIROS_BENCH_STATIC": "true",
+    }
+    with (workdir / f"api-{port}.log").open("wb") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "api"], env=env, cwd=workdir,
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+
+
+async def wait_ready(client: Client, proc: subprocess.Popen[bytes], within_s: float = 60) -> None:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the API exited with {proc.returncode} during start")
+        try:
+            if (await client.request("GET", "/readyz")).status == 200:
+                await asyncio.sleep(2)  # one refresh: trending and defaults in place
+                return
+        except HttpError:
+            pass
+        await asyncio.sleep(0.2)
+    raise RuntimeError("the API did not become ready")
+
+
+def stop_api(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def rss_with_catalog(bench: Bench, workdir: Path, items: int, sids: list[str]) -> float:
+    """Resident memory of an API process serving a catalog of `items` items."""
+    catalog = write_demo_catalog(workdir / f"catalog-{items}.jsonl", items)
+    port = _free_port()
+    proc = start_api(bench, catalog, workdir, port)
+    client = Client("127.0.0.1", port)
+    try:
+        await wait_ready(client, proc, within_s=120)
+        for sid in sids[:2000]:
+            await client.request("GET", f"/v1/slots/home_recs?session_id={sid}")
+        return rss_mib(proc.pid)
+    finally:
+        await client.aclose()
+        stop_api(proc)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+async def run(
+    rates: list[int], duration: float, warmup: float, repeats: int, sessions: int,
+    per_session: int, items: int, rss_items: int, out_dir: Path,
+) -> dict[str, Any]:  # fmt: skip
+    bench = Bench(
+        os.environ.get("KAIROS_KAFKA_BOOTSTRAP", "127.0.0.1:9092"),
+        os.environ.get("KAIROS_REDIS_URL", "redis://127.0.0.1:6379/0"),
+    )
+    workdir = Path(tempfile.mkdtemp(prefix="kairos-decisions-"))
+    catalog = write_demo_catalog(workdir / "catalog.jsonl", items)
+    redis = aioredis.Redis.from_url(bench.redis_url)
+    await _create_topics(bench, [bench.topic(n) for n in TOPICS])
+    proc: subprocess.Popen[bytes] | None = None
+    client: Client | None = None
+    try:
+        sids = await seed(bench, catalog, workdir, sessions, per_session)
+        port = _free_port()
+        proc = start_api(bench, catalog, workdir, port)
+        client = Client("127.0.0.1", port)
+        await wait_ready(client, proc)
+        pick = random.Random(7)
+        paths = {
+            "static": lambda i: "/bench/static",
+            "slots": lambda i: f"/v1/slots/home_recs?session_id={sids[pick.randrange(len(sids))]}",
+        }
+        steps: list[Step] = []
+        for rep in range(repeats):
+            for rate in rates:
+                kinds = ["static", "slots"] if (rep + rate) % 2 == 0 else ["slots", "static"]
+                for kind in kinds:
+                    step = await measure(client, kind, rate, duration, warmup, paths[kind],
+                                         proc.pid)  # fmt: skip
+                    _print_step(rep, step)
+                    steps.append(step)
+        summary = summarize(steps, rates)
+        knee = summary["highest_rate_p99_within_slo"]["slots"]
+        if knee:
+            over = await measure(client, "slots", 3 * knee, duration, warmup, paths["slots"],
+                                 proc.pid)  # fmt: skip
+            _print_step(-1, over)
+            summary["overload_3x"] = _row(over)
+            steps.append(over)
+        summary["api_rss_mib"] = {str(items): round(rss_mib(proc.pid), 1)}
+        await client.aclose()
+        client = None
+        stop_api(proc)
+        proc = None
+        if rss_items:
+            summary["api_rss_mib"][str(rss_items)] = round(
+                await rss_with_catalog(bench, workdir, rss_items, sids), 1
+            )
+        print(f"API resident memory (MiB) by catalog size: {summary['api_rss_mib']}")
+        summary["redis_benchmark_rps"] = redis_benchmark(bench.redis_url)
+        summary["environment"] = environment(await redis.info("server"))
+        summary["setup"] = {"sessions": len(sids), "events_per_session": per_session,
+                            "items": items, "duration_s": duration, "warmup_s": warmup,
+                            "repeats": repeats}  # fmt: skip
+        path = _write(out_dir, summary, steps)
+        print(f"results: {path}")
+        return summary
+    finally:
+        if client is not None:
+            await client.aclose()
+        if proc is not None:
+            stop_api(proc)
+        await _cleanup(bench, redis)
+        await redis.aclose()
+
+
+def _row(step: Step) -> dict[str, Any]:
+    return {
+        **asdict(step.latency),
+        "achieved_rate": round(step.answered / max(step.pacing.duration_s, 1e-9)),
+        "errors": step.errors,
+        "degraded_share": step.degraded_share,
+        "fallbacks": step.fallbacks,
+        "generator_late_p99_ms": step.pacing.late_p99_ms,
+        "cpu": step.cpu,
+    }
+
+
+def _print_step(rep: int, s: Step) -> None:
+    label = "overload" if rep < 0 else f"repeat {rep + 1}"
+    print(f"  {label:<9} {s.kind:<7} {s.rate:>6}/s  p50 {s.latency.p50:7.2f}  "
+          f"p99 {s.latency.p99:7.2f}  p99.9 {s.latency.p999:7.2f} ms  "
+          f"answered {s.answered}  errors {s.errors}  degraded {100 * s.degraded_share:.2f}%  "
+          f"gen-late p99 {s.pacing.late_p99_ms:.1f} ms  "
+          + "  ".join(f"cpu {k} {v:.0f}%" for k, v in s.cpu.items()), flush=True)  # fmt: skip
+
+
+def summarize(steps: list[Step], rates: list[int]) -> dict[str, Any]:
+    print("\nmedian over repeats; latency from the intended send time, ms")
+    print(f"{'rate/s':>7} {'endpoint':<8} {'p50':>7} {'p99':>7} {'p99.9':>7} "
+          f"{'p99/base':>8} {'errors':>6} {'degraded':>8}")  # fmt: skip
+    out: dict[str, Any] = {"rates": {}, "highest_rate_p99_within_slo": {}}
+    held: dict[str, int] = {"static": 0, "slots": 0}
+    for rate in rates:
+        row: dict[str, Any] = {}
+        for kind in ("static", "slots"):
+            runs = [s for s in steps if s.rate == rate and s.kind == kind]
+            lat = median_of([s.latency for s in runs])
+            errors = sum(s.errors for s in runs)
+            degraded = max(s.degraded_share for s in runs)
+            row[kind] = {**asdict(lat), "errors": errors, "degraded_share_max": degraded,
+                         "achieved_rate": round(min(s.answered / s.pacing.duration_s
+                                                    for s in runs))}  # fmt: skip
+            if lat.p99 <= SLO_P99_MS and errors == 0:
+                held[kind] = max(held[kind], rate)
+        ratio = row["slots"]["p99"] / row["static"]["p99"]
+        row["p99_over_baseline"] = round(ratio, 2)
+        out["rates"][str(rate)] = row
+        for kind in ("static", "slots"):
+            r = row[kind]
+            print(f"{rate:>7} {kind:<8} {r['p50']:7.2f} {r['p99']:7.2f} {r['p999']:7.2f} "
+                  f"{ratio if kind == 'slots' else 1.0:8.2f} {r['errors']:>6} "
+                  f"{100 * r['degraded_share_max']:7.2f}%")  # fmt: skip
+    out["highest_rate_p99_within_slo"] = held
+    print(f"highest rate holding p99 <= {SLO_P99_MS:.0f} ms with no errors: "
+          f"baseline {held['static']}/s, /v1/slots {held['slots']}/s")  # fmt: skip
+    return out
+
+
+def _write(out_dir: Path, summary: dict[str, Any], steps: list[Step]) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"decisions-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    body = {"summary": summary, "steps": [{**asdict(s), "degraded_share": s.degraded_share}
+                                          for s in steps]}  # fmt: skip
+    path.write_bytes(orjson.dumps(body, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS))
+    return path
