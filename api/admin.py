@@ -50,7 +50,10 @@ async def status(request: Request) -> Response:
             "pauses": rt.pauses.as_json(),
             "breaker": rt.breaker.state,
             "in_flight": {"now": rt.limiter.in_flight, "limit": int(rt.limiter.limit)},
-            "kafka_publisher": "connected" if rt.publisher.connected else "disconnected",
+            "kafka": {
+                "exposures": "connected" if rt.publisher.connected else "disconnected",
+                "beacons": "connected" if rt.beacons.connected else "disconnected",
+            },
             "catalog_items": len(rt.catalog),
         }
     )  # fmt: skip

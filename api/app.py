@@ -113,7 +113,10 @@ def build_runtime(settings: Settings, metrics: ApiMetrics) -> Runtime:
         serving=initial_serving(config, catalog),
         source=ConfigSource(config_path, config_path.stat().st_mtime_ns),
         metrics=metrics,
-        publisher=Publisher(settings.kafka_bootstrap, settings.publish_queue, dropped),
+        # Exposures wait up to 20 ms to share a produce request (attribution reads them in
+        # seconds); beacons go at once (a click's freshness starts when it is collected).
+        publisher=Publisher(settings.kafka_bootstrap, settings.publish_queue, dropped, 20),
+        beacons=Publisher(settings.kafka_bootstrap, settings.publish_queue, dropped, 0),
         keys=keys,
     )
     metrics.config_version.labels(config.version).set(1)
@@ -128,6 +131,7 @@ def create_app(settings: Settings, metrics: ApiMetrics | None = None) -> Starlet
         rt = build_runtime(settings, metrics)
         app.state.runtime = rt
         rt.publisher.start()
+        rt.beacons.start()
         with contextlib.suppress(TimeoutError, *STORE_ERRORS):
             await rt.refresh()  # trending at once when Redis is there; else the loop retries
         refresher = asyncio.create_task(rt.run_refresher(), name="kairos-refresher")
@@ -138,6 +142,7 @@ def create_app(settings: Settings, metrics: ApiMetrics | None = None) -> Starlet
             with contextlib.suppress(asyncio.CancelledError):
                 await refresher
             await rt.publisher.stop()
+            await rt.beacons.stop()
             await rt.reader.aclose()
             await rt.redis.aclose()
 

@@ -54,12 +54,12 @@ async def collect(request: Request) -> Response:
     rt.metrics.beacons.labels("rejected").inc(len(rejected))
     if not accepted:
         return JSON({"error": "no valid events", "rejected": rejected, "status": 400}, 400)
-    if rt.publisher.queue.maxsize - rt.publisher.queue.qsize() < len(accepted):
+    if rt.beacons.queue.maxsize - rt.beacons.queue.qsize() < len(accepted):
         rt.metrics.beacons.labels("dropped").inc(len(accepted))
         rt.metrics.dropped.labels(rt.settings.clickstream_topic, "queue_full").inc(len(accepted))
         body = {"error": "collector queue to Kafka is full; retry later", "status": 503}
         return JSON(body, 503, headers={"retry-after": "1"})
     for key, raw in accepted:
-        rt.publisher.offer(rt.settings.clickstream_topic, key, raw)
+        rt.beacons.offer(rt.settings.clickstream_topic, key, raw)
     rt.metrics.beacons.labels("accepted").inc(len(accepted))
     return JSON({"accepted": len(accepted), "rejected": rejected}, 202)

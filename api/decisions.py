@@ -13,13 +13,17 @@ twice on the page.
 
 from __future__ import annotations
 
+import itertools
 import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from api.config import Anchor, Slot, SlotKind
 from api.fallback import FallbackReason
 from api.holdout import Group
+from api.items import Rows
 from api.rules import Pick, rules_fired, select, under_cap
 from api.scoring import (
     Signals,
@@ -85,8 +89,13 @@ class SlotDecision:
         return out
 
 
+_ID_PREFIX = secrets.token_hex(4)
+_ID_COUNTER = itertools.count()
+
+
 def new_decision_id() -> str:
-    return secrets.token_hex(8)
+    """Unique across processes (a random prefix per process) and cheap (a counter)."""
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):08x}"
 
 
 def _item_json(serving: Serving, row: int, why: str) -> dict[str, Any]:
@@ -224,7 +233,7 @@ class PageDecider:
         d.strategy = strategy
         if strategy == "trending":
             d.fallback_reason = FallbackReason.NO_SIGNAL
-        index = {int(r): i for i, r in enumerate(rows)}
+        index = _positions(rows, picks)
         for p in picks:
             self.used.add(p.row)
             d.items.append(_item_json(serving, p.row, self._why(p, scored, index, signals,
@@ -283,6 +292,13 @@ class PageDecider:
         if self.categories:
             return f"matches your interest in {self.categories[0].split(CATEGORY_SEP)[-1]}"
         return "picked for you"
+
+
+def _positions(rows: Rows, picks: list[Pick]) -> dict[int, int]:
+    """Where each pick sits in the sorted candidate rows (pins may not be candidates)."""
+    wanted = np.asarray([p.row for p in picks], np.int64)
+    pos = np.minimum(np.searchsorted(rows, wanted), max(rows.size - 1, 0))
+    return {int(r): int(i) for r, i in zip(wanted, pos, strict=True) if rows.size and rows[i] == r}
 
 
 def covis_sources(serving: Serving, page: PageAsk, view: SessionView) -> list[int]:

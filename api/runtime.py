@@ -60,7 +60,8 @@ class Runtime:
     serving: Serving
     source: ConfigSource
     metrics: ApiMetrics
-    publisher: Publisher
+    publisher: Publisher  # exposures -> decisions topic
+    beacons: Publisher  # collected events -> clickstream topic
     keys: Keys
     breaker: Breaker = field(default_factory=Breaker)
     pauses: Pauses = field(default_factory=Pauses)

@@ -11,6 +11,7 @@ the reason a person reads under the item.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -28,7 +29,10 @@ W_LEAF = 0.3
 # How many of the session's most recent items feed co-visitation, and their weights.
 COVISIT_SOURCES = 5
 RECENCY = (1.0, 0.7, 0.5, 0.35, 0.25)
-CATEGORY_CANDIDATES = 100
+# Candidates per source: enough for a carousel after filters and diversity, few enough that
+# scoring them stays far below the cost of the HTTP request around it.
+CATEGORY_CANDIDATES = 50
+TREND_CANDIDATES = 50
 TOP_CATEGORIES = 2
 
 Floats = npt.NDArray[np.float32]
@@ -86,17 +90,21 @@ def unit(v: Vector | None) -> Vector | None:
     return (v / norm).astype(np.float32) if norm > 1e-9 else None
 
 
+@functools.lru_cache(maxsize=8)
+def _category_dims(names: tuple[str, ...]) -> tuple[Rows, list[str], Rows]:
+    dims = [i for i, n in enumerate(names) if n.startswith("cat:")]
+    depth = np.asarray([names[i].count(CATEGORY_SEP) for i in dims], np.int64)
+    return np.asarray(dims, np.int64), [names[i][4:] for i in dims], depth
+
+
 def top_categories(
-    space_names: Sequence[str], interest: Vector, k: int = TOP_CATEGORIES
+    space_names: tuple[str, ...], interest: Vector, k: int = TOP_CATEGORIES
 ) -> list[str]:
     """The k strongest category nodes of an interest vector, deepest first on ties."""
-    cats = [
-        (float(interest[i]), name.count(CATEGORY_SEP), name[4:])
-        for i, name in enumerate(space_names)
-        if name.startswith("cat:") and interest[i] > 0
-    ]
-    cats.sort(key=lambda c: (-c[0], -c[1]))
-    return [c[2] for c in cats[:k]]
+    dims, labels, depth = _category_dims(space_names)
+    values = interest[dims]
+    order = np.lexsort((-depth, -values))[:k]
+    return [labels[i] for i in order if values[i] > 0]
 
 
 def merge_covis(
@@ -130,10 +138,14 @@ def candidates(
     for leaf in top_leaves:
         parts.append(category_rows.get(catalog.leaf_names[leaf], _NO_ROWS)[:CATEGORY_CANDIDATES])
     for cat in signals.categories:
-        parts.append(trending.get(cat))
+        parts.append(trending.get(cat)[:TREND_CANDIDATES])
         parts.append(category_rows.get(cat, _NO_ROWS)[:CATEGORY_CANDIDATES])
-    parts.append(trending.get())
-    return np.unique(np.concatenate(parts))
+    parts.append(trending.get()[:TREND_CANDIDATES])
+    # sorted and unique: a mark per catalog row is cheaper than np.unique's sort and hash
+    seen = np.zeros(len(catalog), dtype=bool)
+    for part in parts:
+        seen[part] = True
+    return np.flatnonzero(seen)
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +158,21 @@ class Scored:
     leaf: Floats
 
 
+def _lookup(values: Mapping[int, float], keys: Rows) -> Floats:
+    """values[k] for every k in keys (0 where absent), without a Python loop over keys."""
+    out = np.zeros(keys.size, np.float32)
+    if not values or not keys.size:
+        return out
+    known = np.fromiter(values.keys(), np.int64, len(values))
+    vals = np.fromiter(values.values(), np.float32, len(values))
+    order = np.argsort(known)
+    known, vals = known[order], vals[order]
+    pos = np.minimum(np.searchsorted(known, keys), known.size - 1)
+    hit = known[pos] == keys
+    out[hit] = vals[pos[hit]]
+    return out
+
+
 def score(catalog: ServingCatalog, rows: Rows, signals: Signals, trending: Trending) -> Scored:
     n = rows.size
     interest = (
@@ -153,13 +180,9 @@ def score(catalog: ServingCatalog, rows: Rows, signals: Signals, trending: Trend
         if signals.interest is not None and n
         else np.zeros(n, np.float32)
     )
-    covis = np.fromiter((signals.covis.get(int(r), 0.0) for r in rows), np.float32, n)
+    covis = _lookup(signals.covis, rows)
     trend = trending.prior_of(rows)
-    leaf = np.zeros(n, np.float32)
-    if signals.leaves and n:
-        leaf_of = catalog.leaf[rows]
-        for lf, share in signals.leaves.items():
-            leaf[leaf_of == lf] = share
+    leaf = _lookup(signals.leaves, catalog.leaf[rows]) if n else np.zeros(0, np.float32)
     total = W_INTEREST * interest + W_COVISIT * covis + W_TREND * trend + W_LEAF * leaf
     return Scored(rows, total.astype(np.float32), interest, covis, trend, leaf)
 
