@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from api.items import ServingCatalog
-from api.scoring import Trending
+from api.scoring import Neighbours, Trending
 from stream_engine.catalog import CATEGORY_SEP
 from stream_engine.state import Keys
 
@@ -26,8 +26,6 @@ TRENDING_TOP = 200
 COVIS_TOP = 30
 COVIS_TTL_S = 5.0
 COVIS_CACHE_MAX = 50_000
-
-Neighbours = list[tuple[int, float]]
 
 
 def trending_keys(catalog: ServingCatalog) -> list[str]:
@@ -111,7 +109,7 @@ class CovisCache:
                 continue
             members, scores = _members(reply, catalog)
             best = scores[0] if scores and scores[0] > 0 else 1.0
-            out[r] = [(m, s / best) for m, s in zip(members, scores, strict=True)]
+            out[r] = (np.asarray(members, np.int64), np.asarray(scores, np.float32) / best)
             self._entries[r] = (expires, out[r])
             self._entries.move_to_end(r)
         while len(self._entries) > self.max_items:

@@ -206,14 +206,15 @@ class PageDecider:
             categories = [node, *(c for c in categories if c != node)]
             if strategy == "trending":
                 strategy = "contextual"
-        covis, via = merge_covis(recent, neighbours)
-        leaves = leaf_shares(self.serving.catalog, recent)
-        return Signals(interest, recent, covis, via, categories, anchor_title, leaves), strategy
+        covis = merge_covis(recent, neighbours)
+        leaves, counts = leaf_shares(self.serving.catalog, recent)
+        signals = Signals(interest, recent, covis, categories, anchor_title, leaves, counts)
+        return signals, strategy
 
     def _items(self, ask: SlotAsk, group: Group, neighbours: Any) -> SlotDecision:
         serving, slot = self.serving, ask.slot
         signals, strategy = self._signals(slot, neighbours)
-        if signals.interest is None and not signals.covis and not signals.categories:
+        if signals.interest is None and not signals.covis.rows.size and not signals.categories:
             return default_decision(serving, ask, FallbackReason.NO_SIGNAL, group, self.used,
                                     self.age_ms)  # fmt: skip
         rows = candidates(serving.catalog, signals, serving.trending, serving.category_rows)

@@ -35,6 +35,8 @@ class SlotRules:
     weight: Scores  # product of active boost/bury factors per row
     pins: tuple[Pin, ...] = ()
     fired: dict[str, Mask] = field(default_factory=dict)  # rule id -> rows it touches
+    allowed: Mask | None = None  # in stock and not excluded, as of compile time
+    weighted: bool = False  # any boost or bury
 
 
 def compile_rules(
@@ -65,7 +67,9 @@ def compile_rules(
                 pins.append(Pin(rule.rule_id, rule.position, tuple(catalog.rows(rule.items))))
             else:
                 rules.weight[hit] *= np.float32(rule.factor)
+                rules.weighted = True
         rules.pins = tuple(sorted(pins, key=lambda p: p.position))
+        rules.allowed = catalog.in_stock[:n] & ~rules.exclude
         out[slot.name] = rules
     return out
 
@@ -83,7 +87,10 @@ def _allowed(
     blocked_rows: Collection[int],
     sensitive: Mask | None,
 ) -> Mask:
-    ok: Mask = catalog.in_stock[rows] & ~rules.exclude[rows]
+    if rules.allowed is not None and rules.allowed.size == len(catalog):
+        ok: Mask = rules.allowed[rows]
+    else:
+        ok = catalog.in_stock[rows] & ~rules.exclude[rows]
     if sensitive is not None:
         ok &= ~sensitive[rows]
     if blocked_rows and rows.size:  # a mark per catalog row: cheaper than np.isin
@@ -105,18 +112,21 @@ def select(
 ) -> list[Pick]:
     """The n items to serve from scored candidates (rows[i] scored scores[i])."""
     ok = _allowed(rows, catalog, rules, blocked_rows, sensitive)
-    rows, weighted = rows[ok], scores[ok] * rules.weight[rows[ok]]
-    pins = _pins(rules, catalog, blocked_rows, sensitive, n)
+    rows, weighted = rows[ok], scores[ok]
+    if rules.weighted:
+        weighted = weighted * rules.weight[rows]
+    pins = _pins(rules, catalog, blocked_rows, sensitive, n) if rules.pins else []
     pinned = {p.row for p in pins}
     wanted = n - len(pins)
     chosen: list[int] = []
     per_category: dict[int, int] = {}
     cap = slot.max_per_category or n
-    for i in np.argsort(-weighted, kind="stable"):
+    # Python ints from here: numpy scalar indexing costs more than the loop itself.
+    row_list, leaf_list = rows.tolist(), catalog.leaf[rows].tolist()
+    for i in np.argsort(-weighted, kind="stable").tolist():
         if len(chosen) == wanted:
             break
-        row = int(rows[i])
-        leaf = int(catalog.leaf[row])
+        row, leaf = row_list[i], leaf_list[i]
         if row in pinned or per_category.get(leaf, 0) >= cap:
             continue
         per_category[leaf] = per_category.get(leaf, 0) + 1

@@ -58,6 +58,7 @@ class Trending:
 
 
 _NO_ROWS: Rows = np.zeros(0, np.int64)
+_NO_SCORES: Floats = np.zeros(0, np.float32)
 
 
 @dataclass(slots=True)
@@ -66,21 +67,26 @@ class Signals:
 
     interest: Vector | None  # unit vector, or None without signal
     recent_rows: list[int]
-    covis: dict[int, float] = field(default_factory=dict)  # row -> [0, 1]
-    covis_via: dict[int, int] = field(default_factory=dict)  # row -> recent row it came from
+    covis: Covis = field(default_factory=lambda: Covis(_NO_ROWS, _NO_SCORES, _NO_ROWS))
     categories: list[str] = field(default_factory=list)  # strongest category nodes
     anchor_title: str | None = None  # the page's item, for "similar to …"
     leaves: dict[int, float] = field(default_factory=dict)  # leaf -> recency-weighted share
+    leaf_counts: dict[int, int] = field(default_factory=dict)  # leaf -> recent items in it
 
 
-def leaf_shares(catalog: ServingCatalog, recent_rows: Sequence[int]) -> dict[int, float]:
+def leaf_shares(
+    catalog: ServingCatalog, recent_rows: Sequence[int]
+) -> tuple[dict[int, float], dict[int, int]]:
+    """Per leaf category of the recent items: recency-weighted share, and count."""
     weights = [RECENCY[min(i, len(RECENCY) - 1)] for i in range(len(recent_rows))]
     total = sum(weights)
-    out: dict[int, float] = {}
-    for row, w in zip(recent_rows, weights, strict=True):
-        leaf = int(catalog.leaf[row])
-        out[leaf] = out.get(leaf, 0.0) + w / total
-    return out
+    shares: dict[int, float] = {}
+    counts: dict[int, int] = {}
+    leaves = catalog.leaf[np.asarray(recent_rows, np.int64)].tolist() if recent_rows else []
+    for leaf, w in zip(leaves, weights, strict=True):
+        shares[leaf] = shares.get(leaf, 0.0) + w / total
+        counts[leaf] = counts.get(leaf, 0) + 1
+    return shares, counts
 
 
 def unit(v: Vector | None) -> Vector | None:
@@ -107,24 +113,39 @@ def top_categories(
     return [labels[i] for i in order if values[i] > 0]
 
 
-def merge_covis(
-    recent_rows: Sequence[int], neighbours: Mapping[int, Sequence[tuple[int, float]]]
-) -> tuple[dict[int, float], dict[int, int]]:
-    """Co-visitation of the recent items, recency-weighted and normalized to [0, 1]."""
-    score: dict[int, float] = {}
-    via: dict[int, int] = {}
-    best: dict[int, float] = {}
-    for rank, src in enumerate(recent_rows[:COVISIT_SOURCES]):
-        w = RECENCY[rank]
-        for row, s in neighbours.get(src, ()):
-            contribution = w * s
-            score[row] = score.get(row, 0.0) + contribution
-            if contribution > best.get(row, 0.0):
-                best[row], via[row] = contribution, src
-    top = max(score.values(), default=0.0)
-    if top > 0:
-        score = {r: s / top for r, s in score.items()}
-    return score, via
+Neighbours = tuple[Rows, Floats]  # an item's co-visited rows and scores (best = 1)
+
+
+@dataclass(frozen=True, slots=True)
+class Covis:
+    """Co-visitation of a session's recent items: candidate rows (sorted), their score in
+    [0, 1], and the recent row that contributed most to each (for the reason)."""
+
+    rows: Rows
+    scores: Floats
+    via: Rows
+
+    def via_of(self, row: int) -> int | None:
+        i = int(np.searchsorted(self.rows, row))
+        return int(self.via[i]) if i < self.rows.size and self.rows[i] == row else None
+
+
+def merge_covis(recent_rows: Sequence[int], neighbours: Mapping[int, Neighbours]) -> Covis:
+    """Co-visitation of the recent items, recency-weighted and normalized to [0, 1]; one
+    numpy pass over all neighbours instead of a Python loop per neighbour."""
+    found = [(RECENCY[rank], src, neighbours[src])
+             for rank, src in enumerate(recent_rows[:COVISIT_SOURCES])
+             if src in neighbours and neighbours[src][0].size]  # fmt: skip
+    if not found:
+        return Covis(_NO_ROWS, _NO_SCORES, _NO_ROWS)
+    rows = np.concatenate([nb[0] for _, _, nb in found])
+    contrib = np.concatenate([w * nb[1] for w, _, nb in found]).astype(np.float32)
+    via = np.concatenate([np.full(nb[0].size, src, np.int64) for _, src, nb in found])
+    order = np.lexsort((-contrib, rows))  # by row, the biggest contribution first
+    rows, contrib, via = rows[order], contrib[order], via[order]
+    starts = np.flatnonzero(np.concatenate(([True], rows[1:] != rows[:-1])))
+    sums = np.add.reduceat(contrib, starts)
+    return Covis(rows[starts], (sums / sums.max()).astype(np.float32), via[starts])
 
 
 def candidates(
@@ -133,7 +154,7 @@ def candidates(
     trending: Trending,
     category_rows: Mapping[str, Rows],
 ) -> Rows:
-    parts: list[Rows] = [np.fromiter(signals.covis, np.int64, len(signals.covis))]
+    parts: list[Rows] = [signals.covis.rows]
     top_leaves = sorted(signals.leaves, key=lambda k: -signals.leaves[k])[:TOP_CATEGORIES]
     for leaf in top_leaves:
         parts.append(category_rows.get(catalog.leaf_names[leaf], _NO_ROWS)[:CATEGORY_CANDIDATES])
@@ -158,19 +179,19 @@ class Scored:
     leaf: Floats
 
 
-def _lookup(values: Mapping[int, float], keys: Rows) -> Floats:
-    """values[k] for every k in keys (0 where absent), without a Python loop over keys."""
-    out = np.zeros(keys.size, np.float32)
-    if not values or not keys.size:
-        return out
-    known = np.fromiter(values.keys(), np.int64, len(values))
-    vals = np.fromiter(values.values(), np.float32, len(values))
-    order = np.argsort(known)
-    known, vals = known[order], vals[order]
-    pos = np.minimum(np.searchsorted(known, keys), known.size - 1)
-    hit = known[pos] == keys
-    out[hit] = vals[pos[hit]]
-    return out
+def _dense(keys: Rows, values: Floats, wanted: Rows, space: int) -> Floats:
+    """values of `wanted` (0 where absent), keys in range(space), through a dense array:
+    three numpy operations instead of a Python loop."""
+    if not keys.size or not wanted.size:
+        return np.zeros(wanted.size, np.float32)
+    dense = np.zeros(space, np.float32)
+    dense[keys] = values
+    return dense[wanted]
+
+
+def _dense_lookup(values: Mapping[int, float], wanted: Rows, space: int) -> Floats:
+    keys = np.fromiter(values.keys(), np.int64, len(values))
+    return _dense(keys, np.fromiter(values.values(), np.float32, len(values)), wanted, space)
 
 
 def score(catalog: ServingCatalog, rows: Rows, signals: Signals, trending: Trending) -> Scored:
@@ -180,9 +201,9 @@ def score(catalog: ServingCatalog, rows: Rows, signals: Signals, trending: Trend
         if signals.interest is not None and n
         else np.zeros(n, np.float32)
     )
-    covis = _lookup(signals.covis, rows)
+    covis = _dense(signals.covis.rows, signals.covis.scores, rows, len(catalog))
     trend = trending.prior_of(rows)
-    leaf = _lookup(signals.leaves, catalog.leaf[rows]) if n else np.zeros(0, np.float32)
+    leaf = _dense_lookup(signals.leaves, catalog.leaf[rows], len(catalog.leaf_names))
     total = W_INTEREST * interest + W_COVISIT * covis + W_TREND * trend + W_LEAF * leaf
     return Scored(rows, total.astype(np.float32), interest, covis, trend, leaf)
 
@@ -211,10 +232,10 @@ def reason(
         return f"similar to {signals.anchor_title}"
     if parts[top] <= 0:
         return f"popular in {item.category[-1]}"
-    if top == "covis" and row in signals.covis_via:
-        return f"viewed next by people who viewed {catalog.item(signals.covis_via[row]).title}"
+    if top == "covis" and (via := signals.covis.via_of(row)) is not None:
+        return f"viewed next by people who viewed {catalog.item(via).title}"
     if top == "interest":
-        same = sum(1 for r in signals.recent_rows if catalog.leaf[r] == catalog.leaf[row])
+        same = signals.leaf_counts.get(int(catalog.leaf[row]), 0)
         leaf = item.category[-1]
         if same:
             return f"because you viewed {same} item{'s' if same > 1 else ''} in {leaf}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from typing import Any
 
 import numpy as np
 import pytest
@@ -91,7 +92,13 @@ def test_diversity_caps_items_per_category(rows: list[int], cap: int) -> None:
 
 
 def test_covisitation_merges_by_recency_and_normalizes() -> None:
-    score, via = merge_covis([1, 2], {1: [(10, 1.0), (11, 0.5)], 2: [(11, 1.0)]})
+    def nb(*pairs: tuple[int, float]) -> tuple[Any, Any]:
+        return np.asarray([p[0] for p in pairs]), np.asarray([p[1] for p in pairs], np.float32)
+
+    covis = merge_covis([1, 2], {1: nb((10, 1.0), (11, 0.5)), 2: nb((11, 1.0))})
+    assert covis.rows.tolist() == [10, 11]
+    score = dict(zip(covis.rows.tolist(), covis.scores.tolist(), strict=True))
+    via = {r: covis.via_of(r) for r in (10, 11)}
     assert score[10] == pytest.approx(1.0 / 1.2)
     assert score[11] == pytest.approx(1.0)
     assert via[11] == 2
