@@ -1,7 +1,7 @@
 """Trending and co-visitation as the API reads them: cached in the process, off the hot path.
 
 Trending (global and per category node) is refreshed in the background every second.
-Co-visitation neighbours are cached per item for a few seconds; a decision whose recent
+Co-visitation neighbours are cached per item for half a minute; a decision whose recent
 items miss the cache fetches them in one extra round trip within its Redis budget, and goes
 on without them if that fails. Scores in Redis are forward-decayed from a landmark; dividing
 by a key's best score removes the landmark, so the API needs no clock agreement with it.
@@ -24,7 +24,7 @@ from stream_engine.state import Keys
 TRENDING_DEPTH = 2  # the worker keeps trending for category nodes of depth 1 and 2
 TRENDING_TOP = 200
 COVIS_TOP = 30
-COVIS_TTL_S = 5.0
+COVIS_TTL_S = 30.0  # co-visitation decays over days; 30 s stale costs nothing
 COVIS_CACHE_MAX = 50_000
 
 

@@ -23,21 +23,33 @@ class FallbackReason(enum.StrEnum):
 
 
 class Breaker:
-    """Circuit breaker on Redis: `threshold` failures in a row open it for `open_s`; then
-    one probe at a time is let through, and its success closes it."""
+    """Circuit breaker on Redis, by failure rate: over the last `window_s`, at least
+    `min_failures` failures that are at least `ratio` of the reads open it for `open_s`;
+    then one probe at a time is let through, and its success closes it.
+
+    A rate rather than "n failures in a row": under CPU overload a few reads time out
+    because the event loop was late, not because Redis was; those must not switch every
+    visitor to the default for a whole second.
+    """
 
     def __init__(
         self,
-        threshold: int = 5,
+        min_failures: int = 5,
+        ratio: float = 0.5,
+        window_s: float = 1.0,
         open_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.threshold = threshold
+        self.min_failures = min_failures
+        self.ratio = ratio
+        self.window_s = window_s
         self.open_s = open_s
         self.clock = clock
-        self.failures = 0
         self.opened_at: float | None = None
         self.probing = False
+        self._window_start = clock()
+        self._reads = 0
+        self._failures = 0
 
     @property
     def state(self) -> str:
@@ -54,62 +66,81 @@ class Breaker:
             return True
         return False
 
+    def _count(self, failed: bool) -> None:
+        now = self.clock()
+        if now - self._window_start >= self.window_s:
+            self._window_start, self._reads, self._failures = now, 0, 0
+        self._reads += 1
+        self._failures += failed
+
     def success(self) -> None:
-        self.failures = 0
-        self.opened_at = None
+        self._count(False)
+        if self.opened_at is not None:
+            self.opened_at = None
+            self._reads = self._failures = 0
         self.probing = False
 
     def failure(self) -> None:
-        self.failures += 1
-        if self.probing or self.failures >= self.threshold:
+        self._count(True)
+        if self.probing or (
+            self._failures >= self.min_failures and self._failures >= self.ratio * self._reads
+        ):
             self.opened_at = self.clock()
+            self._reads = self._failures = 0
         self.probing = False
 
 
 class Limiter:
-    """Adaptive bound on requests in flight (AIMD on latency, like TCP congestion control).
-
-    While requests finish under `target_s` the limit grows by about one per limit's worth
-    of requests; a request over target shrinks it by `backoff` (at most once per
-    `cooldown_s`, so one slow burst is one decrease). Requests beyond the limit are not
-    queued: they get the default at once.
+    """Adaptive bound on requests in flight (AIMD, like TCP congestion control), decided per
+    window of `window_s`: when more than `slow_share` of the window's requests took longer
+    than `target_s`, the limit shrinks by `backoff`; when the limit was reached in a window
+    without that, it grows by a tenth. Requests beyond the limit are not queued: they get
+    the default at once. Windows, not single requests, so one GC pause is not an overload.
     """
 
     def __init__(
         self,
         target_s: float,
         initial: int = 64,
-        low: int = 4,
+        low: int = 16,
         high: int = 1024,
         backoff: float = 0.8,
-        cooldown_s: float = 0.1,
+        window_s: float = 0.1,
+        slow_share: float = 0.1,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.target_s = target_s
         self.limit = float(initial)
         self.low, self.high = low, high
         self.backoff = backoff
-        self.cooldown_s = cooldown_s
+        self.window_s = window_s
+        self.slow_share = slow_share
         self.clock = clock
         self.in_flight = 0
-        self._last_decrease = -1e9
+        self._window_start = clock()
+        self._done = 0
+        self._slow = 0
+        self._saturated = False
 
     def try_acquire(self) -> bool:
         if self.in_flight >= int(self.limit):
+            self._saturated = True
             return False
         self.in_flight += 1
         return True
 
     def release(self, latency_s: float) -> None:
         self.in_flight -= 1
-        if latency_s > self.target_s:
-            now = self.clock()
-            if now - self._last_decrease >= self.cooldown_s:
-                self._last_decrease = now
-                self.limit = max(self.low, self.limit * self.backoff)
-        elif self.in_flight >= int(self.limit) - 1:
-            # Only grow when the limit is what bounds us; idle capacity proves nothing.
-            self.limit = min(self.high, self.limit + 1.0 / self.limit)
+        self._done += 1
+        self._slow += latency_s > self.target_s
+        now = self.clock()
+        if now - self._window_start < self.window_s:
+            return
+        if self._slow > self.slow_share * self._done:
+            self.limit = max(self.low, self.limit * self.backoff)
+        elif self._saturated:
+            self.limit = min(self.high, self.limit * 1.1 + 1)
+        self._window_start, self._done, self._slow, self._saturated = now, 0, 0, False
 
 
 @dataclass(slots=True)
