@@ -105,8 +105,8 @@ def build_runtime(settings: Settings, metrics: ApiMetrics) -> Runtime:
     reader = StateReader(redis, keys, catalog.space.dims, settings.user_half_life_s * 1000,
                          settings.redis_connections)  # fmt: skip
 
-    def dropped(topic: str, why: str) -> None:
-        metrics.dropped.labels(topic, why).inc()
+    def dropped(topic: str, why: str, count: int) -> None:
+        metrics.dropped.labels(topic, why).inc(count)
 
     rt = Runtime(
         settings=settings,
