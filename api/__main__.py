@@ -39,6 +39,11 @@ def main() -> int:
         http="httptools",
         access_log=False,
         log_level="warning",
+        # Work per request that nobody here reads: X-Forwarded-* rewriting (no proxy in
+        # front by default) and the Server and Date headers.
+        proxy_headers=False,
+        server_header=False,
+        date_header=False,
     )
     return 0
 
