@@ -123,6 +123,11 @@ def build_runtime(settings: Settings, metrics: ApiMetrics) -> Runtime:
         keys=keys,
     )
     metrics.config_version.labels(config.version).set(1)
+    metrics.watch(
+        in_flight=lambda: rt.limiter.in_flight,
+        limit=lambda: rt.limiter.limit,
+        breaker_open=lambda: 0.0 if rt.breaker.state == "closed" else 1.0,
+    )
     return rt
 
 

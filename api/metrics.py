@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (
@@ -57,7 +60,33 @@ class ApiMetrics:
             "kairos_api_refresh_errors_total", "Background refreshes that failed (kept the last)",
             registry=r,
         )  # fmt: skip
+        self._decision_children: dict[tuple[str, str, str], Any] = {}
+        self._fallback_children: dict[str, Any] = {}
         self.covis_errors = Counter(
             "kairos_api_covis_errors_total", "Co-visitation reads that failed or ran late",
             registry=r,
         )  # fmt: skip
+
+    def decision(self, slot: str, strategy: str, fallback_reason: str) -> None:
+        """Count one decision; label children cached (labels() costs microseconds a call)."""
+        key = (slot, strategy, fallback_reason)
+        child = self._decision_children.get(key)
+        if child is None:
+            child = self._decision_children[key] = self.decisions.labels(*key)
+        child.inc()
+        if fallback_reason and strategy != "trending":
+            fb = self._fallback_children.get(fallback_reason)
+            if fb is None:
+                fb = self._fallback_children[fallback_reason] = self.fallbacks.labels(
+                    fallback_reason
+                )
+            fb.inc()
+
+    def watch(
+        self, in_flight: Callable[[], float], limit: Callable[[], float],
+        breaker_open: Callable[[], float],
+    ) -> None:  # fmt: skip
+        """Gauges read at scrape time, so the request path never sets them."""
+        self.in_flight.set_function(in_flight)
+        self.limit.set_function(limit)
+        self.breaker_open.set_function(breaker_open)

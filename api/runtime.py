@@ -77,13 +77,10 @@ class Runtime:
         if not self.limiter.try_acquire():
             group = assign(page.session_id, serving.config.holdout_share)
             return self._record(page, self._fallback(page, FallbackReason.OVERLOAD, group))
-        self.metrics.in_flight.inc()
         try:
             decisions = await self._decide(page, serving, started)
         finally:
-            self.metrics.in_flight.dec()
             self.limiter.release(time.perf_counter() - started)
-            self.metrics.limit.set(self.limiter.limit)
         return self._record(page, decisions)
 
     async def _decide(self, page: PageAsk, serving: Serving, started: float) -> list[SlotDecision]:
@@ -131,12 +128,10 @@ class Runtime:
             self._store_failed()
             return None, FallbackReason.STORE_UNAVAILABLE
         self.breaker.success()
-        self.metrics.breaker_open.set(0)
         return view, None
 
     def _store_failed(self) -> None:
         self.breaker.failure()
-        self.metrics.breaker_open.set(0 if self.breaker.state == "closed" else 1)
 
     async def _neighbours(
         self, page: PageAsk, view: SessionView, serving: Serving, started: float
@@ -178,9 +173,7 @@ class Runtime:
         now_ms = int(time.time() * 1000)
         for d in decisions:
             reason = d.fallback_reason.value if d.fallback_reason else ""
-            self.metrics.decisions.labels(d.slot, d.strategy, reason).inc()
-            if d.fallback_reason is not None and d.strategy != "trending":
-                self.metrics.fallbacks.labels(reason).inc()
+            self.metrics.decision(d.slot, d.strategy, reason)
             if d.state_age_ms is not None:
                 self.metrics.state_age.observe(d.state_age_ms / 1000)
             exposure = {

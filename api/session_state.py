@@ -1,19 +1,21 @@
 """Reading what the stream engine wrote: one round trip per decision.
 
-The session hash, its impression counts, its consent/erasure block and (when the caller
-names the user) the user's profile and block travel in one packed write and one read on a
-connection held by the API (`stream_engine.store.Batches`, a small pool of them), with
-one deadline for the whole round trip.
+The session hash, its impression counts and its consent/erasure block (one script, one
+reply) and, when the caller names the user, the user's profile and block travel in one
+packed write and one read on a connection held by the API (`stream_engine.store.Batches`,
+a small pool of them), with one deadline for the whole round trip.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError
 
 from stream_engine.catalog import Vector
 from stream_engine.state import Keys
@@ -40,6 +42,15 @@ class SessionView:
     user_block: str | None = None
 
 
+# KEYS: session, impressions, block (one hash slot). One reply instead of three: each
+# reply costs the API more to parse than Redis spends running this.
+READ_SESSION = """
+return {redis.call('HGETALL', KEYS[1]), redis.call('HGETALL', KEYS[2]),
+        redis.call('GET', KEYS[3])}
+"""
+READ_SESSION_SHA = hashlib.sha1(READ_SESSION.encode()).hexdigest()
+
+
 def _pairs(reply: Any) -> dict[bytes, bytes]:
     if isinstance(reply, dict):
         return reply
@@ -58,8 +69,9 @@ def parse_view(
     now_ms: int,
     user_half_life_ms: float,
 ) -> SessionView:
-    s = _pairs(replies[0])
-    imp = _pairs(replies[1])
+    session, impressions, block = replies[0]
+    s = _pairs(session)
+    imp = _pairs(impressions)
     view = SessionView(
         session_id=sid,
         vector=from_bytes(s.get(b"v"), dims),
@@ -70,13 +82,13 @@ def parse_view(
         impressions={k.decode(): int(v) for k, v in imp.items()},
         written_ms=int(s[b"w"]) if b"w" in s else None,
         user=s[b"u"].decode() if s.get(b"u") else None,
-        block=replies[2].decode() if replies[2] else None,
+        block=block.decode() if block else None,
     )
-    if len(replies) > 3:
-        u = _pairs(replies[3])
+    if len(replies) > 1:
+        u = _pairs(replies[1])
         view.profile = user_profile(u, dims, now_ms, user_half_life_ms)
         view.user_anchor = u[b"a"].decode() if u.get(b"a") else None
-        view.user_block = replies[4].decode() if replies[4] else None
+        view.user_block = replies[2].decode() if replies[2] else None
     return view
 
 
@@ -99,17 +111,20 @@ class StateReader:
         async with asyncio.timeout(timeout_s):
             conn = await self._free.get()
             try:
-                return await conn.execute(commands)
+                try:
+                    return await conn.execute(commands)
+                except NoScriptError:  # a restarted or flushed Redis: load it, once
+                    await conn.execute([("SCRIPT", "LOAD", READ_SESSION)])
+                    return await conn.execute(commands)
             finally:
                 self._free.put_nowait(conn)
 
     def commands(self, sid: str, uid: str | None) -> list[tuple[Any, ...]]:
         k = self.keys
         cmds: list[tuple[Any, ...]] = [
-            ("HGETALL", k.session(sid)),
-            ("HGETALL", k.impressions(sid)),
-            ("GET", k.session_block(sid)),
-        ]
+            ("EVALSHA", READ_SESSION_SHA, 3, k.session(sid), k.impressions(sid),
+             k.session_block(sid)),
+        ]  # fmt: skip
         if uid is not None:
             cmds += [("HGETALL", k.user(uid)), ("GET", k.user_block(uid))]
         return cmds
