@@ -25,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route, request_response
 
-from api import admin
+from api import admin, demo
 from api.collector import collect
 from api.config import load_config
 from api.endpoints import JSON, page_decisions, runtime, slot_decision, static_baseline
@@ -169,6 +169,7 @@ def create_app(settings: Settings, metrics: ApiMetrics | None = None) -> Starlet
         Route("/v1/slots/{slot}", slot_decision),
         Route("/v1/decisions", page_decisions, methods=["POST"]),
         Route("/v1/events", beacons, methods=["POST", "OPTIONS"]),
+        Mount("/demo", routes=demo.routes),
         Mount(
             "/admin",
             routes=[

@@ -62,4 +62,5 @@ async def collect(request: Request) -> Response:
     for key, raw in accepted:
         rt.beacons.offer(rt.settings.clickstream_topic, key, raw)
     rt.metrics.beacons.labels("accepted").inc(len(accepted))
+    rt.beacons_accepted += len(accepted)
     return JSON({"accepted": len(accepted), "rejected": rejected}, 202)

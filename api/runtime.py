@@ -15,6 +15,7 @@ import asyncio
 import datetime as dt
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,8 @@ class Runtime:
     limiter: Limiter = field(default_factory=lambda: Limiter(0.010))
     covis: CovisCache = field(default_factory=CovisCache)
     catalog_version: bytes | None = None
+    tally: Counter[str] = field(default_factory=Counter)  # decisions by strategy (demo strip)
+    beacons_accepted: int = 0
 
     # -- the decision path ---------------------------------------------------------------
 
@@ -174,6 +177,7 @@ class Runtime:
         for d in decisions:
             reason = d.fallback_reason.value if d.fallback_reason else ""
             self.metrics.decision(d.slot, d.strategy, reason)
+            self.tally[d.strategy] += 1
             if d.state_age_ms is not None:
                 self.metrics.state_age.observe(d.state_age_ms / 1000)
             exposure = {

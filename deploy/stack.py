@@ -1,11 +1,15 @@
 """The local Kairos stack: a real Kafka broker (KRaft) and a real redis-server on loopback.
 
     python deploy/stack.py up [SERVICE ...]   start (idempotent; default kafka redis; + worker api)
-    python deploy/stack.py demo [--detach]    kafka, redis, the worker and the API, until Ctrl-C
+    python deploy/stack.py demo [--detach] [--no-simulator]
+                                              kafka, redis, the worker, the API and simulated
+                                              shoppers, until Ctrl-C
     python deploy/stack.py down               stop exactly what `up` started
     python deploy/stack.py status             one line per service
     python deploy/stack.py logs [SERVICE] [-n N] [-f]
     python deploy/stack.py env                the KAIROS_* variables of the running stack
+    python deploy/stack.py browser            Debian's chromium (installed if missing), for
+                                              the demo's real-browser test
 
 Kafka is resolved from Maven Central with `mvn` (deploy/kafka/pom.xml) into a cache outside
 the repository (KAIROS_CACHE_DIR, default ~/.cache/kairos); Redis is Debian's redis-server,
@@ -268,17 +272,19 @@ def tail(path: Path, n: int) -> str:
 # ----------------------------------------------------------------------------- redis
 
 
-def ensure_redis_binary() -> str:
-    found = shutil.which("redis-server") or (
-        "/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None
+def ensure_debian_binary(binary: str, package: str) -> str:
+    """The path of `binary`, installing Debian's `package` with apt-get when it is missing."""
+    found = shutil.which(binary) or (
+        f"/usr/bin/{binary}" if Path(f"/usr/bin/{binary}").exists() else None
     )
     if found:
         return found
     if os.geteuid() != 0:
-        raise StackError("redis-server is not installed; run: sudo apt-get install -y redis-server")
-    print("  installing Debian's redis-server (apt-get) ...", flush=True)
+        raise StackError(f"{binary} is not installed; run: sudo apt-get install -y {package}")
+    print(f"  installing Debian's {package} (apt-get) ...", flush=True)
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive", "RUNLEVEL": "1"}
-    # policy-rc.d 101 stops the package from starting a system redis on 6379 behind our back.
+    # policy-rc.d 101 stops a package from starting a system service (a redis on 6379)
+    # behind our back.
     policy = Path("/usr/sbin/policy-rc.d")
     had_policy = policy.exists()
     if not had_policy:
@@ -287,7 +293,7 @@ def ensure_redis_binary() -> str:
     try:
         for cmd in (
             ["apt-get", "update", "-q"],
-            ["apt-get", "install", "-y", "-q", "redis-server"],
+            ["apt-get", "install", "-y", "-q", package],
         ):
             done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
             if done.returncode != 0:
@@ -295,7 +301,11 @@ def ensure_redis_binary() -> str:
     finally:
         if not had_policy:
             policy.unlink(missing_ok=True)
-    return shutil.which("redis-server") or "/usr/bin/redis-server"
+    return shutil.which(binary) or f"/usr/bin/{binary}"
+
+
+def ensure_redis_binary() -> str:
+    return ensure_debian_binary("redis-server", "redis-server")
 
 
 def redis_ping(port: int) -> bool:
@@ -539,6 +549,22 @@ def start_api(layout: Layout, ports: dict[str, int], timeout: float) -> str:
     return f"started (pid {pid}) on {url}"
 
 
+def start_simulator(layout: Layout, ports: dict[str, int], timeout: float) -> str:
+    """Simulated shoppers (python -m loadtest simulate) into the stack's clickstream."""
+    if (pid := running_pid(layout, "simulator")) is not None:
+        return f"already running (pid {pid})"
+    env = {**stack_env(ports), "KAIROS_STACK_DIR": str(layout.stack_dir),
+           "PYTHONPATH": str(REPO)}  # fmt: skip
+    rate = os.environ.get("KAIROS_SIMULATOR_RATE", "20")
+    argv = [sys.executable, "-m", "loadtest", "simulate", "--rate", rate]
+    pid = spawn(layout, "simulator", argv, env=env)
+    time.sleep(0.5)
+    if running_pid(layout, "simulator") is None:
+        log = layout.log_file("simulator")
+        raise StackError(f"simulator exited during start; see {log}\n{tail(log, 25)}")
+    return f"started (pid {pid}), {rate} events/s (KAIROS_SIMULATOR_RATE)"
+
+
 # ----------------------------------------------------------------------------- commands
 
 SERVICES: dict[str, Callable[[Layout, dict[str, int], float], str]] = {
@@ -546,6 +572,7 @@ SERVICES: dict[str, Callable[[Layout, dict[str, int], float], str]] = {
     "kafka": start_kafka,
     "worker": start_worker,
     "api": start_api,
+    "simulator": start_simulator,
 }
 DEFAULT_SERVICES = ["redis", "kafka"]
 DEMO_SERVICES = ["redis", "kafka", "worker", "api"]
@@ -571,12 +598,14 @@ def cmd_up(layout: Layout, names: list[str], timeout: float) -> int:
     return 0
 
 
-def cmd_demo(layout: Layout, timeout: float, detach: bool) -> int:
+def cmd_demo(layout: Layout, timeout: float, detach: bool, simulate: bool = True) -> int:
     """Everything a newcomer needs, in the foreground; Ctrl-C stops what it started."""
-    cmd_up(layout, DEMO_SERVICES, timeout)
+    services = DEMO_SERVICES + (["simulator"] if simulate else [])
+    cmd_up(layout, services, timeout)
     ports = load_ports(layout)
     print("\nKairos is running:")
     api = f"http://{HOST}:{ports['api']}"
+    print(f"  demo storefront {api}/demo")
     page = '{"session_id": "demo-1", "slots": ["home_hero", "home_recs"]}'
     click = '{"type": "click", "session_id": "demo-1", "item_id": "sku-000003"}'
     print(f"  one slot        {api}/v1/slots/home_recs?session_id=demo-1")
@@ -592,7 +621,7 @@ def cmd_demo(layout: Layout, timeout: float, detach: bool) -> int:
         return 0
     print("Ctrl-C stops everything.")
     try:
-        while all(running_pid(layout, n) is not None for n in DEMO_SERVICES):
+        while all(running_pid(layout, n) is not None for n in services):
             time.sleep(1)
         print("a service exited; stopping the rest (see `make logs`)", file=sys.stderr)
     except KeyboardInterrupt:
@@ -668,6 +697,7 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--timeout", type=float, default=float(os.environ.get("KAIROS_UP_TIMEOUT", 90)))
     demo = sub.add_parser("demo", help="start everything and stay in the foreground")
     demo.add_argument("--detach", action="store_true", help="return once everything is up")
+    demo.add_argument("--no-simulator", action="store_true", help="no simulated shoppers")
     demo.add_argument("--timeout", type=float, default=90.0)
     sub.add_parser("down", help="stop everything `up` started")
     sub.add_parser("status", help="health of each service")
@@ -676,19 +706,23 @@ def main(argv: list[str] | None = None) -> int:
     logs.add_argument("-n", type=int, default=40)
     logs.add_argument("-f", "--follow", action="store_true")
     sub.add_parser("env", help="print the KAIROS_* variables of this stack")
+    sub.add_parser("browser", help="install Debian's chromium if missing; print its path")
     args = parser.parse_args(argv)
     layout = Layout.from_env()
     try:
         if args.command == "up":
             return cmd_up(layout, args.services, args.timeout)
         if args.command == "demo":
-            return cmd_demo(layout, args.timeout, args.detach)
+            return cmd_demo(layout, args.timeout, args.detach, not args.no_simulator)
         if args.command == "down":
             return cmd_down(layout)
         if args.command == "status":
             return cmd_status(layout)
         if args.command == "logs":
             return cmd_logs(layout, args.service, args.n, args.follow)
+        if args.command == "browser":  # for the demo's real-browser test
+            print(ensure_debian_binary("chromium", "chromium"))
+            return 0
         return cmd_env(layout)
     except StackError as exc:
         print(f"stack: {exc}", file=sys.stderr)

@@ -3,6 +3,7 @@
 python -m loadtest ingest [--rates 1000,5000,10000] [--duration 15] [--repeats 3]
                         [--engines faust,aiokafka]
     python -m loadtest memory [--sessions 100000] [--events-per-session 4]
+    python -m loadtest simulate [--rate 20] [--sessions 200] [--duration 0]
     python -m loadtest decisions [--rates 500,1000,2000,3000] [--duration 10] [--repeats 3]
                                  [--sessions 100000] [--items 10000] [--rss-items 100000]
 """
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import uvloop
 
-from loadtest import decisions, ingest, memory
+from loadtest import decisions, ingest, memory, simulate
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,7 +41,14 @@ def main(argv: list[str] | None = None) -> int:
     dec.add_argument("--items", type=int, default=10_000)
     dec.add_argument("--rss-items", type=int, default=100_000)
     dec.add_argument("--out", type=Path, default=Path("artifacts"))
+    sim = sub.add_parser("simulate", help="simulated shoppers for the demo, until stopped")
+    sim.add_argument("--rate", type=float, default=20.0)
+    sim.add_argument("--sessions", type=int, default=200)
+    sim.add_argument("--duration", type=float, default=0.0, help="seconds; 0 = forever")
     args = parser.parse_args(argv)
+    if args.command == "simulate":
+        uvloop.run(simulate.run(args.rate, args.sessions, args.duration))
+        return 0
     if args.command == "decisions":
         uvloop.run(
             decisions.run(
