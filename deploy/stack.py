@@ -620,6 +620,14 @@ def cmd_demo(layout: Layout, timeout: float, detach: bool, simulate: bool = True
         print("stop it with: make down")
         return 0
     print("Ctrl-C stops everything.")
+
+    def interrupted(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    # Also when started without a terminal (SIGINT ignored in background jobs) or stopped
+    # with kill (SIGTERM): stop what we started either way.
+    signal.signal(signal.SIGINT, interrupted)
+    signal.signal(signal.SIGTERM, interrupted)
     try:
         while all(running_pid(layout, n) is not None for n in services):
             time.sleep(1)
