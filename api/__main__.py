@@ -1,16 +1,22 @@
 """Run the decision API: `python -m api` (KAIROS_API_HOST, KAIROS_API_PORT, KAIROS_*).
 
+    python -m api                         serve
+    python -m api report [--minutes 60] [--json]   the zero-to-zero report, from Redis
+
 A bad setting, config file or catalog path stops it before it listens, with one line that
 says what is wrong (exit code 2).
 """
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import os
 import sys
 from pathlib import Path
 
 import uvicorn
+from redis.exceptions import RedisError
 
 from api.app import DEMO_CONFIG, create_app
 from api.config import load_config
@@ -20,7 +26,43 @@ from stream_engine.exceptions import KairosError
 from stream_engine.logs import configure
 
 
-def main() -> int:
+async def _report(settings: Settings, minutes: int, as_json: bool) -> None:
+    import time
+
+    import orjson
+
+    from api.report import Window, build_report, read_counters, render_table
+    from stream_engine.store import connect
+
+    config = load_config(Path(settings.config_path) if settings.config_path else DEMO_CONFIG)
+    redis = connect(settings.redis_url, timeout_s=5.0)
+    try:
+        window = Window(minutes, int(time.time() * 1000))
+        totals, series, counts = await read_counters(redis, settings.key_prefix, window)
+    finally:
+        await redis.aclose()
+    report = build_report(config, totals, series, counts, window)
+    if as_json:
+        print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
+    else:
+        print(render_table(report))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m api")
+    sub = parser.add_subparsers(dest="command")
+    rep = sub.add_parser("report", help="print the zero-to-zero report")
+    rep.add_argument("--minutes", type=int, default=60)
+    rep.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    if args.command == "report":
+        try:
+            settings = Settings.from_env(os.environ)
+            asyncio.run(_report(settings, args.minutes, args.json))
+        except (KairosError, OSError, RedisError) as exc:
+            print(f"api report: {exc}", file=sys.stderr)
+            return 2
+        return 0
     try:
         settings = Settings.from_env(os.environ)
         load_config(Path(settings.config_path) if settings.config_path else DEMO_CONFIG)

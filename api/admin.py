@@ -4,6 +4,7 @@
     POST /admin/pause   {"slot": "home_hero"?, "paused": true}   (no slot = everything)
     POST /admin/reload                 re-read the config file now (422 with the error)
     POST /admin/erase   {"session_id": "…"} or {"user_id": "…"}  erase state now
+    GET  /admin/report?minutes=60      the zero-to-zero report (api/report.py)
 
 With no token configured (local mode only) every admin route answers 403.
 """
@@ -11,6 +12,7 @@ With no token configured (local mode only) every admin route answers 403.
 from __future__ import annotations
 
 import hmac
+import time
 from typing import Any
 
 from starlette.requests import Request
@@ -19,6 +21,7 @@ from starlette.responses import Response
 from api.endpoints import JSON, runtime
 from api.exceptions import BadRequest, ConfigFileError
 from api.limits import json_body, valid_id
+from api.report import Window, build_report, read_counters
 from stream_engine.erasure import erase_session, erase_user
 
 
@@ -87,6 +90,24 @@ async def reload(request: Request) -> Response:
         body = {"error": str(exc), "status": 422, "in_force": rt.serving.config.version}
         return JSON(body, 422)
     return JSON({"version": rt.serving.config.version})
+
+
+MAX_REPORT_MINUTES = 8 * 24 * 60  # what the counters' TTL keeps
+
+
+async def report(request: Request) -> Response:
+    """The zero-to-zero report over the last `minutes` (default 60) as JSON."""
+    _authorize(request)
+    rt = runtime(request)
+    try:
+        minutes = int(request.query_params.get("minutes", "60"))
+    except ValueError:
+        raise BadRequest("minutes must be an integer") from None
+    if not 1 <= minutes <= MAX_REPORT_MINUTES:
+        raise BadRequest(f"minutes must be between 1 and {MAX_REPORT_MINUTES}")
+    window = Window(minutes, int(time.time() * 1000))
+    totals, series, counts = await read_counters(rt.redis, rt.settings.key_prefix, window)
+    return JSON(build_report(rt.serving.config, totals, series, counts, window))
 
 
 async def erase(request: Request) -> Response:

@@ -177,6 +177,7 @@ def create_app(settings: Settings, metrics: ApiMetrics | None = None) -> Starlet
                 Route("/pause", admin.pause, methods=["POST"]),
                 Route("/reload", admin.reload, methods=["POST"]),
                 Route("/erase", admin.erase, methods=["POST"]),
+                Route("/report", admin.report),
             ],
         ),
     ]

@@ -192,6 +192,7 @@ class Runtime:
                 "config_version": d.config_version,
                 "items": [i["item_id"] for i in d.items],
                 "banner": d.banner["banner_id"] if d.banner else None,
+                "rules": d.rules,
             }
             self.publisher.offer(
                 self.settings.decisions_topic, page.session_id.encode(), orjson.dumps(exposure)

@@ -1,6 +1,7 @@
 """Command line of the stream engine.
 
 python -m stream_engine worker                 run a stream worker (KAIROS_* settings)
+python -m stream_engine attribution            attribute clicks to decisions (the report)
 python -m stream_engine topics                 create the topics if missing
 python -m stream_engine catalog --out F [--items N] [--seed S]   write a demo catalog
 python -m stream_engine erase (--user U | --session S)           erase state now
@@ -49,6 +50,16 @@ def cmd_worker(settings: Settings) -> None:
     worker.execute_from_commandline()  # runs until SIGTERM/SIGINT, then exits the process
 
 
+def cmd_attribution(settings: Settings) -> None:
+    from stream_engine.attribution import run_forever
+    from stream_engine.catalog import Catalog
+    from stream_engine.topics import ensure_topics
+
+    catalog = Catalog.from_file(_catalog_path(settings))
+    asyncio.run(ensure_topics(settings))
+    run_forever(settings, catalog)
+
+
 def cmd_erase(settings: Settings, user: str | None, session: str | None) -> int:
     from stream_engine.erasure import erase_session, erase_user
     from stream_engine.state import Keys
@@ -75,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stream_engine")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("worker", help="run a stream worker")
+    sub.add_parser("attribution", help="attribute clicks to decisions; feeds the report")
     sub.add_parser("topics", help="create the Kairos topics if missing")
     cat = sub.add_parser("catalog", help="write a demo catalog (JSONL)")
     cat.add_argument("--out", type=Path, required=True)
@@ -90,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stream_engine: bad setting: {exc}", file=sys.stderr)
         return 2
     configure(settings.log_format, settings.log_level)
+    if args.command == "attribution":
+        cmd_attribution(settings)
+        return 0
     if args.command == "worker":
         cmd_worker(settings)
         return 0

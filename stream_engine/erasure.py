@@ -18,6 +18,7 @@ async def erase_session(redis: aioredis.Redis, keys: Keys, sid: str, ttl_ms: int
         keys.session_block(sid),
         ttl_ms,
     )
+    await redis.delete(keys.exposures(sid))
 
 
 async def erase_user(redis: aioredis.Redis, keys: Keys, uid: str, ttl_ms: int) -> list[str]:

@@ -93,6 +93,8 @@ class Settings:
     log_format: str = "text"  # or "json": one object a line
     log_level: str = "INFO"
     redis_pool_size: int = 8
+    # A click counts for a decision that showed the item at most this long before.
+    attribution_window_s: float = 1800.0
     # Sessions whose last written state a worker keeps, to skip reading them back (0 = off).
     session_cache_size: int = 50_000
 

@@ -45,6 +45,10 @@ class Keys:
     def impressions(self, sid: str) -> str:
         return f"{self.prefix}:{{{sid}}}:imp"
 
+    def exposures(self, sid: str) -> str:
+        """Decisions shown to the session, for attribution (stream_engine/attribution.py)."""
+        return f"{self.prefix}:{{{sid}}}:exp"
+
     def session_block(self, sid: str) -> str:
         return f"{self.prefix}:{{{sid}}}:x"
 

@@ -1,0 +1,229 @@
+"""The report: honest lift statistics and sample-ratio checks (pure), then attribution on
+the real Redis and, end to end, a paused slot seen through Kafka and the attribution
+consumer."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import redis.asyncio as aioredis
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from api.config import load_config
+from api.holdout import assign
+from api.report import Window, build_report, proportion_lift, read_counters, sample_ratio
+from api.settings import Settings as ApiSettings
+from stream_engine.attribution import Attributor
+from stream_engine.catalog import Catalog
+from stream_engine.events import Event, EventType, encode_event
+from stream_engine.settings import Settings
+from tests.api.conftest import ADMIN_TOKEN, client_for
+from tests.conftest import REPO, Stack
+
+AUTH = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+def test_a_clear_difference_is_a_positive_lift_whose_interval_excludes_zero() -> None:
+    lift = proportion_lift(600, 10_000, 10, 500)
+    assert lift["status"] == "ok"
+    assert lift["absolute_lift"] == pytest.approx(0.04)
+    low, high = lift["ci95"]
+    assert 0 < low < 0.04 < high
+    assert lift["significant"]
+    assert lift["relative_lift"] == pytest.approx(2.0)
+
+
+def test_no_difference_has_an_interval_that_includes_zero() -> None:
+    lift = proportion_lift(500, 10_000, 25, 500)
+    low, high = lift["ci95"]
+    assert low < 0 < high
+    assert not lift["significant"]
+
+
+def test_too_few_samples_say_so_instead_of_a_number() -> None:
+    lift = proportion_lift(30, 1_000, 1, 50)
+    assert lift["status"] == "not enough data yet"
+    assert "absolute_lift" not in lift
+
+
+def test_sample_ratio_mismatch() -> None:
+    assert sample_ratio(500, 10_000, 0.05)["status"] == "ok"
+    broken = sample_ratio(1_000, 10_000, 0.05)
+    assert broken["status"] == "mismatch"
+    assert broken["p_value"] < 1e-6
+
+
+# ----------------------------------------------------------------------------- real Redis
+
+
+def _exposure(sid: str, n: int, group: str, ts: int, items: list[str]) -> bytes:
+    return orjson.dumps({
+        "decision_id": f"d-{sid}-{n}", "ts": ts, "session_id": sid, "user_id": None,
+        "slot": "home_recs", "strategy": "holdout" if group == "holdout" else "personalized",
+        "fallback_reason": "holdout" if group == "holdout" else None, "group": group,
+        "config_version": "t", "items": items, "banner": None, "rules": [],
+    })  # fmt: skip
+
+
+async def _simulate(
+    attributor: Attributor, catalog: Catalog, share: float, ctr: dict[str, float],
+    sessions: int = 4_000, seed: int = 11, broken_holdout: float | None = None,
+) -> None:  # fmt: skip
+    """Each session sees one decision of 4 items and clicks one of them with the group's
+    probability; the clicks carry the decision id (half of them) or not (by session+item)."""
+    rng = random.Random(seed)
+    now = int(time.time() * 1000) - 60_000
+    exposures: list[tuple[int, bytes]] = []
+    clicks: list[tuple[int, bytes]] = []
+    items = [it.item_id for it in catalog.items[:200]]
+    for i in range(sessions):
+        sid = f"sim-{seed}-{i}"
+        if broken_holdout is None:
+            group = assign(sid, share).value
+        else:
+            group = "holdout" if rng.random() < broken_holdout else "treatment"
+        shown = rng.sample(items, 4)
+        exposures.append((i, _exposure(sid, 0, group, now + i, shown)))
+        if rng.random() < ctr[group]:
+            extra: dict[str, Any] = {"decision_id": f"d-{sid}-0"} if i % 2 else {}
+            event = Event(f"c-{sid}", EventType.CLICK, sid, now + i + 500, item_id=shown[1],
+                          **extra)  # fmt: skip
+            clicks.append((len(clicks), encode_event(event)))
+    for start in range(0, len(exposures), 500):
+        await attributor.apply("decisions", 0, exposures[start : start + 500])
+    for start in range(0, len(clicks), 500):
+        await attributor.apply("clickstream", 0, clicks[start : start + 500])
+
+
+@pytest.fixture
+def attributor(redis_client: aioredis.Redis, key_prefix: str, catalog: Catalog) -> Attributor:
+    settings = Settings(key_prefix=key_prefix, decisions_topic="decisions")
+    return Attributor(settings, catalog, redis_client)
+
+
+def _config(tmp_path: Path, share: float) -> Path:
+    text = (REPO / "api" / "demo_config.yaml").read_text()
+    path = tmp_path / "kairos.yaml"
+    path.write_text(text.replace("holdout_share: 0.05", f"holdout_share: {share}"))
+    return path
+
+
+async def _report(redis: aioredis.Redis, prefix: str, config: Path) -> dict[str, Any]:
+    window = Window(30, int(time.time() * 1000))
+    totals, series, counts = await read_counters(redis, prefix, window)
+    return build_report(load_config(config), totals, series, counts, window)
+
+
+@pytest.mark.integration
+async def test_treatment_that_converts_better_shows_a_positive_lift(
+    attributor: Attributor, catalog: Catalog, redis_client: aioredis.Redis,
+    key_prefix: str, tmp_path: Path,
+) -> None:  # fmt: skip
+    await _simulate(attributor, catalog, 0.2, {"treatment": 0.10, "holdout": 0.05})
+    report = await _report(redis_client, key_prefix, _config(tmp_path, 0.2))
+    recs = report["slots"]["home_recs"]
+    lift = recs["click_through"]
+    assert lift["status"] == "ok"
+    assert lift["treatment"]["n"] + lift["holdout"]["n"] == 4_000
+    assert lift["ci95"][0] > 0
+    assert lift["treatment"]["rate"] == pytest.approx(0.10, abs=0.015)
+    assert report["sample_ratio"]["status"] == "ok"
+    assert recs["fallback_reasons"] == {"holdout": lift["holdout"]["n"]}
+
+
+@pytest.mark.integration
+async def test_no_difference_gives_an_interval_around_zero_and_replays_change_nothing(
+    attributor: Attributor, catalog: Catalog, redis_client: aioredis.Redis,
+    key_prefix: str, tmp_path: Path,
+) -> None:  # fmt: skip
+    await _simulate(attributor, catalog, 0.2, {"treatment": 0.08, "holdout": 0.08})
+    first = await _report(redis_client, key_prefix, _config(tmp_path, 0.2))
+    await _simulate(attributor, catalog, 0.2, {"treatment": 0.08, "holdout": 0.08})  # redelivery
+    again = await _report(redis_client, key_prefix, _config(tmp_path, 0.2))
+    lift = first["slots"]["home_recs"]["click_through"]
+    assert lift["ci95"][0] < 0 < lift["ci95"][1]
+    assert again["slots"]["home_recs"] == first["slots"]["home_recs"]
+
+
+@pytest.mark.integration
+async def test_a_broken_assignment_triggers_the_sample_ratio_warning(
+    attributor: Attributor, catalog: Catalog, redis_client: aioredis.Redis,
+    key_prefix: str, tmp_path: Path,
+) -> None:  # fmt: skip
+    await _simulate(attributor, catalog, 0.05, {"treatment": 0.05, "holdout": 0.05},
+                    broken_holdout=0.12)  # fmt: skip
+    report = await _report(redis_client, key_prefix, _config(tmp_path, 0.05))
+    assert report["sample_ratio"]["status"] == "mismatch"
+    assert any(w.startswith("sample ratio mismatch") for w in report["warnings"])
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture
+async def topics(kafka_admin: AIOKafkaAdminClient, settings: ApiSettings) -> AsyncIterator[None]:
+    names = [settings.clickstream_topic, settings.decisions_topic]
+    await kafka_admin.create_topics([NewTopic(n, 1, 1) for n in names])
+    yield
+    await kafka_admin.delete_topics(names)
+
+
+@pytest.fixture
+def attribution_process(
+    stack: Stack, settings: ApiSettings, unique: str, catalog_file: Path, tmp_path: Path
+) -> Iterator[subprocess.Popen[bytes]]:
+    env = {
+        **os.environ, "PYTHONPATH": str(REPO),
+        "KAIROS_KAFKA_BOOTSTRAP": stack.kafka_bootstrap, "KAIROS_REDIS_URL": stack.redis_url,
+        "KAIROS_KEY_PREFIX": settings.key_prefix, "KAIROS_CATALOG_PATH": str(catalog_file),
+        "KAIROS_CLICKSTREAM_TOPIC": settings.clickstream_topic,
+        "KAIROS_DECISIONS_TOPIC": settings.decisions_topic,
+        "KAIROS_DLQ_TOPIC": f"dlq.{unique}", "KAIROS_CATALOG_TOPIC": f"catalog.{unique}",
+        "KAIROS_CONSUMER_GROUP": f"group-{unique}", "KAIROS_PARTITIONS": "1",
+    }  # fmt: skip
+    with (tmp_path / "attribution.log").open("wb") as log:
+        argv = [sys.executable, "-m", "stream_engine", "attribution"]
+        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # fmt: skip
+    yield proc
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=20)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(90)
+@pytest.mark.usefixtures("topics")
+async def test_a_paused_slot_shows_as_all_default_with_reason_paused(
+    settings: ApiSettings, attribution_process: subprocess.Popen[bytes]
+) -> None:
+    async with client_for(settings) as client:
+        await client.post("/admin/pause", json={"slot": "home_recs"}, headers=AUTH)
+        for i in range(30):
+            await client.get(f"/v1/slots/home_recs?session_id=p{i}")
+            await client.get(f"/v1/slots/home_hero?session_id=p{i}")
+        deadline = time.monotonic() + 45
+        while True:
+            report = (await client.get("/admin/report?minutes=5", headers=AUTH)).json()
+            if report["slots"]["home_recs"]["decisions"] >= 30 or time.monotonic() > deadline:
+                break
+            assert attribution_process.poll() is None
+            await asyncio.sleep(0.5)
+    recs = report["slots"]["home_recs"]
+    assert recs["decisions"] == 30
+    assert recs["default_share"] == 1.0
+    assert set(recs["fallback_reasons"]) <= {"paused", "holdout"}
+    assert recs["fallback_reasons"]["paused"] >= 25
+    assert report["slots"]["home_hero"]["decisions"] == 30
+    assert any("home_recs decisions were the default" in w and "paused" in w
+               for w in report["warnings"])  # fmt: skip
