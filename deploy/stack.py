@@ -2,8 +2,8 @@
 
     python deploy/stack.py up [SERVICE ...]   start (idempotent; default kafka redis; + worker api)
     python deploy/stack.py demo [--detach] [--no-simulator]
-                                              kafka, redis, the worker, the API and simulated
-                                              shoppers, until Ctrl-C
+                                              kafka, redis, the worker, the API,
+                                              attribution and simulated shoppers, until Ctrl-C
     python deploy/stack.py down               stop exactly what `up` started
     python deploy/stack.py status             one line per service
     python deploy/stack.py logs [SERVICE] [-n N] [-f]
@@ -549,6 +549,21 @@ def start_api(layout: Layout, ports: dict[str, int], timeout: float) -> str:
     return f"started (pid {pid}) on {url}"
 
 
+def start_attribution(layout: Layout, ports: dict[str, int], timeout: float) -> str:
+    """The attribution consumer (decisions + clickstream -> the report's counters)."""
+    if (pid := running_pid(layout, "attribution")) is not None:
+        return f"already running (pid {pid})"
+    env = {**stack_env(ports), "KAIROS_STACK_DIR": str(layout.stack_dir),
+           "KAIROS_METRICS_PORT": "0", "PYTHONPATH": str(REPO)}  # fmt: skip
+    pid = spawn(layout, "attribution", [sys.executable, "-m", "stream_engine", "attribution"],
+                env=env)  # fmt: skip
+    time.sleep(0.5)
+    if running_pid(layout, "attribution") is None:
+        log = layout.log_file("attribution")
+        raise StackError(f"attribution exited during start; see {log}\n{tail(log, 25)}")
+    return f"started (pid {pid})"
+
+
 def start_simulator(layout: Layout, ports: dict[str, int], timeout: float) -> str:
     """Simulated shoppers (python -m loadtest simulate) into the stack's clickstream."""
     if (pid := running_pid(layout, "simulator")) is not None:
@@ -572,11 +587,12 @@ SERVICES: dict[str, Callable[[Layout, dict[str, int], float], str]] = {
     "kafka": start_kafka,
     "worker": start_worker,
     "api": start_api,
+    "attribution": start_attribution,
     "simulator": start_simulator,
 }
 DEFAULT_SERVICES = ["redis", "kafka"]
-DEMO_SERVICES = ["redis", "kafka", "worker", "api"]
-STOP_ORDER = ["api", "worker", "simulator", "kafka", "redis"]
+DEMO_SERVICES = ["redis", "kafka", "worker", "api", "attribution"]
+STOP_ORDER = ["api", "worker", "attribution", "simulator", "kafka", "redis"]
 
 
 def _running(layout: Layout) -> set[str]:
@@ -606,6 +622,8 @@ def cmd_demo(layout: Layout, timeout: float, detach: bool, simulate: bool = True
     print("\nKairos is running:")
     api = f"http://{HOST}:{ports['api']}"
     print(f"  demo storefront {api}/demo")
+    token = admin_token(layout)
+    print(f"  report          {api}/admin/report/page#token={token}")
     page = '{"session_id": "demo-1", "slots": ["home_hero", "home_recs"]}'
     click = '{"type": "click", "session_id": "demo-1", "item_id": "sku-000003"}'
     print(f"  one slot        {api}/v1/slots/home_recs?session_id=demo-1")
@@ -658,7 +676,7 @@ def cmd_status(layout: Layout) -> int:
         ok = kafka_ready(port) if name == "kafka" else redis_ping(port)
         healthy &= ok
         print(f"{name:<7} {'up' if ok else 'UNHEALTHY'} (pid {pid}) {HOST}:{port}")
-    for name in ("worker", "api", "simulator"):
+    for name in ("worker", "api", "attribution", "simulator"):
         if (pid := running_pid(layout, name)) is not None:
             print(f"{name:<7} up (pid {pid})")
     return 0 if healthy else 1
