@@ -5,6 +5,7 @@
     POST /admin/reload                 re-read the config file now (422 with the error)
     POST /admin/erase   {"session_id": "…"} or {"user_id": "…"}  erase state now
     GET  /admin/report?minutes=60      the zero-to-zero report (api/report.py)
+    GET  /admin/report/page            the same with charts (token asked in the page)
 
 With no token configured (local mode only) every admin route answers 403.
 """
@@ -13,10 +14,11 @@ from __future__ import annotations
 
 import hmac
 import time
+from pathlib import Path
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import HTMLResponse, Response
 
 from api.endpoints import JSON, runtime
 from api.exceptions import BadRequest, ConfigFileError
@@ -108,6 +110,15 @@ async def report(request: Request) -> Response:
     window = Window(minutes, int(time.time() * 1000))
     totals, series, counts = await read_counters(rt.redis, rt.settings.key_prefix, window)
     return JSON(build_report(rt.serving.config, totals, series, counts, window))
+
+
+REPORT_PAGE = Path(__file__).resolve().parent / "report_page.html"
+
+
+async def report_page(request: Request) -> Response:
+    """The report with charts. The page holds no data: it asks for the token (or takes it
+    from the URL fragment, which never reaches the server) and reads /admin/report."""
+    return HTMLResponse(REPORT_PAGE.read_text(), headers={"cache-control": "no-store"})
 
 
 async def erase(request: Request) -> Response:

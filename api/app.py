@@ -142,13 +142,17 @@ def create_app(settings: Settings, metrics: ApiMetrics | None = None) -> Starlet
         rt.beacons.start()
         with contextlib.suppress(TimeoutError, *STORE_ERRORS):
             await rt.refresh()  # trending at once when Redis is there; else the loop retries
-        refresher = asyncio.create_task(rt.run_refresher(), name="kairos-refresher")
+        tasks = [
+            asyncio.create_task(rt.run_refresher(), name="kairos-refresher"),
+            asyncio.create_task(rt.run_reporter(), name="kairos-reporter"),
+        ]
         try:
             yield
         finally:
-            refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await refresher
+            for task in tasks:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await rt.publisher.stop()
             await rt.beacons.stop()
             await rt.reader.aclose()
@@ -178,6 +182,7 @@ def create_app(settings: Settings, metrics: ApiMetrics | None = None) -> Starlet
                 Route("/reload", admin.reload, methods=["POST"]),
                 Route("/erase", admin.erase, methods=["POST"]),
                 Route("/report", admin.report),
+                Route("/report/page", admin.report_page),
             ],
         ),
     ]

@@ -60,6 +60,24 @@ class ApiMetrics:
             "kairos_api_refresh_errors_total", "Background refreshes that failed (kept the last)",
             registry=r,
         )  # fmt: skip
+        # From the report (api/report.py), refreshed in the background: alert on these.
+        self.report_personalized = Gauge(
+            "kairos_report_personalized_share", "Share of a slot's decisions personalized "
+            "(last 15 min)", ["slot"], registry=r,
+        )  # fmt: skip
+        self.report_fallback = Gauge(
+            "kairos_report_fallback_share", "Share of a slot's decisions by fallback reason "
+            "(last 15 min)", ["slot", "reason"], registry=r,
+        )  # fmt: skip
+        self.report_lift = Gauge(
+            "kairos_report_click_through_lift", "Treatment minus holdout click-through, with "
+            "its 95% interval (bound=low|mid|high); absent while there is not enough data",
+            ["slot", "bound"], registry=r,
+        )  # fmt: skip
+        self.report_srm = Gauge(
+            "kairos_report_sample_ratio_p_value", "p-value of the observed holdout split "
+            "against the configured share (< 0.001: mismatch)", registry=r,
+        )  # fmt: skip
         self._decision_children: dict[tuple[str, str, str], Any] = {}
         self._fallback_children: dict[str, Any] = {}
         self.covis_errors = Counter(
@@ -90,3 +108,20 @@ class ApiMetrics:
         self.in_flight.set_function(in_flight)
         self.limit.set_function(limit)
         self.breaker_open.set_function(breaker_open)
+
+    def report(self, report: dict[str, Any]) -> None:
+        """Set the report gauges from a freshly built report."""
+        for gauge in (self.report_personalized, self.report_fallback, self.report_lift):
+            gauge.clear()
+        for slot, s in report["slots"].items():
+            if s["personalized_share"] is not None:
+                self.report_personalized.labels(slot).set(s["personalized_share"])
+            for reason, n in s["fallback_reasons"].items():
+                self.report_fallback.labels(slot, reason).set(n / s["decisions"])
+            lift = s["click_through"]
+            if lift["status"] == "ok":
+                low, high = lift["ci95"]
+                for bound, value in (("low", low), ("mid", lift["absolute_lift"]), ("high", high)):
+                    self.report_lift.labels(slot, bound).set(value)
+        if "p_value" in report["sample_ratio"]:
+            self.report_srm.set(report["sample_ratio"]["p_value"])

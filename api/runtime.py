@@ -33,6 +33,7 @@ from api.holdout import Group, assign, stable_id
 from api.items import ServingCatalog
 from api.metrics import ApiMetrics
 from api.publisher import Publisher
+from api.report import Window, build_report, read_counters
 from api.scoring import Trending
 from api.serving import Serving, build_serving
 from api.session_state import SessionView, StateReader
@@ -246,6 +247,23 @@ class Runtime:
         self.serving = build_serving(
             self.serving.config, self.catalog, trending, _now(), previous=self.serving
         )
+
+    async def refresh_report(self, minutes: int = 15) -> dict[str, Any]:
+        window = Window(minutes, int(time.time() * 1000))
+        totals, series, counts = await read_counters(self.redis, self.settings.key_prefix, window)
+        report = build_report(self.serving.config, totals, series, counts, window)
+        self.metrics.report(report)
+        return report
+
+    async def run_reporter(self, every_s: float = 30.0) -> None:
+        """Keeps the report gauges current, so an SRE can alert on "personalization off"."""
+        while True:
+            try:
+                await self.refresh_report()
+            except (TimeoutError, *STORE_ERRORS) as exc:
+                self.metrics.refresh_errors.inc()
+                log.warning("report refresh failed: %s", exc)
+            await asyncio.sleep(every_s)
 
     async def run_refresher(self) -> None:
         while True:

@@ -81,6 +81,7 @@ def demo_stack(
         "KAIROS_PARTITIONS": "1",
         "KAIROS_METRICS_PORT": "0",
         "KAIROS_API_PORT": str(port),
+        "KAIROS_ADMIN_TOKEN": "browser-test-token-0123456789",
     }
     worker = _spawn([sys.executable, "-m", "stream_engine", "worker"], env, tmp_path / "worker.log")
     api = _spawn([sys.executable, "-m", "api"], env, tmp_path / "api.log")
@@ -183,3 +184,9 @@ async def test_three_clicks_move_the_hero_and_the_recommendations_within_a_secon
     assert rec_reasons
     assert all(r for r in rec_reasons)
     assert (SHOTS / "demo-after.png").stat().st_size > 10_000
+
+    report = await browser.new_page(viewport={"width": 1280, "height": 900})
+    await report.goto(f"{demo_stack}/admin/report/page#token=browser-test-token-0123456789")
+    await report.wait_for_selector("#slots tr td")
+    await report.screenshot(path=str(SHOTS / "report.png"), full_page=True)
+    assert "home_recs" in await report.inner_text("#slots")

@@ -28,7 +28,7 @@ from stream_engine.attribution import Attributor
 from stream_engine.catalog import Catalog
 from stream_engine.events import Event, EventType, encode_event
 from stream_engine.settings import Settings
-from tests.api.conftest import ADMIN_TOKEN, client_for
+from tests.api.conftest import ADMIN_TOKEN, client_for, with_
 from tests.conftest import REPO, Stack
 
 AUTH = {"authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -107,6 +107,11 @@ async def _simulate(
 
 
 @pytest.fixture
+def api_settings(settings: ApiSettings) -> ApiSettings:
+    return settings
+
+
+@pytest.fixture
 def attributor(redis_client: aioredis.Redis, key_prefix: str, catalog: Catalog) -> Attributor:
     settings = Settings(key_prefix=key_prefix, decisions_topic="decisions")
     return Attributor(settings, catalog, redis_client)
@@ -128,7 +133,7 @@ async def _report(redis: aioredis.Redis, prefix: str, config: Path) -> dict[str,
 @pytest.mark.integration
 async def test_treatment_that_converts_better_shows_a_positive_lift(
     attributor: Attributor, catalog: Catalog, redis_client: aioredis.Redis,
-    key_prefix: str, tmp_path: Path,
+    key_prefix: str, tmp_path: Path, api_settings: ApiSettings,
 ) -> None:  # fmt: skip
     await _simulate(attributor, catalog, 0.2, {"treatment": 0.10, "holdout": 0.05})
     report = await _report(redis_client, key_prefix, _config(tmp_path, 0.2))
@@ -140,6 +145,18 @@ async def test_treatment_that_converts_better_shows_a_positive_lift(
     assert lift["treatment"]["rate"] == pytest.approx(0.10, abs=0.015)
     assert report["sample_ratio"]["status"] == "ok"
     assert recs["fallback_reasons"] == {"holdout": lift["holdout"]["n"]}
+    # the same figures as gauges an SRE can alert on, and the page that charts them
+    config = str(_config(tmp_path, 0.2))
+    async with client_for(with_(api_settings, config_path=config)) as client:
+        await client.app.state.runtime.refresh_report(30)  # type: ignore[attr-defined]
+        metrics = (await client.get("/metrics")).text
+        page = await client.get("/admin/report/page")
+    gauge = 'kairos_report_click_through_lift{bound="low",slot="home_recs"}'
+    low = next(line for line in metrics.splitlines() if line.startswith(gauge))
+    assert float(low.rsplit(" ", 1)[1]) > 0
+    assert 'kairos_report_fallback_share{reason="holdout",slot="home_recs"}' in metrics
+    assert page.status_code == 200
+    assert "is personalization on" in page.text
 
 
 @pytest.mark.integration
