@@ -240,7 +240,7 @@ class PageDecider:
             d.items.append(_item_json(serving, p.row, self._why(p, scored, index, signals,
                                                                 personal)))  # fmt: skip
         self._fill(d, ask)
-        d.rules = rules_fired(picks, serving.rules[slot.name])
+        d.rules = rules_fired(picks, rows, serving.rules[slot.name])
         return d
 
     def _why(self, p: Pick, scored: Any, index: dict[int, int], signals: Signals,

@@ -35,6 +35,7 @@ class SlotRules:
     weight: Scores  # product of active boost/bury factors per row
     pins: tuple[Pin, ...] = ()
     fired: dict[str, Mask] = field(default_factory=dict)  # rule id -> rows it touches
+    excluding: frozenset[str] = frozenset()  # ids of the exclude rules among them
     allowed: Mask | None = None  # in stock and not excluded, as of compile time
     weighted: bool = False  # any boost or bury
 
@@ -63,6 +64,7 @@ def compile_rules(
             rules.fired[rule.rule_id] = hit
             if rule.action is Action.EXCLUDE:
                 rules.exclude |= hit
+                rules.excluding = rules.excluding | {rule.rule_id}
             elif rule.action is Action.PIN:
                 pins.append(Pin(rule.rule_id, rule.position, tuple(catalog.rows(rule.items))))
             else:
@@ -167,12 +169,16 @@ def _pins(
     return out[:n]
 
 
-def rules_fired(picks: list[Pick], rules: SlotRules) -> list[str]:
-    """Rule ids that shaped this answer (for the report's "rules that never fired")."""
+def rules_fired(picks: list[Pick], candidates: Rows, rules: SlotRules) -> list[str]:
+    """Rule ids that shaped this answer (for the report's "rules that never fired"): an
+    exclude rule when it removed a candidate, any other when it touched an item served."""
     rows = np.asarray([p.row for p in picks], dtype=np.int64)
-    if rows.size == 0:
-        return []
-    return [rid for rid, mask in rules.fired.items() if bool(mask[rows].any())]
+    out = []
+    for rid, mask in rules.fired.items():
+        touched = candidates if rid in rules.excluding else rows
+        if touched.size and bool(mask[touched].any()):
+            out.append(rid)
+    return out
 
 
 def sensitive_mask(config: DecisionConfig, catalog: ServingCatalog) -> Mask | None:

@@ -113,3 +113,20 @@ def test_top_categories_prefer_the_strongest_then_the_deepest() -> None:
     v[space.index["cat:Home"]] = 0.5
     assert top_categories(space.names, v, k=2) == ["Sports > Running", "Sports"]
     assert Signals(None, []).interest is None
+
+
+def test_an_exclude_rule_fires_when_it_removes_a_candidate_others_when_they_touch_a_pick() -> None:
+    from api.rules import rules_fired
+
+    rows = np.asarray(IN_STOCK[:10], np.int64)
+    excluded = ITEMS[rows[0]].item_id
+    boosted = ITEMS[rows[5]].item_id
+    config = parse_config(_config([
+        {"id": "x", "action": "exclude", "items": [excluded]},
+        {"id": "b", "action": "boost", "items": [boosted], "factor": 2},
+        {"id": "never", "action": "bury", "items": [ITEMS[IN_STOCK[90]].item_id]},
+    ]), "test.yaml")  # fmt: skip
+    compiled = compile_rules(config, CATALOG, NOW)["recs"]
+    scores = np.linspace(1.0, 0.1, rows.size, dtype=np.float32)
+    picks = select(config.slots["recs"], 6, rows, scores, CATALOG, compiled, set())
+    assert rules_fired(picks, rows, compiled) == ["x", "b"]
