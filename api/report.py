@@ -21,6 +21,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from api.config import DecisionConfig
+from stream_engine.state import FRESHNESS_FIELDS, FRESHNESS_MS
 
 PERSONAL = ("personalized", "profile", "contextual")
 MIN_EXPOSURES = 200  # per group, before a lift is shown
@@ -55,7 +56,8 @@ async def read_counters(
     for m in minutes:
         pipe.hgetall(f"{prefix}:{{report}}:m:{m}")
     hours = list(window.hour_range)
-    hll = {"treatment": "v:treatment", "holdout": "v:holdout", "sessions": "s", "linked": "su"}
+    hll = {"treatment": "v:treatment", "holdout": "v:holdout", "sessions": "s", "linked": "su",
+           "personalized": "vp"}  # fmt: skip
     for kind in hll.values():
         pipe.pfcount(*[f"{prefix}:{{report}}:{kind}:{h}" for h in hours])
     replies = await pipe.execute()
@@ -195,6 +197,28 @@ def _served(seen: set[str], configured: list[str]) -> str:
     return f"{len(seen & set(configured))} of {len(configured)}"
 
 
+FRESHNESS_P99_WARN_MS = 100.0
+SIGNAL_WARN = 0.2  # fewer than a fifth of visitors ever got a personalized answer
+
+
+def freshness(totals: Mapping[str, float]) -> dict[str, Any]:
+    """p50/p99 of produced -> state written, as the upper bound of the histogram bucket."""
+    counts = [totals.get(f, 0.0) for f in FRESHNESS_FIELDS]
+    total = sum(counts)
+    out: dict[str, Any] = {"events": int(total)}
+    if not total:
+        return out
+    bounds = [*FRESHNESS_MS, math.inf]
+    for name, q in (("p50_ms_at_most", 0.5), ("p99_ms_at_most", 0.99)):
+        running = 0.0
+        for bound, n in zip(bounds, counts, strict=True):
+            running += n
+            if running >= q * total:
+                out[name] = bound
+                break
+    return out
+
+
 def build_report(
     config: DecisionConfig,
     totals: Mapping[str, float],
@@ -212,6 +236,13 @@ def build_report(
     never = {
         "banners": sorted(b.banner_id for b in config.banners if b.banner_id not in served_banners),
         "rules": sorted(r.rule_id for r in config.rules if r.rule_id not in fired_rules),
+    }
+    fresh = freshness(totals)
+    signal = {
+        "visitors": visitors,
+        "personalized_visitor_share": counts.get("personalized", 0) / visitors
+        if visitors
+        else None,
     }
     events = totals.get("ev", 0.0)
     sessions = counts.get("sessions", 0)
@@ -231,7 +262,7 @@ def build_report(
                     if k.startswith(f"x|{name}|") and k.split("|")[2] in PERSONAL)  # fmt: skip
             per_slot[name] = {"decisions": int(x), "personalized_share": p / x if x else None}
         over_time.append({"minute": minute * 60_000, "slots": per_slot})
-    report = {
+    report: dict[str, Any] = {
         "generated_at": int(time.time() * 1000),
         "window": {"minutes": window.minutes, "until": window.until_ms},
         "config_version": config.version,
@@ -241,6 +272,8 @@ def build_report(
             "lift_min_successes": MIN_EVENTS,
             "sample_ratio_p_value": SRM_P,
             "linked_session_share_warning": 0.05,
+            "freshness_p99_ms_warning": FRESHNESS_P99_WARN_MS,
+            "personalized_visitor_share_warning": SIGNAL_WARN,
         },
         "slots": slots,
         "sample_ratio": srm,
@@ -250,9 +283,23 @@ def build_report(
         },
         "never_fired": never,
         "identity": identity,
+        "freshness": fresh,
+        "signal": signal,
         "over_time": over_time,
     }
-    report["warnings"] = _warnings(slots, srm, identity, never)
+    warnings = _warnings(slots, srm, identity, never)
+    report["warnings"] = warnings
+    if fresh.get("p99_ms_at_most", 0) > FRESHNESS_P99_WARN_MS:
+        warnings.append(
+            f"freshness p99 is up to {fresh['p99_ms_at_most']:g} ms: a click takes that long "
+            "to reach the next decision"
+        )
+    share = signal["personalized_visitor_share"]
+    if share is not None and share < SIGNAL_WARN:
+        warnings.append(
+            f"only {share:.0%} of visitors ever got a personalized answer: most sessions "
+            "leave before their first event reaches the engine"
+        )
     return report
 
 
@@ -289,6 +336,13 @@ def render_table(report: Mapping[str, Any]) -> str:
     lines.append(f"identity: {_pct(ident['events_with_user_share'])} of {ident['events']} "
                  f"events carry a user; {_pct(ident['linked_session_share'])} of "
                  f"{ident['sessions']} sessions linked")  # fmt: skip
+    fresh = report["freshness"]
+    if "p99_ms_at_most" in fresh:
+        lines.append(f"freshness: p50 <= {fresh['p50_ms_at_most']:g} ms, p99 <= "
+                     f"{fresh['p99_ms_at_most']:g} ms over {fresh['events']} events")  # fmt: skip
+    signal = report["signal"]
+    lines.append(f"signal: {_pct(signal['personalized_visitor_share'])} of "
+                 f"{signal['visitors']} visitors got a personalized answer")  # fmt: skip
     lines.append(f"served: banners {report['served']['banners']}, "
                  f"rules {report['served']['rules']}")  # fmt: skip
     lines += ["", "warnings:" if report["warnings"] else "no warnings"]

@@ -59,6 +59,7 @@ def create_app(settings: Settings, catalog: Catalog, metrics: WorkerMetrics) -> 
             {tp.partition: consumer.highwater(tp) for tp in consumer.assignment()
              if tp.topic == settings.clickstream_topic}
         )  # fmt: skip
+        await ingest.flush_report()
 
     @app.task  # type: ignore[untyped-decorator]
     async def follow_catalog() -> None:

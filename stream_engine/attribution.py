@@ -12,7 +12,8 @@ over the `decisions` and `clickstream` topics, both keyed by session id. Per bat
   and sessions linked to a user).
 
 Counters live in per-minute hashes `P:{report}:m:<minute>` (fields below), visitors in
-HyperLogLogs `P:{report}:v:<group>:<hour>`, `P:{report}:s:<hour>`, `P:{report}:su:<hour>`.
+HyperLogLogs `P:{report}:v:<group>:<hour>` (visitors exposed), `vp` (visitors who got a
+personalized answer), `s` (sessions seen) and `su` (sessions with a user).
 All of them are written by one script together with a per-(topic, partition) offset fence
 (`P:{report}:fence`), so a redelivered batch changes nothing; everything is bounded by TTLs.
 
@@ -21,6 +22,7 @@ All of them are written by one script together with a per-(topic, partition) off
     r|slot|strategy|group   revenue          f|slot|reason           fallbacks by reason
     b|banner                banner served    u|rule                  rule fired
     ev, eu                  events, events with a user id
+    fr|<ms>                 freshness histogram (written by the worker, stream_engine/ingest.py)
 """
 
 from __future__ import annotations
@@ -42,13 +44,15 @@ from stream_engine.catalog import Catalog
 from stream_engine.events import EventType, InvalidEvent, parse_event
 from stream_engine.ingest import STORE_ERRORS, redis_client
 from stream_engine.settings import Settings
-from stream_engine.state import Keys
+from stream_engine.state import REPORT_TTL_MS, Keys, hll_key, minute_key, report_fence_key
 
 log = logging.getLogger("kairos.attribution")
 
 ATTRIBUTED = {EventType.CLICK: "k", EventType.ADD_TO_CART: "a", EventType.PURCHASE: "p"}
-REPORT_TTL_MS = 8 * 86_400_000
-MAX_SKEW_MS = 60_000  # a click may carry a timestamp a little before its exposure's
+MAX_SKEW_MS = 60_000
+PERSONAL = frozenset(
+    {"personalized", "profile", "contextual"}
+)  # a click may carry a timestamp a little before its exposure's
 
 # KEYS: fence, then counter hashes and HyperLogLogs
 # ARGV: fence field, expected ("" = none), new, ttl ms, then per key: kind ("h" hash of
@@ -76,19 +80,6 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
 redis.call('PEXPIRE', KEYS[1], ttl)
 return 1
 """
-
-
-def report_keys(prefix: str) -> dict[str, str]:
-    base = f"{prefix}:{{report}}"
-    return {"fence": f"{base}:fence", "base": base}
-
-
-def minute_key(prefix: str, ts_ms: int) -> str:
-    return f"{prefix}:{{report}}:m:{ts_ms // 60_000}"
-
-
-def hll_key(prefix: str, kind: str, ts_ms: int) -> str:
-    return f"{prefix}:{{report}}:{kind}:{ts_ms // 3_600_000}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +161,8 @@ class Attributor:
                 if _words(rule):
                     batch.count(exp.ts, p, f"u|{rule}")
             batch.hlls[hll_key(p, f"v:{exp.group}", exp.ts)].add(str(sid))
+            if exp.strategy in PERSONAL:
+                batch.hlls[hll_key(p, "vp", exp.ts)].add(str(sid))
             key = self.keys.exposures(str(sid))
             packed = exp.pack()
             pipe.hset(key, mapping={f"d:{exp.decision_id}": packed,
@@ -212,7 +205,7 @@ class Attributor:
                     batch.count(exp.ts, p, f"r|{cell}", item.price)
 
     async def _commit(self, fence_field: str, last_offset: int, batch: Batch) -> bool:
-        keys = [report_keys(self.prefix)["fence"]]
+        keys = [report_fence_key(self.prefix)]
         args: list[Any] = [fence_field, "", str(last_offset), REPORT_TTL_MS]
         current = await self.redis.hget(keys[0], fence_field)
         if current is not None:

@@ -58,6 +58,7 @@ class ClickstreamConsumer:
         self.stopping = asyncio.Event()
         self._listener = _Revocations()
         self._last_lag = 0.0
+        self._last_flush = 0.0
         self._uncommitted: dict[TopicPartition, int] = {}
         self._last_commit = 0.0
 
@@ -93,6 +94,9 @@ class ClickstreamConsumer:
                 else:
                     await self.commit(consumer)
                 self._report_lag(consumer)
+                if time.monotonic() - self._last_flush >= LAG_EVERY_S:
+                    self._last_flush = time.monotonic()
+                    await self.ingest.flush_report()
             await self.commit(consumer, force=True)
         finally:
             await consumer.stop()

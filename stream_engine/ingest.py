@@ -7,6 +7,7 @@ their batches to Ingest, so fencing, retries, dead-lettering and metrics are one
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import time
 from collections import Counter
@@ -20,9 +21,16 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from stream_engine.catalog import Catalog
 from stream_engine.metrics import WorkerMetrics
 from stream_engine.planning import Tuning
-from stream_engine.processor import BatchProcessor, DeadLetter, Outcome, Record, Ttls
+from stream_engine.processor import (
+    STORE_TIMEOUT_S,
+    BatchProcessor,
+    DeadLetter,
+    Outcome,
+    Record,
+    Ttls,
+)
 from stream_engine.settings import Settings
-from stream_engine.state import Keys
+from stream_engine.state import FRESHNESS_FIELDS, FRESHNESS_MS, REPORT_TTL_MS, Keys, minute_key
 from stream_engine.store import connect
 
 log = logging.getLogger("kairos.worker")
@@ -75,6 +83,8 @@ class Ingest:
         self._processor: BatchProcessor | None = None
         # partition -> next offset to apply (for the consumer-lag gauge)
         self.positions: dict[int, int] = {}
+        # minute -> freshness bucket -> events, flushed to the report's counters
+        self._freshness: dict[int, Counter[str]] = {}
 
     @property
     def processor(self) -> BatchProcessor:
@@ -137,9 +147,12 @@ class Ingest:
         for etype, n in by_type.items():
             m.events.labels(etype, "ok").inc(n)
         produced, event_time = m.freshness_produced.observe, m.freshness_event.observe
+        minute = self._freshness.setdefault(written // 60_000, Counter())
         for p in outcome.valid:
-            produced(max(0, written - p.produced_ms) / 1000)
+            age_ms = max(0, written - p.produced_ms)
+            produced(age_ms / 1000)
             event_time(max(0, written - p.event.ts) / 1000)
+            minute[FRESHNESS_FIELDS[bisect.bisect_left(FRESHNESS_MS, age_ms)]] += 1
         for d in outcome.dead:
             m.dlq.labels(d.reason).inc()
         if outcome.duplicates:
@@ -148,6 +161,29 @@ class Ingest:
             m.events.labels("any", "blocked").inc(outcome.blocked)
         if outcome.conflicts:
             m.conflicts.inc(outcome.conflicts)
+
+    async def flush_report(self) -> None:
+        """Freshness counts into the report's per-minute counters (stream_engine/attribution
+        .py), about once a second. Not fenced: a crash loses at most the unflushed second."""
+        if not self._freshness:
+            return
+        pending, self._freshness = self._freshness, {}
+        prefix = self.settings.key_prefix
+        pipe = self.processor.redis.pipeline(transaction=False)
+        for minute, counts in pending.items():
+            key = minute_key(prefix, minute * 60_000)
+            for name, n in counts.items():
+                pipe.hincrby(key, name, n)
+            pipe.pexpire(key, REPORT_TTL_MS)
+        try:
+            async with asyncio.timeout(STORE_TIMEOUT_S):
+                await pipe.execute()
+        except (TimeoutError, *STORE_ERRORS) as exc:
+            log.warning("freshness counts not flushed (%s); keeping them", exc)
+            newest = max(pending)
+            for minute, counts in pending.items():
+                if newest - minute < 10:
+                    self._freshness.setdefault(minute, Counter()).update(counts)
 
     def report_lag(self, highwaters: dict[int, int | None]) -> None:
         """Lag per partition: the high watermark minus the next offset to apply."""

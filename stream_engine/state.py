@@ -76,6 +76,29 @@ class Keys:
         return f"{self.prefix}:{{agg}}:tr" + ("" if node is None else f":{node}")
 
 
+# The report's counters (stream_engine/attribution.py; read by api/report.py), all in the
+# {report} hash slot, kept 8 days.
+REPORT_TTL_MS = 8 * 86_400_000
+# Freshness (Kafka record produced -> session state written) histogram, upper bounds in ms.
+FRESHNESS_MS = (1, 2, 3, 5, 7.5, 10, 15, 20, 30, 50, 100, 250, 500, 1000, 2500, 5000, 10000,
+                60000)  # fmt: skip
+FRESHNESS_FIELDS = (*(f"fr|{b:g}" for b in FRESHNESS_MS), "fr|inf")
+
+
+def minute_key(prefix: str, ts_ms: int) -> str:
+    """Counters of the minute that holds ts_ms."""
+    return f"{prefix}:{{report}}:m:{ts_ms // 60_000}"
+
+
+def hll_key(prefix: str, kind: str, ts_ms: int) -> str:
+    """A HyperLogLog of the hour that holds ts_ms."""
+    return f"{prefix}:{{report}}:{kind}:{ts_ms // 3_600_000}"
+
+
+def report_fence_key(prefix: str) -> str:
+    return f"{prefix}:{{report}}:fence"
+
+
 SESSION_FIELDS = ("v", "t", "n", "o", "p", "u", "r", "c", "b", "lt")
 
 # KEYS: session, impressions, block
