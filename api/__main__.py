@@ -32,14 +32,16 @@ async def _report(settings: Settings, minutes: int, as_json: bool) -> None:
     import orjson
 
     from api.report import Window, build_report, read_counters, render_table
-    from stream_engine.store import connect
+    from stream_engine.store import Batches, connect
 
     config = load_config(Path(settings.config_path) if settings.config_path else DEMO_CONFIG)
     redis = connect(settings.redis_url, timeout_s=5.0)
+    batches = Batches(redis)
     try:
         window = Window(minutes, int(time.time() * 1000))
-        totals, series, counts = await read_counters(redis, settings.key_prefix, window)
+        totals, series, counts = await read_counters(batches.execute, settings.key_prefix, window)
     finally:
+        await batches.aclose()
         await redis.aclose()
     report = build_report(config, totals, series, counts, window)
     if as_json:

@@ -108,7 +108,7 @@ async def report(request: Request) -> Response:
     if not 1 <= minutes <= MAX_REPORT_MINUTES:
         raise BadRequest(f"minutes must be between 1 and {MAX_REPORT_MINUTES}")
     window = Window(minutes, int(time.time() * 1000))
-    totals, series, counts = await read_counters(rt.redis, rt.settings.key_prefix, window)
+    totals, series, counts = await read_counters(rt.read_report, rt.settings.key_prefix, window)
     return JSON(build_report(rt.serving.config, totals, series, counts, window))
 
 

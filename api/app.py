@@ -151,8 +151,8 @@ def create_app(settings: Settings, metrics: ApiMetrics | None = None) -> Starlet
         finally:
             for task in tasks:
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            # bounded: a task stuck in a client library must not hold the shutdown
+            await asyncio.wait(tasks, timeout=2.0)
             await rt.publisher.stop()
             await rt.beacons.stop()
             await rt.reader.aclose()

@@ -66,8 +66,7 @@ class Publisher:
                 await asyncio.shield(self._task)
         except TimeoutError:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await asyncio.wait([self._task], timeout=2.0)
 
     async def _run(self) -> None:
         delay = 0.1

@@ -14,11 +14,9 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
-
-import redis.asyncio as aioredis
 
 from api.config import DecisionConfig
 from stream_engine.state import FRESHNESS_FIELDS, FRESHNESS_MS
@@ -47,30 +45,41 @@ class Window:
         return range(first, self.until_ms // 3_600_000 + 1)
 
 
+Execute = Callable[[list[tuple[Any, ...]]], Awaitable[list[Any]]]
+
+
 async def read_counters(
-    redis: aioredis.Redis, prefix: str, window: Window
+    execute: Execute, prefix: str, window: Window
 ) -> tuple[dict[str, float], dict[int, dict[str, float]], dict[str, int]]:
-    """(totals over the window, per-minute counters, HyperLogLog counts)."""
-    pipe = redis.pipeline(transaction=False)
+    """(totals over the window, per-minute counters, HyperLogLog counts), in one round trip
+    through `execute` (a held connection's batch: see api/session_state.py)."""
     minutes = list(window.minute_range)
-    for m in minutes:
-        pipe.hgetall(f"{prefix}:{{report}}:m:{m}")
+    cmds: list[tuple[Any, ...]] = [("HGETALL", f"{prefix}:{{report}}:m:{m}") for m in minutes]
     hours = list(window.hour_range)
     hll = {"treatment": "v:treatment", "holdout": "v:holdout", "sessions": "s", "linked": "su",
            "personalized": "vp"}  # fmt: skip
     for kind in hll.values():
-        pipe.pfcount(*[f"{prefix}:{{report}}:{kind}:{h}" for h in hours])
-    replies = await pipe.execute()
+        cmds.append(("PFCOUNT", *[f"{prefix}:{{report}}:{kind}:{h}" for h in hours]))
+    replies = await execute(cmds)
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply
     totals: dict[str, float] = defaultdict(float)
     series: dict[int, dict[str, float]] = {}
     for m, raw in zip(minutes, replies[: len(minutes)], strict=True):
         if raw:
-            row = {_text(k): float(v) for k, v in raw.items()}
+            row = {_text(k): float(v) for k, v in _pairs(raw).items()}
             series[m] = row
             for k, v in row.items():
                 totals[k] += v
     counts = {name: int(c) for name, c in zip(hll, replies[len(minutes) :], strict=True)}
     return dict(totals), series, counts
+
+
+def _pairs(reply: Any) -> dict[Any, Any]:
+    if isinstance(reply, dict):
+        return reply
+    return dict(zip(reply[::2], reply[1::2], strict=True))
 
 
 def _text(raw: bytes | str) -> str:

@@ -44,6 +44,7 @@ from stream_engine.state import Keys
 log = logging.getLogger("kairos.api")
 
 STORE_ERRORS = (RedisError, OSError, ConnectionError)
+REPORT_READ_S = 2.0
 
 
 @dataclass(slots=True)
@@ -250,20 +251,25 @@ class Runtime:
 
     async def refresh_report(self, minutes: int = 15) -> dict[str, Any]:
         window = Window(minutes, int(time.time() * 1000))
-        totals, series, counts = await read_counters(self.redis, self.settings.key_prefix, window)
+        totals, series, counts = await read_counters(
+            self.read_report, self.settings.key_prefix, window
+        )
         report = build_report(self.serving.config, totals, series, counts, window)
         self.metrics.report(report)
         return report
 
+    async def read_report(self, cmds: list[tuple[Any, ...]]) -> list[Any]:
+        return await self.reader.execute(cmds, timeout_s=REPORT_READ_S)
+
     async def run_reporter(self, every_s: float = 30.0) -> None:
         """Keeps the report gauges current, so an SRE can alert on "personalization off"."""
         while True:
+            await asyncio.sleep(every_s)
             try:
                 await self.refresh_report()
             except (TimeoutError, *STORE_ERRORS) as exc:
                 self.metrics.refresh_errors.inc()
                 log.warning("report refresh failed: %s", exc)
-            await asyncio.sleep(every_s)
 
     async def run_refresher(self) -> None:
         while True:

@@ -28,6 +28,7 @@ from stream_engine.attribution import Attributor
 from stream_engine.catalog import Catalog
 from stream_engine.events import Event, EventType, encode_event
 from stream_engine.settings import Settings
+from stream_engine.store import Batches
 from tests.api.conftest import ADMIN_TOKEN, client_for, with_
 from tests.conftest import REPO, Stack
 
@@ -126,7 +127,11 @@ def _config(tmp_path: Path, share: float) -> Path:
 
 async def _report(redis: aioredis.Redis, prefix: str, config: Path) -> dict[str, Any]:
     window = Window(30, int(time.time() * 1000))
-    totals, series, counts = await read_counters(redis, prefix, window)
+    batches = Batches(redis)
+    try:
+        totals, series, counts = await read_counters(batches.execute, prefix, window)
+    finally:
+        await batches.aclose()
     return build_report(load_config(config), totals, series, counts, window)
 
 
