@@ -160,3 +160,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def spawn_group(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """A child process in its own process group, output to `log` (its folder is the cwd)."""
+    with log.open("wb") as out:
+        return subprocess.Popen(argv, env=env, cwd=log.parent, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+
+
+def stop_group(proc: subprocess.Popen[bytes], grace: float = 20.0) -> None:
+    """SIGTERM the process group, SIGKILL it after `grace` seconds."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 import redis.asyncio as aioredis
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from api.app import create_app
 from api.settings import Settings
@@ -103,3 +104,12 @@ def items_in(catalog: Catalog) -> Callable[[str], list[str]]:
                 if it.category_path.startswith(category) and it.stock > 0]  # fmt: skip
 
     return pick
+
+
+@pytest.fixture
+async def topics(kafka_admin: AIOKafkaAdminClient, settings: Settings) -> AsyncIterator[None]:
+    """The API's clickstream and decisions topics of this test, on the real broker."""
+    names = [settings.clickstream_topic, settings.decisions_topic]
+    await kafka_admin.create_topics([NewTopic(n, 1, 1) for n in names])
+    yield
+    await kafka_admin.delete_topics(names)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from stream_engine.state import Keys
-from tests.conftest import IN_CI, REPO, STACK, Stack, free_port
+from tests.conftest import IN_CI, REPO, STACK, Stack, free_port, spawn_group, stop_group
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 SHOTS = REPO / "artifacts" / "screenshots"
@@ -41,22 +40,6 @@ def chromium() -> str:
             pytest.fail(reason, pytrace=False)
         pytest.skip(f"LOUD SKIP: {reason}")
     return found.stdout.strip().splitlines()[-1]
-
-
-def _spawn(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    with log.open("wb") as out:
-        return subprocess.Popen(argv, env=env, cwd=log.parent, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 @pytest.fixture
@@ -83,8 +66,10 @@ def demo_stack(
         "KAIROS_API_PORT": str(port),
         "KAIROS_ADMIN_TOKEN": "browser-test-token-0123456789",
     }
-    worker = _spawn([sys.executable, "-m", "stream_engine", "worker"], env, tmp_path / "worker.log")
-    api = _spawn([sys.executable, "-m", "api"], env, tmp_path / "api.log")
+    worker = spawn_group(
+        [sys.executable, "-m", "stream_engine", "worker"], env, tmp_path / "worker.log"
+    )
+    api = spawn_group([sys.executable, "-m", "api"], env, tmp_path / "api.log")
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -100,8 +85,8 @@ def demo_stack(
             time.sleep(0.2)
         yield url
     finally:
-        _stop(api)
-        _stop(worker)
+        stop_group(api)
+        stop_group(worker)
 
 
 def _post(url: str, body: dict[str, Any]) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,6 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from api.app import DEMO_CONFIG
 from api.settings import Settings
@@ -67,14 +65,6 @@ async def test_bad_bodies_get_a_clear_4xx(
         response = await client.post("/v1/decisions", content=body)
     assert response.status_code == status
     assert says in response.json()["error"]
-
-
-@pytest.fixture
-async def topics(kafka_admin: AIOKafkaAdminClient, settings: Settings) -> AsyncIterator[None]:
-    names = [settings.clickstream_topic, settings.decisions_topic]
-    await kafka_admin.create_topics([NewTopic(n, 1, 1) for n in names])
-    yield
-    await kafka_admin.delete_topics(names)
 
 
 async def _consume(stack: Stack, topic: str, n: int) -> list[tuple[bytes, dict[str, Any]]]:

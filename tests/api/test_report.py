@@ -7,18 +7,16 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 import redis.asyncio as aioredis
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from api.config import load_config
 from api.holdout import assign
@@ -30,7 +28,7 @@ from stream_engine.events import Event, EventType, encode_event
 from stream_engine.settings import Settings
 from stream_engine.store import Batches
 from tests.api.conftest import ADMIN_TOKEN, client_for, with_
-from tests.conftest import REPO, Stack
+from tests.conftest import REPO, Stack, spawn_group, stop_group
 
 AUTH = {"authorization": f"Bearer {ADMIN_TOKEN}"}
 
@@ -194,14 +192,6 @@ async def test_a_broken_assignment_triggers_the_sample_ratio_warning(
 
 
 @pytest.fixture
-async def topics(kafka_admin: AIOKafkaAdminClient, settings: ApiSettings) -> AsyncIterator[None]:
-    names = [settings.clickstream_topic, settings.decisions_topic]
-    await kafka_admin.create_topics([NewTopic(n, 1, 1) for n in names])
-    yield
-    await kafka_admin.delete_topics(names)
-
-
-@pytest.fixture
 def attribution_process(
     stack: Stack, settings: ApiSettings, unique: str, catalog_file: Path, tmp_path: Path
 ) -> Iterator[subprocess.Popen[bytes]]:
@@ -214,13 +204,10 @@ def attribution_process(
         "KAIROS_DLQ_TOPIC": f"dlq.{unique}", "KAIROS_CATALOG_TOPIC": f"catalog.{unique}",
         "KAIROS_CONSUMER_GROUP": f"group-{unique}", "KAIROS_PARTITIONS": "1",
     }  # fmt: skip
-    with (tmp_path / "attribution.log").open("wb") as log:
-        argv = [sys.executable, "-m", "stream_engine", "attribution"]
-        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)  # fmt: skip
+    argv = [sys.executable, "-m", "stream_engine", "attribution"]
+    proc = spawn_group(argv, env, tmp_path / "attribution.log")
     yield proc
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=20)
+    stop_group(proc)
 
 
 @pytest.mark.integration
