@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STACK := $(PY) deploy/stack.py
 
 .PHONY: help venv lock up down status logs demo test lint format typecheck check clean \
-	bench-ingest bench-memory bench-decisions
+	bench-ingest bench-memory bench-decisions loadtest
 
 help:
 	@echo "make demo       start Kafka, Redis, worker and API locally and print the URLs"
@@ -16,6 +16,7 @@ help:
 	@echo "make up|down|status|logs   the local stack (deploy/stack.py)"
 	@echo "make lock       re-pin constraints.txt from a fresh resolve"
 	@echo "make bench-ingest / bench-memory / bench-decisions   benchmarks (loadtest/README.md)"
+	@echo "make loadtest [SCENARIO=peak]   the peak-traffic suite: SLO verdict, JSON and HTML report"
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -73,6 +74,13 @@ bench-memory: up
 
 bench-decisions: up
 	source .stack/stack.env && $(PY) -m loadtest decisions $(BENCH_ARGS)
+
+# The peak-traffic suite on the local stack (started if needed): SCENARIO=smoke|peak|spike|
+# soak|overload or a .toml file; LOADTEST_ARGS="--api URL --bootstrap HOST:PORT --slo ..."
+SCENARIO ?= peak
+loadtest: venv
+	$(STACK) up redis kafka worker api
+	source .stack/stack.env && $(PY) -m loadtest run $(SCENARIO) $(LOADTEST_ARGS)
 
 clean: down
 	rm -rf $(VENV) .stack .mypy_cache .ruff_cache .pytest_cache

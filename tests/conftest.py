@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 REPO = Path(__file__).resolve().parent.parent
 STACK = [sys.executable, str(REPO / "deploy" / "stack.py")]
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+SERVICES_TOKEN = "services-admin-token-0123456789"  # the admin token of kairos_services
 
 
 @dataclass(frozen=True)
@@ -178,3 +180,59 @@ def stop_group(proc: subprocess.Popen[bytes], grace: float = 20.0) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+@pytest.fixture(scope="session")
+def catalog_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2,000-item demo catalog shared by the worker, the API and the tests."""
+    from stream_engine.demo_catalog import write_demo_catalog
+
+    return write_demo_catalog(tmp_path_factory.mktemp("catalog") / "demo.jsonl", n_items=2000)
+
+
+@pytest.fixture
+def kairos_services(
+    stack: Stack, unique: str, key_prefix: str, catalog_file: Path, tmp_path: Path
+) -> Iterator[str]:
+    """A worker (aiokafka engine) and an API of this test's own (own topics, group and key
+    prefix, the demo catalog file); the API's URL."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "KAIROS_KAFKA_BOOTSTRAP": stack.kafka_bootstrap,
+        "KAIROS_REDIS_URL": stack.redis_url,
+        "KAIROS_KEY_PREFIX": key_prefix,
+        "KAIROS_CATALOG_PATH": str(catalog_file),
+        "KAIROS_CLICKSTREAM_TOPIC": f"clickstream.{unique}",
+        "KAIROS_DLQ_TOPIC": f"dlq.{unique}",
+        "KAIROS_CATALOG_TOPIC": f"catalog.{unique}",
+        "KAIROS_DECISIONS_TOPIC": f"decisions.{unique}",
+        "KAIROS_CONSUMER_GROUP": f"group-{unique}",
+        "KAIROS_ENGINE": "aiokafka",
+        "KAIROS_PARTITIONS": "1",
+        "KAIROS_METRICS_PORT": "0",
+        "KAIROS_API_PORT": str(port),
+        "KAIROS_ADMIN_TOKEN": SERVICES_TOKEN,
+    }
+    worker = spawn_group(
+        [sys.executable, "-m", "stream_engine", "worker"], env, tmp_path / "worker.log"
+    )
+    api = spawn_group([sys.executable, "-m", "api"], env, tmp_path / "api.log")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/readyz", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline or api.poll() is not None:
+                raise RuntimeError((tmp_path / "api.log").read_text()[-3000:])
+            time.sleep(0.2)
+        yield url
+    finally:
+        stop_group(api)
+        stop_group(worker)

@@ -17,7 +17,6 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from api.app import create_app
 from api.settings import Settings
 from stream_engine.catalog import Catalog
-from stream_engine.demo_catalog import write_demo_catalog
 from stream_engine.events import Event, EventType, encode_event
 from stream_engine.planning import Tuning
 from stream_engine.processor import BatchProcessor, Record, Ttls
@@ -27,11 +26,6 @@ from tests.conftest import Stack
 ADMIN_TOKEN = "test-admin-token-0123456789"
 TUNING = Tuning(1_800_000, 14 * 86_400_000, 7 * 86_400_000, 6 * 3_600_000)
 TTLS = Ttls(3_600_000, 86_400_000, 86_400_000, 86_400_000)
-
-
-@pytest.fixture(scope="session")
-def catalog_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_demo_catalog(tmp_path_factory.mktemp("catalog") / "demo.jsonl", n_items=2000)
 
 
 @pytest.fixture(scope="session")

@@ -6,13 +6,10 @@ Screenshots before and after go to artifacts/screenshots/."""
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
-import sys
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -20,7 +17,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from stream_engine.state import Keys
-from tests.conftest import IN_CI, REPO, STACK, Stack, free_port, spawn_group, stop_group
+from tests.conftest import IN_CI, REPO, SERVICES_TOKEN, STACK
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 SHOTS = REPO / "artifacts" / "screenshots"
@@ -40,53 +37,6 @@ def chromium() -> str:
             pytest.fail(reason, pytrace=False)
         pytest.skip(f"LOUD SKIP: {reason}")
     return found.stdout.strip().splitlines()[-1]
-
-
-@pytest.fixture
-def demo_stack(
-    stack: Stack, unique: str, key_prefix: str, catalog_file: Path, tmp_path: Path
-) -> Iterator[str]:
-    """A worker and an API of this test's own (own topics and key prefix); the API's URL."""
-    port = free_port()
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(REPO),
-        "KAIROS_KAFKA_BOOTSTRAP": stack.kafka_bootstrap,
-        "KAIROS_REDIS_URL": stack.redis_url,
-        "KAIROS_KEY_PREFIX": key_prefix,
-        "KAIROS_CATALOG_PATH": str(catalog_file),
-        "KAIROS_CLICKSTREAM_TOPIC": f"clickstream.{unique}",
-        "KAIROS_DLQ_TOPIC": f"dlq.{unique}",
-        "KAIROS_CATALOG_TOPIC": f"catalog.{unique}",
-        "KAIROS_DECISIONS_TOPIC": f"decisions.{unique}",
-        "KAIROS_CONSUMER_GROUP": f"group-{unique}",
-        "KAIROS_ENGINE": "aiokafka",
-        "KAIROS_PARTITIONS": "1",
-        "KAIROS_METRICS_PORT": "0",
-        "KAIROS_API_PORT": str(port),
-        "KAIROS_ADMIN_TOKEN": "browser-test-token-0123456789",
-    }
-    worker = spawn_group(
-        [sys.executable, "-m", "stream_engine", "worker"], env, tmp_path / "worker.log"
-    )
-    api = spawn_group([sys.executable, "-m", "api"], env, tmp_path / "api.log")
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/readyz", timeout=1) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline or api.poll() is not None:
-                raise RuntimeError((tmp_path / "api.log").read_text()[-3000:])
-            time.sleep(0.2)
-        yield url
-    finally:
-        stop_group(api)
-        stop_group(worker)
 
 
 def _post(url: str, body: dict[str, Any]) -> None:
@@ -123,12 +73,12 @@ async def browser(chromium: str) -> AsyncIterator[Any]:
 
 
 async def test_three_clicks_move_the_hero_and_the_recommendations_within_a_second(
-    demo_stack: str, browser: Any, redis_client: aioredis.Redis, key_prefix: str
+    kairos_services: str, browser: Any, redis_client: aioredis.Redis, key_prefix: str
 ) -> None:
-    await _worker_consuming(demo_stack, redis_client, key_prefix)
+    await _worker_consuming(kairos_services, redis_client, key_prefix)
     SHOTS.mkdir(parents=True, exist_ok=True)
     page = await browser.new_page(viewport={"width": 1280, "height": 900})
-    await page.goto(f"{demo_stack}/demo/")
+    await page.goto(f"{kairos_services}/demo/")
     await page.wait_for_selector("#hero[data-banner-id]")
     await page.wait_for_selector("#grid .card")
     before = await page.get_attribute("#hero", "data-banner-id")
@@ -171,7 +121,7 @@ async def test_three_clicks_move_the_hero_and_the_recommendations_within_a_secon
     assert (SHOTS / "demo-after.png").stat().st_size > 10_000
 
     report = await browser.new_page(viewport={"width": 1280, "height": 900})
-    await report.goto(f"{demo_stack}/admin/report/page#token=browser-test-token-0123456789")
+    await report.goto(f"{kairos_services}/admin/report/page#token={SERVICES_TOKEN}")
     await report.wait_for_selector("#slots tr td")
     await report.screenshot(path=str(SHOTS / "report.png"), full_page=True)
     assert "home_recs" in await report.inner_text("#slots")

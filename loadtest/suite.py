@@ -1,0 +1,299 @@
+"""The peak-traffic suite: page views over HTTP and clickstream into Kafka, at the same time.
+
+    python -m loadtest run peak [--api http://127.0.0.1:8000] [--bootstrap 127.0.0.1:9092]
+                                [--out artifacts] [--compare previous.json] [--slo p99_ms=10]
+
+Page views are open loop (fixed arrival rate; latency from the intended send time into an
+HDR histogram, so a stalled server can't hide its tail): single-slot `GET
+/v1/slots/home_recs` or, for `multi_slot_share` of them, a page `POST /v1/decisions`;
+new, returning and logged-in visitors in the scenario's mix. Clickstream events (the
+realistic shoppers of traffic.py) go to Kafka at their own fixed rate meanwhile. A sample of
+clicks is followed until a decision reflects them (freshness: produced → the decision's
+state is at least that new; same-clock machines only). Every second prints a progress line;
+the result is a JSON file with the environment and per-step figures, an HTML report, and an
+exit code against the scenario's SLO.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaProducer
+from hdrh.histogram import HdrHistogram
+
+from loadtest.http import Client, HttpError
+from loadtest.ingest import CpuMeter
+from loadtest.openloop import TICK_S
+from loadtest.scenario import Scenario, Step
+from loadtest.traffic import Traffic
+from stream_engine.catalog import load_items
+from stream_engine.demo_catalog import resolve_catalog_path
+
+DEGRADED = ("timeout", "overload", "store_unavailable")
+MAX_US = 60_000_000
+
+
+def _histogram() -> HdrHistogram:
+    return HdrHistogram(1, MAX_US, 3)
+
+
+def _percentiles_ms(h: HdrHistogram) -> dict[str, float | None]:
+    if h.get_total_count() == 0:
+        return {"p50": None, "p99": None, "p99.9": None, "max": None}
+    return {
+        "p50": h.get_value_at_percentile(50) / 1000,
+        "p99": h.get_value_at_percentile(99) / 1000,
+        "p99.9": h.get_value_at_percentile(99.9) / 1000,
+        "max": h.get_max_value() / 1000,
+    }
+
+
+@dataclass
+class StepRecorder:
+    """Everything measured during one step (after the warm-up)."""
+
+    latency: HdrHistogram = field(default_factory=_histogram)
+    freshness: HdrHistogram = field(default_factory=_histogram)
+    per_second: dict[int, HdrHistogram] = field(default_factory=dict)
+    per_second_degraded: Counter[int] = field(default_factory=Counter)
+    per_second_count: Counter[int] = field(default_factory=Counter)
+    answered: int = 0
+    errors: int = 0
+    fallbacks: Counter[str] = field(default_factory=Counter)
+    sent: int = 0
+    late_us: HdrHistogram = field(default_factory=_histogram)
+    events_sent: int = 0
+
+    def record(self, second: int, latency_s: float, reasons: list[str]) -> None:
+        us = max(1, min(MAX_US, int(latency_s * 1e6)))
+        self.latency.record_value(us)
+        self.per_second.setdefault(second, _histogram()).record_value(us)
+        self.per_second_count[second] += 1
+        self.answered += 1
+        for r in reasons:
+            self.fallbacks[r] += 1
+        if any(r in DEGRADED for r in reasons):
+            self.per_second_degraded[second] += 1
+
+    def summary(self, step: Step, elapsed_s: float) -> dict[str, Any]:
+        degraded = sum(self.fallbacks[r] for r in DEGRADED)
+        total = self.answered + self.errors
+        return {
+            "offered_rate": step.rate,
+            "achieved_rate": round(self.answered / elapsed_s, 1) if elapsed_s else 0.0,
+            "goodput": round((self.answered - degraded) / elapsed_s, 1) if elapsed_s else 0.0,
+            "offered_events": step.events,
+            "achieved_events": round(self.events_sent / elapsed_s, 1) if elapsed_s else 0.0,
+            "answered": self.answered,
+            "errors": self.errors,
+            "error_rate": self.errors / total if total else 0.0,
+            "degraded_share": degraded / self.answered if self.answered else 0.0,
+            "fallbacks": dict(self.fallbacks),
+            "latency_ms": _percentiles_ms(self.latency),
+            "freshness_ms": {
+                **_percentiles_ms(self.freshness),
+                "samples": self.freshness.get_total_count(),
+            },
+            "generator_late_ms": _percentiles_ms(self.late_us),
+            "over_time": [
+                {
+                    "second": s,
+                    "count": self.per_second_count[s],
+                    "p99_ms": h.get_value_at_percentile(99) / 1000,
+                    "degraded_share": self.per_second_degraded[s] / self.per_second_count[s],
+                }
+                for s, h in sorted(self.per_second.items())
+            ],
+            "spectrum_ms": [
+                {"percentile": q, "ms": self.latency.get_value_at_percentile(q) / 1000}
+                for q in (50, 75, 90, 95, 99, 99.5, 99.9, 99.99, 100)
+            ]
+            if self.answered
+            else [],
+        }
+
+
+class Visitors:
+    """New, returning and logged-in visitors in the scenario's proportions."""
+
+    def __init__(self, traffic: Any, rng: random.Random) -> None:
+        self.traffic = traffic
+        self.rng = rng
+        self.seen: list[str] = []
+        self.run = f"lt{rng.getrandbits(24):06x}"
+
+    def next(self) -> tuple[str, str | None]:
+        rng = self.rng
+        if self.seen and rng.random() < self.traffic.returning_share:
+            sid = self.seen[rng.randrange(len(self.seen))]
+        else:
+            sid = f"{self.run}-{len(self.seen)}"
+            self.seen.append(sid)
+            if len(self.seen) > 50_000:
+                self.seen.pop(0)
+        user = None
+        if rng.random() < self.traffic.logged_in_share:
+            user = f"{self.run}-u{hash(sid) % 5000}"
+        return sid, user
+
+
+class Runner:
+    def __init__(self, scenario: Scenario, api_url: str, bootstrap: str, topic: str) -> None:
+        self.scenario = scenario
+        host, _, port = api_url.removeprefix("http://").rstrip("/").partition(":")
+        self.api = Client(host, int(port or 80))
+        self.bootstrap = bootstrap
+        self.topic = topic
+        self.rng = random.Random(7)
+        self.visitors = Visitors(scenario.traffic, self.rng)
+        env = os.environ
+        catalog = resolve_catalog_path(env.get("KAIROS_CATALOG_PATH", ""),
+                                       env.get("KAIROS_STACK_DIR", ".stack"))  # fmt: skip
+        self.shoppers = Traffic(load_items(catalog), active_sessions=2000, tracked_share=0.0)
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _page_view(self, rec: StepRecorder | None, intended: float, t0: float) -> None:
+        sid, user = self.visitors.next()
+        try:
+            if self.rng.random() < self.scenario.traffic.multi_slot_share:
+                body = {"session_id": sid, "slots": ["home_hero", "home_recs"]}
+                if user:
+                    body["user_id"] = user
+                response = await self.api.request("POST", "/v1/decisions", orjson.dumps(body))
+            else:
+                q = f"/v1/slots/home_recs?session_id={sid}" + (f"&user_id={user}" if user else "")
+                response = await self.api.request("GET", q)
+        except HttpError:
+            if rec is not None:
+                rec.errors += 1
+            return
+        done = time.monotonic()
+        if rec is None:
+            return
+        if response.status != 200:
+            rec.errors += 1
+            return
+        header = response.headers.get(b"x-kairos-fallback", b"").decode()
+        rec.record(int(intended - t0), done - intended, [r for r in header.split(",") if r])
+
+    async def _follow(self, rec: StepRecorder, sid: str, produced_ms: int) -> None:
+        """Poll a session until a decision is based on state written after the click."""
+        start = time.monotonic()
+        while time.monotonic() - start < 5.0:
+            try:
+                response = await self.api.request("GET", f"/v1/slots/home_recs?session_id={sid}")
+            except HttpError:
+                return
+            age = (
+                orjson.loads(response.body).get("state_age_ms") if response.status == 200 else None
+            )
+            now_ms = int(time.time() * 1000)
+            if age is not None and now_ms - age >= produced_ms:
+                rec.freshness.record_value(max(1, (now_ms - produced_ms) * 1000))
+                return
+            await asyncio.sleep(0.005)
+
+    async def _events(self, producer: AIOKafkaProducer, step: Step, rec: StepRecorder | None,
+                      seconds: float) -> None:  # fmt: skip
+        if step.events <= 0:
+            return
+        start = time.monotonic()
+        n = 0
+        total = int(step.events * seconds)
+        while n < total:
+            due = min(total, int((time.monotonic() - start) * step.events) + 1)
+            while n < due:
+                sid, value, _ = self.shoppers.next_event()
+                produced_ms = int(time.time() * 1000)
+                await producer.send(self.topic, value, key=sid.encode())
+                n += 1
+                if rec is not None:
+                    rec.events_sent += 1
+                    if self.rng.random() < self.scenario.traffic.freshness_sample:
+                        self._spawn(self._follow(rec, sid, produced_ms))
+            await asyncio.sleep(max(TICK_S, start + n / step.events - time.monotonic()))
+
+    async def _pages(self, step: Step, rec: StepRecorder | None, seconds: float) -> None:
+        t0 = time.monotonic() + 0.01
+        total = int(step.rate * seconds)
+        i = 0
+        while i < total:
+            due = min(total, int((time.monotonic() - t0) * step.rate) + 1)
+            while i < due:
+                intended = t0 + i / step.rate
+                if rec is not None:
+                    rec.late_us.record_value(max(1, int((time.monotonic() - intended) * 1e6)))
+                    rec.sent += 1
+                self._spawn(self._page_view(rec, intended, t0))
+                i += 1
+            await asyncio.sleep(max(TICK_S, t0 + i / step.rate - time.monotonic()))
+
+    async def run_step(self, producer: AIOKafkaProducer, step: Step, index: int,
+                       warmup: float) -> dict[str, Any]:  # fmt: skip
+        if warmup > 0:
+            await asyncio.gather(self._pages(step, None, warmup),
+                                 self._events(producer, step, None, warmup))  # fmt: skip
+        rec = StepRecorder()
+        cpu = CpuMeter({"generator": os.getpid()})
+        progress = asyncio.create_task(self._progress(rec, index, step))
+        started = time.monotonic()
+        try:
+            await asyncio.gather(self._pages(step, rec, step.duration_s),
+                                 self._events(producer, step, rec, step.duration_s))  # fmt: skip
+            elapsed = time.monotonic() - started
+            if self.tasks:
+                _, pending = await asyncio.wait(set(self.tasks), timeout=10)
+                rec.errors += len(pending)  # never answered: counted, not hidden
+                for t in pending:
+                    t.cancel()
+        finally:
+            progress.cancel()
+        out = rec.summary(step, elapsed)
+        out["cpu"] = cpu.percent()
+        gen_late = out["generator_late_ms"]["p99"] or 0.0
+        out["valid"] = gen_late <= 5.0 and out["cpu"]["generator"] < 90.0
+        if not out["valid"]:
+            out["invalid_because"] = (f"the generator fell behind (late p99 {gen_late:.1f} ms, "
+                                      f"CPU {out['cpu']['generator']:.0f}%): it, not the "
+                                      "system, was the bottleneck")  # fmt: skip
+        return out
+
+    async def _progress(self, rec: StepRecorder, index: int, step: Step) -> None:
+        last = 0
+        while True:
+            await asyncio.sleep(1.0)
+            done = rec.answered - last
+            last = rec.answered
+            h = rec.latency
+            p99 = h.get_value_at_percentile(99) / 1000 if h.get_total_count() else 0.0
+            degraded = sum(rec.fallbacks[r] for r in DEGRADED)
+            print(f"  step {index} target {step.rate:g}/s: {done}/s answered, p99 so far "
+                  f"{p99:.2f} ms, degraded {degraded}, errors {rec.errors}, events "
+                  f"{rec.events_sent}", flush=True)  # fmt: skip
+
+    async def run(self) -> list[dict[str, Any]]:
+        producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, linger_ms=0)
+        await producer.start()
+        results = []
+        try:
+            for i, step in enumerate(self.scenario.steps, start=1):
+                print(f"step {i}: {step.rate:g} page views/s + {step.events:g} events/s for "
+                      f"{step.duration_s:g} s (warm-up {self.scenario.warmup_s:g} s)",
+                      flush=True)  # fmt: skip
+                results.append(await self.run_step(producer, step, i, self.scenario.warmup_s))
+        finally:
+            await producer.stop()
+            await self.api.aclose()
+        return results

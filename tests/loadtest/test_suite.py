@@ -1,0 +1,110 @@
+"""The peak-traffic suite: scenario files, the SLO verdict, and a smoke run end to end
+against a real worker and API on the real Kafka and Redis (asserting that the report and
+the verdict are produced and right for a known case, not absolute latencies)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from loadtest.results import compare, knee
+from loadtest.scenario import ScenarioError, load_scenario, parse_scenario, verdict
+from tests.conftest import REPO, Stack
+
+
+def _result(p99: float, errors: int = 0, degraded: float = 0.0) -> dict[str, Any]:
+    return {"latency_ms": {"p50": 1.0, "p99": p99, "p99.9": p99 * 2}, "errors": errors,
+            "error_rate": errors / 1000, "degraded_share": degraded,
+            "freshness_ms": {"p99": 20.0}}  # fmt: skip
+
+
+def test_every_shipped_scenario_loads() -> None:
+    for name in ("smoke", "peak", "spike", "soak", "overload"):
+        scenario = load_scenario(name)
+        assert any(s.nominal for s in scenario.steps)
+        assert "p99_ms" in scenario.slo
+
+
+@pytest.mark.parametrize(
+    ("raw", "says"),
+    [
+        ({"steps": []}, "at least one [[steps]]"),
+        ({"steps": [{"rate": 10, "duration_s": 5}]}, "mark at least one step nominal"),
+        ({"steps": [{"rate": "fast", "duration_s": 5, "nominal": True}]}, "rate must be a number"),
+        ({"steps": [{"rate": 10, "duration_s": 5, "nominal": True}], "slo": {"p95": 1}},
+         "unknown SLO key(s) p95"),
+    ],
+)  # fmt: skip
+def test_bad_scenarios_say_what_is_wrong(raw: dict[str, Any], says: str) -> None:
+    with pytest.raises(ScenarioError, match=None) as err:
+        parse_scenario(raw, "x.toml")
+    assert says in str(err.value)
+    assert "x.toml" in str(err.value)
+
+
+def test_the_verdict_names_each_missed_slo_and_the_knee_the_first_rate_over_it() -> None:
+    scenario = load_scenario("peak")
+    results = [_result(5), _result(12, errors=3, degraded=0.05), _result(9), _result(40),
+               _result(80)]  # fmt: skip
+    failures = verdict(scenario, results)
+    assert "step 2 (500/s): p99 12.00 ms > 15 ms" not in failures
+    assert "step 2 (500/s): error rate 0.300% > 0.100%" in failures
+    assert "step 2 (500/s): degraded answers 5.00% > 1.00%" in failures
+    assert knee(scenario, results) == {"highest_rate_within_slo": 250.0,
+                                       "first_rate_over_slo": 500.0}  # fmt: skip
+
+
+def test_compare_flags_a_regression(tmp_path: Path) -> None:
+    before = tmp_path / "before.json"
+    before.write_bytes(orjson.dumps({"steps": [_result(10.0)]}))
+    assert compare({"steps": [_result(11.0)]}, before) == []
+    assert compare({"steps": [_result(15.0)]}, before) == [
+        "step 1: p99 15.00 ms vs 10.00 ms before (+50%)"
+    ]
+
+
+def _run(url: str, stack: Stack, catalog: Path, unique: str, out: Path,
+         *extra: str) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO), "KAIROS_CATALOG_PATH": str(catalog),
+           "KAIROS_REDIS_URL": stack.redis_url}  # fmt: skip
+    argv = [sys.executable, "-m", "loadtest", "run", "smoke", "--api", url, "--bootstrap",
+            stack.kafka_bootstrap, "--topic", f"clickstream.{unique}", "--out", str(out),
+            *extra]  # fmt: skip
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120,
+                          check=False)  # fmt: skip
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(180)
+def test_a_smoke_run_produces_the_report_and_a_verdict_that_can_fail(
+    kairos_services: str, stack: Stack, catalog_file: Path, unique: str, tmp_path: Path
+) -> None:
+    ok = _run(kairos_services, stack, catalog_file, unique, tmp_path / "ok",
+              "--slo", "p99_ms=10000", "--slo", "freshness_p99_ms=60000")  # fmt: skip
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "VERDICT: PASS" in ok.stdout
+    [results] = list((tmp_path / "ok").glob("loadtest-smoke-*.json"))
+    body = orjson.loads(results.read_bytes())
+    step = body["steps"][0]
+    assert step["answered"] >= 300  # 100/s for 4 s, after the warm-up
+    assert step["errors"] == 0
+    assert step["achieved_events"] > 50
+    assert step["freshness_ms"]["samples"] > 0
+    assert body["verdict"] == {"passed": True, "failures": []}
+    assert body["environment"]["cores"]
+    page = results.with_suffix(".html").read_text()
+    assert page.count("<svg") == 4
+    assert "PASSED" in page
+
+    broken = _run(kairos_services, stack, catalog_file, unique, tmp_path / "broken",
+                  "--slo", "p99_ms=0.001")  # fmt: skip
+    assert broken.returncode == 1
+    assert "VERDICT: FAIL" in broken.stdout
+    assert "step 1 (100/s): p99 " in broken.stdout
+    assert "ms > 0.001 ms" in broken.stdout
