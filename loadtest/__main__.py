@@ -43,7 +43,8 @@ async def run_suite(args: Any) -> int:
         except ValueError:
             raise ScenarioError(f"--slo {override!r}: expected KEY=NUMBER") from None
     scenario = dataclasses.replace(scenario, slo=slo)
-    steps = await Runner(scenario, args.api, args.bootstrap, args.topic).run()
+    runner = Runner(scenario, args.api, args.bootstrap, args.topic)
+    steps = await runner.run()
     failures = verdict(scenario, steps)
     invalid = [f"step {i}: {s['invalid_because']}" for i, s in enumerate(steps, 1)
                if not s["valid"]]  # fmt: skip
@@ -54,7 +55,8 @@ async def run_suite(args: Any) -> int:
         info = {}
     finally:
         await redis.aclose()
-    json_path, html_path = results.write(args.out, scenario, steps, failures + invalid, info)
+    json_path, html_path = results.write(args.out, scenario, steps, failures + invalid, info,
+                                         runner.baseline)  # fmt: skip
     print(f"\nresults: {json_path}\nreport:  {html_path}")
     for i, s in enumerate(steps, start=1):
         lat = s["latency_ms"]

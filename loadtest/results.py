@@ -16,7 +16,8 @@ REGRESSION = 1.2  # a p99 more than 20% above the previous run's is flagged
 
 
 def write(out_dir: Path, scenario: Scenario, steps: list[dict[str, Any]],
-          failures: list[str], redis_info: dict[str, Any]) -> tuple[Path, Path]:  # fmt: skip
+          failures: list[str], redis_info: dict[str, Any],
+          baseline: dict[str, Any] | None = None) -> tuple[Path, Path]:  # fmt: skip
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     body = {
@@ -26,6 +27,7 @@ def write(out_dir: Path, scenario: Scenario, steps: list[dict[str, Any]],
                                 "nominal": s.nominal} for s in scenario.steps]},
         "verdict": {"passed": not failures, "failures": failures},
         "knee": knee(scenario, steps),
+        "baseline": baseline or {},
         "steps": steps,
         "environment": environment(redis_info),
     }  # fmt: skip
@@ -96,6 +98,16 @@ def _chart(title: str, series: list[tuple[str, str, list[tuple[float, float]]]],
 COLORS = ["#3b5bdb", "#0ca678", "#f08c00", "#e03131", "#7048e8", "#1098ad"]
 
 
+def _baseline(b: dict[str, Any]) -> str:
+    if not b:
+        return "no same-run baseline"
+    lat = b["latency_ms"]
+    return (
+        f"same-run baseline (null server, same generator, {b['rate']:g}/s): "
+        f"p50 {lat['p50']:.2f} / p99 {lat['p99']:.2f} / p99.9 {lat['p99.9']:.2f} ms"
+    )
+
+
 def _row(i: int, s: dict[str, Any]) -> str:
     lat, fresh = s["latency_ms"], s["freshness_ms"]["p99"]
     valid = "yes" if s["valid"] else "NO: " + html.escape(s.get("invalid_because", ""))
@@ -136,6 +148,7 @@ table{{border-collapse:collapse}}
 td,th{{padding:4px 8px;border-bottom:1px solid #eee;text-align:right}}
 svg text{{font-size:11px;fill:#667085}}</style></head><body>
 <h1>Kairos load test: {html.escape(body["scenario"]["name"])}</h1>{status}
+<p>{_baseline(body.get("baseline") or {})}</p>
 <p>knee: highest rate within the p99 SLO {body["knee"]["highest_rate_within_slo"]}, first over
 it {body["knee"]["first_rate_over_slo"]}. SLO: {html.escape(str(body["scenario"]["slo"]))}</p>
 <table><tr><th>step</th><th>offered/s</th><th>achieved/s</th><th>goodput/s</th><th>p50 ms</th>

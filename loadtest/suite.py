@@ -9,7 +9,9 @@ HDR histogram, so a stalled server can't hide its tail): single-slot `GET
 new, returning and logged-in visitors in the scenario's mix. Clickstream events (the
 realistic shoppers of traffic.py) go to Kafka at their own fixed rate meanwhile. A sample of
 clicks is followed until a decision reflects them (freshness: produced → the decision's
-state is at least that new; same-clock machines only). Every second prints a progress line;
+state is at least that new; same-clock machines only). Before the steps, the same
+generator runs against a null server (loadtest/nullserver.py) at the nominal rate: the
+same-run baseline, the floor of the measurement itself. Every second prints a progress line;
 the result is a JSON file with the environment and per-step figures, an HTML report, and an
 exit code against the scenario's SLO.
 """
@@ -19,6 +21,8 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import socket
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -38,6 +42,12 @@ from stream_engine.demo_catalog import resolve_catalog_path
 
 DEGRADED = ("timeout", "overload", "store_unavailable")
 MAX_US = 60_000_000
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def _histogram() -> HdrHistogram:
@@ -158,6 +168,7 @@ class Runner:
                                        env.get("KAIROS_STACK_DIR", ".stack"))  # fmt: skip
         self.shoppers = Traffic(load_items(catalog), active_sessions=2000, tracked_share=0.0)
         self.tasks: set[asyncio.Task[None]] = set()
+        self.baseline: dict[str, Any] = {}
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -283,7 +294,41 @@ class Runner:
                   f"{p99:.2f} ms, degraded {degraded}, errors {rec.errors}, events "
                   f"{rec.events_sent}", flush=True)  # fmt: skip
 
+    async def calibrate(self, seconds: float = 3.0) -> dict[str, Any]:
+        """The same generator and request mix against a null server, at the first nominal
+        step's rate: the floor of the measurement, in the same run."""
+        step = next(s for s in self.scenario.steps if s.nominal)
+        port = _free_port()
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "loadtest.nullserver", str(port), start_new_session=True
+        )
+        real, self.api = self.api, Client("127.0.0.1", port)
+        try:
+            for _ in range(100):
+                try:
+                    await self.api.request("GET", "/")
+                    break
+                except HttpError:
+                    await asyncio.sleep(0.05)
+            rec = StepRecorder()
+            await self._pages(Step(step.rate, 0, seconds), rec, seconds)
+            if self.tasks:
+                await asyncio.wait(set(self.tasks), timeout=5)
+            out = rec.summary(Step(step.rate, 0, seconds), seconds)
+        finally:
+            await self.api.aclose()
+            self.api = real
+            proc.terminate()
+            await proc.wait()
+        lat = out["latency_ms"]
+        if lat["p99"] is None:
+            raise HttpError("the null server answered nothing: no same-run baseline")
+        print(f"baseline: null server at {step.rate:g}/s, same generator: p50 {lat['p50']:.2f} "
+              f"p99 {lat['p99']:.2f} p99.9 {lat['p99.9']:.2f} ms", flush=True)  # fmt: skip
+        return {"rate": step.rate, "latency_ms": lat, "errors": out["errors"]}
+
     async def run(self) -> list[dict[str, Any]]:
+        self.baseline = await self.calibrate()
         producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, linger_ms=0)
         await producer.start()
         results = []

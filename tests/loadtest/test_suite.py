@@ -94,6 +94,7 @@ def test_a_smoke_run_produces_the_report_and_a_verdict_that_can_fail(
     step = body["steps"][0]
     assert step["answered"] >= 300  # 100/s for 4 s, after the warm-up
     assert step["errors"] == 0
+    assert body["baseline"]["latency_ms"]["p99"] > 0  # the null server, same run
     assert step["achieved_events"] > 50
     assert step["freshness_ms"]["samples"] > 0
     assert body["verdict"] == {"passed": True, "failures": []}
