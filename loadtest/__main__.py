@@ -6,6 +6,7 @@ python -m loadtest ingest [--rates 1000,5000,10000] [--duration 15] [--repeats 3
     python -m loadtest run SCENARIO [--api URL] [--bootstrap HOST:PORT] [--out DIR]
                                [--compare PREVIOUS.json] [--slo KEY=VALUE ...]
     python -m loadtest simulate [--rate 20] [--sessions 200] [--duration 0]
+    python -m loadtest replay --test LOG.csv [--train LOG.csv] [--k 10] | --generate LOG.csv
     python -m loadtest decisions [--rates 500,1000,2000,3000] [--duration 10] [--repeats 3]
                                  [--sessions 100000] [--items 10000] [--rss-items 100000]
 """
@@ -76,6 +77,43 @@ async def run_suite(args: Any) -> int:
     return 0
 
 
+async def run_replay(args: Any) -> int:
+    import time
+
+    from loadtest import replay
+    from stream_engine.catalog import load_items
+    from stream_engine.demo_catalog import resolve_catalog_path
+
+    catalog = resolve_catalog_path(os.environ.get("KAIROS_CATALOG_PATH", ""),
+                                   os.environ.get("KAIROS_STACK_DIR", ".stack"))  # fmt: skip
+    if args.generate:
+        print(replay.generate(args.generate, catalog, args.sessions, args.seed))
+        return 0
+    if args.test is None:
+        print("loadtest replay: give --test LOG.csv (or --generate LOG.csv)", file=sys.stderr)
+        return 2
+    try:
+        train = replay.read_log(args.train) if args.train else []
+        test = replay.read_log(args.test)
+    except (OSError, ValueError) as exc:
+        print(f"loadtest replay: {exc}", file=sys.stderr)
+        return 2
+    known = {it.item_id for it in load_items(catalog)}
+    player = replay.Replayer(args.api, args.bootstrap, args.topic, known, args.k)
+    result = await player.run_logs(train, test)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"replay-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
+    k = args.k
+    for name in ("kairos", "popularity"):
+        r = result[name]
+        print(f"{name:<11} hit rate@{k} {r[f'hit_rate@{k}']:.3f}  MRR@{k} {r[f'mrr@{k}']:.3f}  "
+              f"over {r['questions']} next-item questions")  # fmt: skip
+    print(f"skipped {result['skipped_unknown_items']} events of items not in the catalog; "
+          f"results: {path}")  # fmt: skip
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtest")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -109,11 +147,26 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--out", type=Path, default=Path("artifacts"))
     run.add_argument("--compare", type=Path)
     run.add_argument("--slo", action="append", default=[], help="override, e.g. p99_ms=10")
+    rep = sub.add_parser("replay", help="hit rate@k and MRR@k of a session log vs popularity")
+    rep.add_argument("--test", type=Path)
+    rep.add_argument("--train", type=Path)
+    rep.add_argument("--generate", type=Path, help="write a sample log here and exit")
+    rep.add_argument("--sessions", type=int, default=300)
+    rep.add_argument("--seed", type=int, default=5, help="with --generate: session ids differ")
+    rep.add_argument("--k", type=int, default=10)
+    rep.add_argument("--api", default=os.environ.get("KAIROS_API_URL", "http://127.0.0.1:8000"))
+    rep.add_argument(
+        "--bootstrap", default=os.environ.get("KAIROS_KAFKA_BOOTSTRAP", "127.0.0.1:9092")
+    )
+    rep.add_argument("--topic", default=os.environ.get("KAIROS_CLICKSTREAM_TOPIC", "clickstream"))
+    rep.add_argument("--out", type=Path, default=Path("artifacts"))
     sim = sub.add_parser("simulate", help="simulated shoppers for the demo, until stopped")
     sim.add_argument("--rate", type=float, default=20.0)
     sim.add_argument("--sessions", type=int, default=200)
     sim.add_argument("--duration", type=float, default=0.0, help="seconds; 0 = forever")
     args = parser.parse_args(argv)
+    if args.command == "replay":
+        return uvloop.run(run_replay(args))
     if args.command == "run":
         try:
             return uvloop.run(run_suite(args))
