@@ -42,14 +42,17 @@ from aiokafka import AIOKafkaConsumer
 
 from stream_engine.catalog import Catalog
 from stream_engine.events import EventType, InvalidEvent, parse_event
-from stream_engine.ingest import STORE_ERRORS, redis_client
+from stream_engine.ingest import STORE_ERRORS
+from stream_engine.processor import STORE_TIMEOUT_S
 from stream_engine.settings import Settings
 from stream_engine.state import REPORT_TTL_MS, Keys, hll_key, minute_key, report_fence_key
+from stream_engine.store import connect
 
 log = logging.getLogger("kairos.attribution")
 
 ATTRIBUTED = {EventType.CLICK: "k", EventType.ADD_TO_CART: "a", EventType.PURCHASE: "p"}
 MAX_SKEW_MS = 60_000
+MAX_CONFLICTS = 5
 PERSONAL = frozenset(
     {"personalized", "profile", "contextual"}
 )  # a click may carry a timestamp a little before its exposure's
@@ -57,10 +60,10 @@ PERSONAL = frozenset(
 # KEYS: fence, then counter hashes and HyperLogLogs
 # ARGV: fence field, expected ("" = none), new, ttl ms, then per key: kind ("h" hash of
 #       "field increment ..." pairs, "v" HyperLogLog of "member member ..."), packed values
-# Returns 1 applied, 0 fence conflict (already applied by someone else: skip).
+# Returns 1 applied, 0 fence conflict (someone else moved it: re-read, re-filter, retry).
 APPLY_REPORT = """
 local cur = redis.call('HGET', KEYS[1], ARGV[1]) or ''
-if cur ~= ARGV[2] and (cur == '' or tonumber(cur) >= tonumber(ARGV[3])) then return 0 end
+if cur ~= ARGV[2] then return 0 end
 local ttl = tonumber(ARGV[4])
 local i = 5
 for k = 2, #KEYS do
@@ -127,13 +130,25 @@ class Attributor:
         self.window_ms = int(settings.attribution_window_s * 1000)
 
     async def apply(self, topic: str, partition: int, records: list[tuple[int, bytes]]) -> bool:
-        """records: (offset, value) of one partition, in order. False if already applied."""
-        batch = Batch()
-        if topic == self.settings.decisions_topic:
-            await self._exposures(records, batch)
-        else:
-            await self._events(records, batch)
-        return await self._commit(f"{topic}:{partition}", records[-1][0], batch)
+        """records: (offset, value) of one partition, in order. Records at or below the
+        partition's fence were counted before (a redelivery, maybe overlapping) and are
+        skipped; False if none was left."""
+        fence_key, fence_field = report_fence_key(self.prefix), f"{topic}:{partition}"
+        for _ in range(MAX_CONFLICTS):
+            current = await self.redis.hget(fence_key, fence_field)
+            done = -1 if current is None else int(current)
+            fresh = [r for r in records if r[0] > done]
+            if not fresh:
+                return False
+            batch = Batch()
+            if topic == self.settings.decisions_topic:
+                await self._exposures(fresh, batch)
+            else:
+                await self._events(fresh, batch)
+            expected = "" if current is None else str(done)
+            if await self._commit(fence_field, expected, fresh[-1][0], batch):
+                return True
+        raise RuntimeError(f"attribution fence of {fence_field} kept moving under us")
 
     async def _exposures(self, records: list[tuple[int, bytes]], batch: Batch) -> None:
         pipe = self.redis.pipeline(transaction=False)
@@ -204,14 +219,10 @@ class Attributor:
                 if item is not None:
                     batch.count(exp.ts, p, f"r|{cell}", item.price)
 
-    async def _commit(self, fence_field: str, last_offset: int, batch: Batch) -> bool:
+    async def _commit(self, fence_field: str, expected: str, last_offset: int,
+                      batch: Batch) -> bool:  # fmt: skip
         keys = [report_fence_key(self.prefix)]
-        args: list[Any] = [fence_field, "", str(last_offset), REPORT_TTL_MS]
-        current = await self.redis.hget(keys[0], fence_field)
-        if current is not None:
-            if int(current) >= last_offset:
-                return False
-            args[1] = current.decode() if isinstance(current, bytes) else str(current)
+        args: list[Any] = [fence_field, expected, str(last_offset), REPORT_TTL_MS]
         for key, counters in batch.counters.items():
             keys.append(key)
             args += ["h", " ".join(f"{f} {v!r}" for f, v in counters.items())]
@@ -223,7 +234,7 @@ class Attributor:
 
 async def run(settings: Settings, catalog: Catalog, stopping: asyncio.Event) -> None:
     """Consume both topics until `stopping` is set; Redis outages are retried in place."""
-    redis = redis_client(settings)
+    redis = connect(settings.redis_url, timeout_s=STORE_TIMEOUT_S)
     attributor = Attributor(settings, catalog, redis)
     consumer = AIOKafkaConsumer(
         settings.decisions_topic,

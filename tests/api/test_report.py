@@ -236,3 +236,17 @@ async def test_a_paused_slot_shows_as_all_default_with_reason_paused(
     assert report["slots"]["home_hero"]["decisions"] == 30
     assert any("home_recs decisions were the default" in w and "paused" in w
                for w in report["warnings"])  # fmt: skip
+
+
+@pytest.mark.integration
+async def test_an_overlapping_redelivery_counts_each_exposure_once(
+    attributor: Attributor, redis_client: aioredis.Redis, key_prefix: str, tmp_path: Path
+) -> None:
+    now = int(time.time() * 1000) - 60_000
+    records = [(i, _exposure(f"o{i}", 0, "treatment", now, ["sku-000001"])) for i in range(30)]
+    assert await attributor.apply("decisions", 0, records[:20])
+    # after a crash before the consumer's commit: redelivered from offset 10, with more
+    assert await attributor.apply("decisions", 0, records[10:])
+    assert not await attributor.apply("decisions", 0, records[5:25])
+    report = await _report(redis_client, key_prefix, _config(tmp_path, 0.05))
+    assert report["slots"]["home_recs"]["decisions"] == 30
