@@ -54,7 +54,7 @@ async def collect(request: Request) -> Response:
     rt.metrics.beacons.labels("rejected").inc(len(rejected))
     if not accepted:
         return JSON({"error": "no valid events", "rejected": rejected, "status": 400}, 400)
-    if rt.beacons.queue.maxsize - rt.beacons.queue.qsize() < len(accepted):
+    if rt.beacons.room() < len(accepted):
         rt.metrics.beacons.labels("dropped").inc(len(accepted))
         rt.metrics.dropped.labels(rt.settings.clickstream_topic, "queue_full").inc(len(accepted))
         body = {"error": "collector queue to Kafka is full; retry later", "status": 503}

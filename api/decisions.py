@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import secrets
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -159,14 +160,17 @@ def default_decision(
 class PageDecider:
     """Decides every slot of one page from one SessionView."""
 
-    def __init__(self, serving: Serving, page: PageAsk, view: SessionView, now_ms: int) -> None:
+    def __init__(self, serving: Serving, page: PageAsk, view: SessionView, now_ms: int,
+                 paused: Collection[str] = ()) -> None:  # fmt: skip
         self.serving = serving
         self.page = page
         self.view = view
+        self.paused = paused
         self.used: set[int] = set()
         cat = serving.catalog
         self.blocked = set(cat.rows(view.bought)) | set(cat.rows(view.cart))
         self.recent_rows = [r for r in cat.rows(view.recent) if r < serving.size]
+        self.recent_leaves = cat.leaf[self.recent_rows].tolist() if self.recent_rows else []
         self.age_ms = None if view.written_ms is None else max(0, now_ms - view.written_ms)
         events = view.events if view.vector is not None else 0
         if events >= serving.config.min_signal_events:
@@ -182,6 +186,9 @@ class PageDecider:
         self.categories = top_categories(names, weak) if weak is not None else []
 
     def decide(self, ask: SlotAsk, group: Group, neighbours: Any) -> SlotDecision:
+        if ask.slot.name in self.paused:
+            return default_decision(self.serving, ask, FallbackReason.PAUSED, group, self.used,
+                                    self.age_ms)  # fmt: skip
         if ask.slot.kind is SlotKind.BANNER:
             return self._banner(ask, group)
         return self._items(ask, group, neighbours)
@@ -264,7 +271,7 @@ class PageDecider:
             return default_decision(self.serving, ask, FallbackReason.NO_SIGNAL, group,
                                     self.used, self.age_ms)  # fmt: skip
         sims = bs.vectors @ interest
-        best, best_score = None, 0.0
+        best, best_score, best_i = None, 0.0, -1
         for i, b in enumerate(bs.banners):
             if not b.targeted or sims[i] < MIN_BANNER_SIMILARITY:
                 continue
@@ -273,22 +280,20 @@ class PageDecider:
             if bs.sensitive[i] and not self.page.sensitive_ok:
                 continue
             if (s := float(sims[i]) * b.priority) > best_score:
-                best, best_score = b, s
+                best, best_score, best_i = b, s, i
         if best is None:
             return default_decision(self.serving, ask, FallbackReason.NO_SIGNAL, group,
                                     self.used, self.age_ms)  # fmt: skip
         d = _base(self.serving, ask, group, self.age_ms)
         d.strategy = self.strategy
-        d.banner = _banner_json(best.banner_id, best.creative, self._banner_reason(best))
+        reason = self._banner_reason(bs.targets[best_i])
+        d.banner = _banner_json(best.banner_id, best.creative, reason)
         return d
 
-    def _banner_reason(self, banner: Any) -> str:
-        cat = self.serving.catalog
-        for target in banner.categories:
-            mask = cat.category_mask([target])
-            seen = sum(1 for r in self.recent_rows if mask[r])
+    def _banner_reason(self, targets: tuple[tuple[str, frozenset[int]], ...]) -> str:
+        for name, leaves in targets:
+            seen = sum(1 for leaf in self.recent_leaves if leaf in leaves)
             if seen:
-                name = target.split(CATEGORY_SEP)[-1]
                 return f"because you viewed {seen} item{'s' if seen > 1 else ''} in {name}"
         if self.categories:
             return f"matches your interest in {self.categories[0].split(CATEGORY_SEP)[-1]}"
@@ -318,13 +323,9 @@ def decide_page(
     group: Group,
     neighbours: Any,
     now_ms: int,
+    paused: Collection[str] = (),
 ) -> list[SlotDecision]:
-    decider = PageDecider(serving, page, view, now_ms)
+    """Every slot of the page in order; paused slots get their default (sharing the page's
+    no-repeat set with the rest)."""
+    decider = PageDecider(serving, page, view, now_ms, paused)
     return [decider.decide(ask, group, neighbours) for ask in page.asks]
-
-
-def fallback_page(
-    serving: Serving, page: PageAsk, why: FallbackReason, group: Group
-) -> list[SlotDecision]:
-    used: set[int] = set()
-    return [default_decision(serving, ask, why, group, used) for ask in page.asks]

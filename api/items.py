@@ -60,20 +60,21 @@ class ServingCatalog:
         get = self.catalog.row.get
         return [r for i in item_ids if (r := get(i)) is not None]
 
-    def category_mask(self, categories: Iterable[str]) -> Mask:
-        """Rows whose category path is one of `categories` or below one of them."""
+    def leaves_under(self, categories: Iterable[str]) -> list[int]:
+        """Leaf category ids at or below any of `categories` (paths joined by " > ")."""
         prefixes = tuple(categories)
-        mask = np.zeros(len(self), dtype=bool)
-        if not prefixes:
-            return mask
-        hits = [
+        return [
             i
             for i, name in enumerate(self.leaf_names)
             if any(name == p or name.startswith(p + CATEGORY_SEP) for p in prefixes)
         ]
-        if hits:
-            mask = np.isin(self.leaf, np.asarray(hits, dtype=np.int64))
-        return mask
+
+    def category_mask(self, categories: Iterable[str]) -> Mask:
+        """Rows whose category path is one of `categories` or below one of them."""
+        hits = self.leaves_under(categories)
+        if not hits:
+            return np.zeros(len(self), dtype=bool)
+        return np.isin(self.leaf, np.asarray(hits, dtype=np.int64))
 
     def brand_mask(self, brands: Iterable[str]) -> Mask:
         wanted = set(brands)

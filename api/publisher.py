@@ -42,6 +42,10 @@ class Publisher:
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
 
+    def room(self) -> int:
+        """How many more messages the queue takes now."""
+        return self.queue.maxsize - self.queue.qsize()
+
     def offer(self, topic: str, key: bytes, value: bytes) -> bool:
         """Queue a message; False (and counted) when the queue is full."""
         try:

@@ -20,6 +20,7 @@ from typing import Any
 
 from api.config import DecisionConfig
 from stream_engine.state import FRESHNESS_FIELDS, FRESHNESS_MS
+from stream_engine.store import hash_reply
 
 PERSONAL = ("personalized", "profile", "contextual")
 MIN_EXPOSURES = 200  # per group, before a lift is shown
@@ -68,18 +69,12 @@ async def read_counters(
     series: dict[int, dict[str, float]] = {}
     for m, raw in zip(minutes, replies[: len(minutes)], strict=True):
         if raw:
-            row = {_text(k): float(v) for k, v in _pairs(raw).items()}
+            row = {_text(k): float(v) for k, v in hash_reply(raw).items()}
             series[m] = row
             for k, v in row.items():
                 totals[k] += v
     counts = {name: int(c) for name, c in zip(hll, replies[len(minutes) :], strict=True)}
     return dict(totals), series, counts
-
-
-def _pairs(reply: Any) -> dict[Any, Any]:
-    if isinstance(reply, dict):
-        return reply
-    return dict(zip(reply[::2], reply[1::2], strict=True))
 
 
 def _text(raw: bytes | str) -> str:

@@ -105,18 +105,9 @@ class Runtime:
         neighbours = await self._neighbours(page, view, serving, started)
         if (time.perf_counter() - started) * 1000 > s.deadline_ms:
             return self._fallback(page, FallbackReason.TIMEOUT, group, view)
+        paused = {a.slot.name for a in page.asks if self.pauses.paused(a.slot.name)}
         now_ms = int(time.time() * 1000)
-        active = PageAsk(page.session_id, page.user_id,
-                         tuple(a for a in page.asks if not self.pauses.paused(a.slot.name)),
-                         page.context_item, page.sensitive_ok)  # fmt: skip
-        decided = iter(decide_page(serving, active, view, group, neighbours, now_ms))
-        used: set[int] = set()
-        return [
-            default_decision(serving, a, FallbackReason.PAUSED, group, used)
-            if self.pauses.paused(a.slot.name)
-            else next(decided)
-            for a in page.asks
-        ]
+        return decide_page(serving, page, view, group, neighbours, now_ms, paused)
 
     async def _read(self, page: PageAsk) -> tuple[SessionView | None, FallbackReason | None]:
         if not self.breaker.allow():
@@ -127,16 +118,13 @@ class Runtime:
                 page.session_id, page.user_id, int(time.time() * 1000), budget
             )
         except TimeoutError:
-            self._store_failed()
+            self.breaker.failure()
             return None, FallbackReason.TIMEOUT
         except STORE_ERRORS:
-            self._store_failed()
+            self.breaker.failure()
             return None, FallbackReason.STORE_UNAVAILABLE
         self.breaker.success()
         return view, None
-
-    def _store_failed(self) -> None:
-        self.breaker.failure()
 
     async def _neighbours(
         self, page: PageAsk, view: SessionView, serving: Serving, started: float

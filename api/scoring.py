@@ -4,6 +4,7 @@ Candidates come from co-visitation of the session's last items, trending in its 
 categories, global trending and the first items of those categories; each is scored
 
     score = W_INTEREST · cos(interest, item) + W_COVISIT · covis + W_TREND · trend
+            + W_LEAF · (share of the recent items in the item's leaf category)
 
 with `covis` and `trend` normalized to [0, 1]. The component that contributed most names
 the reason a person reads under the item.

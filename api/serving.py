@@ -30,6 +30,9 @@ class BannerSet:
     vectors: Matrix  # row i: unit targeting vector of banners[i] (zeros if untargeted)
     sensitive: tuple[bool, ...]
     default: Banner
+    # per banner, per targeted category: (its last name, the leaf ids under it), so the
+    # reason ("because you viewed 3 items in Running") costs no catalog scan per request
+    targets: tuple[tuple[tuple[str, frozenset[int]], ...], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +111,13 @@ def _banner_sets(
                 for c in b.categories for s in config.sensitive_categories)
             for b in active
         )  # fmt: skip
-        out[slot.name] = BannerSet(active, vectors, sensitive, by_id[slot.default_banner])
+        targets = tuple(
+            tuple((c.split(CATEGORY_SEP)[-1], frozenset(catalog.leaves_under([c])))
+                  for c in b.categories)
+            for b in active
+        )  # fmt: skip
+        out[slot.name] = BannerSet(active, vectors, sensitive, by_id[slot.default_banner],
+                                   targets)  # fmt: skip
     return out
 
 

@@ -19,7 +19,7 @@ from redis.exceptions import NoScriptError
 
 from stream_engine.catalog import Vector
 from stream_engine.state import Keys
-from stream_engine.store import Batches
+from stream_engine.store import Batches, hash_reply
 from stream_engine.vectors import from_bytes, user_profile
 
 
@@ -51,13 +51,6 @@ return {redis.call('HGETALL', KEYS[1]), redis.call('HGETALL', KEYS[2]),
 READ_SESSION_SHA = hashlib.sha1(READ_SESSION.encode()).hexdigest()
 
 
-def _pairs(reply: Any) -> dict[bytes, bytes]:
-    if isinstance(reply, dict):
-        return reply
-    it = iter(reply or ())
-    return dict(zip(it, it, strict=True))
-
-
 def _words(raw: bytes | None) -> list[str]:
     return raw.decode().split() if raw else []
 
@@ -70,8 +63,8 @@ def parse_view(
     user_half_life_ms: float,
 ) -> SessionView:
     session, impressions, block = replies[0]
-    s = _pairs(session)
-    imp = _pairs(impressions)
+    s = hash_reply(session)
+    imp = hash_reply(impressions)
     view = SessionView(
         session_id=sid,
         vector=from_bytes(s.get(b"v"), dims),
@@ -85,7 +78,7 @@ def parse_view(
         block=block.decode() if block else None,
     )
     if len(replies) > 1:
-        u = _pairs(replies[1])
+        u = hash_reply(replies[1])
         view.profile = user_profile(u, dims, now_ms, user_half_life_ms)
         view.user_anchor = u[b"a"].decode() if u.get(b"a") else None
         view.user_block = replies[2].decode() if replies[2] else None

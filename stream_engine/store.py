@@ -47,6 +47,14 @@ def connect(
     return aioredis.Redis.from_pool(pool)  # the client owns the pool and closes it
 
 
+def hash_reply(reply: Any) -> dict[Any, Any]:
+    """A raw HGETALL reply (as Batches returns it) as a dict: a map under RESP3, a flat
+    field, value, ... list under RESP2."""
+    if isinstance(reply, dict):
+        return reply
+    return dict(zip(reply[::2], reply[1::2], strict=True)) if reply else {}
+
+
 class Batches:
     """A connection held by one worker for its batches, which it sends one at a time.
 

@@ -141,6 +141,9 @@ async def test_pausing_a_slot_or_everything(
         paused = await client.post("/admin/pause", json={"slot": "home_recs"}, headers=auth)
         one = await _get(client)
         hero = await _get(client, "/v1/slots/home_hero?session_id=shopper")
+        body = {"session_id": "shopper", "slots": ["home_recs", {"slot": "recommendations",
+                                                                 "n": 50}]}  # fmt: skip
+        page = (await client.post("/v1/decisions", json=body)).json()["decisions"]
         await client.post("/admin/pause", json={"slot": "home_recs", "paused": False}, headers=auth)
         await client.post("/admin/pause", json={"paused": True}, headers=auth)
         everything = await _get(client, "/v1/slots/home_hero?session_id=shopper")
@@ -149,5 +152,8 @@ async def test_pausing_a_slot_or_everything(
     assert paused.json()["pauses"] == {"all": False, "slots": ["home_recs"]}
     assert one["fallback_reason"] == "paused"
     assert hero["strategy"] == "personalized"
+    assert [d["fallback_reason"] for d in page] == ["paused", None]
+    served = [i["item_id"] for d in page for i in d["items"]]
+    assert len(served) == len(set(served)) == 58  # the paused default shares the page
     assert everything["fallback_reason"] == "paused"
     assert resumed["strategy"] == "personalized"
