@@ -28,6 +28,7 @@ MIN_EVENTS = 10  # successes (clicks or purchases) over both groups
 SRM_P = 0.001
 DEFAULT_SHARE_WARN = 0.5  # more than half of a slot's decisions were defaults
 Z95 = 1.959964
+COUNTED = frozenset("xkapr")  # exposures, clicks, carts, purchases, revenue (attribution.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +130,7 @@ def _cells(totals: Mapping[str, float]) -> dict[str, dict[str, dict[str, float]]
     out: dict[str, dict[str, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
     for key, value in totals.items():
         parts = key.split("|")
-        if len(parts) == 4 and parts[0] in "xkapr":
+        if len(parts) == 4 and parts[0] in COUNTED:
             out[parts[1]][f"{parts[2]}|{parts[3]}"][parts[0]] = value
     return out
 

@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import socket
-
 from api.settings import Settings
 from tests.api.conftest import client_for, with_
-
-
-def _dead_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.conftest import free_port
 
 
 def _no_redis(settings: Settings) -> Settings:
-    return with_(settings, redis_url=f"redis://127.0.0.1:{_dead_port()}/0")
+    return with_(settings, redis_url=f"redis://127.0.0.1:{free_port()}/0")
 
 
 async def test_healthz_answers_without_dependencies(settings: Settings) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import free_port
 from tests.deploy._stack_module import PATH, load
 
 script = load()
@@ -65,7 +66,7 @@ def test_up_then_down_leaves_no_process(tmp_path: Path, stack: object) -> None:
     env = {
         **os.environ,
         "KAIROS_STACK_DIR": str(tmp_path / "stack"),
-        "KAIROS_REDIS_PORT": str(_free_port()),
+        "KAIROS_REDIS_PORT": str(free_port()),
     }
     run = [sys.executable, str(PATH)]
     up = subprocess.run([*run, "up", "redis"], env=env, capture_output=True, text=True)
@@ -78,9 +79,3 @@ def test_up_then_down_leaves_no_process(tmp_path: Path, stack: object) -> None:
     assert down.returncode == 0, down.stderr
     assert not script._owned(pid, script.Layout(tmp_path / "stack", tmp_path / "cache"))
     assert not (tmp_path / "stack" / "redis" / "pid").exists()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,17 +29,11 @@ from stream_engine.settings import Settings
 from stream_engine.state import Keys
 from stream_engine.topics import ensure_topics, topic_names
 from stream_engine.vectors import from_bytes
-from tests.conftest import Stack
+from tests.conftest import Stack, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 ITEMS = [it.item_id for it in generate(500)]
 WorkerFactory = Callable[[], "subprocess.Popen[bytes]"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(params=["faust", "aiokafka"])
@@ -214,7 +207,7 @@ async def test_two_workers_share_the_partitions(
     worker_env: dict[str, str],
     key_prefix: str,
 ) -> None:
-    ports = [_free_port(), _free_port()]
+    ports = [free_port(), free_port()]
     start_worker(ports[0])
     start_worker(ports[1])
     await asyncio.sleep(8)  # both join the group before the events arrive
