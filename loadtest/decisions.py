@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,7 +35,7 @@ import orjson
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
 
-from loadtest.http import Client, HttpError
+from loadtest.http import Client, HttpError, free_port
 from loadtest.ingest import (
     Bench,
     CpuMeter,
@@ -72,12 +71,6 @@ class Step:
     def degraded_share(self) -> float:
         bad = sum(n for r, n in self.fallbacks.items() if r.encode() in DEGRADED)
         return bad / self.answered if self.answered else 0.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def measure(
@@ -210,7 +203,7 @@ def rss_mib(pid: int) -> float:
 async def rss_with_catalog(bench: Bench, workdir: Path, items: int, sids: list[str]) -> float:
     """Resident memory of an API process serving a catalog of `items` items."""
     catalog = write_demo_catalog(workdir / f"catalog-{items}.jsonl", items)
-    port = _free_port()
+    port = free_port()
     proc = start_api(bench, catalog, workdir, port)
     client = Client("127.0.0.1", port)
     try:
@@ -242,7 +235,7 @@ async def run(
     client: Client | None = None
     try:
         sids = await seed(bench, catalog, workdir, sessions, per_session)
-        port = _free_port()
+        port = free_port()
         proc = start_api(bench, catalog, workdir, port)
         client = Client("127.0.0.1", port)
         await wait_ready(client, proc)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from dataclasses import dataclass
 
 
@@ -56,6 +57,12 @@ class _Conn:
 
 class Client:
     """Connections to one host:port, opened on demand and reused."""
+
+    @classmethod
+    def for_url(cls, url: str) -> Client:
+        """A client for an http://host:port base URL."""
+        host, _, port = url.removeprefix("http://").rstrip("/").partition(":")
+        return cls(host, int(port or 80))
 
     def __init__(self, host: str, port: int, max_connections: int = 512) -> None:
         self.host, self.port = host, port
@@ -106,3 +113,10 @@ class Client:
             with contextlib.suppress(OSError):
                 await conn.writer.wait_closed()
         self._idle.clear()
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now (for servers a benchmark starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

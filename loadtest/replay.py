@@ -92,8 +92,7 @@ class Scores:
 
 class Replayer:
     def __init__(self, api_url: str, bootstrap: str, topic: str, known: set[str], k: int) -> None:
-        host, _, port = api_url.removeprefix("http://").rstrip("/").partition(":")
-        self.api = Client(host, int(port or 80))
+        self.api = Client.for_url(api_url)
         self.bootstrap, self.topic, self.known, self.k = bootstrap, topic, known, k
         self.popularity: Counter[str] = Counter()
         self.kairos, self.baseline = Scores(k), Scores(k)

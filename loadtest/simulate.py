@@ -68,8 +68,7 @@ async def run(rate: float, sessions: int, duration: float) -> int:
     topic = env.get("KAIROS_CLICKSTREAM_TOPIC", "clickstream")
     bootstrap = env.get("KAIROS_KAFKA_BOOTSTRAP", "127.0.0.1:9092")
     api_url = env.get("KAIROS_API_URL", "")
-    host, _, port = api_url.removeprefix("http://").rstrip("/").partition(":")
-    api = Client(host, int(port)) if api_url else None
+    api = Client.for_url(api_url) if api_url else None
     rng = random.Random()
     sent = 0
     start = time.monotonic()

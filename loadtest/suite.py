@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import socket
 import sys
 import time
 from collections import Counter
@@ -32,7 +31,7 @@ import orjson
 from aiokafka import AIOKafkaProducer
 from hdrh.histogram import HdrHistogram
 
-from loadtest.http import Client, HttpError
+from loadtest.http import Client, HttpError, free_port
 from loadtest.ingest import CpuMeter
 from loadtest.openloop import TICK_S
 from loadtest.scenario import Scenario, Step
@@ -42,12 +41,6 @@ from stream_engine.demo_catalog import resolve_catalog_path
 
 DEGRADED = ("timeout", "overload", "store_unavailable")
 MAX_US = 60_000_000
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _histogram() -> HdrHistogram:
@@ -157,8 +150,7 @@ class Visitors:
 class Runner:
     def __init__(self, scenario: Scenario, api_url: str, bootstrap: str, topic: str) -> None:
         self.scenario = scenario
-        host, _, port = api_url.removeprefix("http://").rstrip("/").partition(":")
-        self.api = Client(host, int(port or 80))
+        self.api = Client.for_url(api_url)
         self.bootstrap = bootstrap
         self.topic = topic
         self.rng = random.Random(7)
@@ -298,7 +290,7 @@ class Runner:
         """The same generator and request mix against a null server, at the first nominal
         step's rate: the floor of the measurement, in the same run."""
         step = next(s for s in self.scenario.steps if s.nominal)
-        port = _free_port()
+        port = free_port()
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "loadtest.nullserver", str(port), start_new_session=True
         )
