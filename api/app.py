@@ -141,6 +141,7 @@ def create_app(settings: Settings, metrics: ApiMetrics | None = None) -> Starlet
         rt.publisher.start()
         rt.beacons.start()
         with contextlib.suppress(TimeoutError, *STORE_ERRORS):
+            await rt.reader.warm()
             await rt.refresh()  # trending at once when Redis is there; else the loop retries
         tasks = [
             asyncio.create_task(rt.run_refresher(), name="kairos-refresher"),

@@ -161,5 +161,5 @@ async def test_a_page_never_shows_an_item_twice(
     served = [i["item_id"] for d in decisions for i in d.get("items", [])]
     assert len(served) == 8 + 6 + 10
     assert len(set(served)) == len(served)
-    assert decisions[2]["strategy"] == "personalized"
+    assert decisions[2]["strategy"] == "personalized", [d["fallback_reason"] for d in decisions]
     assert len({d["decision_id"] for d in decisions}) == 4
