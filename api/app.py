@@ -57,6 +57,7 @@ async def readyz(request: Request) -> Response:
     """Ready: Redis answers within the store budget and a config is in force."""
     rt = runtime(request)
     config = {"version": rt.serving.config.version, "reload_error": rt.source.error}
+    catalog = {"items": len(rt.catalog), "latent_version": rt.catalog.latent_version}
     # Kafka is reported, not required: decisions are served without it (exposures and
     # beacons queue, then drop and count).
     kafka = "connected" if rt.publisher.connected and rt.beacons.connected else "disconnected"
@@ -65,9 +66,10 @@ async def readyz(request: Request) -> Response:
             await rt.redis.ping()
     except (TimeoutError, *STORE_ERRORS) as exc:
         body = {"status": "not_ready", "redis": "unavailable", "detail": type(exc).__name__,
-                "kafka": kafka, "config": config}  # fmt: skip
+                "kafka": kafka, "config": config, "catalog": catalog}  # fmt: skip
         return JSONResponse(body, status_code=503)
-    return JSONResponse({"status": "ready", "redis": "ok", "kafka": kafka, "config": config})
+    return JSONResponse({"status": "ready", "redis": "ok", "kafka": kafka, "config": config,
+                         "catalog": catalog})  # fmt: skip
 
 
 async def metrics_endpoint(request: Request) -> Response:

@@ -27,6 +27,7 @@ from api.holdout import Group
 from api.items import Rows
 from api.rules import Pick, rules_fired, select, under_cap
 from api.scoring import (
+    SIMILAR_SOURCES,
     Signals,
     candidates,
     leaf_shares,
@@ -210,18 +211,22 @@ class PageDecider:
             interest = unit(item_vec if interest is None else item_vec + 0.5 * interest)
             recent = [ctx, *(r for r in recent if r != ctx)]
             node = CATEGORY_SEP.join(self.serving.catalog.item(ctx).category[:2])
-            categories = [node, *(c for c in categories if c != node)]
+            if node:
+                categories = [node, *(c for c in categories if c != node)]
             if strategy == "trending":
                 strategy = "contextual"
         covis = merge_covis(recent, neighbours)
         leaves, counts = leaf_shares(self.serving.catalog, recent)
-        signals = Signals(interest, recent, covis, categories, anchor_title, leaves, counts)
+        similar = self.serving.catalog.similar_to(recent[:SIMILAR_SOURCES])
+        signals = Signals(interest, recent, covis, categories, anchor_title, leaves, counts,
+                          similar)  # fmt: skip
         return signals, strategy
 
     def _items(self, ask: SlotAsk, group: Group, neighbours: Any) -> SlotDecision:
         serving, slot = self.serving, ask.slot
         signals, strategy = self._signals(slot, neighbours)
-        if signals.interest is None and not signals.covis.rows.size and not signals.categories:
+        if (signals.interest is None and not signals.covis.rows.size and not signals.categories
+                and not signals.similar.size):  # fmt: skip
             return default_decision(serving, ask, FallbackReason.NO_SIGNAL, group, self.used,
                                     self.age_ms)  # fmt: skip
         rows = candidates(serving.catalog, signals, serving.trending, serving.category_rows)

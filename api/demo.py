@@ -36,6 +36,8 @@ async def page(request: Request) -> Response:
 def _tree(rt: Any) -> list[dict[str, Any]]:
     departments: dict[str, list[str]] = {}
     for leaf in rt.catalog.leaf_names:
+        if not leaf:  # items without a category are not in the menu
+            continue
         parts = leaf.split(CATEGORY_SEP)
         cats = departments.setdefault(parts[0], [])
         if len(parts) > 1 and parts[1] not in cats:

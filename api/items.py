@@ -3,7 +3,12 @@
 The API builds the same vector space as the worker from the same catalog file, so session
 vectors written by the worker read back with the same meaning. Stock, price and new items
 arrive through the worker's Redis mirror of the `catalog` topic (`{catalog}:items`), polled
-in the background by `follow_mirror`.
+in the background by `follow_mirror`. Learned embeddings (stream_engine/latent.py) arrive
+the same way: `install_latent` puts them in the item vectors and keeps each item's most
+similar items (`similar`, rows, -1 = none) as candidates.
+
+Items without metadata have no category: their leaf is NO_LEAF's, which counts for nothing
+in leaf affinity and diversity.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import numpy.typing as npt
 import orjson
 
 from stream_engine.catalog import CATEGORY_SEP, Catalog, CatalogError, Item, item_from_mapping
+from stream_engine.latent import NEIGHBOURS, LatentModel
 
 log = logging.getLogger("kairos.api.items")
 
@@ -30,18 +36,53 @@ class ServingCatalog:
         self.catalog = catalog
         self.space = catalog.space
         self.version = 0  # bumps on every applied change; compiled configs check it
+        self.model: LatentModel | None = None
+        self.similar: Rows = np.full((0, NEIGHBOURS), -1, np.int64)
         self._rebuild()
 
     def _rebuild(self) -> None:
         items = self.catalog.items
-        self.in_stock: Mask = np.fromiter((it.stock > 0 for it in items), bool, len(items))
-        leaves = sorted({it.category_path for it in items})
+        self.in_stock: Mask = np.fromiter((it.available for it in items), bool, len(items))
+        leaves = sorted({it.category_path for it in items})  # "" (no category) sorts first
         self.leaf_names = leaves
         leaf_index = {name: i for i, name in enumerate(leaves)}
+        self.no_leaf = leaf_index.get("", -1)
         self.leaf: Rows = np.fromiter(
             (leaf_index[it.category_path] for it in items), np.int64, len(items)
         )
+        if self.model is not None:
+            self._map_similar(self.model)
         self.version += 1
+
+    def install_latent(self, model: LatentModel) -> int:
+        """Learned embeddings into the item vectors, and each item's similar items as rows."""
+        known = self.catalog.set_latent(model.ids, model.vectors, model.version)
+        self.model = model
+        self._map_similar(model)
+        self.version += 1
+        return known
+
+    def _map_similar(self, model: LatentModel) -> None:
+        get = self.catalog.row.get
+        row_of = np.fromiter((get(i, -1) for i in model.ids), np.int64, len(model.ids))
+        similar = np.full((len(self), NEIGHBOURS), -1, np.int64)
+        known = row_of >= 0
+        mapped = np.where(model.neighbours[known] >= 0, row_of[model.neighbours[known]], -1)
+        similar[row_of[known]] = mapped
+        self.similar = similar
+
+    def similar_to(self, rows: list[int]) -> Rows:
+        """The learned most-similar items of `rows`, as catalog rows."""
+        sim = self.similar
+        picked = [r for r in rows if r < sim.shape[0]]
+        if not picked:
+            return np.zeros(0, np.int64)
+        out = sim[picked].ravel()
+        return out[out >= 0]
+
+    @property
+    def latent_version(self) -> int:
+        return self.catalog.latent_version
 
     def __len__(self) -> int:
         return len(self.catalog)

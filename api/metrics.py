@@ -56,6 +56,10 @@ class ApiMetrics:
             "kairos_api_config_info", "The decision config in force (value 1)", ["version"],
             registry=r,
         )  # fmt: skip
+        self.latent_version = Gauge(
+            "kairos_api_latent_model_version", "Learned embeddings version in use (0 = none)",
+            registry=r,
+        )  # fmt: skip
         self.refresh_errors = Counter(
             "kairos_api_refresh_errors_total", "Background refreshes that failed (kept the last)",
             registry=r,

@@ -125,11 +125,12 @@ def select(
     cap = slot.max_per_category or n
     # Python ints from here: numpy scalar indexing costs more than the loop itself.
     row_list, leaf_list = rows.tolist(), catalog.leaf[rows].tolist()
+    no_leaf = catalog.no_leaf  # items without a category are not capped together
     for i in np.argsort(-weighted, kind="stable").tolist():
         if len(chosen) == wanted:
             break
         row, leaf = row_list[i], leaf_list[i]
-        if row in pinned or per_category.get(leaf, 0) >= cap:
+        if row in pinned or (leaf != no_leaf and per_category.get(leaf, 0) >= cap):
             continue
         per_category[leaf] = per_category.get(leaf, 0) + 1
         chosen.append(row)

@@ -38,7 +38,9 @@ from api.scoring import Trending
 from api.serving import Serving, build_serving
 from api.session_state import SessionView, StateReader
 from api.settings import Settings
+from stream_engine.catalog import CatalogError
 from stream_engine.catalog_updates import catalog_items_key, catalog_version_key
+from stream_engine.latent import latent_key, newer_model
 from stream_engine.state import Keys
 
 log = logging.getLogger("kairos.api")
@@ -223,19 +225,37 @@ class Runtime:
         except ConfigFileError as exc:
             log.error("config reload refused, keeping %s: %s", self.serving.config.version, exc)
         names = trending_keys(self.catalog)
-        cmds: list[tuple[Any, ...]] = [("GET", catalog_version_key(self.settings.key_prefix))]
+        prefix = self.settings.key_prefix
+        cmds: list[tuple[Any, ...]] = [
+            ("GET", catalog_version_key(prefix)), ("HGET", latent_key(prefix), "version"),
+        ]  # fmt: skip
         cmds += trending_commands(self.keys, names)
         replies = await self.reader.execute(cmds, timeout_s=1.0)
         if replies[0] is not None and replies[0] != self.catalog_version:
-            mirror = await self.redis.hgetall(catalog_items_key(self.settings.key_prefix))
+            mirror = await self.redis.hgetall(catalog_items_key(prefix))
             self.catalog.apply_updates(
                 (_text(k), v if isinstance(v, bytes) else v.encode()) for k, v in mirror.items()
             )
             self.catalog_version = replies[0]
-        trending = parse_trending(names, replies[1:], self.catalog)
+        if replies[1] is not None and int(replies[1]) != self.catalog.latent_version:
+            await self._install_latent()
+        trending = parse_trending(names, replies[2:], self.catalog)
         self.serving = build_serving(
             self.serving.config, self.catalog, trending, _now(), previous=self.serving
         )
+
+    async def _install_latent(self) -> None:
+        model = await newer_model(self.redis, self.settings.key_prefix, self.catalog.catalog)
+        if model is None:
+            return
+        try:
+            known = self.catalog.install_latent(model)
+        except CatalogError as exc:
+            log.error("latent model %d refused: %s", model.version, exc)
+            return
+        self.metrics.latent_version.set(model.version)
+        log.info("latent model %d installed: %d of %d items in the catalog", model.version,
+                 known, len(model.ids))  # fmt: skip
 
     async def refresh_report(self, minutes: int = 15) -> dict[str, Any]:
         window = Window(minutes, int(time.time() * 1000))

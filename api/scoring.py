@@ -1,7 +1,8 @@
 """Candidates and scores: a few hundred items per decision, never the whole catalog.
 
-Candidates come from co-visitation of the session's last items, trending in its strongest
-categories, global trending and the first items of those categories; each is scored
+Candidates come from co-visitation of the session's last items, their learned most-similar
+items (when embeddings have been learned), trending in its strongest categories, global
+trending and the first items of those categories; each is scored
 
     score = W_INTEREST · cos(interest, item) + W_COVISIT · covis + W_TREND · trend
             + W_LEAF · (share of the recent items in the item's leaf category)
@@ -35,6 +36,8 @@ RECENCY = (1.0, 0.7, 0.5, 0.35, 0.25)
 CATEGORY_CANDIDATES = 50
 TREND_CANDIDATES = 50
 TOP_CATEGORIES = 2
+# The most recent items whose learned neighbours become candidates.
+SIMILAR_SOURCES = 3
 
 Floats = npt.NDArray[np.float32]
 
@@ -73,6 +76,7 @@ class Signals:
     anchor_title: str | None = None  # the page's item, for "similar to …"
     leaves: dict[int, float] = field(default_factory=dict)  # leaf -> recency-weighted share
     leaf_counts: dict[int, int] = field(default_factory=dict)  # leaf -> recent items in it
+    similar: Rows = field(default_factory=lambda: _NO_ROWS)  # learned neighbours of recent
 
 
 def leaf_shares(
@@ -85,6 +89,8 @@ def leaf_shares(
     counts: dict[int, int] = {}
     leaves = catalog.leaf[np.asarray(recent_rows, np.int64)].tolist() if recent_rows else []
     for leaf, w in zip(leaves, weights, strict=True):
+        if leaf == catalog.no_leaf:  # items without a category share no affinity
+            continue
         shares[leaf] = shares.get(leaf, 0.0) + w / total
         counts[leaf] = counts.get(leaf, 0) + 1
     return shares, counts
@@ -155,7 +161,7 @@ def candidates(
     trending: Trending,
     category_rows: Mapping[str, Rows],
 ) -> Rows:
-    parts: list[Rows] = [signals.covis.rows]
+    parts: list[Rows] = [signals.covis.rows, signals.similar]
     top_leaves = sorted(signals.leaves, key=lambda k: -signals.leaves[k])[:TOP_CATEGORIES]
     for leaf in top_leaves:
         parts.append(category_rows.get(catalog.leaf_names[leaf], _NO_ROWS)[:CATEGORY_CANDIDATES])
@@ -231,16 +237,30 @@ def reason(
     top = max(parts, key=lambda k: parts[k])
     if top == "anchor":
         return f"similar to {signals.anchor_title}"
+    leaf = item.leaf_name
     if parts[top] <= 0:
-        return f"popular in {item.category[-1]}"
+        return f"popular in {leaf}" if leaf else "popular now"
     if top == "covis" and (via := signals.covis.via_of(row)) is not None:
         return f"viewed next by people who viewed {catalog.item(via).title}"
     if top == "interest":
+        if (like := similar_source(catalog, row, signals.recent_rows)) is not None:
+            return f"similar to {catalog.item(like).title}"
         same = signals.leaf_counts.get(int(catalog.leaf[row]), 0)
-        leaf = item.category[-1]
+        if not leaf:
+            return "similar to items you viewed"
         if same:
             return f"because you viewed {same} item{'s' if same > 1 else ''} in {leaf}"
         if signals.categories:
             return f"matches your interest in {signals.categories[0].split(CATEGORY_SEP)[-1]}"
         return f"matches your interest in {leaf}"
-    return f"trending in {item.category[-1]}" if signals.categories else "trending now"
+    return f"trending in {leaf}" if signals.categories and leaf else "trending now"
+
+
+def similar_source(catalog: ServingCatalog, row: int, recent_rows: Sequence[int]) -> int | None:
+    """The recent item (of the few that feed candidates) whose learned neighbours include
+    `row`, for "similar to …"; None if the item is not among them."""
+    sim = catalog.similar
+    for src in recent_rows[:SIMILAR_SOURCES]:
+        if src < sim.shape[0] and row in sim[src]:
+            return src
+    return None

@@ -5,6 +5,7 @@ python -m stream_engine attribution            attribute clicks to decisions (th
 python -m stream_engine topics                 create the topics if missing
 python -m stream_engine catalog --out F [--items N] [--seed S]   write a demo catalog
 python -m stream_engine erase (--user U | --session S)           erase state now
+python -m stream_engine latent [--once]        learn item embeddings from co-visitation
 """
 
 from __future__ import annotations
@@ -82,6 +83,39 @@ def cmd_erase(settings: Settings, user: str | None, session: str | None) -> int:
     return 0
 
 
+def cmd_latent(settings: Settings, once: bool) -> int:
+    """The learner: one per deployment. Idle (exit 0) when the catalog ships embeddings."""
+    import signal
+
+    from stream_engine.catalog import Catalog
+    from stream_engine.latent import run_learner
+    from stream_engine.store import connect
+
+    space = Catalog.from_file(_catalog_path(settings)).space
+    if not space.learned:
+        print("stream_engine latent: the catalog ships embeddings; nothing to learn")
+        return 0
+
+    async def run() -> int:
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stopping.set)
+        redis = connect(settings.redis_url, max_connections=2, timeout_s=30.0)
+        try:
+            return await run_learner(
+                redis, settings.key_prefix, space.latent_dims, settings.latent_max_items,
+                settings.aggregate_ttl_s * 1000, settings.latent_refresh_s, once, stopping,
+            )  # fmt: skip
+        finally:
+            await redis.aclose()
+
+    version = asyncio.run(run())
+    if once:
+        print(f"latent model version {version}" if version else "too little co-visitation yet")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stream_engine")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -95,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     erase = sub.add_parser("erase", help="erase a user's or a session's state now")
     erase.add_argument("--user")
     erase.add_argument("--session")
+    latent = sub.add_parser("latent", help="learn item embeddings from co-visitation")
+    latent.add_argument("--once", action="store_true", help="learn and publish once, then exit")
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env(os.environ)
@@ -105,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "attribution":
         cmd_attribution(settings)
         return 0
+    if args.command == "latent":
+        return cmd_latent(settings, args.once)
     if args.command == "worker":
         cmd_worker(settings)
         return 0

@@ -2,19 +2,23 @@
 
 A catalog is JSONL (one item object per line) or CSV with the same columns:
 `item_id`, `title`, `category` (path joined by " > "), `brand`, `price`, `stock`, optional
-`image`, optional `embedding` (list of floats; CSV: space-separated). Bad rows raise
-CatalogError naming the file, the line and the problem.
+`image`, optional `embedding` (list of floats; CSV: space-separated). Only `item_id` is
+required: an item without category or price is an item *without metadata* (its vector is
+all latent), and an item without `stock` is not stock-tracked (always available). Bad rows
+raise CatalogError naming the file, the line and the problem.
 
 The space: an interpretable block with one dimension per category node down to
 `max_depth` (so "this session is into running shoes" can be read off a vector) plus price
-bands, and a latent block from the catalog's embeddings when it ships them.
+bands, and a latent block: the catalog's embeddings when it ships them, otherwise
+LEARNED_DIMS dimensions reserved for embeddings learned from co-visitation
+(stream_engine/latent.py) and filled in by `Catalog.set_latent` when a model is published.
 """
 
 from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +39,9 @@ PRICE_BANDS = 4
 DEPTH_WEIGHTS = {1: 0.5, 2: 1.0, 3: 1.0}
 PRICE_WEIGHT = 0.25
 MAX_INTERPRETABLE_DIMS = 96
+# Latent dimensions reserved for learned embeddings when the catalog ships none. Workers and
+# API build the same space from the same file, so this is a constant, not a setting.
+LEARNED_DIMS = 32
 
 
 class CatalogError(KairosError, ValueError):
@@ -45,16 +52,25 @@ class CatalogError(KairosError, ValueError):
 class Item:
     item_id: str
     title: str
-    category: tuple[str, ...]
+    category: tuple[str, ...] = ()
     brand: str = ""
     price: float = 0.0
-    stock: int = 0
+    stock: int | None = None  # None: not stock-tracked, always available
     image: str | None = None
     embedding: tuple[float, ...] | None = None
 
     @property
     def category_path(self) -> str:
         return CATEGORY_SEP.join(self.category)
+
+    @property
+    def leaf_name(self) -> str:
+        """The item's own category ("" for an item without metadata)."""
+        return self.category[-1] if self.category else ""
+
+    @property
+    def available(self) -> bool:
+        return self.stock is None or self.stock > 0
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -63,8 +79,9 @@ class Item:
             "category": self.category_path,
             "brand": self.brand,
             "price": self.price,
-            "stock": self.stock,
         }
+        if self.stock is not None:
+            out["stock"] = self.stock
         if self.image:
             out["image"] = self.image
         if self.embedding is not None:
@@ -76,16 +93,15 @@ def item_from_mapping(row: Mapping[str, Any], where: str) -> Item:
     """Build an Item from a JSON object or CSV row; CatalogError says `where` and what."""
     try:
         item_id = str(row["item_id"])
-        category = tuple(p.strip() for p in str(row["category"]).split(">") if p.strip())
     except KeyError as exc:
         raise CatalogError(f"{where}: missing {exc.args[0]!r}") from None
+    category = tuple(p.strip() for p in str(row.get("category") or "").split(">") if p.strip())
     if not ID_PATTERN.fullmatch(item_id):
         raise CatalogError(f"{where}: item_id {item_id!r} is not a valid id")
-    if not category:
-        raise CatalogError(f"{where}: item {item_id} has an empty category")
     try:
         price = float(row.get("price") or 0.0)
-        stock = int(row.get("stock") or 0)
+        raw_stock = row.get("stock")
+        stock = None if raw_stock is None or raw_stock == "" else int(raw_stock)
         embedding = _embedding(row.get("embedding"))
     except (TypeError, ValueError) as exc:
         raise CatalogError(f"{where}: item {item_id}: {exc}") from None
@@ -155,13 +171,15 @@ class Space:
     price_edges: tuple[float, ...]
     latent_dims: int
     index: Mapping[str, int] = field(repr=False)
+    # True when the latent block waits for learned embeddings (the catalog ships none)
+    learned: bool = False
 
     @property
     def dims(self) -> int:
         return len(self.names)
 
     @classmethod
-    def build(cls, items: Iterable[Item]) -> Space:
+    def build(cls, items: Iterable[Item], learned_dims: int = LEARNED_DIMS) -> Space:
         items = list(items)
         nodes_by_depth: dict[int, set[str]] = {}
         for it in items:
@@ -175,32 +193,44 @@ class Space:
                 break
             names.extend(f"cat:{n}" for n in level)
             max_depth = depth
-        prices = sorted(it.price for it in items)
+        prices = sorted(it.price for it in items if it.price > 0) or [0.0]
         edges = tuple(prices[len(prices) * k // PRICE_BANDS] for k in range(1, PRICE_BANDS))
         names.extend(f"price:{b}" for b in range(PRICE_BANDS))
         latent = {len(it.embedding) for it in items if it.embedding is not None}
-        latent_dims = max(latent) if latent else 0
+        latent_dims = max(latent) if latent else learned_dims
         names.extend(f"latent:{k}" for k in range(latent_dims))
         index = {n: i for i, n in enumerate(names)}
-        return cls(tuple(names), max_depth, edges, latent_dims, index)
+        return cls(tuple(names), max_depth, edges, latent_dims, index, learned=not latent)
+
+    @property
+    def latent_start(self) -> int:
+        return self.dims - self.latent_dims
 
     def price_band(self, price: float) -> int:
         return sum(price >= e for e in self.price_edges)
 
-    def item_vector(self, item: Item) -> Vector:
-        """Unit-length vector of one item; categories the space doesn't know contribute nothing."""
+    def raw_vector(self, item: Item, latent: Vector | None = None) -> Vector:
+        """One item's vector before normalization: category nodes (weighted by depth), price
+        band (items with a price), and a unit latent block (the catalog's embedding, or the
+        learned one given as `latent`). Categories the space doesn't know add nothing."""
         v = np.zeros(self.dims, dtype=np.float32)
         for depth in range(1, min(len(item.category), self.max_depth) + 1):
             idx = self.index.get("cat:" + CATEGORY_SEP.join(item.category[:depth]))
             if idx is not None:
                 v[idx] = DEPTH_WEIGHTS[depth]
-        v[self.index[f"price:{self.price_band(item.price)}"]] = PRICE_WEIGHT
-        if self.latent_dims and item.embedding is not None:
-            emb = np.asarray(item.embedding[: self.latent_dims], dtype=np.float32)
-            norm = float(np.linalg.norm(emb))
+        if item.price > 0:
+            v[self.index[f"price:{self.price_band(item.price)}"]] = PRICE_WEIGHT
+        if latent is None and not self.learned and item.embedding is not None:
+            latent = np.asarray(item.embedding[: self.latent_dims], dtype=np.float32)
+        if latent is not None and self.latent_dims:
+            norm = float(np.linalg.norm(latent))
             if norm > 0:
-                start = self.dims - self.latent_dims
-                v[start : start + emb.size] = emb / norm
+                v[self.latent_start : self.latent_start + latent.size] = latent / norm
+        return v
+
+    def item_vector(self, item: Item, latent: Vector | None = None) -> Vector:
+        """Unit-length vector of one item (all zeros for an item nothing is known about)."""
+        v = self.raw_vector(item, latent)
         norm = float(np.linalg.norm(v))
         return v / norm if norm > 0 else v
 
@@ -212,7 +242,12 @@ class Space:
 
 
 class Catalog:
-    """Items, their vectors as one float32 matrix, and id → row lookup; grows on updates."""
+    """Items, their vectors as one float32 matrix, and id → row lookup; grows on updates.
+
+    With a learned latent block, `set_latent` installs a model's embeddings: the items it
+    knows get them (new items too, when they arrive later), every other item's latent block
+    is zero.
+    """
 
     def __init__(self, items: Iterable[Item], space: Space | None = None) -> None:
         items = list(items)
@@ -220,6 +255,10 @@ class Catalog:
         self.items: list[Item] = []
         self.row: dict[str, int] = {}
         self._matrix = np.zeros((max(len(items), 16), self.space.dims), dtype=np.float32)
+        # each row's norm before normalization: the raw vector is matrix[row] * norm[row]
+        self._norm = np.zeros(self._matrix.shape[0], dtype=np.float32)
+        self._learned: Mapping[str, Vector] = {}
+        self.latent_version = 0
         for it in items:
             self.upsert(it)
 
@@ -245,11 +284,42 @@ class Catalog:
             row = len(self.items)
             if row == self._matrix.shape[0]:
                 self._matrix = np.concatenate([self._matrix, np.zeros_like(self._matrix)])
+                self._norm = np.concatenate([self._norm, np.zeros_like(self._norm)])
             self.items.append(item)
             self.row[item.item_id] = row
         else:
             self.items[row] = item
-        self._matrix[row] = self.space.item_vector(item)
+        v = self.space.raw_vector(item, self._learned.get(item.item_id))
+        norm = np.float32(np.linalg.norm(v))
+        self._norm[row] = norm
+        self._matrix[row] = v / norm if norm > 0 else v
+
+    def set_latent(self, ids: Sequence[str], vectors: Matrix, version: int) -> int:
+        """Install learned embeddings (row i of `vectors` is item ids[i]) in every item's
+        latent block, renormalizing in one numpy pass; returns how many catalog items got
+        one. CatalogError if the space has no learned block of that width."""
+        space = self.space
+        if not space.learned or vectors.shape != (len(ids), space.latent_dims):
+            raise CatalogError(
+                f"latent model {version}: {vectors.shape[1] if vectors.ndim == 2 else '?'} "
+                f"dims for {len(ids)} items does not fit this space "
+                f"({space.latent_dims} learned dims: {space.learned})"
+            )
+        lengths = np.linalg.norm(vectors, axis=1, keepdims=True)
+        unit_rows = np.divide(vectors, lengths, out=np.zeros_like(vectors), where=lengths > 0)
+        self._learned = {item_id: unit_rows[i] for i, item_id in enumerate(ids)}
+        n, start = len(self.items), space.latent_start
+        raw = self._matrix[:n] * self._norm[:n, None]
+        raw[:, start:] = 0.0
+        model_rows = np.fromiter((self.row.get(i, -1) for i in ids), np.int64, len(ids))
+        known = model_rows >= 0
+        raw[model_rows[known], start:] = unit_rows[known]
+        norms = np.linalg.norm(raw, axis=1).astype(np.float32)
+        self._norm[:n] = norms
+        self._matrix[:n] = np.divide(raw, norms[:, None], out=np.zeros_like(raw),
+                                     where=norms[:, None] > 0)  # fmt: skip
+        self.latent_version = version
+        return int(known.sum())
 
 
 def write_jsonl(items: Iterable[Item], path: Path) -> None:

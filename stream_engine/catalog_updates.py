@@ -1,19 +1,25 @@
 """Catalog changes from the `catalog` topic: new items, price and stock changes, in seconds.
 
 A message is a JSON item object keyed by item_id. For a known item only the fields present
-change (`{"item_id": "sku-1", "stock": 0}` marks it sold out); a new item needs at least
-`item_id` and `category`. Every worker reads the whole topic from the beginning without a
-consumer group (each needs every change; make the topic compacted in production), applies
-it to its in-memory catalog, and mirrors the merged item into Redis for the decision API:
+change (`{"item_id": "sku-1", "stock": 0}` marks it sold out); a new item needs only
+`item_id` (`{"item_id": "sku-2"}` registers an item without metadata, which learned
+embeddings and co-visitation can still recommend). Every worker reads the whole topic from
+the beginning without a consumer group (each needs every change; make the topic compacted
+in production), applies it to its in-memory catalog, and mirrors the merged item into Redis
+for the decision API:
 
     P:{catalog}:items    hash   item_id -> item JSON (the catalog file's format)
     P:{catalog}:version  string incremented on every applied change
+
+The same loop installs newer learned embeddings (stream_engine/latent.py) every
+`latent_poll_s`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 import orjson
@@ -22,6 +28,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from stream_engine.catalog import Catalog, CatalogError, Item, item_from_mapping
 from stream_engine.ingest import MAX_BACKOFF_S, STORE_ERRORS
+from stream_engine.latent import newer_model
 from stream_engine.metrics import WorkerMetrics
 from stream_engine.settings import Settings
 
@@ -60,6 +67,7 @@ class CatalogFollower:
         self.catalog = catalog
         self.redis = redis
         self.metrics = metrics
+        self._latent_due = 0.0
 
     async def run(self, stopping: asyncio.Event | None = None) -> None:
         consumer = AIOKafkaConsumer(
@@ -82,8 +90,28 @@ class CatalogFollower:
                     await self._apply_retrying(
                         [(f"{topic}/{m.partition}@{m.offset}", m.value) for m in msgs]
                     )
+                await self.follow_latent()
         finally:
             await consumer.stop()
+
+    async def follow_latent(self) -> None:
+        """Install newer learned embeddings, at most every latent_poll_s; a Redis failure
+        keeps the ones in use."""
+        now = time.monotonic()
+        if now < self._latent_due:
+            return
+        self._latent_due = now + self.settings.latent_poll_s
+        try:
+            model = await newer_model(self.redis, self.settings.key_prefix, self.catalog)
+        except STORE_ERRORS as exc:
+            log.warning("could not read the latent model (%s); keeping the one in use", exc)
+            return
+        if model is None:
+            return
+        known = self.catalog.set_latent(model.ids, model.vectors, model.version)
+        self.metrics.latent_version.set(model.version)
+        log.info("latent model %d installed: %d of %d items in the catalog", model.version,
+                 known, len(model.ids))  # fmt: skip
 
     async def _apply_retrying(self, messages: list[tuple[str, bytes | None]]) -> None:
         delay = 0.05

@@ -50,3 +50,7 @@ class WorkerMetrics:
             "kairos_consumer_lag", "Messages behind the partition's high watermark",
             ["partition"], registry=r,
         )  # fmt: skip
+        self.latent_version = Gauge(
+            "kairos_latent_model_version", "Learned embeddings version in use (0 = none yet)",
+            registry=r,
+        )  # fmt: skip

@@ -97,6 +97,11 @@ class Settings:
     attribution_window_s: float = 1800.0
     # Sessions whose last written state a worker keeps, to skip reading them back (0 = off).
     session_cache_size: int = 50_000
+    # Learned item embeddings (stream_engine/latent.py): how often the learner refreshes
+    # them, from how many of the most co-visited items, and how often workers look.
+    latent_refresh_s: float = 60.0
+    latent_max_items: int = 20_000
+    latent_poll_s: float = 2.0
 
     def __post_init__(self) -> None:
         if self.partitions < 1:
@@ -112,6 +117,11 @@ class Settings:
         if min(self.session_half_life_s, self.user_half_life_s, self.covisit_half_life_s,
                self.trending_half_life_s) <= 0:  # fmt: skip
             raise ConfigError("half-lives (KAIROS_*_HALF_LIFE_S) must be > 0")
+        if self.latent_refresh_s <= 0 or self.latent_max_items < 1 or self.latent_poll_s <= 0:
+            raise ConfigError(
+                "KAIROS_LATENT_REFRESH_S and KAIROS_LATENT_POLL_S must be > 0 and "
+                "KAIROS_LATENT_MAX_ITEMS >= 1"
+            )
         if not self.key_prefix or "{" in self.key_prefix or "}" in self.key_prefix:
             raise ConfigError(
                 f"KAIROS_KEY_PREFIX must be non-empty and free of braces, got {self.key_prefix!r}"

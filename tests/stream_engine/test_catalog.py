@@ -45,7 +45,8 @@ def test_csv_with_embeddings_gets_a_latent_block(tmp_path: Path) -> None:
     [
         ('{"title": "x", "category": "A"}', "missing 'item_id'"),
         ('{"item_id": "a b", "category": "A"}', "not a valid id"),
-        ('{"item_id": "a", "category": ""}', "empty category"),
+        ('{"item_id": "a", "category": "A", "price": -1}', "price must be >= 0"),
+        ('{"item_id": "a", "stock": "many"}', "item a"),
         ('{"item_id": "a", "category": "A", "price": "cheap"}', "item a"),
         ("not json", "not JSON"),
     ],
@@ -56,6 +57,16 @@ def test_bad_rows_name_file_line_and_problem(tmp_path: Path, line: str, message:
     with pytest.raises(CatalogError, match=message) as info:
         load_items(path)
     assert f"{path}:2" in str(info.value)
+
+
+def test_a_row_with_only_an_id_is_an_item_without_metadata(tmp_path: Path) -> None:
+    path = tmp_path / "bare.csv"
+    path.write_text("item_id,title,category,brand,price,stock\nsku-9,,,,,\n")
+    (item,) = load_items(path)
+    assert item == Item("sku-9", "sku-9", (), "", 0.0, None)
+    assert item.available
+    assert item.leaf_name == ""
+    assert "stock" not in item.to_json()  # not stock-tracked, and stays so through updates
 
 
 def test_upsert_changes_stock_and_grows_for_new_items() -> None:

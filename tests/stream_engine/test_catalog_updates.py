@@ -26,7 +26,7 @@ def test_partial_update_changes_only_the_fields_given() -> None:
     [
         (b"{nope", "not JSON"),
         (b'{"stock": 1}', "item_id"),
-        (b'{"item_id": "brand-new", "stock": 1}', "missing 'category'"),
+        (b'{"item_id": "brand new", "stock": 1}', "not a valid id"),
         (b'{"item_id": "x", "category": "A", "price": -1}', "price"),
     ],
 )

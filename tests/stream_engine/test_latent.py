@@ -1,0 +1,128 @@
+"""Learned item embeddings: PPMI + SVD find structure, Procrustes keeps the basis stable."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from stream_engine.catalog import LEARNED_DIMS, Catalog, CatalogError, Item
+from stream_engine.latent import NEIGHBOURS, LatentModel, align, learn, nearest, parse_model
+
+CLUSTERS, PER_CLUSTER = 4, 40
+
+
+def cluster_of(item: str) -> int:
+    return int(item.split("-")[0][1:])
+
+
+def planted(seed: int, noise: float = 0.03) -> dict[str, dict[str, float]]:
+    """Co-visitation of shoppers who stay inside one of CLUSTERS groups of items (with a
+    little cross-group noise): the structure embeddings should recover without metadata."""
+    rng = random.Random(seed)
+    rows: dict[str, dict[str, float]] = {}
+    items = [f"c{c}-{i}" for c in range(CLUSTERS) for i in range(PER_CLUSTER)]
+    for _ in range(6000):
+        src = rng.choice(items)
+        if rng.random() < noise:
+            dst = rng.choice(items)
+        else:
+            dst = f"c{cluster_of(src)}-{rng.randrange(PER_CLUSTER)}"
+        if dst != src:
+            rows.setdefault(src, {}).setdefault(dst, 0.0)
+            rows[src][dst] += rng.uniform(0.5, 1.5)
+    return rows
+
+
+def test_embeddings_recover_the_groups_shoppers_move_in() -> None:
+    model = learn(planted(1), dims=16, max_items=10_000, previous=None, version=1, now_ms=0)
+    assert model is not None
+    assert model.vectors.shape == (CLUSTERS * PER_CLUSTER, 16)
+    np.testing.assert_allclose(np.linalg.norm(model.vectors, axis=1), 1.0, rtol=1e-5)
+    same = total = 0
+    for n, item in enumerate(model.ids):
+        for j in model.neighbours[n]:
+            if j >= 0:
+                total += 1
+                same += cluster_of(model.ids[j]) == cluster_of(item)
+    assert total > CLUSTERS * PER_CLUSTER * 5
+    assert same / total > 0.95
+    # items of one group are far more alike than items of different groups
+    by = {c: [n for n, i in enumerate(model.ids) if cluster_of(i) == c] for c in range(CLUSTERS)}
+    inside = float(np.mean(model.vectors[by[0]] @ model.vectors[by[0]].T))
+    across = float(np.mean(model.vectors[by[0]] @ model.vectors[by[1]].T))
+    assert inside > across + 0.5
+
+
+def test_refresh_keeps_the_basis_so_old_session_vectors_still_mean_the_same() -> None:
+    first = learn(planted(1), dims=16, max_items=10_000, previous=None, version=1, now_ms=0)
+    assert first is not None
+    later = {src: dict(nexts) for src, nexts in planted(1).items()}  # the counts, grown
+    for src, nexts in planted(2).items():
+        for dst, score in nexts.items():
+            later.setdefault(src, {})[dst] = later.get(src, {}).get(dst, 0.0) + score
+
+    def agreement(model: LatentModel | None) -> float:
+        assert model is not None
+        pos = {item: n for n, item in enumerate(first.ids)}
+        rows = [(n, pos[i]) for n, i in enumerate(model.ids) if i in pos]
+        a = model.vectors[[r[0] for r in rows]]
+        b = first.vectors[[r[1] for r in rows]]
+        return float(np.mean(np.sum(a * b, axis=1)))
+
+    aligned = agreement(learn(later, 16, 10_000, previous=first, version=2, now_ms=1))
+    unaligned = agreement(learn(later, 16, 10_000, previous=None, version=2, now_ms=1))
+    assert aligned > 0.75
+    assert aligned > unaligned + 0.3
+
+
+def test_align_is_a_rotation_and_undoes_one() -> None:
+    rng = np.random.default_rng(3)
+    base = rng.normal(size=(50, 8)).astype(np.float32)
+    q, _ = np.linalg.qr(rng.normal(size=(8, 8)))
+    rotated = (base @ q).astype(np.float32)
+    ids = [f"i{n}" for n in range(50)]
+    nb, sim = nearest(base)
+    previous = parse_model({})  # nothing published yet
+    assert previous is None
+    old = LatentModel(1, tuple(ids), base, nb, sim, 0)
+    back = align(ids, rotated, old)
+    np.testing.assert_allclose(back, base, atol=1e-4)
+
+
+def test_too_little_co_visitation_learns_nothing() -> None:
+    assert learn({"a": {"b": 1.0}}, 8, 100, None, 1, 0) is None
+
+
+def test_max_items_keeps_the_most_co_visited() -> None:
+    rows = planted(1)
+    rows["rare-1"] = {"rare-2": 1e-6}
+    model = learn(rows, dims=8, max_items=CLUSTERS * PER_CLUSTER, previous=None, version=1,
+                  now_ms=0)  # fmt: skip
+    assert model is not None
+    assert "rare-1" not in model.ids
+    assert model.neighbours.shape == (len(model.ids), NEIGHBOURS)
+
+
+def test_catalog_installs_learned_vectors_for_items_with_and_without_metadata() -> None:
+    shoe = Item("shoe", "Shoe", ("Sports", "Running"), price=50.0)
+    bare = Item("bare", "bare")  # an item nothing is known about
+    catalog = Catalog([shoe, bare, Item("other", "O", ("Home",), price=5.0)])
+    space = catalog.space
+    assert space.learned
+    assert space.latent_dims == LEARNED_DIMS
+    np.testing.assert_array_equal(catalog.matrix[catalog.row["bare"]], 0.0)
+    latent = np.zeros((3, LEARNED_DIMS), np.float32)
+    latent[0, 0], latent[1, 0], latent[2, 1] = 1.0, 2.0, 1.0
+    assert catalog.set_latent(["bare", "shoe", "late"], latent, version=7) == 2
+    np.testing.assert_allclose(np.linalg.norm(catalog.matrix, axis=1), [1.0, 1.0, 1.0], rtol=1e-5)
+    bare_v, shoe_v = catalog.matrix[catalog.row["bare"]], catalog.matrix[catalog.row["shoe"]]
+    assert bare_v[space.latent_start] == pytest.approx(1.0)
+    assert shoe_v[space.index["cat:Sports > Running"]] > 0  # the interpretable part stays
+    assert float(bare_v @ shoe_v) > 0.4  # alike through the learned block alone
+    catalog.upsert(Item("late", "late"))  # arrives after the model: gets its learned vector
+    assert catalog.matrix[catalog.row["late"]][space.latent_start + 1] == pytest.approx(1.0)
+    assert catalog.latent_version == 7
+    with pytest.raises(CatalogError, match="does not fit"):
+        catalog.set_latent(["shoe"], np.ones((1, 3), np.float32), version=8)
