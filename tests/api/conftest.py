@@ -95,7 +95,7 @@ async def clicks(
 def items_in(catalog: Catalog) -> Callable[[str], list[str]]:
     def pick(category: str) -> list[str]:
         return [it.item_id for it in catalog.items
-                if it.category_path.startswith(category) and it.stock > 0]  # fmt: skip
+                if it.category_path.startswith(category) and it.available]  # fmt: skip
 
     return pick
 

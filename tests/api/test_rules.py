@@ -20,7 +20,7 @@ from stream_engine.demo_catalog import generate
 CATALOG = ServingCatalog(Catalog(generate(400)))
 NOW = dt.datetime(2026, 11, 22, tzinfo=dt.UTC)
 ITEMS = CATALOG.catalog.items
-IN_STOCK = [i for i, it in enumerate(ITEMS) if it.stock > 0]
+IN_STOCK = [i for i, it in enumerate(ITEMS) if it.available]
 SOLD_OUT = [i for i, it in enumerate(ITEMS) if it.stock == 0]
 
 
