@@ -24,7 +24,7 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 
 from stream_engine.catalog import Catalog, CatalogError, Item, item_from_mapping
 from stream_engine.ingest import MAX_BACKOFF_S, STORE_ERRORS
@@ -70,20 +70,21 @@ class CatalogFollower:
         self._latent_due = 0.0
 
     async def run(self, stopping: asyncio.Event | None = None) -> None:
+        # No group: subscribing assigns every partition of the topic (aiokafka's
+        # NoGroupCoordinator), from the beginning. (An earlier version assigned the partitions
+        # that `partitions_for_topic` named after `topics()`, which fills another metadata
+        # object: it saw none and followed partition 0 alone, a quarter of the updates.)
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self.settings.kafka_bootstrap,
             group_id=None,
             enable_auto_commit=False,
+            auto_offset_reset="earliest",
             fetch_max_wait_ms=200,
         )
         await consumer.start()
         try:
             topic = self.settings.catalog_topic
-            await consumer.topics()  # fetches metadata for partitions_for_topic
-            parts = consumer.partitions_for_topic(topic) or {0}
-            tps = [TopicPartition(topic, p) for p in sorted(parts)]
-            consumer.assign(tps)
-            await consumer.seek_to_beginning(*tps)
+            consumer.subscribe([topic])
             while stopping is None or not stopping.is_set():
                 batch = await consumer.getmany(timeout_ms=500)
                 for msgs in batch.values():

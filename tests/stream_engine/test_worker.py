@@ -268,16 +268,18 @@ async def test_catalog_updates_take_effect_within_seconds(
     start_worker()
     updates = worker_env["KAIROS_CATALOG_TOPIC"]
     sold_out = {"item_id": ITEMS[0], "stock": 0}
-    new_item = {"item_id": "new-1", "title": "Fresh", "category": template.category_path,
-                "price": 12.5, "stock": 3}  # fmt: skip
-    for body in (sold_out, new_item, {"stock": 1}):  # the last one is refused: no item_id
-        await producer.send_and_wait(updates, orjson.dumps(body), key=b"k")
+    new_items = [{"item_id": f"new-{n}", "title": "Fresh", "category": template.category_path,
+                  "price": 12.5, "stock": 3} for n in range(1, 9)]  # fmt: skip
+    bodies = [sold_out, *new_items, {"stock": 1}]  # the last one is refused: no item_id
+    for body in bodies:  # keyed by item: the updates land on all 4 partitions
+        key = str(body.get("item_id", "k")).encode()
+        await producer.send_and_wait(updates, orjson.dumps(body), key=key)
     items_key = catalog_items_key(key_prefix)
 
     async def mirrored() -> bool:
-        return await redis_client.hlen(items_key) == 2
+        return await redis_client.hlen(items_key) == len(bodies) - 1
 
-    await _wait_for(mirrored, 30, "both catalog updates mirrored into Redis")
+    await _wait_for(mirrored, 30, "every valid catalog update mirrored into Redis")
     stored = orjson.loads(cast(bytes, await redis_client.hget(items_key, ITEMS[0])))
     assert stored["stock"] == 0
     assert stored["title"] == catalog.items[0].title  # untouched fields kept
