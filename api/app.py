@@ -57,7 +57,8 @@ async def readyz(request: Request) -> Response:
     """Ready: Redis answers within the store budget and a config is in force."""
     rt = runtime(request)
     config = {"version": rt.serving.config.version, "reload_error": rt.source.error}
-    catalog = {"items": len(rt.catalog), "latent_version": rt.catalog.latent_version}
+    catalog = {"items": len(rt.catalog), "latent_version": rt.catalog.latent_version,
+               "updates_applied": int(rt.catalog_version or 0)}  # fmt: skip
     # Kafka is reported, not required: decisions are served without it (exposures and
     # beacons queue, then drop and count).
     kafka = "connected" if rt.publisher.connected and rt.beacons.connected else "disconnected"

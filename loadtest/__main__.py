@@ -87,7 +87,7 @@ async def run_replay(args: Any) -> int:
     catalog = resolve_catalog_path(os.environ.get("KAIROS_CATALOG_PATH", ""),
                                    os.environ.get("KAIROS_STACK_DIR", ".stack"))  # fmt: skip
     if args.generate:
-        print(replay.generate(args.generate, catalog, args.sessions, args.seed))
+        print(replay.generate(args.generate, catalog, args.sessions, args.seed, args.anonymous))
         return 0
     if args.test is None:
         print("loadtest replay: give --test LOG.csv (or --generate LOG.csv)", file=sys.stderr)
@@ -99,7 +99,9 @@ async def run_replay(args: Any) -> int:
         print(f"loadtest replay: {exc}", file=sys.stderr)
         return 2
     known = {it.item_id for it in load_items(catalog)}
-    player = replay.Replayer(args.api, args.bootstrap, args.topic, known, args.k)
+    pipeline = replay.Pipeline(args.api, args.bootstrap, args.topic, args.catalog_topic,
+                               args.redis, args.key_prefix)  # fmt: skip
+    player = replay.Replayer(pipeline, known, args.k)
     result = await player.run_logs(train, test)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"replay-{time.strftime('%Y%m%d-%H%M%S')}.json"
@@ -109,8 +111,8 @@ async def run_replay(args: Any) -> int:
         r = result[name]
         print(f"{name:<11} hit rate@{k} {r[f'hit_rate@{k}']:.3f}  MRR@{k} {r[f'mrr@{k}']:.3f}  "
               f"over {r['questions']} next-item questions")  # fmt: skip
-    print(f"skipped {result['skipped_unknown_items']} events of items not in the catalog; "
-          f"results: {path}")  # fmt: skip
+    print(f"{result['registered_items']} items registered without metadata; latent model "
+          f"{result['latent_version'] or 'none'}; results: {path}")  # fmt: skip
     return 0
 
 
@@ -159,6 +161,12 @@ def main(argv: list[str] | None = None) -> int:
         "--bootstrap", default=os.environ.get("KAIROS_KAFKA_BOOTSTRAP", "127.0.0.1:9092")
     )
     rep.add_argument("--topic", default=os.environ.get("KAIROS_CLICKSTREAM_TOPIC", "clickstream"))
+    rep.add_argument("--catalog-topic", default=os.environ.get("KAIROS_CATALOG_TOPIC", "catalog"))
+    rep.add_argument("--redis", default=os.environ.get("KAIROS_REDIS_URL",
+                                                       "redis://127.0.0.1:6379/0"))  # fmt: skip
+    rep.add_argument("--key-prefix", default=os.environ.get("KAIROS_KEY_PREFIX", "kairos"))
+    rep.add_argument("--anonymous", action="store_true",
+                     help="with --generate: item ids no catalog knows")  # fmt: skip
     rep.add_argument("--out", type=Path, default=Path("artifacts"))
     sim = sub.add_parser("simulate", help="simulated shoppers for the demo, until stopped")
     sim.add_argument("--rate", type=float, default=20.0)
