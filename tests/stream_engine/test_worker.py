@@ -13,7 +13,7 @@ import urllib.request
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import orjson
 import pytest
@@ -270,7 +270,7 @@ async def test_catalog_updates_take_effect_within_seconds(
     sold_out = {"item_id": ITEMS[0], "stock": 0}
     new_items = [{"item_id": f"new-{n}", "title": "Fresh", "category": template.category_path,
                   "price": 12.5, "stock": 3} for n in range(1, 9)]  # fmt: skip
-    bodies = [sold_out, *new_items, {"stock": 1}]  # the last one is refused: no item_id
+    bodies: list[dict[str, Any]] = [sold_out, *new_items, {"stock": 1}]  # last: no item_id
     for body in bodies:  # keyed by item: the updates land on all 4 partitions
         key = str(body.get("item_id", "k")).encode()
         await producer.send_and_wait(updates, orjson.dumps(body), key=key)
