@@ -3,7 +3,8 @@
     python deploy/stack.py up [SERVICE ...]   start (idempotent; default kafka redis; + worker api)
     python deploy/stack.py demo [--detach] [--no-simulator]
                                               kafka, redis, the worker, the API,
-                                              attribution and simulated shoppers, until Ctrl-C
+                                              attribution, the embeddings learner and
+                                              simulated shoppers, until Ctrl-C
     python deploy/stack.py down               stop exactly what `up` started
     python deploy/stack.py status             one line per service
     python deploy/stack.py logs [SERVICE] [-n N] [-f]
@@ -549,19 +550,28 @@ def start_api(layout: Layout, ports: dict[str, int], timeout: float) -> str:
     return f"started (pid {pid}) on {url}"
 
 
-def start_attribution(layout: Layout, ports: dict[str, int], timeout: float) -> str:
-    """The attribution consumer (decisions + clickstream -> the report's counters)."""
-    if (pid := running_pid(layout, "attribution")) is not None:
+def _start_job(layout: Layout, ports: dict[str, int], name: str, argv: list[str]) -> str:
+    """A background stream_engine job with the stack's settings (no metrics port)."""
+    if (pid := running_pid(layout, name)) is not None:
         return f"already running (pid {pid})"
     env = {**stack_env(ports), "KAIROS_STACK_DIR": str(layout.stack_dir),
            "KAIROS_METRICS_PORT": "0", "PYTHONPATH": str(REPO)}  # fmt: skip
-    pid = spawn(layout, "attribution", [sys.executable, "-m", "stream_engine", "attribution"],
-                env=env)  # fmt: skip
+    pid = spawn(layout, name, [sys.executable, "-m", "stream_engine", *argv], env=env)
     time.sleep(0.5)
-    if running_pid(layout, "attribution") is None:
-        log = layout.log_file("attribution")
-        raise StackError(f"attribution exited during start; see {log}\n{tail(log, 25)}")
+    if running_pid(layout, name) is None:
+        log = layout.log_file(name)
+        raise StackError(f"{name} exited during start; see {log}\n{tail(log, 25)}")
     return f"started (pid {pid})"
+
+
+def start_attribution(layout: Layout, ports: dict[str, int], timeout: float) -> str:
+    """The attribution consumer (decisions + clickstream -> the report's counters)."""
+    return _start_job(layout, ports, "attribution", ["attribution"])
+
+
+def start_learner(layout: Layout, ports: dict[str, int], timeout: float) -> str:
+    """The embeddings learner (co-visitation -> learned item vectors, every minute)."""
+    return _start_job(layout, ports, "learner", ["latent"])
 
 
 def start_simulator(layout: Layout, ports: dict[str, int], timeout: float) -> str:
@@ -588,11 +598,12 @@ SERVICES: dict[str, Callable[[Layout, dict[str, int], float], str]] = {
     "worker": start_worker,
     "api": start_api,
     "attribution": start_attribution,
+    "learner": start_learner,
     "simulator": start_simulator,
 }
 DEFAULT_SERVICES = ["redis", "kafka"]
-DEMO_SERVICES = ["redis", "kafka", "worker", "api", "attribution"]
-STOP_ORDER = ["api", "worker", "attribution", "simulator", "kafka", "redis"]
+DEMO_SERVICES = ["redis", "kafka", "worker", "api", "attribution", "learner"]
+STOP_ORDER = ["api", "worker", "attribution", "learner", "simulator", "kafka", "redis"]
 
 
 def _running(layout: Layout) -> set[str]:
@@ -676,7 +687,7 @@ def cmd_status(layout: Layout) -> int:
         ok = kafka_ready(port) if name == "kafka" else redis_ping(port)
         healthy &= ok
         print(f"{name:<7} {'up' if ok else 'UNHEALTHY'} (pid {pid}) {HOST}:{port}")
-    for name in ("worker", "api", "attribution", "simulator"):
+    for name in ("worker", "api", "attribution", "learner", "simulator"):
         if (pid := running_pid(layout, name)) is not None:
             print(f"{name:<7} up (pid {pid})")
     return 0 if healthy else 1
