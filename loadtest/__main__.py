@@ -101,7 +101,7 @@ async def run_replay(args: Any) -> int:
     known = {it.item_id for it in load_items(catalog)}
     pipeline = replay.Pipeline(args.api, args.bootstrap, args.topic, args.catalog_topic,
                                args.redis, args.key_prefix)  # fmt: skip
-    player = replay.Replayer(pipeline, known, args.k)
+    player = replay.Replayer(pipeline, known, args.k, learn=not args.no_learn)
     result = await player.run_logs(train, test)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"replay-{time.strftime('%Y%m%d-%H%M%S')}.json"
@@ -165,6 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--redis", default=os.environ.get("KAIROS_REDIS_URL",
                                                        "redis://127.0.0.1:6379/0"))  # fmt: skip
     rep.add_argument("--key-prefix", default=os.environ.get("KAIROS_KEY_PREFIX", "kairos"))
+    rep.add_argument(
+        "--no-learn",
+        action="store_true",
+        help="skip learning embeddings after the training log (an ablation)",
+    )
     rep.add_argument("--anonymous", action="store_true",
                      help="with --generate: item ids no catalog knows")  # fmt: skip
     rep.add_argument("--out", type=Path, default=Path("artifacts"))

@@ -115,10 +115,10 @@ class Pipeline:
 
 
 class Replayer:
-    def __init__(self, pipeline: Pipeline, known: set[str], k: int) -> None:
+    def __init__(self, pipeline: Pipeline, known: set[str], k: int, learn: bool = True) -> None:
         self.pipeline = pipeline
         self.api = Client.for_url(pipeline.api_url)
-        self.known, self.k = known, k
+        self.known, self.k, self.learns = known, k, learn
         self.popularity: Counter[str] = Counter()
         self.kairos, self.baseline = Scores(k), Scores(k)
         self.registered = 0
@@ -227,7 +227,7 @@ class Replayer:
                 self.popularity[row.item_id] += row.type in OPENED
             await producer.flush()
             await asyncio.sleep(2.0)  # let the worker take the training log in
-            if train:
+            if train and self.learns:
                 await self.learn()
             for n, row in enumerate(test, start=len(train)):
                 if started[row.session_id] and row.type in OPENED:
