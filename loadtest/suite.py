@@ -11,9 +11,11 @@ realistic shoppers of traffic.py) go to Kafka at their own fixed rate meanwhile.
 clicks is followed until a decision reflects them (freshness: produced → the decision's
 state is at least that new; same-clock machines only). Before the steps, the same
 generator runs against a null server (loadtest/nullserver.py) at the nominal rate: the
-same-run baseline, the floor of the measurement itself. Every second prints a progress line;
-the result is a JSON file with the environment and per-step figures, an HTML report, and an
-exit code against the scenario's SLO.
+same-run baseline, the floor of the measurement itself. Every second a status line (the last
+second's answered rate, p99, degraded share, errors and events, a p99 bar against the SLO on
+nominal steps) is redrawn in place on a terminal, or printed as a line in a log. The result
+is a JSON file with the environment and per-step figures, an HTML report, and an exit code
+against the scenario's SLO.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from stream_engine.demo_catalog import resolve_catalog_path
 
 DEGRADED = ("timeout", "overload", "store_unavailable")
 MAX_US = 60_000_000
+LIVE_BAR = 20  # characters of the live p99 bar; the SLO sits at its middle
 
 
 def _histogram() -> HdrHistogram:
@@ -56,6 +59,25 @@ def _percentiles_ms(h: HdrHistogram) -> dict[str, float | None]:
         "p99.9": h.get_value_at_percentile(99.9) / 1000,
         "max": h.get_max_value() / 1000,
     }
+
+
+def live_line(rec: StepRecorder, index: int, step: Step, second: int, slo_p99: float | None,
+              errors: int, events: int) -> str:  # fmt: skip
+    """One second of a running step, for people watching: now, and the step so far."""
+    n = rec.per_second_count[second]
+    h = rec.per_second.get(second)
+    p99 = h.get_value_at_percentile(99) / 1000 if h is not None else 0.0
+    total = rec.latency
+    p99_all = total.get_value_at_percentile(99) / 1000 if total.get_total_count() else 0.0
+    degraded = 100 * rec.per_second_degraded[second] / n if n else 0.0
+    bar = ""
+    if slo_p99:
+        filled = min(LIVE_BAR, round(LIVE_BAR * p99 / (2 * slo_p99)))
+        over = "!" if p99 > slo_p99 else " "
+        bar = f" [{'#' * filled}{'.' * (LIVE_BAR - filled)}]{over} SLO {slo_p99:g} ms at mid-bar"
+    return (f"step {index} {step.rate:g}/s t+{second + 1:>3}s | {n:>5} answered/s | p99 "
+            f"{p99:7.2f} ms (step {p99_all:.2f}) | degraded {degraded:5.1f}% | errors {errors} "
+            f"| events {events}/s{bar}")  # fmt: skip
 
 
 @dataclass
@@ -274,17 +296,24 @@ class Runner:
         return out
 
     async def _progress(self, rec: StepRecorder, index: int, step: Step) -> None:
-        last = 0
-        while True:
-            await asyncio.sleep(1.0)
-            done = rec.answered - last
-            last = rec.answered
-            h = rec.latency
-            p99 = h.get_value_at_percentile(99) / 1000 if h.get_total_count() else 0.0
-            degraded = sum(rec.fallbacks[r] for r in DEGRADED)
-            print(f"  step {index} target {step.rate:g}/s: {done}/s answered, p99 so far "
-                  f"{p99:.2f} ms, degraded {degraded}, errors {rec.errors}, events "
-                  f"{rec.events_sent}", flush=True)  # fmt: skip
+        """A status line every second: the last whole second's answered rate, p99, degraded
+        share and errors beside the step's so far, and a bar of p99 against the SLO. On a
+        terminal the line is redrawn in place; in a log it is one line a second."""
+        tty = sys.stdout.isatty()
+        slo_p99 = self.scenario.slo.get("p99_ms")
+        t0, last_errors, last_events = time.monotonic(), 0, 0
+        try:
+            while True:
+                await asyncio.sleep(1.0)
+                second = int(time.monotonic() - t0) - 1  # the last whole second
+                slo = slo_p99 if step.nominal else None
+                line = live_line(rec, index, step, second, slo, rec.errors - last_errors,
+                                 rec.events_sent - last_events)  # fmt: skip
+                last_errors, last_events = rec.errors, rec.events_sent
+                print(f"\r\033[K{line}" if tty else line, end="" if tty else "\n", flush=True)
+        finally:
+            if tty:
+                print(flush=True)
 
     async def calibrate(self, seconds: float = 3.0) -> dict[str, Any]:
         """The same generator and request mix against a null server, at the first nominal

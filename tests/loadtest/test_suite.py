@@ -14,7 +14,8 @@ import orjson
 import pytest
 
 from loadtest.results import compare, knee
-from loadtest.scenario import ScenarioError, load_scenario, parse_scenario, verdict
+from loadtest.scenario import ScenarioError, Step, load_scenario, parse_scenario, verdict
+from loadtest.suite import StepRecorder, live_line
 from tests.conftest import REPO, Stack
 
 
@@ -22,6 +23,29 @@ def _result(p99: float, errors: int = 0, degraded: float = 0.0) -> dict[str, Any
     return {"latency_ms": {"p50": 1.0, "p99": p99, "p99.9": p99 * 2}, "errors": errors,
             "error_rate": errors / 1000, "degraded_share": degraded,
             "freshness_ms": {"p99": 20.0}}  # fmt: skip
+
+
+def test_the_live_line_shows_the_last_second_beside_the_step_and_flags_a_broken_slo() -> None:
+    rec = StepRecorder()
+    for _ in range(90):
+        rec.record(0, 0.002, [])
+    for _ in range(10):
+        rec.record(0, 0.030, ["timeout"])  # second 0: p99 30 ms, 10% degraded
+    for _ in range(50):
+        rec.record(1, 0.001, [])  # second 1: quiet again
+    step = Step(rate=100, events=10, duration_s=30, nominal=True)
+    first = live_line(rec, 2, step, 0, 15.0, errors=3, events=10)
+    assert "100 answered/s" in first
+    assert "p99   30.0" in first
+    assert "degraded  10.0%" in first
+    assert "errors 3" in first
+    assert "]! SLO 15 ms" in first  # over the SLO: the bar says so
+    assert "[####################]" in first  # 30 ms is twice the SLO: a full bar
+    second = live_line(rec, 2, step, 1, 15.0, errors=0, events=10)
+    assert "50 answered/s" in second
+    assert "]  SLO" in second
+    assert "(step 30.0" in second  # the step's p99 so far still holds the slow second
+    assert "SLO" not in live_line(rec, 1, step, 1, None, errors=0, events=0)
 
 
 def test_every_shipped_scenario_loads() -> None:
