@@ -310,7 +310,10 @@ def _print_step(rep: int, s: Step) -> None:
 
 
 def summarize(steps: list[Step], rates: list[int]) -> dict[str, Any]:
-    print("\nmedian over repeats; latency from the intended send time, ms")
+    print(
+        "\nlatency: median over repeats, from the intended send time, ms; errors: sum; "
+        "degraded: the worst repeat"
+    )
     print(f"{'rate/s':>7} {'endpoint':<8} {'p50':>7} {'p99':>7} {'p99.9':>7} "
           f"{'p99/base':>8} {'errors':>6} {'degraded':>8}")  # fmt: skip
     out: dict[str, Any] = {"rates": {}, "highest_rate_p99_within_slo": {}}
