@@ -34,8 +34,6 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 import redis.asyncio as aioredis
-from scipy import sparse
-from scipy.sparse.linalg import svds
 
 from stream_engine.catalog import Catalog, Matrix
 from stream_engine.ingest import STORE_ERRORS
@@ -76,10 +74,15 @@ class LatentModel:
         return int(self.vectors.shape[1])
 
 
-def covisitation_matrix(
-    rows: dict[str, dict[str, float]], max_items: int
-) -> tuple[list[str], sparse.csr_matrix]:
-    """The symmetric co-visitation matrix of the `max_items` most co-visited items."""
+# scipy is imported by the functions that learn, not here: the API and the workers import
+# this module to read models, and scipy would add ~30 MiB to each of them.
+
+
+def covisitation_matrix(rows: dict[str, dict[str, float]], max_items: int) -> tuple[list[str], Any]:
+    """The symmetric co-visitation matrix (scipy CSR) of the `max_items` most co-visited
+    items."""
+    from scipy import sparse
+
     totals: dict[str, float] = {}
     for src, nexts in rows.items():
         for dst, score in nexts.items():
@@ -107,8 +110,11 @@ def covisitation_matrix(
     return ids, sparse.csr_matrix((values, (r, c)), shape=(n, n))  # duplicates are summed
 
 
-def ppmi(counts: sparse.csr_matrix, alpha: float = SMOOTHING) -> sparse.csr_matrix:
-    """Positive pointwise mutual information, context distribution smoothed by alpha."""
+def ppmi(counts: Any, alpha: float = SMOOTHING) -> Any:
+    """Positive pointwise mutual information, context distribution smoothed by alpha (CSR in,
+    CSR out)."""
+    from scipy import sparse
+
     coo = counts.tocoo()
     total = float(coo.data.sum())
     row_sum = np.asarray(counts.sum(axis=1)).ravel()
@@ -120,8 +126,10 @@ def ppmi(counts: sparse.csr_matrix, alpha: float = SMOOTHING) -> sparse.csr_matr
     return sparse.csr_matrix((pmi[keep], (coo.row[keep], coo.col[keep])), shape=counts.shape)
 
 
-def embed(matrix: sparse.csr_matrix, dims: int) -> Matrix:
+def embed(matrix: Any, dims: int) -> Matrix:
     """Rows of U_k·√Σ_k for the top singular values, normalized, padded to `dims` columns."""
+    from scipy.sparse.linalg import svds
+
     n = matrix.shape[0]
     k = min(dims, n - 1)
     if n <= DENSE_SVD_MAX:
