@@ -73,6 +73,7 @@ class Runtime:
     limiter: Limiter = field(default_factory=lambda: Limiter(0.010))
     covis: CovisCache = field(default_factory=CovisCache)
     catalog_version: bytes | None = None
+    latent_seen: int = 0  # the learned model version last read (installed or refused)
     tally: Counter[str] = field(default_factory=Counter)  # decisions by strategy (demo strip)
     beacons_accepted: int = 0
 
@@ -237,15 +238,17 @@ class Runtime:
                 (_text(k), v if isinstance(v, bytes) else v.encode()) for k, v in mirror.items()
             )
             self.catalog_version = replies[0]
-        if replies[1] is not None and int(replies[1]) != self.catalog.latent_version:
-            await self._install_latent()
+        if replies[1] is not None and int(replies[1]) != self.latent_seen:
+            await self._install_latent(int(replies[1]))
         trending = parse_trending(names, replies[2:], self.catalog)
         self.serving = build_serving(
             self.serving.config, self.catalog, trending, _now(), previous=self.serving
         )
 
-    async def _install_latent(self) -> None:
-        model = await newer_model(self.redis, self.settings.key_prefix, self.catalog.catalog)
+    async def _install_latent(self, version: int) -> None:
+        self.latent_seen, model = await newer_model(
+            self.redis, self.settings.key_prefix, self.catalog.catalog, self.latent_seen, version
+        )
         if model is None:
             return
         try:

@@ -243,13 +243,14 @@ def reason(
     if top == "covis" and (via := signals.covis.via_of(row)) is not None:
         return f"viewed next by people who viewed {catalog.item(via).title}"
     if top == "interest":
-        if (like := similar_source(catalog, row, signals.recent_rows)) is not None:
-            return f"similar to {catalog.item(like).title}"
         same = signals.leaf_counts.get(int(catalog.leaf[row]), 0)
-        if not leaf:
-            return "similar to items you viewed"
         if same:
             return f"because you viewed {same} item{'s' if same > 1 else ''} in {leaf}"
+        # only now the learned neighbours (a few numpy lookups): most picks stop above
+        if (like := similar_source(catalog, row, signals.recent_rows)) is not None:
+            return f"similar to {catalog.item(like).title}"
+        if not leaf:
+            return "similar to items you viewed"
         if signals.categories:
             return f"matches your interest in {signals.categories[0].split(CATEGORY_SEP)[-1]}"
         return f"matches your interest in {leaf}"

@@ -37,6 +37,7 @@ from loadtest.traffic import Traffic
 from stream_engine.catalog import LEARNED_DIMS, load_items
 from stream_engine.catalog_updates import catalog_items_key, catalog_version_key
 from stream_engine.latent import refresh
+from stream_engine.settings import Settings
 from stream_engine.store import connect
 
 OPENED = {"view", "click", "add_to_cart", "purchase"}
@@ -180,11 +181,11 @@ class Replayer:
     async def learn(self) -> None:
         """Learn embeddings from the training log's co-visitation now (rather than at the
         learner's next tick) and wait until the API, then the worker, use them."""
-        p = self.pipeline
+        p, s = self.pipeline, Settings()  # the learner's defaults: how many items, TTL
         redis = connect(p.redis_url, max_connections=2, timeout_s=30.0)
         try:
-            model = await refresh(redis, p.key_prefix, LEARNED_DIMS, 20_000,
-                                  ttl_ms=14 * 86_400_000)  # fmt: skip
+            model = await refresh(redis, p.key_prefix, LEARNED_DIMS, s.latent_max_items,
+                                  ttl_ms=s.aggregate_ttl_s * 1000)  # fmt: skip
         finally:
             await redis.aclose()
         if model is None:

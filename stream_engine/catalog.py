@@ -228,12 +228,6 @@ class Space:
                 v[self.latent_start : self.latent_start + latent.size] = latent / norm
         return v
 
-    def item_vector(self, item: Item, latent: Vector | None = None) -> Vector:
-        """Unit-length vector of one item (all zeros for an item nothing is known about)."""
-        v = self.raw_vector(item, latent)
-        norm = float(np.linalg.norm(v))
-        return v / norm if norm > 0 else v
-
     def top_dimensions(self, vector: Vector, k: int = 3) -> list[tuple[str, float]]:
         """The k strongest interpretable dimensions of a vector, for explanations."""
         interp = self.dims - self.latent_dims

@@ -68,6 +68,7 @@ class CatalogFollower:
         self.redis = redis
         self.metrics = metrics
         self._latent_due = 0.0
+        self._latent_seen = 0
 
     async def run(self, stopping: asyncio.Event | None = None) -> None:
         # No group: subscribing assigns every partition of the topic (aiokafka's
@@ -103,7 +104,9 @@ class CatalogFollower:
             return
         self._latent_due = now + self.settings.latent_poll_s
         try:
-            model = await newer_model(self.redis, self.settings.key_prefix, self.catalog)
+            self._latent_seen, model = await newer_model(
+                self.redis, self.settings.key_prefix, self.catalog, self._latent_seen
+            )
         except STORE_ERRORS as exc:
             log.warning("could not read the latent model (%s); keeping the one in use", exc)
             return

@@ -265,20 +265,26 @@ async def load(redis: aioredis.Redis, prefix: str) -> LatentModel | None:
     return parse_model(await redis.hgetall(latent_key(prefix)))
 
 
-async def newer_model(redis: aioredis.Redis, prefix: str, catalog: Catalog) -> LatentModel | None:
-    """The published model if it is newer than the one the catalog has installed, else
-    None; a catalog without a learned block never asks. Installing is the caller's part."""
+async def newer_model(
+    redis: aioredis.Redis, prefix: str, catalog: Catalog, seen: int, version: int | None = None
+) -> tuple[int, LatentModel | None]:
+    """(published version, its model) when that version is not `seen` and the model fits the
+    catalog's space, else (version, None). Callers keep the returned version as `seen`, so a
+    model that is malformed or does not fit is read once, not at every poll. `version` is
+    the published version when the caller has read it already; installing is the caller's
+    part, and a catalog without a learned block never asks."""
     if not catalog.space.learned:
-        return None
-    version = await published_version(redis, prefix)
-    if version == 0 or version == catalog.latent_version:
-        return None
+        return seen, None
+    if version is None:
+        version = await published_version(redis, prefix)
+    if version == 0 or version == seen:
+        return seen, None
     model = await load(redis, prefix)
     if model is not None and model.dims != catalog.space.latent_dims:
         log.warning("latent model %d has %d dims, this space %d: ignored", model.version,
                     model.dims, catalog.space.latent_dims)  # fmt: skip
-        return None
-    return model
+        return model.version, None
+    return (model.version if model is not None else version), model
 
 
 async def refresh(

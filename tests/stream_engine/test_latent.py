@@ -6,9 +6,20 @@ import random
 
 import numpy as np
 import pytest
+import redis.asyncio as aioredis
 
+from stream_engine import latent
 from stream_engine.catalog import LEARNED_DIMS, Catalog, CatalogError, Item
-from stream_engine.latent import NEIGHBOURS, LatentModel, align, learn, nearest, parse_model
+from stream_engine.latent import (
+    NEIGHBOURS,
+    LatentModel,
+    align,
+    learn,
+    nearest,
+    newer_model,
+    parse_model,
+    publish,
+)
 
 CLUSTERS, PER_CLUSTER = 4, 40
 
@@ -126,3 +137,29 @@ def test_catalog_installs_learned_vectors_for_items_with_and_without_metadata() 
     assert catalog.latent_version == 7
     with pytest.raises(CatalogError, match="does not fit"):
         catalog.set_latent(["shoe"], np.ones((1, 3), np.float32), version=8)
+
+
+@pytest.mark.integration
+async def test_workers_install_a_published_model_once_and_read_a_misfit_once(
+    redis_client: aioredis.Redis, key_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    catalog = Catalog([Item("a", "A", ("X",), price=1.0), Item("b", "B", ("Y",), price=2.0)])
+    model = learn(planted(1), LEARNED_DIMS, 10_000, None, version=3, now_ms=0)
+    assert model is not None
+    await publish(redis_client, key_prefix, model, ttl_ms=60_000)
+    seen, got = await newer_model(redis_client, key_prefix, catalog, seen=0)
+    assert seen == 3
+    assert got is not None
+    assert got.ids == model.ids
+    np.testing.assert_array_equal(got.vectors, model.vectors)
+    np.testing.assert_array_equal(got.neighbours, model.neighbours)
+    # a model of another width: refused, and not read again at the next poll
+    narrow = learn(planted(1), 8, 10_000, None, version=4, now_ms=0)
+    assert narrow is not None
+    await publish(redis_client, key_prefix, narrow, ttl_ms=60_000)
+    seen, got = await newer_model(redis_client, key_prefix, catalog, seen=3)
+    assert (seen, got) == (4, None)
+    reads = []
+    monkeypatch.setattr(latent, "load", lambda *a: reads.append(a))
+    assert await newer_model(redis_client, key_prefix, catalog, seen=4) == (4, None)
+    assert reads == []
