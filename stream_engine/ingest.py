@@ -80,36 +80,47 @@ class Ingest:
         self.settings = settings
         self.catalog = catalog
         self.metrics = metrics
-        self._processor: BatchProcessor | None = None
+        # One processor per lane (see consumer.py): each owns a Redis connection for its
+        # batches and the cache of its partitions' sessions.
+        self._processors: dict[int, BatchProcessor] = {}
+        self._redis: aioredis.Redis | None = None
         # partition -> next offset to apply (for the consumer-lag gauge)
         self.positions: dict[int, int] = {}
         # minute -> freshness bucket -> events, flushed to the report's counters
         self._freshness: dict[int, Counter[str]] = {}
 
     @property
-    def processor(self) -> BatchProcessor:
-        if self._processor is None:
-            self._processor = BatchProcessor(
-                redis_client(self.settings),
+    def redis(self) -> aioredis.Redis:
+        if self._redis is None:
+            self._redis = redis_client(self.settings)
+        return self._redis
+
+    def processor(self, lane: int = 0) -> BatchProcessor:
+        proc = self._processors.get(lane)
+        if proc is None:
+            proc = self._processors[lane] = BatchProcessor(
+                self.redis,
                 Keys(self.settings.key_prefix),
                 self.catalog,
                 tuning_of(self.settings),
                 ttls_of(self.settings),
-                cache_size=self.settings.session_cache_size,
+                cache_size=max(1, self.settings.session_cache_size // self.settings.lanes),
             )
-        return self._processor
+        return proc
 
     async def aclose(self) -> None:
-        if self._processor is not None:
-            await self._processor.aclose()
-            await self._processor.redis.aclose()
+        for proc in self._processors.values():
+            await proc.aclose()
+        if self._redis is not None:
+            await self._redis.aclose()
 
-    async def apply(self, records: Sequence[Record]) -> Outcome:
-        """Apply a batch; retry Redis outages in place (never skip), isolate poison events."""
+    async def apply(self, records: Sequence[Record], lane: int = 0) -> Outcome:
+        """Apply a batch; retry Redis outages in place (never skip), isolate poison events.
+        Batches of one lane are applied one at a time; lanes own disjoint partitions."""
         delay = 0.05
         while True:
             try:
-                return await self.processor.process(records)
+                return await self.processor(lane).process(records)
             except STORE_ERRORS as exc:
                 self.metrics.store_errors.inc()
                 log.warning("redis unavailable (%r); retrying batch in %.2fs", exc, delay)
@@ -120,12 +131,12 @@ class Ingest:
                     log.exception("event at %s/%s failed", records[0].partition, records[0].offset)
                     return _poisoned(records[0])
                 log.exception("batch failed; retrying its events one at a time")
-                return await self._one_by_one(records)
+                return await self._one_by_one(records, lane)
 
-    async def _one_by_one(self, records: Sequence[Record]) -> Outcome:
+    async def _one_by_one(self, records: Sequence[Record], lane: int) -> Outcome:
         total = Outcome()
         for r in records:
-            o = await self.apply([r])
+            o = await self.apply([r], lane)
             total.valid += o.valid
             total.dead += o.dead
             total.applied += o.applied
@@ -169,7 +180,7 @@ class Ingest:
             return
         pending, self._freshness = self._freshness, {}
         prefix = self.settings.key_prefix
-        pipe = self.processor.redis.pipeline(transaction=False)
+        pipe = self.redis.pipeline(transaction=False)
         for minute, counts in pending.items():
             key = minute_key(prefix, minute * 60_000)
             for name, n in counts.items():

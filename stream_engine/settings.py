@@ -77,6 +77,10 @@ class Settings:
     # before answering a fetch; each fetch costs the worker a Python protocol round trip.
     fetch_min_bytes: int = 1
     fetch_max_wait_ms: int = 100
+    # aiokafka engine: partitions are applied in this many lanes at once (partition % lanes),
+    # each with its own Redis connection, so one lane's Redis round trip overlaps another's
+    # planning. A partition stays in one lane: events of a session stay in order.
+    lanes: int = 2
     session_half_life_s: float = 1800.0
     user_half_life_s: float = 14 * 86400.0
     covisit_half_life_s: float = 7 * 86400.0
@@ -112,6 +116,8 @@ class Settings:
             )
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"KAIROS_LOG_FORMAT must be text or json, got {self.log_format!r}")
+        if self.lanes < 1:
+            raise ConfigError(f"KAIROS_LANES must be >= 1, got {self.lanes}")
         if self.batch_max < 1 or self.batch_within_ms <= 0:
             raise ConfigError("KAIROS_BATCH_MAX must be >= 1 and KAIROS_BATCH_WITHIN_MS > 0")
         if min(self.session_half_life_s, self.user_half_life_s, self.covisit_half_life_s,
