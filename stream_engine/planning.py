@@ -280,16 +280,15 @@ def plan_aggregates(
         if e.type not in OPENS or e.item_id is None:
             continue
         window = recent.setdefault(e.session_id, [])
-        cv_scale = float(np.exp2((e.ts - landmark_ms) / tuning.covisit_half_life_ms))
+        # float ** instead of np.exp2: a numpy scalar call costs ~1 µs, twice per event
+        cv_scale = 2.0 ** ((e.ts - landmark_ms) / tuning.covisit_half_life_ms)
         for d, prev in enumerate(window[:COVISIT_WINDOW], start=1):
             if prev == e.item_id:
                 continue
             inc[f"cv:{prev}"][e.item_id] += cv_scale / d
             inc[f"cv:{e.item_id}"][prev] += 0.5 * cv_scale / d
         recent[e.session_id] = [e.item_id, *(r for r in window if r != e.item_id)][:RECENT_MAX]
-        tr = TREND_WEIGHTS[e.type] * float(
-            np.exp2((e.ts - landmark_ms) / tuning.trending_half_life_ms)
-        )
+        tr = TREND_WEIGHTS[e.type] * 2.0 ** ((e.ts - landmark_ms) / tuning.trending_half_life_ms)
         inc["tr"][e.item_id] += tr
         item = catalog.get(e.item_id)
         if item is not None:
