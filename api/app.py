@@ -30,6 +30,7 @@ from api.collector import collect
 from api.config import load_config
 from api.endpoints import JSON, page_decisions, runtime, slot_decision, static_baseline
 from api.exceptions import BadRequest
+from api.fastpath import FastSlots
 from api.items import ServingCatalog
 from api.limits import BodyLimit
 from api.metrics import ApiMetrics
@@ -134,7 +135,10 @@ def build_runtime(settings: Settings, metrics: ApiMetrics) -> Runtime:
     return rt
 
 
-def create_app(settings: Settings, metrics: ApiMetrics | None = None) -> Starlette:
+def create_app(
+    settings: Settings, metrics: ApiMetrics | None = None, fast_path: bool = True
+) -> Starlette:
+    """fast_path=False leaves GET /v1/slots to Starlette's route (the tests compare them)."""
     metrics = metrics or ApiMetrics()
 
     @contextlib.asynccontextmanager
@@ -194,7 +198,10 @@ def create_app(settings: Settings, metrics: ApiMetrics | None = None) -> Starlet
         routes.append(Route("/bench/static", static_baseline))
     return Starlette(
         routes=routes,
-        middleware=[Middleware(BodyLimit, max_bytes=settings.max_body_bytes)],
+        middleware=[
+            *([Middleware(FastSlots, static=settings.bench_static)] if fast_path else []),
+            Middleware(BodyLimit, max_bytes=settings.max_body_bytes),
+        ],
         exception_handlers={HTTPException: http_error, BadRequest: bad_request},
         lifespan=lifespan,
     )

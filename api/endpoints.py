@@ -7,6 +7,7 @@ header say what was served instead and why. Bad input is a 4xx that says what is
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -64,22 +65,25 @@ def _flag(raw: Any, name: str) -> bool:
     raise BadRequest(f"{name} must be true or false")
 
 
-def _answer(decisions: list[SlotDecision], body: dict[str, Any], started: float) -> Response:
-    body["served_in_ms"] = round((time.perf_counter() - started) * 1000, 3)
-    reasons = sorted({d.fallback_reason.value for d in decisions if d.fallback_reason})
+def _headers(decisions: list[SlotDecision]) -> dict[str, str]:
     headers = {VERSION_HEADER: decisions[0].config_version if decisions else ""}
+    reasons = sorted({d.fallback_reason.value for d in decisions if d.fallback_reason})
     if reasons:
         headers[FALLBACK_HEADER] = ",".join(reasons)
-    return JSON(body, headers=headers)
+    return headers
 
 
-async def slot_decision(request: Request) -> Response:
-    """One slot for one visitor: GET /v1/slots/{slot}?session_id=…[&user_id=…][&n=…]
-    [&item_id=…][&sensitive_ok=true]."""
-    started = time.perf_counter()
-    rt = runtime(request)
-    q = request.query_params
-    slot = _slot(rt, request.path_params["slot"])
+def _answer(decisions: list[SlotDecision], body: dict[str, Any], started: float) -> Response:
+    body["served_in_ms"] = round((time.perf_counter() - started) * 1000, 3)
+    return JSON(body, headers=_headers(decisions))
+
+
+async def slot_body(
+    rt: Runtime, slot_name: str, q: Mapping[str, str], started: float
+) -> tuple[bytes, dict[str, str]]:
+    """GET /v1/slots/{slot} without the HTTP around it: the JSON body and its headers.
+    Raises BadRequest for bad input."""
+    slot = _slot(rt, slot_name)
     page = PageAsk(
         session_id=valid_id(q.get("session_id"), "session_id") or "",
         user_id=valid_id(q.get("user_id"), "user_id", required=False),
@@ -88,7 +92,20 @@ async def slot_decision(request: Request) -> Response:
         sensitive_ok=_flag(q.get("sensitive_ok"), "sensitive_ok"),
     )
     decisions = await rt.decide(page)
-    return _answer(decisions, decisions[0].as_json(), started)
+    body = decisions[0].as_json()
+    body["served_in_ms"] = round((time.perf_counter() - started) * 1000, 3)
+    return orjson.dumps(body), _headers(decisions)
+
+
+async def slot_decision(request: Request) -> Response:
+    """One slot for one visitor: GET /v1/slots/{slot}?session_id=…[&user_id=…][&n=…]
+    [&item_id=…][&sensitive_ok=true]. Normally answered by FastSlots (api/fastpath.py)
+    before Starlette's router; this route serves what it passes on."""
+    started = time.perf_counter()
+    body, headers = await slot_body(
+        runtime(request), request.path_params["slot"], request.query_params, started
+    )
+    return Response(body, media_type=JSON.media_type, headers=headers)
 
 
 def _page(rt: Runtime, body: Any) -> PageAsk:
@@ -128,10 +145,10 @@ async def page_decisions(request: Request) -> Response:
 
 async def static_baseline(request: Request) -> Response:
     """The benchmark's baseline: same process, same stack, a static payload."""
-    return JSON(_STATIC)
+    return JSON(STATIC)
 
 
-_STATIC = {
+STATIC = {
     "slot": "baseline",
     "strategy": "default",
     "items": [{"item_id": f"sku-{i:06d}", "reason": "static"} for i in range(8)],

@@ -48,9 +48,11 @@ def settings(stack: Stack, key_prefix: str, catalog_file: Path, unique: str) -> 
 
 
 @asynccontextmanager
-async def client_for(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+async def client_for(
+    settings: Settings, fast_path: bool = True
+) -> AsyncIterator[httpx.AsyncClient]:
     """The app with its lifespan run, behind an in-process HTTP client."""
-    app = create_app(settings)
+    app = create_app(settings, fast_path=fast_path)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://kairos") as client:

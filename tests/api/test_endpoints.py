@@ -208,3 +208,43 @@ async def test_openapi_and_metrics(settings: Settings) -> None:
     assert {"/v1/slots/{slot}", "/v1/decisions", "/v1/events"} <= set(spec["paths"])
     assert 'kairos_api_decisions_total{fallback_reason="no_signal",slot="home_recs"' in metrics
     assert 'kairos_api_config_info{version="demo-2026-11-22.1"} 1.0' in metrics
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "session_id=fast-1",
+        "session_id=fast-1&n=3",
+        "session_id=fast-1&n=2&n=5",  # repeated: the last wins, as in Starlette
+        "session_id=fast-1&n=",  # blank: the slot's default n
+        "session_id=fast%201",  # decoded before validation: 400
+        "n=3",  # no session: 400
+    ],
+)
+async def test_the_slot_fast_path_answers_like_the_starlette_route(
+    settings: Settings, query: str
+) -> None:
+    """FastSlots (api/fastpath.py) answers GET /v1/slots ahead of Starlette; the route it
+    bypasses must give the same status, headers and body (decision ids and timings aside)."""
+    async with client_for(settings) as client, client_for(settings, fast_path=False) as direct:
+        fast = await client.get(f"/v1/slots/home_recs?{query}")
+        routed = await direct.get(f"/v1/slots/home_recs?{query}")
+    assert fast.status_code == routed.status_code
+    # content-length aside: served_in_ms is a number of varying width
+    assert {**fast.headers, "content-length": ""} == {**routed.headers, "content-length": ""}
+    a, b = fast.json(), routed.json()
+    for volatile in ("decision_id", "served_in_ms"):
+        a.pop(volatile, None)
+        b.pop(volatile, None)
+    assert a == b
+
+
+async def test_paths_the_fast_path_does_not_know_go_on_to_starlette(settings: Settings) -> None:
+    async with client_for(settings) as client:
+        nested = await client.get("/v1/slots/home_recs/extra?session_id=s")
+        head = await client.head("/v1/slots/home_recs?session_id=s")
+        static = await client.get("/bench/static")  # only with KAIROS_BENCH_STATIC
+    assert nested.status_code == 404
+    assert head.status_code == 200
+    assert head.headers["x-kairos-config-version"]
+    assert static.status_code == 404
