@@ -41,6 +41,7 @@ from api.session_state import StateReader
 from api.settings import Settings
 from stream_engine.catalog import Catalog
 from stream_engine.demo_catalog import resolve_catalog_path
+from stream_engine.heap import freeze_startup_heap
 from stream_engine.state import Keys
 from stream_engine.store import connect
 
@@ -150,6 +151,7 @@ def create_app(
         with contextlib.suppress(TimeoutError, *STORE_ERRORS):
             await rt.reader.warm()
             await rt.refresh()  # trending at once when Redis is there; else the loop retries
+        freeze_startup_heap()
         tasks = [
             asyncio.create_task(rt.run_refresher(), name="kairos-refresher"),
             asyncio.create_task(rt.run_reporter(), name="kairos-reporter"),

@@ -33,6 +33,7 @@ def cmd_worker(settings: Settings) -> None:
 
     from stream_engine.app import create_app
     from stream_engine.catalog import Catalog
+    from stream_engine.heap import freeze_startup_heap
     from stream_engine.metrics import WorkerMetrics
     from stream_engine.topics import ensure_topics
 
@@ -41,6 +42,7 @@ def cmd_worker(settings: Settings) -> None:
     metrics = WorkerMetrics()
     if settings.metrics_port:
         start_http_server(settings.metrics_port, addr="127.0.0.1", registry=metrics.registry)
+    freeze_startup_heap()
     if settings.engine == "aiokafka":
         from stream_engine.consumer import run_forever
 
