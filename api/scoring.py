@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -71,7 +72,7 @@ class Signals:
 
     interest: Vector | None  # unit vector, or None without signal
     recent_rows: list[int]
-    covis: Covis = field(default_factory=lambda: Covis(_NO_ROWS, _NO_SCORES, _NO_ROWS))
+    covis: Covis = field(default_factory=lambda: Covis(_NO_ROWS, _NO_SCORES))
     categories: list[str] = field(default_factory=list)  # strongest category nodes
     anchor_title: str | None = None  # the page's item, for "similar to …"
     leaves: dict[int, float] = field(default_factory=dict)  # leaf -> recency-weighted share
@@ -123,18 +124,28 @@ def top_categories(
 Neighbours = tuple[Rows, Floats]  # an item's co-visited rows and scores (best = 1)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Covis:
-    """Co-visitation of a session's recent items: candidate rows (sorted), their score in
-    [0, 1], and the recent row that contributed most to each (for the reason)."""
+    """Co-visitation of a session's recent items: candidate rows (sorted) and their score in
+    [0, 1]; `via_of` names the recent row that contributed most to a row (for the reason),
+    worked out only for the few rows whose reason asks."""
 
     rows: Rows
     scores: Floats
-    via: Rows
+    sources: list[tuple[float, int, Neighbours]] = field(default_factory=list)
+    _by_source: list[tuple[float, int, dict[int, float]]] | None = None
 
     def via_of(self, row: int) -> int | None:
-        i = int(np.searchsorted(self.rows, row))
-        return int(self.via[i]) if i < self.rows.size and self.rows[i] == row else None
+        if self._by_source is None:
+            self._by_source = [
+                (w, src, dict(zip(nb[0].tolist(), nb[1].tolist(), strict=True)))
+                for w, src, nb in self.sources
+            ]
+        best, via = 0.0, None
+        for w, src, scores in self._by_source:  # most recent first: it wins ties
+            if (c := w * scores.get(row, 0.0)) > best:
+                best, via = c, src
+        return via
 
 
 def merge_covis(recent_rows: Sequence[int], neighbours: Mapping[int, Neighbours]) -> Covis:
@@ -144,15 +155,19 @@ def merge_covis(recent_rows: Sequence[int], neighbours: Mapping[int, Neighbours]
              for rank, src in enumerate(recent_rows[:COVISIT_SOURCES])
              if src in neighbours and neighbours[src][0].size]  # fmt: skip
     if not found:
-        return Covis(_NO_ROWS, _NO_SCORES, _NO_ROWS)
-    rows = np.concatenate([nb[0] for _, _, nb in found])
-    contrib = np.concatenate([w * nb[1] for w, _, nb in found]).astype(np.float32)
-    via = np.concatenate([np.full(nb[0].size, src, np.int64) for _, src, nb in found])
-    order = np.lexsort((-contrib, rows))  # by row, the biggest contribution first
-    rows, contrib, via = rows[order], contrib[order], via[order]
-    starts = np.flatnonzero(np.concatenate(([True], rows[1:] != rows[:-1])))
-    sums = np.add.reduceat(contrib, starts)
-    return Covis(rows[starts], (sums / sums.max()).astype(np.float32), via[starts])
+        return Covis(_NO_ROWS, _NO_SCORES)
+    rows: Rows
+    sums: npt.NDArray[np.floating[Any]]
+    if len(found) == 1:  # one source: its own scores, sorted by row
+        order = np.argsort(found[0][2][0])
+        rows, sums = found[0][2][0][order], found[0][2][1][order]
+    else:
+        contrib = np.concatenate([w * nb[1] for w, _, nb in found])
+        rows, inverse = np.unique(np.concatenate([nb[0] for _, _, nb in found]),
+                                  return_inverse=True)  # fmt: skip
+        sums = cast("npt.NDArray[np.floating[Any]]", np.bincount(inverse, weights=contrib))
+    top = float(sums.max()) if sums.size else 0.0
+    return Covis(rows, (sums / top if top > 0 else sums).astype(np.float32), found)
 
 
 def candidates(

@@ -105,6 +105,15 @@ def test_covisitation_merges_by_recency_and_normalizes() -> None:
     assert via[10] == 1
 
 
+def test_covisitation_of_one_source_keeps_its_scores_sorted_by_row() -> None:
+    rows, scores = np.asarray([30, 10, 20]), np.asarray([1.0, 0.5, 0.25], np.float32)
+    covis = merge_covis([7, 8], {7: (rows, scores), 8: (np.zeros(0, np.int64), scores[:0])})
+    assert covis.rows.tolist() == [10, 20, 30]
+    assert covis.scores.tolist() == [0.5, 0.25, 1.0]
+    assert covis.via_of(20) == 7
+    assert covis.via_of(99) is None
+
+
 def test_top_categories_prefer_the_strongest_then_the_deepest() -> None:
     space = CATALOG.space
     v = np.zeros(space.dims, np.float32)
