@@ -32,6 +32,7 @@ from api.scoring import (
     candidates,
     leaf_shares,
     merge_covis,
+    parts_of,
     reason,
     score,
     top_categories,
@@ -247,19 +248,17 @@ class PageDecider:
         if strategy == "trending":
             d.fallback_reason = FallbackReason.NO_SIGNAL
         index = _positions(rows, picks)
+        scored_picks = [index[p.row] for p in picks if p.pinned_by is None and p.row in index]
+        parts = dict(zip(scored_picks, parts_of(scored, scored_picks), strict=True))
         for p in picks:
             self.used.add(p.row)
-            d.items.append(_item_json(serving, p.row, self._why(p, scored, index, signals,
-                                                                personal)))  # fmt: skip
+            at = index.get(p.row) if p.pinned_by is None else None
+            why = (reason(serving.catalog, p.row, parts[at], signals, personal) if at is not None
+                   else f"featured by {p.pinned_by}" if p.pinned_by else "featured")  # fmt: skip
+            d.items.append(_item_json(serving, p.row, why))
         self._fill(d, ask)
         d.rules = rules_fired(picks, rows, serving.rules[slot.name])
         return d
-
-    def _why(self, p: Pick, scored: Any, index: dict[int, int], signals: Signals,
-             personal: bool) -> str:  # fmt: skip
-        if p.pinned_by is not None or p.row not in index:
-            return f"featured by {p.pinned_by}" if p.pinned_by else "featured"
-        return reason(self.serving.catalog, p.row, scored, index[p.row], signals, personal)
 
     def _fill(self, d: SlotDecision, ask: SlotAsk) -> None:
         """Too few candidates survived the filters: top up from the slot's default."""

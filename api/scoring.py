@@ -78,6 +78,7 @@ class Signals:
     leaves: dict[int, float] = field(default_factory=dict)  # leaf -> recency-weighted share
     leaf_counts: dict[int, int] = field(default_factory=dict)  # leaf -> recent items in it
     similar: Rows = field(default_factory=lambda: _NO_ROWS)  # learned neighbours of recent
+    similar_sets: list[tuple[int, set[int]]] | None = None  # per recent row, built lazily
 
 
 def leaf_shares(
@@ -230,30 +231,38 @@ def score(catalog: ServingCatalog, rows: Rows, signals: Signals, trending: Trend
     return Scored(rows, total.astype(np.float32), interest, covis, trend, leaf)
 
 
+Parts = tuple[float, float, float, float]  # one item's interest, covis, trend and leaf
+
+
+def parts_of(scored: Scored, positions: list[int]) -> list[Parts]:
+    """The score components of the candidates at `positions`, as Python floats: four numpy
+    operations for a whole carousel instead of four scalar lookups per item."""
+    return list(zip(scored.interest[positions].tolist(), scored.covis[positions].tolist(),
+                    scored.trend[positions].tolist(), scored.leaf[positions].tolist(),
+                    strict=True))  # fmt: skip
+
+
 def reason(
     catalog: ServingCatalog,
     row: int,
-    scored: Scored,
-    i: int,
+    parts: Parts,
     signals: Signals,
     personal: bool,
 ) -> str:
-    """A short reason a person can read, from the component that contributed most."""
-    item = catalog.item(row)
-    parts = {
-        "interest": (W_INTEREST * float(scored.interest[i]) + W_LEAF * float(scored.leaf[i]))
-        if personal
-        else 0.0,
-        "covis": W_COVISIT * float(scored.covis[i]),
-        "trend": W_TREND * float(scored.trend[i]),
-    }
-    if not personal and signals.anchor_title is not None and scored.interest[i] > 0:
-        parts["anchor"] = W_INTEREST * float(scored.interest[i])
-    top = max(parts, key=lambda k: parts[k])
-    if top == "anchor":
+    """A short reason a person can read, from the component that contributed most (the
+    first of interest, co-visitation, trend, anchor on a tie)."""
+    interest, covis, trend, leaf_share = parts
+    top, best = "interest", (W_INTEREST * interest + W_LEAF * leaf_share) if personal else 0.0
+    if W_COVISIT * covis > best:
+        top, best = "covis", W_COVISIT * covis
+    if W_TREND * trend > best:
+        top, best = "trend", W_TREND * trend
+    anchored = not personal and signals.anchor_title is not None and interest > 0
+    if anchored and W_INTEREST * interest > best:
         return f"similar to {signals.anchor_title}"
+    item = catalog.item(row)
     leaf = item.leaf_name
-    if parts[top] <= 0:
+    if best <= 0:
         return f"popular in {leaf}" if leaf else "popular now"
     if top == "covis" and (via := signals.covis.via_of(row)) is not None:
         return f"viewed next by people who viewed {catalog.item(via).title}"
@@ -261,8 +270,8 @@ def reason(
         same = signals.leaf_counts.get(int(catalog.leaf[row]), 0)
         if same:
             return f"because you viewed {same} item{'s' if same > 1 else ''} in {leaf}"
-        # only now the learned neighbours (a few numpy lookups): most picks stop above
-        if (like := similar_source(catalog, row, signals.recent_rows)) is not None:
+        # only now the learned neighbours: most picks stop above
+        if (like := similar_source(catalog, row, signals)) is not None:
             return f"similar to {catalog.item(like).title}"
         if not leaf:
             return "similar to items you viewed"
@@ -272,11 +281,16 @@ def reason(
     return f"trending in {leaf}" if signals.categories and leaf else "trending now"
 
 
-def similar_source(catalog: ServingCatalog, row: int, recent_rows: Sequence[int]) -> int | None:
+def similar_source(catalog: ServingCatalog, row: int, signals: Signals) -> int | None:
     """The recent item (of the few that feed candidates) whose learned neighbours include
-    `row`, for "similar to …"; None if the item is not among them."""
-    sim = catalog.similar
-    for src in recent_rows[:SIMILAR_SOURCES]:
-        if src < sim.shape[0] and row in sim[src]:
+    `row`, for "similar to …"; None if the item is not among them. The neighbour sets are
+    built once per decision, on the first item that asks."""
+    if signals.similar_sets is None:
+        sim = catalog.similar
+        sources = [r for r in signals.recent_rows[:SIMILAR_SOURCES] if r < sim.shape[0]]
+        members = sim[sources].tolist() if sources else []
+        signals.similar_sets = [(src, set(m)) for src, m in zip(sources, members, strict=True)]
+    for src, neighbours in signals.similar_sets:
+        if row in neighbours:
             return src
     return None
