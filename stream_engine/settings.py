@@ -78,9 +78,10 @@ class Settings:
     fetch_min_bytes: int = 1
     fetch_max_wait_ms: int = 100
     # aiokafka engine: partitions are applied in this many lanes at once (partition % lanes),
-    # each with its own Redis connection, so one lane's Redis round trip overlaps another's
-    # planning. A partition stays in one lane: events of a session stay in order.
-    lanes: int = 2
+    # each with its own Redis connection, so one lane's Redis round trips overlap another's
+    # planning. A partition stays in one lane: events of a session stay in order. More lanes
+    # than partitions assigned to the worker are idle; the default is one per partition.
+    lanes: int = 4
     session_half_life_s: float = 1800.0
     user_half_life_s: float = 14 * 86400.0
     covisit_half_life_s: float = 7 * 86400.0
