@@ -11,8 +11,9 @@ dead letters) are acknowledged.
 Lanes: partition p is applied by lane p % KAIROS_LANES, each lane one batch at a time with
 its own Redis connection and session cache, so while one lane waits for Redis (about half
 of a batch's time under load) another plans its batch. Lanes own disjoint partitions, hence
-disjoint sessions, so this is two workers in one process without a second group member: the
-fences and per-partition aggregate writes that make two workers safe make lanes safe.
+disjoint sessions: lanes are like several workers in one process without more group
+members, and the fences and per-partition aggregate writes that make several workers safe
+make lanes safe.
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ class ClickstreamConsumer:
                  s.lanes)  # fmt: skip
         lanes = [_Lane(i, s.batch_max) for i in range(s.lanes)]
         for lane in lanes:
-            lane.task = asyncio.create_task(self._run_lane(lane, consumer, producer))
+            lane.task = asyncio.create_task(self._run_lane(lane, producer))
         try:
             while not self.stopping.is_set():
                 await self._fetch(consumer, lanes)
@@ -152,9 +153,7 @@ class ClickstreamConsumer:
             # plus one fetch.
             lanes[index].put(generation, part)
 
-    async def _run_lane(
-        self, lane: _Lane, consumer: AIOKafkaConsumer, producer: AIOKafkaProducer
-    ) -> None:
+    async def _run_lane(self, lane: _Lane, producer: AIOKafkaProducer) -> None:
         while True:
             generation, batch = await lane.take()
             lane.busy = True
