@@ -68,9 +68,10 @@ class Settings:
     partitions: int = 4
     # Catalog file (JSONL or CSV); empty = generate the demo catalog into the stack dir.
     catalog_path: str = ""
-    # Micro-batches: flush at batch_max events or after batch_within_ms, whichever is first.
+    # Micro-batches: flush at batch_max events or after batch_within_ms, whichever is first
+    # (faust's take_events; 1 ms measured better than 3 ms at 1-2k events/s in p99).
     batch_max: int = 500
-    batch_within_ms: float = 3.0
+    batch_within_ms: float = 1.0
     # aiokafka engine: commit applied offsets at most this often (fences cover redelivery).
     commit_interval_ms: int = 200
     # aiokafka engine: let the broker gather up to fetch_min_bytes for up to fetch_max_wait_ms
