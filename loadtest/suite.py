@@ -35,7 +35,7 @@ from hdrh.histogram import HdrHistogram
 
 from loadtest.http import Client, HttpError, free_port
 from loadtest.ingest import CpuMeter
-from loadtest.openloop import TICK_S
+from loadtest.openloop import open_loop
 from loadtest.scenario import Scenario, Step
 from loadtest.traffic import Traffic
 from stream_engine.catalog import load_items
@@ -234,36 +234,26 @@ class Runner:
                       seconds: float) -> None:  # fmt: skip
         if step.events <= 0:
             return
-        start = time.monotonic()
-        n = 0
-        total = int(step.events * seconds)
-        while n < total:
-            due = min(total, int((time.monotonic() - start) * step.events) + 1)
-            while n < due:
-                sid, value, _ = self.shoppers.next_event()
-                produced_ms = int(time.time() * 1000)
-                await producer.send(self.topic, value, key=sid.encode())
-                n += 1
-                if rec is not None:
-                    rec.events_sent += 1
-                    if self.rng.random() < self.scenario.traffic.freshness_sample:
-                        self._spawn(self._follow(rec, sid, produced_ms))
-            await asyncio.sleep(max(TICK_S, start + n / step.events - time.monotonic()))
+
+        async def send(i: int, intended: float) -> None:
+            sid, value, _ = self.shoppers.next_event()
+            produced_ms = int(time.time() * 1000)
+            await producer.send(self.topic, value, key=sid.encode())
+            if rec is not None:
+                rec.events_sent += 1
+                if self.rng.random() < self.scenario.traffic.freshness_sample:
+                    self._spawn(self._follow(rec, sid, produced_ms))
+
+        await open_loop(step.events, seconds, send)
 
     async def _pages(self, step: Step, rec: StepRecorder | None, seconds: float) -> None:
-        t0 = time.monotonic() + 0.01
-        total = int(step.rate * seconds)
-        i = 0
-        while i < total:
-            due = min(total, int((time.monotonic() - t0) * step.rate) + 1)
-            while i < due:
-                intended = t0 + i / step.rate
-                if rec is not None:
-                    rec.late_us.record_value(max(1, int((time.monotonic() - intended) * 1e6)))
-                    rec.sent += 1
-                self._spawn(self._page_view(rec, intended, t0))
-                i += 1
-            await asyncio.sleep(max(TICK_S, t0 + i / step.rate - time.monotonic()))
+        async def send(i: int, intended: float) -> None:
+            if rec is not None:
+                rec.late_us.record_value(max(1, int((time.monotonic() - intended) * 1e6)))
+                rec.sent += 1
+            self._spawn(self._page_view(rec, intended, intended - i / step.rate))
+
+        await open_loop(step.rate, seconds, send)
 
     async def run_step(self, producer: AIOKafkaProducer, step: Step, index: int,
                        warmup: float) -> dict[str, Any]:  # fmt: skip
