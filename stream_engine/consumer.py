@@ -61,7 +61,7 @@ class _Revocations(ConsumerRebalanceListener):  # type: ignore[misc]
 class ClickstreamConsumer:
     def __init__(self, settings: Settings, catalog: Catalog, metrics: WorkerMetrics) -> None:
         self.settings = settings
-        self.ingest = Ingest(settings, catalog, metrics)
+        self.ingest = Ingest(settings, catalog, metrics, lanes=settings.lanes)
         self.metrics = metrics
         self.stopping = asyncio.Event()
         self._listener = _Revocations()

@@ -76,12 +76,15 @@ def dead_letter_body(d: DeadLetter) -> bytes:
 class Ingest:
     """State of the clickstream agent: the processor and what it reports."""
 
-    def __init__(self, settings: Settings, catalog: Catalog, metrics: WorkerMetrics) -> None:
+    def __init__(
+        self, settings: Settings, catalog: Catalog, metrics: WorkerMetrics, lanes: int = 1
+    ) -> None:
         self.settings = settings
         self.catalog = catalog
         self.metrics = metrics
         # One processor per lane (see consumer.py): each owns a Redis connection for its
-        # batches and the cache of its partitions' sessions.
+        # batches and its share of the session cache (the faust agent is one lane).
+        self.lanes = lanes
         self._processors: dict[int, BatchProcessor] = {}
         self._redis: aioredis.Redis | None = None
         # partition -> next offset to apply (for the consumer-lag gauge)
@@ -104,7 +107,7 @@ class Ingest:
                 self.catalog,
                 tuning_of(self.settings),
                 ttls_of(self.settings),
-                cache_size=max(1, self.settings.session_cache_size // self.settings.lanes),
+                cache_size=max(1, self.settings.session_cache_size // self.lanes),
             )
         return proc
 
