@@ -38,9 +38,8 @@ from api.scoring import Trending
 from api.serving import Serving, build_serving
 from api.session_state import SessionView, StateReader
 from api.settings import Settings
-from stream_engine.catalog import CatalogError
 from stream_engine.catalog_updates import catalog_items_key, catalog_version_key
-from stream_engine.latent import latent_key, newer_model
+from stream_engine.latent import install_newer, latent_key
 from stream_engine.state import Keys
 
 log = logging.getLogger("kairos.api")
@@ -246,19 +245,12 @@ class Runtime:
         )
 
     async def _install_latent(self, version: int) -> None:
-        self.latent_seen, model = await newer_model(
-            self.redis, self.settings.key_prefix, self.catalog.catalog, self.latent_seen, version
-        )
-        if model is None:
-            return
-        try:
-            known = self.catalog.install_latent(model)
-        except CatalogError as exc:
-            log.error("latent model %d refused: %s", model.version, exc)
-            return
-        self.metrics.latent_version.set(model.version)
-        log.info("latent model %d installed: %d of %d items in the catalog", model.version,
-                 known, len(model.ids))  # fmt: skip
+        self.latent_seen, model = await install_newer(
+            self.redis, self.settings.key_prefix, self.catalog.catalog, self.latent_seen,
+            self.catalog.install_latent, version,
+        )  # fmt: skip
+        if model is not None:
+            self.metrics.latent_version.set(model.version)
 
     async def refresh_report(self, minutes: int = 15) -> dict[str, Any]:
         window = Window(minutes, int(time.time() * 1000))

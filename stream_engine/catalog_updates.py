@@ -28,7 +28,7 @@ from aiokafka import AIOKafkaConsumer
 
 from stream_engine.catalog import Catalog, CatalogError, Item, item_from_mapping
 from stream_engine.ingest import MAX_BACKOFF_S, STORE_ERRORS
-from stream_engine.latent import newer_model
+from stream_engine.latent import install_newer
 from stream_engine.metrics import WorkerMetrics
 from stream_engine.settings import Settings
 
@@ -104,18 +104,15 @@ class CatalogFollower:
             return
         self._latent_due = now + self.settings.latent_poll_s
         try:
-            self._latent_seen, model = await newer_model(
-                self.redis, self.settings.key_prefix, self.catalog, self._latent_seen
-            )
+            self._latent_seen, model = await install_newer(
+                self.redis, self.settings.key_prefix, self.catalog, self._latent_seen,
+                lambda m: self.catalog.set_latent(m.ids, m.vectors, m.version),
+            )  # fmt: skip
         except STORE_ERRORS as exc:
             log.warning("could not read the latent model (%s); keeping the one in use", exc)
             return
-        if model is None:
-            return
-        known = self.catalog.set_latent(model.ids, model.vectors, model.version)
-        self.metrics.latent_version.set(model.version)
-        log.info("latent model %d installed: %d of %d items in the catalog", model.version,
-                 known, len(model.ids))  # fmt: skip
+        if model is not None:
+            self.metrics.latent_version.set(model.version)
 
     async def _apply_retrying(self, messages: list[tuple[str, bytes | None]]) -> None:
         delay = 0.05

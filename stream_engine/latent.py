@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -285,6 +286,24 @@ async def newer_model(
                     model.dims, catalog.space.latent_dims)  # fmt: skip
         return model.version, None
     return (model.version if model is not None else version), model
+
+
+async def install_newer(
+    redis: aioredis.Redis,
+    prefix: str,
+    catalog: Catalog,
+    seen: int,
+    install: Callable[[LatentModel], int],
+    version: int | None = None,
+) -> tuple[int, LatentModel | None]:
+    """newer_model, handed to `install` (which puts it in the caller's catalog and returns
+    how many of its items that catalog has); the worker and the API both follow this way."""
+    seen, model = await newer_model(redis, prefix, catalog, seen, version)
+    if model is not None:
+        known = install(model)
+        log.info("latent model %d installed: %d of %d items in the catalog", model.version,
+                 known, len(model.ids))  # fmt: skip
+    return seen, model
 
 
 async def refresh(
