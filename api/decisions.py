@@ -248,12 +248,13 @@ class PageDecider:
         if strategy == "trending":
             d.fallback_reason = FallbackReason.NO_SIGNAL
         index = _positions(rows, picks)
-        scored_picks = [index[p.row] for p in picks if p.pinned_by is None and p.row in index]
-        parts = dict(zip(scored_picks, parts_of(scored, scored_picks), strict=True))
-        for p in picks:
+        # where each pick sits among the scored candidates (None: pinned, or not a candidate)
+        at = [index.get(p.row) if p.pinned_by is None else None for p in picks]
+        scored_at = [i for i in at if i is not None]
+        parts = iter(parts_of(scored, scored_at))
+        for p, i in zip(picks, at, strict=True):
             self.used.add(p.row)
-            at = index.get(p.row) if p.pinned_by is None else None
-            why = (reason(serving.catalog, p.row, parts[at], signals, personal) if at is not None
+            why = (reason(serving.catalog, p.row, next(parts), signals, personal) if i is not None
                    else f"featured by {p.pinned_by}" if p.pinned_by else "featured")  # fmt: skip
             d.items.append(_item_json(serving, p.row, why))
         self._fill(d, ask)
