@@ -22,6 +22,7 @@ import platform
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -48,6 +50,8 @@ RAW_WARMUP_S = 1.0
 # Latency is followed on a random 10% of sessions: following all of them costs the
 # generator more CPU than the worker it measures, on a 2-core machine.
 TRACKED_SHARE = 0.1
+# A worker keeps up when its backlog grows by less than this share of the arrival rate.
+KEEPS_UP_SHARE = 0.01
 
 
 @dataclass
@@ -60,6 +64,11 @@ class RunResult:  # kind: "raw" or the engine name
     max_backlog_late: int  # most events outstanding during the last third of the run
     cpu: dict[str, float] = field(default_factory=dict)  # % of one core, by process
     catch_up_s: float = 0.0  # after the run, until the worker's group had no lag left
+    # How fast the backlog grew over the last two thirds of the run (events/s, least
+    # squares over samples 4 times a second): about 0 when the worker keeps up, however
+    # far behind it runs; a worker that falls behind shows (rate - its throughput) here.
+    backlog_growth: float = 0.0
+    p50_by_third: list[float] = field(default_factory=list)  # freshness p50 per third, ms
 
 
 @dataclass
@@ -135,6 +144,7 @@ class Visibility:
         self.prefix = prefix
         self.pending: dict[str, deque[tuple[int, float]]] = defaultdict(deque)
         self.latencies: list[float] = []
+        self.intended: list[float] = []  # the send time of each latency, same order
         self.outstanding = 0
 
     def sent(self, sid: str, seq: int, intended: float) -> None:
@@ -170,7 +180,9 @@ class Visibility:
             applied = int(n or 0)
             queue = self.pending.get(sid)
             while queue and queue[0][0] <= applied:
-                self.latencies.append(now - queue.popleft()[1])
+                t = queue.popleft()[1]
+                self.latencies.append(now - t)
+                self.intended.append(t)
                 self.outstanding -= 1
 
 
@@ -200,9 +212,31 @@ async def run_kairos(
     finally:
         watcher.cancel()
         await producer.stop()
-    tail = [b for t, b in backlog if t >= backlog[0][0] + duration * 2 / 3] if backlog else []
+    start = backlog[0][0] if backlog else 0.0
+    tail = [b for t, b in backlog if t >= start + duration * 2 / 3]
+    steady = [(t, b / TRACKED_SHARE) for t, b in backlog if t >= start + duration / 3]
+    thirds = p50_by_third(vis.intended, vis.latencies, start, duration)
     return RunResult(rate, "kairos", Percentiles.of_ms(vis.latencies), pacing,
-                     vis.outstanding, max(tail, default=0))  # fmt: skip
+                     vis.outstanding, max(tail, default=0), backlog_growth=slope(steady),
+                     p50_by_third=thirds)  # fmt: skip
+
+
+def slope(points: list[tuple[float, float]]) -> float:
+    """Least-squares slope of y over x; 0 for fewer than two distinct x."""
+    if len({x for x, _ in points}) < 2:
+        return 0.0
+    x, y = zip(*points, strict=True)
+    return float(np.polyfit(x, y, 1)[0])
+
+
+def p50_by_third(intended: list[float], latencies: list[float], start: float,
+                 duration: float) -> list[float]:  # fmt: skip
+    """Freshness p50 (ms) of the events sent in each third of the run: rising thirds are
+    a worker falling behind, level ones a worker keeping up at a fixed distance."""
+    thirds: list[list[float]] = [[], [], []]
+    for t, lat in zip(intended, latencies, strict=True):
+        thirds[min(2, max(0, int(3 * (t - start) / duration)))].append(lat)
+    return [round(Percentiles.of_ms(v).p50, 2) if v else float("nan") for v in thirds]
 
 
 # ----------------------------------------------------------------------------- setup
@@ -428,7 +462,10 @@ def _print_run(rep: int, r: RunResult) -> None:
           f"  sent {r.pacing.rate:7.0f}/s  unseen {r.unseen}"
           f"  gen-late p99 {r.pacing.late_p99_ms:.1f} ms"
           + "".join(f"  cpu {k} {v:.0f}%" for k, v in r.cpu.items())
-          + (f"  catch-up {r.catch_up_s:.1f}s" if r.catch_up_s else ""), flush=True)  # fmt: skip
+          + (f"  catch-up {r.catch_up_s:.1f}s" if r.catch_up_s else "")
+          + (f"  backlog growth {r.backlog_growth:+.0f}/s  p50 by third "
+             + " / ".join(f"{v:.1f}" for v in r.p50_by_third) if r.p50_by_third else ""),
+          flush=True)  # fmt: skip
 
 
 def environment(redis_info: dict[str, Any]) -> dict[str, Any]:
@@ -467,7 +504,7 @@ def summarize(
 ) -> dict[str, Any]:
     print("\nmedian over repeats; latency from the intended send time, ms")
     print(f"{'rate/s':>7} {'path':<9} {'p50':>8} {'p99':>8} {'p99.9':>8} {'p99/raw':>8} "
-          f"{'unseen':>7} {'late backlog':>12}")  # fmt: skip
+          f"{'unseen':>7} {'late backlog':>12} {'growth/s':>9}  keeps up")  # fmt: skip
     summary: dict[str, Any] = {"redis_benchmark_rps": store, "rates": {}}
     for rate in rates:
         row: dict[str, Any] = {}
@@ -481,10 +518,15 @@ def summarize(
             ratio = lat.p99 / raw_p99 if raw_p99 == raw_p99 and raw_p99 > 0 else float("nan")
             unseen = max(r.unseen for r in runs)
             backlog = max(r.max_backlog_late for r in runs)
+            growth = statistics.median(r.backlog_growth for r in runs)
+            # keeping up: the backlog grows by under 1% of the arrival rate
+            keeps_up = kind == "raw" or growth <= KEEPS_UP_SHARE * rate
             print(f"{rate:>7} {kind:<9} {lat.p50:8.2f} {lat.p99:8.2f} {lat.p999:8.2f} "
-                  f"{ratio:8.2f} {unseen:>7} {backlog:>12}")  # fmt: skip
+                  f"{ratio:8.2f} {unseen:>7} {backlog:>12} {growth:>+9.0f}  "
+                  f"{'yes' if keeps_up else 'NO'}")  # fmt: skip
             row[kind] = {**asdict(lat), "p99_over_raw": ratio, "unseen": unseen,
-                         "late_backlog": backlog}  # fmt: skip
+                         "late_backlog": backlog, "backlog_growth": growth,
+                         "keeps_up": keeps_up}  # fmt: skip
         summary["rates"][str(rate)] = row
     if store:
         print("redis-benchmark on the same server: "

@@ -1,0 +1,41 @@
+"""The ingest bench's keep-up measures: backlog growth and freshness by third of the run."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from loadtest.ingest import p50_by_third, slope
+
+
+def test_a_level_backlog_grows_by_nothing_however_large() -> None:
+    assert slope([(t / 4, 3000.0) for t in range(40)]) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_a_worker_short_of_the_rate_shows_the_shortfall_as_growth() -> None:
+    # arrivals 10,000/s, applied 9,000/s: the backlog grows by 1,000 a second
+    points = [(t / 4, 200 + 1000 * t / 4) for t in range(40)]
+    assert slope(points) == pytest.approx(1000.0)
+
+
+def test_slope_of_too_few_points_is_zero() -> None:
+    assert slope([]) == 0.0
+    assert slope([(1.0, 5.0), (1.0, 9.0)]) == 0.0
+
+
+def test_freshness_by_third_shows_a_worker_falling_behind() -> None:
+    start, duration = 100.0, 30.0
+    intended = [start + i * 0.01 for i in range(3000)]
+    latencies = [0.005 + 0.01 * (t - start) for t in intended]  # 5 ms, growing 10 ms/s
+    first, middle, last = p50_by_third(intended, latencies, start, duration)
+    assert first < middle < last
+    assert first == pytest.approx(55, abs=1)
+    assert last == pytest.approx(255, abs=1)
+
+
+def test_a_third_with_no_events_is_nan_not_zero() -> None:
+    thirds = p50_by_third([100.5], [0.004], 100.0, 30.0)
+    assert thirds[0] == pytest.approx(4.0)
+    assert math.isnan(thirds[1])
+    assert math.isnan(thirds[2])
