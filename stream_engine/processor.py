@@ -467,7 +467,10 @@ class BatchProcessor:
         for suffix, members in agg.increments.items():
             keys.append(f"{self.keys.prefix}:{{agg}}:{suffix}")
             keep = self.covisit_keep if suffix.startswith("cv:") else self.trending_keep
-            args += [keep, " ".join(f"{m} {inc!r}" for m, inc in members.items())]
+            # 6 significant digits (relative error 5e-7, far below what separates two
+            # items): Redis parses every increment with strtod, and parsing and printing
+            # doubles was ~23% of its CPU at 10,000 events/s (perf) with 17-digit reprs.
+            args += [keep, " ".join(f"{m} {inc:.6g}" for m, inc in members.items())]
         self._call(pipe, "APPLY_AGGREGATES", keys, args)
 
 
