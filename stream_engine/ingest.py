@@ -23,6 +23,7 @@ from stream_engine.metrics import WorkerMetrics
 from stream_engine.planning import Tuning
 from stream_engine.processor import (
     STORE_TIMEOUT_S,
+    AggregateUpkeep,
     BatchProcessor,
     DeadLetter,
     Outcome,
@@ -86,6 +87,7 @@ class Ingest:
         # batches and its share of the session cache (the faust agent is one lane).
         self.lanes = lanes
         self._processors: dict[int, BatchProcessor] = {}
+        self._upkeep = AggregateUpkeep(settings.aggregate_ttl_s * 1000)
         self._redis: aioredis.Redis | None = None
         # partition -> next offset to apply (for the consumer-lag gauge)
         self.positions: dict[int, int] = {}
@@ -108,6 +110,7 @@ class Ingest:
                 tuning_of(self.settings),
                 ttls_of(self.settings),
                 cache_size=max(1, self.settings.session_cache_size // self.lanes),
+                upkeep=self._upkeep,
             )
         return proc
 

@@ -136,6 +136,51 @@ class OwnerCache:
         self.drop_aggregates()
 
 
+class AggregateUpkeep:
+    """Which aggregate sorted sets a write also trims and re-expires, shared by a process's
+    lanes.
+
+    Checking the size (ZCARD, then ZREMRANGEBYRANK) and PEXPIRE on every set a batch
+    touched were ~40% of the commands of an aggregate write in Redis. Now a set's size is
+    checked once a quarter of `keep` increments went to it since the last check (so it may
+    overshoot `keep` by that much between trims; readers take the first few), and its TTL
+    refreshed once this process hasn't refreshed it for `refresh_ms` (≤ the TTL).
+
+    Forgetting is always safe: a set it doesn't know gets both at once. A set that expired
+    is recreated by its first increment after the TTL, which is later than `refresh_ms`
+    after the last refresh, so that same write gives it a TTL again; only a set deleted
+    by hand runs without one, for at most `refresh_ms`.
+    """
+
+    MAX_KNOWN = 200_000  # past this many sets, start over (costs one check of each)
+
+    def __init__(self, ttl_ms: int, refresh_ms: int = 60_000) -> None:
+        self.refresh_ms = min(refresh_ms, max(1, ttl_ms // 4))
+        self._expired_at: dict[str, int] = {}  # set -> when this process last set its TTL
+        self._since_check: dict[str, int] = {}  # set -> increments sent since its last check
+
+    def plan(self, key: str, keep: int, increments: int, now_ms: int) -> tuple[int, bool]:
+        """(keep to check now, or 0; whether to refresh the TTL now)."""
+        pending = self._since_check.get(key)
+        check = pending is None or pending + increments >= max(1, keep // 4)
+        last = self._expired_at.get(key)
+        return (keep if check else 0), last is None or now_ms - last >= self.refresh_ms
+
+    def applied(self, key: str, checked: bool, expired: bool, increments: int,
+                now_ms: int) -> None:  # fmt: skip
+        """Record a write Redis applied (never one refused or lost)."""
+        if len(self._since_check) >= self.MAX_KNOWN:
+            self._since_check.clear()
+            self._expired_at.clear()
+        self._since_check[key] = 0 if checked else self._since_check.get(key, 0) + increments
+        if expired:
+            self._expired_at[key] = now_ms
+
+    def forget(self) -> None:
+        self._since_check.clear()
+        self._expired_at.clear()
+
+
 def _b(value: bytes | str | int | None) -> bytes | None:
     if value is None or isinstance(value, bytes):
         return value
@@ -160,6 +205,7 @@ class BatchProcessor:
         covisit_keep: int = 50,
         trending_keep: int = 1000,
         cache_size: int = 50_000,
+        upkeep: AggregateUpkeep | None = None,
     ) -> None:
         self.redis = redis
         self.keys = keys
@@ -170,6 +216,7 @@ class BatchProcessor:
         self.trending_keep = trending_keep
         self._sha: dict[str, str] = {}
         self.cache = OwnerCache(cache_size)
+        self.upkeep = upkeep or AggregateUpkeep(ttls.aggregate_ms)
         self.batches = Batches(redis)
 
     async def load_scripts(self) -> None:
@@ -217,9 +264,11 @@ class BatchProcessor:
             except NoScriptError:
                 await self.load_scripts()
                 self.cache.clear()
+                self.upkeep.forget()  # Redis restarted: its sets may be gone
                 continue
             except BaseException:
                 self.cache.clear()  # a write may or may not have landed: trust Redis again
+                self.upkeep.forget()
                 raise
             if not conflicts:
                 out.duplicates = plan.duplicates
@@ -387,9 +436,9 @@ class BatchProcessor:
         own fence telling the redelivery what is still to do."""
         pipe: list[tuple[Any, ...]] = []
         kinds: list[tuple[str, Any]] = []
+        now_ms = int(time.time() * 1000)
         for agg in plan.aggregates:
-            self._queue_aggregate(pipe, agg)
-            kinds.append(("agg", agg))
+            kinds.append(("agg", (agg, self._queue_aggregate(pipe, agg, now_ms))))
         for uid, block in plan.user_blocks:
             keys = [self.keys.user(uid), self.keys.user_sessions(uid), self.keys.user_block(uid)]
             if block:
@@ -429,7 +478,8 @@ class BatchProcessor:
             if kind == "session":
                 conflicts += self._after_session_write(write, res, out)
             elif kind == "agg":
-                conflicts += self._after_aggregate_write(write, res)
+                agg, upkeep = write
+                conflicts += self._after_aggregate_write(agg, upkeep, res, now_ms)
         return conflicts
 
     def _after_session_write(self, write: SessionWrite, res: int, out: Outcome) -> int:
@@ -452,26 +502,40 @@ class BatchProcessor:
             self.cache.drop(sid)
         return 0
 
-    def _after_aggregate_write(self, agg: AggregateWrite, res: int) -> int:
+    def _after_aggregate_write(
+        self, agg: AggregateWrite, upkeep: list[tuple[str, bool, bool, int]], res: int,
+        now_ms: int,
+    ) -> int:  # fmt: skip
         if res == 0:
             self.cache.drop_aggregates()
             return 1
         self.cache.agg_fences[agg.partition] = agg.fence
         self.cache.landmark = agg.landmark
+        for key, checked, expired, increments in upkeep:
+            self.upkeep.applied(key, checked, expired, increments, now_ms)
         return 0
 
-    def _queue_aggregate(self, pipe: list[tuple[Any, ...]], agg: AggregateWrite) -> None:
+    def _queue_aggregate(
+        self, pipe: list[tuple[Any, ...]], agg: AggregateWrite, now_ms: int
+    ) -> list[tuple[str, bool, bool, int]]:
+        """Queues the write; returns what to tell AggregateUpkeep once it is applied."""
         keys = [self.keys.agg_fence, self.keys.agg_meta]
         args: list[Any] = [agg.partition, _fence(agg.expected_fence), agg.fence, agg.landmark,
                            self.ttls.aggregate_ms]  # fmt: skip
+        upkeep: list[tuple[str, bool, bool, int]] = []
         for suffix, members in agg.increments.items():
-            keys.append(f"{self.keys.prefix}:{{agg}}:{suffix}")
+            key = f"{self.keys.prefix}:{{agg}}:{suffix}"
+            keys.append(key)
             keep = self.covisit_keep if suffix.startswith("cv:") else self.trending_keep
+            check, expire = self.upkeep.plan(key, keep, len(members), now_ms)
+            upkeep.append((key, check > 0, expire, len(members)))
             # 6 significant digits (relative error 5e-7, far below what separates two
             # items): Redis parses every increment with strtod, and parsing and printing
             # doubles was ~23% of its CPU at 10,000 events/s (perf) with 17-digit reprs.
-            args += [keep, " ".join(f"{m} {inc:.6g}" for m, inc in members.items())]
+            args += [check, "1" if expire else "0",
+                     " ".join(f"{m} {inc:.6g}" for m, inc in members.items())]  # fmt: skip
         self._call(pipe, "APPLY_AGGREGATES", keys, args)
+        return upkeep
 
 
 def _fence_only(write: SessionWrite) -> Row:

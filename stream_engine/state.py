@@ -181,8 +181,10 @@ return 1
 
 # KEYS: agg fence, agg meta, then the zsets to touch
 # ARGV: partition, expected fence, new fence, landmark used, ttl ms,
-#       then per zset: keep (max members), "member increment member increment ..."
-# (ids never contain spaces; one packed argument per zset keeps client-side packing cheap)
+#       then per zset: keep (max members; 0 = don't check the size this time),
+#       expire ("1" = refresh its TTL), "member increment member increment ..."
+# (ids never contain spaces; one packed argument per zset keeps client-side packing cheap;
+# which sets to trim and re-expire is the worker's AggregateUpkeep)
 # Returns 1 applied, 0 fence or landmark conflict.
 APPLY_AGGREGATES = """
 local cur = redis.call('HGET', KEYS[1], ARGV[1]) or ''
@@ -197,14 +199,14 @@ local ttl = tonumber(ARGV[5])
 local i = 6
 for k = 3, #KEYS do
   local keep = tonumber(ARGV[i])
-  for member, inc in string.gmatch(ARGV[i + 1], '(%S+) (%S+)') do
+  for member, inc in string.gmatch(ARGV[i + 2], '(%S+) (%S+)') do
     redis.call('ZINCRBY', KEYS[k], inc, member)
   end
-  i = i + 2
-  if redis.call('ZCARD', KEYS[k]) > keep then
+  if keep > 0 and redis.call('ZCARD', KEYS[k]) > keep then
     redis.call('ZREMRANGEBYRANK', KEYS[k], 0, -keep - 1)
   end
-  redis.call('PEXPIRE', KEYS[k], ttl)
+  if ARGV[i + 1] == '1' then redis.call('PEXPIRE', KEYS[k], ttl) end
+  i = i + 3
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
 redis.call('PEXPIRE', KEYS[1], ttl)
