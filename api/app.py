@@ -155,6 +155,7 @@ def create_app(
         tasks = [
             asyncio.create_task(rt.run_refresher(), name="kairos-refresher"),
             asyncio.create_task(rt.run_reporter(), name="kairos-reporter"),
+            asyncio.create_task(rt.run_covis_refresher(), name="kairos-covis-refresher"),
         ]
         try:
             yield
