@@ -132,6 +132,7 @@ def build_runtime(settings: Settings, metrics: ApiMetrics) -> Runtime:
         in_flight=lambda: rt.limiter.in_flight,
         limit=lambda: rt.limiter.limit,
         breaker_open=lambda: 0.0 if rt.breaker.state == "closed" else 1.0,
+        loop_lag=lambda: rt.lag.recent_s,
     )
     return rt
 
@@ -156,6 +157,7 @@ def create_app(
             asyncio.create_task(rt.run_refresher(), name="kairos-refresher"),
             asyncio.create_task(rt.run_reporter(), name="kairos-reporter"),
             asyncio.create_task(rt.run_covis_refresher(), name="kairos-covis-refresher"),
+            asyncio.create_task(rt.lag.run(), name="kairos-loop-lag"),
         ]
         try:
             yield

@@ -40,6 +40,11 @@ class ApiMetrics:
             "kairos_api_redis_breaker_open", "1 while the Redis circuit breaker is open",
             registry=r,
         )  # fmt: skip
+        self.loop_lag = Gauge(
+            "kairos_api_loop_lag_seconds", "How late the event loop ran lately (the largest "
+            "oversleep of a 5 ms timer over the last 0.5-1 s): CPU overload shows here first",
+            registry=r,
+        )  # fmt: skip
         self.dropped = Counter(
             "kairos_api_publish_dropped_total", "Messages for Kafka dropped, by topic and why",
             ["topic", "why"], registry=r,
@@ -111,12 +116,13 @@ class ApiMetrics:
 
     def watch(
         self, in_flight: Callable[[], float], limit: Callable[[], float],
-        breaker_open: Callable[[], float],
+        breaker_open: Callable[[], float], loop_lag: Callable[[], float],
     ) -> None:  # fmt: skip
         """Gauges read at scrape time, so the request path never sets them."""
         self.in_flight.set_function(in_flight)
         self.limit.set_function(limit)
         self.breaker_open.set_function(breaker_open)
+        self.loop_lag.set_function(loop_lag)
 
     def report(self, report: dict[str, Any]) -> None:
         """Set the report gauges from a freshly built report."""

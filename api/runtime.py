@@ -28,7 +28,7 @@ from api.aggregates import CovisCache, parse_trending, trending_commands, trendi
 from api.config import DecisionConfig, load_config
 from api.decisions import PageAsk, SlotDecision, covis_sources, decide_page, default_decision
 from api.exceptions import ConfigFileError
-from api.fallback import Breaker, FallbackReason, Limiter, Pauses
+from api.fallback import Breaker, FallbackReason, Limiter, LoopLag, Pauses
 from api.holdout import Group, assign, stable_id
 from api.items import ServingCatalog
 from api.metrics import ApiMetrics
@@ -75,6 +75,7 @@ class Runtime:
     pauses: Pauses = field(default_factory=Pauses)
     limiter: Limiter = field(default_factory=lambda: Limiter(0.010))
     covis: CovisCache = field(default_factory=CovisCache)
+    lag: LoopLag = field(default_factory=LoopLag)
     catalog_version: bytes | None = None
     latent_seen: int = 0  # the learned model version last read (installed or refused)
     tally: Counter[str] = field(default_factory=Counter)  # decisions by strategy (demo strip)
@@ -109,8 +110,10 @@ class Runtime:
         if view.block or view.user_block:
             return self._fallback(page, FallbackReason.CONSENT, group, view)
         neighbours = await self._neighbours(page, view, serving, started)
-        if (time.perf_counter() - started) * 1000 > s.deadline_ms:
-            return self._fallback(page, FallbackReason.TIMEOUT, group, view)
+        overrun = time.perf_counter() - started - s.deadline_ms / 1000
+        if overrun > 0:
+            why = FallbackReason.OVERLOAD if self._busy(overrun) else FallbackReason.TIMEOUT
+            return self._fallback(page, why, group, view)
         paused = {a.slot.name for a in page.asks if self.pauses.paused(a.slot.name)}
         now_ms = int(time.time() * 1000)
         return decide_page(serving, page, view, group, neighbours, now_ms, paused)
@@ -119,11 +122,17 @@ class Runtime:
         if not self.breaker.allow():
             return None, FallbackReason.STORE_UNAVAILABLE
         budget = self.settings.redis_timeout_ms / 1000
+        sent = time.perf_counter()
         try:
             view = await self.reader.read(
                 page.session_id, page.user_id, int(time.time() * 1000), budget
             )
         except TimeoutError:
+            if self._busy(time.perf_counter() - sent - budget):
+                # Not Redis: this process was too busy to read its reply in time. The
+                # limiter answers an overload; the breaker would send everyone to the
+                # defaults for a second.
+                return None, FallbackReason.OVERLOAD
             self.breaker.failure()
             return None, FallbackReason.TIMEOUT
         except STORE_ERRORS:
@@ -131,6 +140,14 @@ class Runtime:
             return None, FallbackReason.STORE_UNAVAILABLE
         self.breaker.success()
         return view, None
+
+    def _busy(self, late_s: float) -> bool:
+        """Whether a wait that overran by `late_s` was this process's own doing: the loop
+        ran late by half the Redis budget or more. Under CPU saturation asyncio cannot
+        interrupt anything, so reads and deadlines overrun whatever the store does (seen:
+        8 ms budgets ending after 70-100 ms with 40 busy requests in flight)."""
+        half = self.settings.redis_timeout_ms / 2000
+        return max(late_s, self.lag.recent_s) >= half
 
     async def _neighbours(
         self, page: PageAsk, view: SessionView, serving: Serving, started: float
