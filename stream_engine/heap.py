@@ -8,22 +8,19 @@ stall of every batch and request in flight and most of the p99.9 of both. Object
 when start-up is done are moved to the permanent generation instead (gc.freeze), so full
 collections walk only what was created since.
 
-The young generation is collected after 20,000 net allocations instead of CPython's 700.
-A worker batch or a decision allocates thousands of short-lived containers, and at 700
-the worker ran ~225 young collections a second: 12.3 s of collections in a 110 s run at
-10,000 events/s (gc.callbacks), against 0.9 s at 20,000. Objects freed by reference
-counting never reach a collection, so a larger threshold costs little per collection.
+Tried and dropped: collecting the young generation after 20,000 net allocations instead
+of CPython's 700. Alone, the worker spent 0.9 s instead of 12.3 s of a 110 s run at
+10,000 events/s in collections; but with the worker and the API on one 2-core box (the
+peak suite) the larger young collections failed the nominal step three runs in three (p99
+22-44 ms at 500/s against 10.8 with 700, same code otherwise, same period).
 """
 
 from __future__ import annotations
 
 import gc
 
-YOUNG_THRESHOLD = 20_000
-
 
 def freeze_startup_heap() -> None:
     """Call once the process has loaded what it keeps (catalog, config, clients)."""
     gc.collect()
     gc.freeze()
-    gc.set_threshold(YOUNG_THRESHOLD, 20, 20)
