@@ -1,20 +1,17 @@
 """Trending and co-visitation as the API reads them: cached in the process, off the hot path.
 
 Trending (global and per category node) is refreshed in the background every second.
-Co-visitation neighbours are cached per item: for half a minute they are fresh; for up to
-ten minutes more they are still served while a background task reads them again (the
-request never waits for that). Only a decision whose recent items were never read, or not
-for ten minutes, fetches them in one extra round trip within its Redis budget, and goes on
-without them if that fails. Scores in Redis are forward-decayed from a landmark; dividing
+Co-visitation neighbours are cached per item for half a minute; a decision whose recent
+items miss the cache fetches them in one extra round trip within its Redis budget, and goes
+on without them if that fails. Scores in Redis are forward-decayed from a landmark; dividing
 by a key's best score removes the landmark, so the API needs no clock agreement with it.
 """
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -28,9 +25,7 @@ TRENDING_DEPTH = 2  # the worker keeps trending for category nodes of depth 1 an
 TRENDING_TOP = 200
 COVIS_TOP = 30
 COVIS_TTL_S = 30.0  # co-visitation decays over days; 30 s stale costs nothing
-COVIS_STALE_S = 600.0  # served while being read again in the background, up to this age
 COVIS_CACHE_MAX = 50_000
-COVIS_REFRESH_MAX = 2_000  # rows waiting for a background read; beyond, refreshed later
 
 
 def trending_keys(catalog: ServingCatalog) -> list[str]:
@@ -79,49 +74,24 @@ def parse_trending(
 
 
 class CovisCache:
-    """item row -> its co-visitation neighbours (row, score / best score).
+    """item row -> its co-visitation neighbours (row, score / best score), for a few seconds."""
 
-    Fresh for `ttl_s`; then, up to `stale_s`, still served but queued for a background
-    read (`due`), so a request pays an extra round trip only for items it is the first to
-    need in a while. Before this, every item's entry expired every 30 s and the next
-    request to need it waited for a second Redis read.
-    """
-
-    def __init__(
-        self,
-        ttl_s: float = COVIS_TTL_S,
-        max_items: int = COVIS_CACHE_MAX,
-        stale_s: float = COVIS_STALE_S,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
+    def __init__(self, ttl_s: float = COVIS_TTL_S, max_items: int = COVIS_CACHE_MAX) -> None:
         self.ttl_s = ttl_s
-        self.stale_s = stale_s
         self.max_items = max_items
-        self.clock = clock
         self._entries: OrderedDict[int, tuple[float, Neighbours]] = OrderedDict()
-        self._due: dict[int, None] = {}  # rows to read again in the background, in order
 
     def lookup(self, rows: Sequence[int]) -> tuple[dict[int, Neighbours], list[int]]:
-        """(what the cache can serve, what must be read now)."""
-        now = self.clock()
+        now = time.monotonic()
         found: dict[int, Neighbours] = {}
         missing: list[int] = []
         for r in rows:
             entry = self._entries.get(r)
-            if entry is None or now - entry[0] > self.ttl_s + self.stale_s:
+            if entry is not None and entry[0] > now:
+                found[r] = entry[1]
+            else:
                 missing.append(r)
-                continue
-            found[r] = entry[1]
-            if now - entry[0] > self.ttl_s and len(self._due) < COVIS_REFRESH_MAX:
-                self._due[r] = None
         return found, missing
-
-    def due(self, limit: int) -> list[int]:
-        """Takes up to `limit` rows waiting for their background read."""
-        rows = list(itertools.islice(self._due, limit))
-        for r in rows:
-            del self._due[r]
-        return rows
 
     def commands(self, keys: Keys, catalog: ServingCatalog, rows: Sequence[int]) -> list[Any]:
         return [
@@ -132,7 +102,7 @@ class CovisCache:
     def store(
         self, rows: Sequence[int], replies: Sequence[Any], catalog: ServingCatalog
     ) -> dict[int, Neighbours]:
-        fetched = self.clock()
+        expires = time.monotonic() + self.ttl_s
         out: dict[int, Neighbours] = {}
         for r, reply in zip(rows, replies, strict=True):
             if isinstance(reply, Exception):
@@ -140,7 +110,7 @@ class CovisCache:
             members, scores = _members(reply, catalog)
             best = scores[0] if scores and scores[0] > 0 else 1.0
             out[r] = (np.asarray(members, np.int64), np.asarray(scores, np.float32) / best)
-            self._entries[r] = (fetched, out[r])
+            self._entries[r] = (expires, out[r])
             self._entries.move_to_end(r)
         while len(self._entries) > self.max_items:
             self._entries.popitem(last=False)

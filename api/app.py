@@ -156,7 +156,6 @@ def create_app(
         tasks = [
             asyncio.create_task(rt.run_refresher(), name="kairos-refresher"),
             asyncio.create_task(rt.run_reporter(), name="kairos-reporter"),
-            asyncio.create_task(rt.run_covis_refresher(), name="kairos-covis-refresher"),
             asyncio.create_task(rt.lag.run(), name="kairos-loop-lag"),
         ]
         try:

@@ -93,11 +93,6 @@ class ApiMetrics:
             "kairos_api_covis_errors_total", "Co-visitation reads that failed or ran late",
             registry=r,
         )  # fmt: skip
-        self.covis_reads = Counter(
-            "kairos_api_covis_reads_total", "Items whose co-visitation was read from Redis: "
-            "inline (a request waited) or background (stale entries refreshed)",
-            ["path"], registry=r,
-        )  # fmt: skip
 
     def decision(self, slot: str, strategy: str, fallback_reason: str) -> None:
         """Count one decision; label children cached (labels() costs microseconds a call)."""

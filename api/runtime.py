@@ -46,10 +46,6 @@ log = logging.getLogger("kairos.api")
 
 STORE_ERRORS = (RedisError, OSError, ConnectionError)
 REPORT_READ_S = 2.0
-# Stale co-visitation entries are read again in batches of up to 200, ten times a second.
-COVIS_REFRESH_EVERY_S = 0.1
-COVIS_REFRESH_BATCH = 200
-COVIS_REFRESH_TIMEOUT_S = 1.0
 
 
 @dataclass(slots=True)
@@ -170,32 +166,8 @@ class Runtime:
         except (TimeoutError, *STORE_ERRORS):
             self.metrics.covis_errors.inc()
             return found
-        self.metrics.covis_reads.labels("inline").inc(len(missing))
         found.update(self.covis.store(missing, replies, serving.catalog))
         return found
-
-    async def run_covis_refresher(self, every_s: float = COVIS_REFRESH_EVERY_S) -> None:
-        """Reads again, off the request path, the co-visitation entries requests found
-        stale; a failure leaves them stale, and the next request queues them again."""
-        while True:
-            await asyncio.sleep(every_s)
-            await self.refresh_covis()
-
-    async def refresh_covis(self) -> int:
-        rows = self.covis.due(COVIS_REFRESH_BATCH)
-        if not rows:
-            return 0
-        catalog = self.serving.catalog
-        try:
-            replies = await self.reader.execute(
-                self.covis.commands(self.keys, catalog, rows), timeout_s=COVIS_REFRESH_TIMEOUT_S
-            )
-        except (TimeoutError, *STORE_ERRORS):
-            self.metrics.covis_errors.inc()
-            return 0
-        self.metrics.covis_reads.labels("background").inc(len(rows))
-        self.covis.store(rows, replies, catalog)
-        return len(rows)
 
     def _fallback(
         self,
