@@ -131,8 +131,8 @@ async def erase(request: Request) -> Response:
         raise BadRequest("give exactly one of session_id or user_id")
     ttl_ms = rt.settings.erasure_ttl_s * 1000
     if uid is not None:
-        sessions = await erase_user(rt.redis, rt.keys, uid, ttl_ms)
+        sessions = await erase_user(rt.background, rt.keys, uid, ttl_ms)
         return JSON({"erased": {"user_id": uid, "sessions": sessions}})
     assert sid is not None
-    await erase_session(rt.redis, rt.keys, sid, ttl_ms)
+    await erase_session(rt.background, rt.keys, sid, ttl_ms)
     return JSON({"erased": {"session_id": sid}})

@@ -43,11 +43,14 @@ from stream_engine.catalog import Catalog
 from stream_engine.demo_catalog import resolve_catalog_path
 from stream_engine.heap import freeze_startup_heap
 from stream_engine.state import Keys
-from stream_engine.store import connect
+from stream_engine.store import Batches, connect
 
 log = logging.getLogger("kairos.api")
 
 DEMO_CONFIG = Path(__file__).resolve().parent / "demo_config.yaml"
+
+# Background reads and admin operations: seconds, not the request path's milliseconds.
+BACKGROUND_TIMEOUT_S = 5.0
 
 
 async def healthz(request: Request) -> Response:
@@ -109,6 +112,7 @@ def build_runtime(settings: Settings, metrics: ApiMetrics) -> Runtime:
     )
     reader = StateReader(redis, keys, catalog.space.dims, settings.user_half_life_s * 1000,
                          settings.redis_connections)  # fmt: skip
+    background = connect(settings.redis_url, max_connections=4, timeout_s=BACKGROUND_TIMEOUT_S)
 
     def dropped(topic: str, why: str, count: int) -> None:
         metrics.dropped.labels(topic, why).inc(count)
@@ -126,6 +130,8 @@ def build_runtime(settings: Settings, metrics: ApiMetrics) -> Runtime:
         publisher=Publisher(settings.kafka_bootstrap, settings.publish_queue, dropped, 20),
         beacons=Publisher(settings.kafka_bootstrap, settings.publish_queue, dropped, 0),
         keys=keys,
+        background=background,
+        background_batches=Batches(background),
     )
     metrics.config_version.labels(config.version).set(1)
     metrics.watch(
@@ -168,6 +174,8 @@ def create_app(
             await rt.publisher.stop()
             await rt.beacons.stop()
             await rt.reader.aclose()
+            await rt.background_batches.aclose()
+            await rt.background.aclose()
             await rt.redis.aclose()
 
     beacons = CORSMiddleware(

@@ -41,11 +41,13 @@ from api.settings import Settings
 from stream_engine.catalog_updates import catalog_items_key, catalog_version_key
 from stream_engine.latent import install_newer, latent_key
 from stream_engine.state import Keys
+from stream_engine.store import Batches
 
 log = logging.getLogger("kairos.api")
 
 STORE_ERRORS = (RedisError, OSError, ConnectionError)
 REPORT_READ_S = 2.0
+BACKGROUND_READ_S = 2.0  # one refresh tick's reads (trending, versions)
 
 
 @dataclass(slots=True)
@@ -58,7 +60,7 @@ class ConfigSource:
 @dataclass(slots=True)
 class Runtime:
     settings: Settings
-    redis: aioredis.Redis
+    redis: aioredis.Redis  # the request path's client: replies must come within its budget
     reader: StateReader
     catalog: ServingCatalog
     serving: Serving
@@ -67,6 +69,12 @@ class Runtime:
     publisher: Publisher  # exposures -> decisions topic
     beacons: Publisher  # collected events -> clickstream topic
     keys: Keys
+    # Background work (trending refresh, the catalog mirror, learned models, the report,
+    # admin erasure) on its own connections with a timeout in seconds: with the request
+    # path's 8 ms socket timeout, reading the catalog mirror or a learned model (megabytes)
+    # never finished, and the refresh failed every tick ("Timeout reading from ...").
+    background: aioredis.Redis
+    background_batches: Batches
     breaker: Breaker = field(default_factory=Breaker)
     pauses: Pauses = field(default_factory=Pauses)
     limiter: Limiter = field(default_factory=lambda: Limiter(0.010))
@@ -250,9 +258,9 @@ class Runtime:
             ("GET", catalog_version_key(prefix)), ("HGET", latent_key(prefix), "version"),
         ]  # fmt: skip
         cmds += trending_commands(self.keys, names)
-        replies = await self.reader.execute(cmds, timeout_s=1.0)
+        replies = await self._background(cmds, timeout_s=BACKGROUND_READ_S)
         if replies[0] is not None and replies[0] != self.catalog_version:
-            mirror = await self.redis.hgetall(catalog_items_key(prefix))
+            mirror = await self.background.hgetall(catalog_items_key(prefix))
             self.catalog.apply_updates(
                 (_text(k), v if isinstance(v, bytes) else v.encode()) for k, v in mirror.items()
             )
@@ -266,7 +274,7 @@ class Runtime:
 
     async def _install_latent(self, version: int) -> None:
         self.latent_seen, model = await install_newer(
-            self.redis, self.settings.key_prefix, self.catalog.catalog, self.latent_seen,
+            self.background, self.settings.key_prefix, self.catalog.catalog, self.latent_seen,
             self.catalog.install_latent, version,
         )  # fmt: skip
         if model is not None:
@@ -282,7 +290,15 @@ class Runtime:
         return report
 
     async def read_report(self, cmds: list[tuple[Any, ...]]) -> list[Any]:
-        return await self.reader.execute(cmds, timeout_s=REPORT_READ_S)
+        return await self._background(cmds, timeout_s=REPORT_READ_S)
+
+    async def _background(self, cmds: list[tuple[Any, ...]], timeout_s: float) -> list[Any]:
+        async with asyncio.timeout(timeout_s):
+            replies = await self.background_batches.execute(cmds)
+        for r in replies:
+            if isinstance(r, Exception):
+                raise r
+        return replies
 
     async def run_reporter(self, every_s: float = 30.0) -> None:
         """Keeps the report gauges current, so an SRE can alert on "personalization off"."""
