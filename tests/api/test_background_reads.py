@@ -3,6 +3,8 @@ read and applied (it timed out on every refresh tick before)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import orjson
 import pytest
 import redis.asyncio as aioredis
@@ -19,7 +21,7 @@ async def test_a_catalog_mirror_of_megabytes_is_applied_by_the_refresh(
     settings: Settings, catalog: Catalog, redis_client: aioredis.Redis
 ) -> None:
     long_title = "Trail runner " + "x" * 10_000  # ~10 KB an item: tens of MB in all
-    mirror = {}
+    mirror: dict[Any, Any] = {}  # redis-py's mapping type is invariant in its keys
     for it in catalog.items:
         body = it.to_json()
         body["title"] = long_title
