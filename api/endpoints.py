@@ -73,9 +73,13 @@ def _headers(decisions: list[SlotDecision]) -> dict[str, str]:
     return headers
 
 
-def _answer(decisions: list[SlotDecision], body: dict[str, Any], started: float) -> Response:
+def _stamped(body: dict[str, Any], started: float) -> dict[str, Any]:
     body["served_in_ms"] = round((time.perf_counter() - started) * 1000, 3)
-    return JSON(body, headers=_headers(decisions))
+    return body
+
+
+def _answer(decisions: list[SlotDecision], body: dict[str, Any], started: float) -> Response:
+    return JSON(_stamped(body, started), headers=_headers(decisions))
 
 
 async def slot_body(
@@ -92,9 +96,7 @@ async def slot_body(
         sensitive_ok=_flag(q.get("sensitive_ok"), "sensitive_ok"),
     )
     decisions = await rt.decide(page)
-    body = decisions[0].as_json()
-    body["served_in_ms"] = round((time.perf_counter() - started) * 1000, 3)
-    return orjson.dumps(body), _headers(decisions)
+    return orjson.dumps(_stamped(decisions[0].as_json(), started)), _headers(decisions)
 
 
 async def slot_decision(request: Request) -> Response:

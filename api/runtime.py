@@ -46,8 +46,7 @@ from stream_engine.store import Batches
 log = logging.getLogger("kairos.api")
 
 STORE_ERRORS = (RedisError, OSError, ConnectionError)
-REPORT_READ_S = 2.0
-BACKGROUND_READ_S = 2.0  # one refresh tick's reads (trending, versions)
+BACKGROUND_READ_S = 2.0  # one background round trip: a refresh tick's reads, the report's
 
 
 @dataclass(slots=True)
@@ -287,7 +286,7 @@ class Runtime:
         return report
 
     async def read_report(self, cmds: list[tuple[Any, ...]]) -> list[Any]:
-        return await self._background(cmds, timeout_s=REPORT_READ_S)
+        return await self._background(cmds, timeout_s=BACKGROUND_READ_S)
 
     async def _background(self, cmds: list[tuple[Any, ...]], timeout_s: float) -> list[Any]:
         async with asyncio.timeout(timeout_s):

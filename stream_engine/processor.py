@@ -170,8 +170,7 @@ class AggregateUpkeep:
                 now_ms: int) -> None:  # fmt: skip
         """Record a write Redis applied (never one refused or lost)."""
         if len(self._since_check) >= self.MAX_KNOWN:
-            self._since_check.clear()
-            self._expired_at.clear()
+            self.forget()
         self._since_check[key] = 0 if checked else self._since_check.get(key, 0) + increments
         if expired:
             self._expired_at[key] = now_ms

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from api.fallback import Breaker, Limiter, Pauses
+import pytest
+
+from api.fallback import Breaker, Limiter, LoopLag, Pauses
 
 
 class Clock:
@@ -103,3 +105,18 @@ def test_pauses() -> None:
     assert not p.paused("b")
     p.everything = True
     assert p.paused("b")
+
+
+def test_loop_lag_is_the_largest_of_this_window_and_the_last() -> None:
+    clock = Clock()
+    lag = LoopLag(window_s=0.5, clock=clock)
+    lag.record(0.012)
+    lag.record(0.001)
+    assert lag.recent_s == pytest.approx(0.012)
+    clock.now += 0.6  # next window: the last one still counts
+    lag.record(0.002)
+    assert lag.recent_s == pytest.approx(0.012)
+    clock.now += 0.6  # then only the window before
+    assert lag.recent_s == pytest.approx(0.002)
+    clock.now += 0.6
+    assert lag.recent_s == pytest.approx(0.0)
