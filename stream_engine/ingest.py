@@ -16,6 +16,13 @@ from collections.abc import Sequence
 import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import (
+    MasterDownError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from stream_engine.catalog import Catalog
@@ -36,7 +43,20 @@ from stream_engine.store import connect
 
 log = logging.getLogger("kairos.worker")
 STORE_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError)
+# Error replies by which a working Redis refuses writes for now: out of memory under
+# `noeviction`, a replica or a failover, a script running too long (BUSY, which redis-py
+# leaves a plain ResponseError). Still loading its data is a ConnectionError already.
+REFUSALS = (OutOfMemoryError, ReadOnlyError, MasterDownError, TryAgainError)
 MAX_BACKOFF_S = 2.0
+
+
+def store_unavailable(exc: BaseException) -> bool:
+    """Redis unreachable, slow or refusing work for now: retry the batch, never drop it
+    (an out-of-memory Redis had its refusals counted as erased sessions). Any other error
+    is the batch's own."""
+    return isinstance(exc, STORE_ERRORS + REFUSALS) or (
+        isinstance(exc, ResponseError) and str(exc).startswith("BUSY")
+    )
 
 
 def tuning_of(settings: Settings) -> Tuning:
@@ -127,12 +147,13 @@ class Ingest:
         while True:
             try:
                 return await self.processor(lane).process(records)
-            except STORE_ERRORS as exc:
-                self.metrics.store_errors.inc()
-                log.warning("redis unavailable (%r); retrying batch in %.2fs", exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, MAX_BACKOFF_S)
-            except Exception:
+            except Exception as exc:
+                if store_unavailable(exc):
+                    self.metrics.store_errors.inc()
+                    log.warning("redis unavailable (%r); retrying batch in %.2fs", exc, delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, MAX_BACKOFF_S)
+                    continue
                 if len(records) == 1:
                     log.exception("event at %s/%s failed", records[0].partition, records[0].offset)
                     return _poisoned(records[0])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
@@ -22,35 +23,76 @@ ITEMS = [it.item_id for it in CATALOG.items]
 
 def test_a_set_it_does_not_know_is_checked_and_expired_at_once() -> None:
     upkeep = AggregateUpkeep(ttl_ms=86_400_000)
-    assert upkeep.plan("cv:a", 50, 1, now_ms=0) == (50, True)
+    assert upkeep.due("cv:a", 50, 1, now_ms=0) == (50, True)
+    assert upkeep.due("cv:a", 50, 1, now_ms=0) == (0, False)  # recorded as done
 
 
 def test_size_is_checked_once_a_quarter_of_keep_arrived() -> None:
     upkeep = AggregateUpkeep(ttl_ms=86_400_000)
-    upkeep.applied("cv:a", checked=True, expired=True, increments=3, now_ms=0)
+    assert upkeep.due("cv:a", 50, 3, now_ms=0)[0] == 50
     sent = 0
-    while upkeep.plan("cv:a", 50, 5, now_ms=1)[0] == 0:
-        upkeep.applied("cv:a", checked=False, expired=False, increments=5, now_ms=1)
+    while upkeep.due("cv:a", 50, 5, now_ms=1)[0] == 0:
         sent += 5
     assert sent == 10  # 12 = 50 // 4 is reached by the third write of 5
-    upkeep.applied("cv:a", checked=True, expired=False, increments=5, now_ms=1)
-    assert upkeep.plan("cv:a", 50, 1, now_ms=1)[0] == 0
+    assert upkeep.due("cv:a", 50, 1, now_ms=1)[0] == 0
 
 
 def test_ttl_is_refreshed_after_refresh_ms_and_never_later_than_a_quarter_ttl() -> None:
     upkeep = AggregateUpkeep(ttl_ms=86_400_000, refresh_ms=60_000)
-    upkeep.applied("tr", checked=True, expired=True, increments=1, now_ms=1_000)
-    assert upkeep.plan("tr", 1000, 1, now_ms=60_999)[1] is False
-    assert upkeep.plan("tr", 1000, 1, now_ms=61_000)[1] is True
+    assert upkeep.due("tr", 1000, 1, now_ms=1_000)[1] is True
+    assert upkeep.due("tr", 1000, 1, now_ms=60_999)[1] is False
+    assert upkeep.due("tr", 1000, 1, now_ms=61_000)[1] is True
+    assert upkeep.due("tr", 1000, 1, now_ms=61_001)[1] is False
     short = AggregateUpkeep(ttl_ms=8_000, refresh_ms=60_000)
     assert short.refresh_ms == 2_000
 
 
-def test_a_write_not_applied_is_not_recorded_and_forget_starts_over() -> None:
+def test_forget_starts_over_and_so_does_a_full_book() -> None:
     upkeep = AggregateUpkeep(ttl_ms=86_400_000)
-    upkeep.applied("tr", checked=True, expired=True, increments=1, now_ms=0)
+    upkeep.due("tr", 1000, 1, now_ms=0)
     upkeep.forget()
-    assert upkeep.plan("tr", 1000, 1, now_ms=1) == (1000, True)
+    assert upkeep.due("tr", 1000, 1, now_ms=1) == (1000, True)
+    upkeep.MAX_KNOWN = 3
+    for key in ("a", "b"):
+        upkeep.due(key, 1000, 1, now_ms=1)
+    assert upkeep.due("tr", 1000, 1, now_ms=1) == (0, False)  # known: nothing forgotten
+    assert upkeep.due("c", 1000, 1, now_ms=1) == (1000, True)  # a fourth set: start over
+    assert upkeep.due("tr", 1000, 1, now_ms=1) == (1000, True)
+
+
+@pytest.mark.integration
+async def test_a_write_redis_refused_makes_the_schedule_start_over(
+    redis_client: aioredis.Redis, key_prefix: str
+) -> None:
+    """The schedule counts a write when it is planned; a fence conflict (another worker
+    wrote the partition's aggregates meanwhile) must not leave sets marked as trimmed and
+    expired by a write that never happened."""
+    keys = Keys(key_prefix)
+    proc = BatchProcessor(redis_client, keys, CATALOG, TUNING, TTLS)
+    t0 = int(time.time() * 1000) - 60_000
+    sid = "conflicted"
+
+    def views(first: int) -> list[Record]:
+        return [
+            Record(0, first + k, sid.encode(), encode_event(Event(
+                f"e{first + k}", EventType.VIEW, sid, t0 + first + k, item_id=ITEMS[k + first])),
+                t0)
+            for k in range(3)
+        ]  # fmt: skip
+
+    try:
+        await proc.process(views(0))
+        await asyncio.sleep(0.3)
+        await redis_client.hset(keys.agg_fence, "0", "7")  # another worker's write
+        out = await proc.process(views(10))
+        assert out.conflicts >= 1  # refused once, then read again and applied
+    finally:
+        await proc.aclose()
+    # The refused write made it forget, so the retry re-expired the sets it touched: the
+    # global trending set's TTL is fresh, not 0.3 s older as the first batch left it.
+    assert await redis_client.pttl(keys.trending()) > TTLS.aggregate_ms - 250
+    for key in [k async for k in redis_client.scan_iter(match=f"{key_prefix}:{{agg}}:*")]:
+        assert await redis_client.pttl(key) > 0, key
 
 
 @pytest.mark.integration

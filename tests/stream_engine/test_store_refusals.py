@@ -1,0 +1,73 @@
+"""A Redis that refuses writes for now (out of memory, a replica, a long script) is waited
+for, like one that is down: the batch is retried, never counted as applied, erased or dead."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import time
+
+import pytest
+import redis.asyncio as aioredis
+from redis.exceptions import OutOfMemoryError, ReadOnlyError, ResponseError
+
+from stream_engine.catalog import Catalog
+from stream_engine.demo_catalog import generate
+from stream_engine.events import Event, EventType, encode_event
+from stream_engine.ingest import Ingest, store_unavailable
+from stream_engine.metrics import WorkerMetrics
+from stream_engine.processor import Record
+from stream_engine.settings import Settings
+
+CATALOG = Catalog(generate(200))
+ITEMS = [it.item_id for it in CATALOG.items]
+
+
+def test_refusals_are_told_from_errors_of_the_batch_itself() -> None:
+    assert store_unavailable(OutOfMemoryError("command not allowed when used memory"))
+    assert store_unavailable(ReadOnlyError("You can't write against a read only replica."))
+    assert store_unavailable(ResponseError("BUSY Redis is busy running a script."))
+    assert store_unavailable(ConnectionError("refused"))
+    assert not store_unavailable(ResponseError("ERR user_script:3: attempt to compare nil"))
+    assert not store_unavailable(ValueError("bad event"))
+
+
+def _view(offset: int, sid: str, item: str, now: int) -> Record:
+    event = Event(f"e{offset}", EventType.VIEW, sid, now, item_id=item)
+    return Record(0, offset, sid.encode(), encode_event(event), now)
+
+
+@pytest.mark.integration
+async def test_an_out_of_memory_redis_holds_the_batch_until_it_has_room(
+    private_redis: tuple[str, subprocess.Popen[bytes]],
+) -> None:
+    url, _proc = private_redis
+    admin = aioredis.Redis.from_url(url)
+    metrics = WorkerMetrics()
+    ingest = Ingest(Settings(redis_url=url, key_prefix="oom"), CATALOG, metrics)
+    now = int(time.time() * 1000)
+    try:
+        first = await ingest.apply([_view(1, "s1", ITEMS[0], now)])
+        assert first.applied == 1
+        used = int((await admin.info("memory"))["used_memory"])
+        await admin.config_set("maxmemory-policy", "noeviction")
+        await admin.config_set("maxmemory", str(used // 2))
+        batch = [_view(2, "s2", ITEMS[1], now), _view(3, "s1", ITEMS[2], now)]
+        pending = asyncio.create_task(ingest.apply(batch))
+        await asyncio.sleep(1.0)
+        assert not pending.done()  # waiting for room, not dropping or dead-lettering
+        assert (metrics.registry.get_sample_value("kairos_store_errors_total") or 0) >= 1
+        assert await admin.exists("oom:{s2}:s") == 0
+        await admin.config_set("maxmemory", "0")
+        outcome = await asyncio.wait_for(pending, 10)
+    finally:
+        await admin.config_set("maxmemory", "0")
+        await ingest.aclose()
+        await admin.aclose()
+    assert (outcome.applied, outcome.blocked, outcome.dead) == (2, 0, [])
+    check = aioredis.Redis.from_url(url)
+    try:
+        assert await check.hget("oom:{s2}:s", "n") == b"1"
+        assert await check.hget("oom:{s1}:s", "n") == b"2"
+    finally:
+        await check.aclose()
