@@ -121,8 +121,10 @@ class SessionWalk:
     impressions: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     count: int = 0
     last_ts: int = 0
+    consents: list[bool] = field(default_factory=list)  # the consent events, in order
 
     def consent(self, allowed: bool) -> None:
+        self.consents.append(allowed)
         if allowed:
             if self.blocked or self.snap.block == "consent":
                 self.flags += "U"
@@ -142,7 +144,10 @@ def _apply_lists(walk: SessionWalk, e: Event) -> None:
     if item is None:
         return
     if e.type in OPENS:
-        snap.recent = [item, *(r for r in snap.recent if r != item)][:RECENT_MAX]
+        recent = snap.recent
+        if item in recent:  # most opens are of items not in the list: no copy
+            recent = [r for r in recent if r != item]
+        snap.recent = [item, *recent[: RECENT_MAX - 1]]
     if e.type is EventType.ADD_TO_CART and item not in snap.cart:
         snap.cart = [*snap.cart, item][-CART_MAX:]
     elif e.type in (EventType.REMOVE_FROM_CART, EventType.PURCHASE):

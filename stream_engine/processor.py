@@ -22,7 +22,7 @@ from redis.exceptions import NoScriptError
 
 from stream_engine import state
 from stream_engine.catalog import Catalog
-from stream_engine.events import EventType, InvalidEvent, parse_event
+from stream_engine.events import InvalidEvent, parse_event
 from stream_engine.planning import (
     AggregateWrite,
     Plan,
@@ -357,7 +357,8 @@ class BatchProcessor:
             planned[sid] = (write, walk)
             if walk.reset or walk.blocked or snap.block is not None:
                 skip_aggregates.add(sid)
-            self._plan_consent(plan, fresh, {snap.user, walk.user})
+            if walk.consents:
+                self._plan_consent(plan, walk.consents, {snap.user, walk.user})
         fold_session_vectors(list(planned.values()), self.catalog, self.tuning)
         for sid in by_session:
             snap = snaps[sid]
@@ -401,10 +402,7 @@ class BatchProcessor:
         return _int(stored)
 
     @staticmethod
-    def _plan_consent(plan: Plan, fresh: list[Positioned], users: set[str | None]) -> None:
-        consents = [p.event.consent for p in fresh if p.event.type is EventType.CONSENT]
-        if not consents:
-            return
+    def _plan_consent(plan: Plan, consents: list[bool], users: set[str | None]) -> None:
         withdrawn = False in consents
         for uid in users - {None}:
             assert uid is not None
