@@ -184,13 +184,11 @@ class Ingest:
         by_type = Counter(p.event.type.value for p in outcome.valid)
         for etype, n in by_type.items():
             m.events.labels(etype, "ok").inc(n)
-        produced, event_time = m.freshness_produced.observe, m.freshness_event.observe
         minute = self._freshness.setdefault(written // 60_000, Counter())
-        for p in outcome.valid:
-            age_ms = max(0, written - p.produced_ms)
-            produced(age_ms / 1000)
-            event_time(max(0, written - p.event.ts) / 1000)
-            minute[FRESHNESS_FIELDS[bisect.bisect_left(FRESHNESS_MS, age_ms)]] += 1
+        ages_ms = [max(0, written - p.produced_ms) for p in outcome.valid]
+        m.freshness_produced.observe_many([a / 1000 for a in ages_ms])
+        m.freshness_event.observe_many([max(0, written - p.event.ts) / 1000 for p in outcome.valid])
+        minute.update(FRESHNESS_FIELDS[bisect.bisect_left(FRESHNESS_MS, a)] for a in ages_ms)
         for d in outcome.dead:
             m.dlq.labels(d.reason).inc()
         if outcome.duplicates:

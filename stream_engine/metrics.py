@@ -2,13 +2,73 @@
 
 from __future__ import annotations
 
+import bisect
+import threading
+from collections.abc import Iterator, Sequence
+
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.registry import Collector
 
 # Freshness buckets in seconds: the targets live between 1 ms and 50 ms.
 FRESHNESS_BUCKETS = (
     0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0,
     2.5, 5.0, 10.0, 60.0,
 )  # fmt: skip
+
+
+class BatchHistogram(Collector):
+    """A Prometheus histogram fed a batch of values at a time, for per-event series.
+
+    prometheus_client's Histogram takes a lock and ~1 µs per observe(): two per event were
+    ~3% of the worker at 10,000 events/s. Here a batch costs one numpy pass (or a bisect
+    per value for the few-event batches of a quiet stream). Exposed like a Histogram:
+    `_bucket{le=...}` (cumulative), `_count`, `_sum`.
+    """
+
+    NUMPY_FROM = 16  # values; below this, bisect per value is cheaper than numpy's setup
+
+    def __init__(self, name: str, documentation: str, buckets: Sequence[float],
+                 registry: CollectorRegistry) -> None:  # fmt: skip
+        self.name = name
+        self.documentation = documentation
+        self.bounds = tuple(float(b) for b in buckets)
+        self._edges = np.asarray(self.bounds)
+        self._counts = [0] * (len(self.bounds) + 1)  # the last one is +Inf
+        self._sum = 0.0
+        self._lock = threading.Lock()  # the exporter's thread reads while we write
+        registry.register(self)
+
+    def observe_many(self, values: Sequence[float]) -> None:
+        if len(values) < self.NUMPY_FROM:
+            slots = [bisect.bisect_left(self.bounds, v) for v in values]
+            total = float(sum(values))
+            with self._lock:
+                for i in slots:
+                    self._counts[i] += 1
+                self._sum += total
+            return
+        arr = np.asarray(values, dtype=np.float64)
+        counts = np.bincount(np.searchsorted(self._edges, arr, side="left"),
+                             minlength=len(self._counts)).tolist()  # fmt: skip
+        total = float(arr.sum())
+        with self._lock:
+            self._counts = [a + b for a, b in zip(self._counts, counts, strict=True)]
+            self._sum += total
+
+    def describe(self) -> Iterator[HistogramMetricFamily]:
+        yield HistogramMetricFamily(self.name, self.documentation)
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        with self._lock:
+            counts, total = list(self._counts), self._sum
+        cumulative, buckets = 0, []
+        for bound, n in zip((*(repr(b) for b in self.bounds), "+Inf"), counts, strict=True):
+            cumulative += n
+            buckets.append((bound, cumulative))
+        yield HistogramMetricFamily(self.name, self.documentation, buckets=buckets,
+                                    sum_value=total)  # fmt: skip
 
 
 class WorkerMetrics:
@@ -26,12 +86,12 @@ class WorkerMetrics:
             "kairos_batch_size", "Events per micro-batch",
             buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000), registry=r,
         )  # fmt: skip
-        self.freshness_produced = Histogram(
+        self.freshness_produced = BatchHistogram(
             "kairos_freshness_produced_seconds",
             "Kafka record timestamp (produced) to state written in Redis",
             buckets=FRESHNESS_BUCKETS, registry=r,
         )  # fmt: skip
-        self.freshness_event = Histogram(
+        self.freshness_event = BatchHistogram(
             "kairos_freshness_event_seconds", "Event time (ts) to state written in Redis",
             buckets=FRESHNESS_BUCKETS, registry=r,
         )  # fmt: skip
