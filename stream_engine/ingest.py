@@ -42,19 +42,20 @@ from stream_engine.state import FRESHNESS_FIELDS, FRESHNESS_MS, REPORT_TTL_MS, K
 from stream_engine.store import connect
 
 log = logging.getLogger("kairos.worker")
-STORE_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError)
-# Error replies by which a working Redis refuses writes for now: out of memory under
-# `noeviction`, a replica or a failover, a script running too long (BUSY, which redis-py
-# leaves a plain ResponseError). Still loading its data is a ConnectionError already.
-REFUSALS = (OutOfMemoryError, ReadOnlyError, MasterDownError, TryAgainError)
+# Redis unreachable or slow, or refusing writes for now: out of memory under `noeviction`,
+# a replica or a failover (still loading its data is a ConnectionError already). Retried,
+# never treated as a bad batch.
+STORE_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError,
+                OutOfMemoryError, ReadOnlyError, MasterDownError, TryAgainError)  # fmt: skip
 MAX_BACKOFF_S = 2.0
 
 
 def store_unavailable(exc: BaseException) -> bool:
-    """Redis unreachable, slow or refusing work for now: retry the batch, never drop it
+    """Redis unreachable, slow or refusing work for now (STORE_ERRORS, or BUSY running a
+    script, which redis-py leaves a plain ResponseError): retry the batch, never drop it
     (an out-of-memory Redis had its refusals counted as erased sessions). Any other error
     is the batch's own."""
-    return isinstance(exc, STORE_ERRORS + REFUSALS) or (
+    return isinstance(exc, STORE_ERRORS) or (
         isinstance(exc, ResponseError) and str(exc).startswith("BUSY")
     )
 
