@@ -41,7 +41,7 @@ from api.settings import Settings
 from stream_engine.catalog_updates import catalog_items_key, catalog_version_key
 from stream_engine.latent import install_newer, latent_key
 from stream_engine.state import Keys
-from stream_engine.store import Batches
+from stream_engine.store import Batches, raise_error_reply
 
 log = logging.getLogger("kairos.api")
 
@@ -70,8 +70,9 @@ class Runtime:
     keys: Keys
     # Background work (trending refresh, the catalog mirror, learned models, the report,
     # admin erasure) on its own connections with a timeout in seconds: with the request
-    # path's 8 ms socket timeout, reading the catalog mirror or a learned model (megabytes)
-    # never finished, and the refresh failed every tick ("Timeout reading from ...").
+    # path's socket timeout (the read budget, milliseconds), reading the catalog mirror or
+    # a learned model (megabytes) never finished, and the refresh failed every tick
+    # ("Timeout reading from ...").
     background: aioredis.Redis
     background_batches: Batches
     breaker: Breaker = field(default_factory=Breaker)
@@ -290,11 +291,7 @@ class Runtime:
 
     async def _background(self, cmds: list[tuple[Any, ...]], timeout_s: float) -> list[Any]:
         async with asyncio.timeout(timeout_s):
-            replies = await self.background_batches.execute(cmds)
-        for r in replies:
-            if isinstance(r, Exception):
-                raise r
-        return replies
+            return raise_error_reply(await self.background_batches.execute(cmds))
 
     async def run_reporter(self, every_s: float = 30.0) -> None:
         """Keeps the report gauges current, so an SRE can alert on "personalization off"."""

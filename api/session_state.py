@@ -19,7 +19,7 @@ from redis.exceptions import NoScriptError
 
 from stream_engine.catalog import Vector
 from stream_engine.state import Keys
-from stream_engine.store import Batches, hash_reply
+from stream_engine.store import Batches, hash_reply, raise_error_reply
 from stream_engine.vectors import from_bytes, user_profile
 
 
@@ -123,15 +123,12 @@ class StateReader:
         return cmds
 
     async def read(self, sid: str, uid: str | None, now_ms: int, timeout_s: float) -> SessionView:
-        replies = await self.execute(self.commands(sid, uid), timeout_s)
-        for r in replies:
-            if isinstance(r, Exception):
-                raise r
+        replies = raise_error_reply(await self.execute(self.commands(sid, uid), timeout_s))
         return parse_view(sid, replies, self.dims, now_ms, self.user_half_life_ms)
 
     async def warm(self, timeout_s: float = 1.0) -> None:
         """Open every held connection and load the read script now, so the first requests
-        after a start don't pay a TCP connect and a NOSCRIPT round trip inside their 8 ms
+        after a start don't pay a TCP connect and a NOSCRIPT round trip inside their read
         budget. Raises like execute() when Redis is not there (the caller goes on)."""
         for conn in self._all:
             async with asyncio.timeout(timeout_s):

@@ -38,7 +38,7 @@ from stream_engine.planning import (
     plan_session,
 )
 from stream_engine.state import Keys
-from stream_engine.store import Batches
+from stream_engine.store import Batches, raise_error_reply
 from stream_engine.vectors import from_bytes, to_bytes
 
 log = logging.getLogger(__name__)
@@ -308,8 +308,7 @@ class BatchProcessor:
         cmds.append(("HMGET", self.keys.agg_fence, *[str(p) for p in partitions]))
         cmds.append(("HGET", self.keys.agg_meta, "L"))
         async with asyncio.timeout(STORE_TIMEOUT_S):
-            res = await self.batches.execute(cmds)
-        _raise_error_reply(res)
+            res = raise_error_reply(await self.batches.execute(cmds))
         for i, sid in enumerate(missing):
             snaps[sid] = self._session_snapshot(res[2 * i], res[2 * i + 1])
         fences = {p: _int(v) for p, v in zip(partitions, res[-2], strict=True)}
@@ -478,11 +477,10 @@ class BatchProcessor:
             )  # fmt: skip
             kinds.append(("session", s))
         async with asyncio.timeout(STORE_TIMEOUT_S):
-            results = await self.batches.execute(pipe)
-        # An error reply (out of memory, a replica, a script error) applied nothing of its
-        # own write: raise it (the caller retries or isolates the batch) instead of
-        # reading it as a refused fence or an erased session.
-        _raise_error_reply(results)
+            # An error reply (out of memory, a replica, a script error) applied nothing of
+            # its own write: raised (the caller retries or isolates the batch), never read
+            # as a refused fence or an erased session.
+            results = raise_error_reply(await self.batches.execute(pipe))
         conflicts = 0
         for (kind, write), res in zip(kinds, results, strict=True):
             if kind == "session":
@@ -539,12 +537,6 @@ class BatchProcessor:
             args += [check, "1" if expire else "0",
                      " ".join([f"{m} {inc:.6g}" for m, inc in members.items()])]  # fmt: skip
         self._call(pipe, "APPLY_AGGREGATES", keys, args)
-
-
-def _raise_error_reply(replies: Sequence[Any]) -> None:
-    for reply in replies:
-        if isinstance(reply, Exception):
-            raise reply
 
 
 def _fence_only(write: SessionWrite) -> Row:

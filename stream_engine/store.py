@@ -55,6 +55,16 @@ def hash_reply(reply: Any) -> dict[Any, Any]:
     return dict(zip(reply[::2], reply[1::2], strict=True)) if reply else {}
 
 
+def raise_error_reply(replies: list[Any]) -> list[Any]:
+    """The replies of Batches.execute, for callers that take them all or none: the first
+    error reply (out of memory, a replica, a script error) raised. Callers that can use the
+    other replies of a batch (co-visitation reads, the report) check each one instead."""
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply
+    return replies
+
+
 class Batches:
     """A connection held by one worker for its batches, which it sends one at a time.
 
