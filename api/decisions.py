@@ -19,13 +19,10 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from api.config import Anchor, Slot, SlotKind
 from api.fallback import FallbackReason
 from api.holdout import Group
-from api.items import Rows
-from api.rules import Pick, rules_fired, select, under_cap
+from api.rules import rules_fired, select, under_cap
 from api.scoring import (
     SIMILAR_SOURCES,
     Signals,
@@ -102,16 +99,8 @@ def new_decision_id() -> str:
 
 
 def _item_json(serving: Serving, row: int, why: str) -> dict[str, Any]:
-    item = serving.catalog.item(row)
-    out: dict[str, Any] = {
-        "item_id": item.item_id,
-        "title": item.title,
-        "category": item.category_path,
-        "price": item.price,
-        "reason": why,
-    }
-    if item.image:
-        out["image"] = item.image
+    out = serving.catalog.item_json(row).copy()
+    out["reason"] = why
     return out
 
 
@@ -186,6 +175,7 @@ class PageDecider:
         weak = unit(view.vector) if self.interest is None else self.interest
         names = serving.catalog.space.names
         self.categories = top_categories(names, weak) if weak is not None else []
+        self._session_signals: tuple[Signals, str] | None = None
 
     def decide(self, ask: SlotAsk, group: Group, neighbours: Any) -> SlotDecision:
         if ask.slot.name in self.paused:
@@ -202,25 +192,34 @@ class PageDecider:
         return row if row is not None and row < self.serving.size else None
 
     def _signals(self, slot: Slot, neighbours: Any) -> tuple[Signals, str]:
-        strategy, interest = self.strategy, self.interest
-        recent, categories = self.recent_rows, self.categories
+        """What the slot's decision knows. Slots anchored on the session share one Signals
+        (a page's carousels read the same co-visitation)."""
         ctx = self._context_row(slot)
+        if ctx is None and self._session_signals is not None:
+            return self._session_signals
+        catalog = self.serving.catalog
+        strategy, interest = self.strategy, self.interest
+        recent, leaves, categories = self.recent_rows, self.recent_leaves, self.categories
         anchor_title = None
         if ctx is not None:
-            anchor_title = self.serving.catalog.item(ctx).title
-            item_vec = self.serving.catalog.matrix[ctx]
+            anchor_title = catalog.item(ctx).title
+            item_vec = catalog.matrix[ctx]
             interest = unit(item_vec if interest is None else item_vec + 0.5 * interest)
-            recent = [ctx, *(r for r in recent if r != ctx)]
-            node = CATEGORY_SEP.join(self.serving.catalog.item(ctx).category[:2])
+            others = [(r, leaf) for r, leaf in zip(recent, leaves, strict=True) if r != ctx]
+            recent = [ctx, *(r for r, _ in others)]
+            leaves = [int(catalog.leaf[ctx]), *(leaf for _, leaf in others)]
+            node = CATEGORY_SEP.join(catalog.item(ctx).category[:2])
             if node:
                 categories = [node, *(c for c in categories if c != node)]
             if strategy == "trending":
                 strategy = "contextual"
         covis = merge_covis(recent, neighbours)
-        leaves, counts = leaf_shares(self.serving.catalog, recent)
-        similar = self.serving.catalog.similar_to(recent[:SIMILAR_SOURCES])
-        signals = Signals(interest, recent, covis, categories, anchor_title, leaves, counts,
+        shares, counts = leaf_shares(leaves, catalog.no_leaf)
+        similar = catalog.similar_to(recent[:SIMILAR_SOURCES])
+        signals = Signals(interest, recent, covis, categories, anchor_title, shares, counts,
                           similar)  # fmt: skip
+        if ctx is None:
+            self._session_signals = signals, strategy
         return signals, strategy
 
     def _items(self, ask: SlotAsk, group: Group, neighbours: Any) -> SlotDecision:
@@ -247,14 +246,11 @@ class PageDecider:
         d.strategy = strategy
         if strategy == "trending":
             d.fallback_reason = FallbackReason.NO_SIGNAL
-        index = _positions(rows, picks)
-        # where each pick sits among the scored candidates (None: pinned, or not a candidate)
-        at = [index.get(p.row) if p.pinned_by is None else None for p in picks]
-        scored_at = [i for i in at if i is not None]
-        parts = iter(parts_of(scored, scored_at))
-        for p, i in zip(picks, at, strict=True):
+        parts = iter(parts_of(scored, [p.at for p in picks if p.at is not None]))
+        for p in picks:
             self.used.add(p.row)
-            why = (reason(serving.catalog, p.row, next(parts), signals, personal) if i is not None
+            why = (reason(serving.catalog, p.row, next(parts), signals, personal)
+                   if p.at is not None
                    else f"featured by {p.pinned_by}" if p.pinned_by else "featured")  # fmt: skip
             d.items.append(_item_json(serving, p.row, why))
         self._fill(d, ask)
@@ -303,13 +299,6 @@ class PageDecider:
         if self.categories:
             return f"matches your interest in {self.categories[0].split(CATEGORY_SEP)[-1]}"
         return "picked for you"
-
-
-def _positions(rows: Rows, picks: list[Pick]) -> dict[int, int]:
-    """Where each pick sits in the sorted candidate rows (pins may not be candidates)."""
-    wanted = np.asarray([p.row for p in picks], np.int64)
-    pos = np.minimum(np.searchsorted(rows, wanted), max(rows.size - 1, 0))
-    return {int(r): int(i) for r, i in zip(wanted, pos, strict=True) if rows.size and rows[i] == r}
 
 
 def covis_sources(serving: Serving, page: PageAsk, view: SessionView) -> list[int]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -24,6 +25,8 @@ from stream_engine.catalog import CATEGORY_SEP, Catalog, CatalogError, Item, ite
 from stream_engine.latent import NEIGHBOURS, LatentModel
 
 log = logging.getLogger("kairos.api.items")
+
+JSON_CACHE_MAX = 20_000
 
 Rows = npt.NDArray[np.int64]
 Mask = npt.NDArray[np.bool_]
@@ -42,6 +45,7 @@ class ServingCatalog:
 
     def _rebuild(self) -> None:
         items = self.catalog.items
+        self._json: dict[int, dict[str, Any]] = {}
         self.in_stock: Mask = np.fromiter((it.available for it in items), bool, len(items))
         leaves = sorted({it.category_path for it in items})  # "" (no category) sorts first
         self.leaf_names = leaves
@@ -93,6 +97,21 @@ class ServingCatalog:
 
     def item(self, row: int) -> Item:
         return self.catalog.items[row]
+
+    def item_json(self, row: int) -> dict[str, Any]:
+        """The item's fields a decision serves, built once per catalog change (a decision
+        copies it and adds the reason); at most JSON_CACHE_MAX of them are kept."""
+        out = self._json.get(row)
+        if out is None:
+            item = self.catalog.items[row]
+            out = {"item_id": item.item_id, "title": item.title,
+                   "category": item.category_path, "price": item.price}  # fmt: skip
+            if item.image:
+                out["image"] = item.image
+            if len(self._json) >= JSON_CACHE_MAX:
+                self._json.clear()
+            self._json[row] = out
+        return out
 
     def row(self, item_id: str) -> int | None:
         return self.catalog.row.get(item_id)

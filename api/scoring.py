@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -59,11 +59,32 @@ class Trending:
         p = self.prior
         if p.size == 0 or rows.size == 0:
             return np.zeros(rows.size, np.float32)
+        if int(rows.max()) < p.size:  # the usual case: rows of the catalog the prior covers
+            return p[rows].astype(np.float32, copy=False)
         return np.where(rows < p.size, p[np.minimum(rows, p.size - 1)], 0.0).astype(np.float32)
 
 
 _NO_ROWS: Rows = np.zeros(0, np.int64)
 _NO_SCORES: Floats = np.zeros(0, np.float32)
+
+
+class Scratch:
+    """A work array with an entry per catalog row, zero between uses: a decision writes the
+    few hundred rows it touches and sets them back to zero before it returns, instead of
+    allocating a catalog-sized array per request (at 100k items that costs more than the
+    scoring). One per process: decisions run one at a time on the event loop, never
+    awaiting in between."""
+
+    def __init__(self) -> None:
+        self._floats = np.zeros(0, np.float64)
+
+    def floats(self, size: int) -> npt.NDArray[np.float64]:
+        if self._floats.size < size:
+            self._floats = np.zeros(max(size, 2 * self._floats.size), np.float64)
+        return self._floats
+
+
+_SCRATCH = Scratch()
 
 
 @dataclass(slots=True)
@@ -81,17 +102,15 @@ class Signals:
     similar_sets: list[tuple[int, set[int]]] | None = None  # per recent row, built lazily
 
 
-def leaf_shares(
-    catalog: ServingCatalog, recent_rows: Sequence[int]
-) -> tuple[dict[int, float], dict[int, int]]:
-    """Per leaf category of the recent items: recency-weighted share, and count."""
-    weights = [RECENCY[min(i, len(RECENCY) - 1)] for i in range(len(recent_rows))]
+def leaf_shares(leaves: Sequence[int], no_leaf: int) -> tuple[dict[int, float], dict[int, int]]:
+    """Per leaf category of the recent items (their leaves, most recent first):
+    recency-weighted share, and count."""
+    weights = [RECENCY[min(i, len(RECENCY) - 1)] for i in range(len(leaves))]
     total = sum(weights)
     shares: dict[int, float] = {}
     counts: dict[int, int] = {}
-    leaves = catalog.leaf[np.asarray(recent_rows, np.int64)].tolist() if recent_rows else []
     for leaf, w in zip(leaves, weights, strict=True):
-        if leaf == catalog.no_leaf:  # items without a category share no affinity
+        if leaf == no_leaf:  # items without a category share no affinity
             continue
         shares[leaf] = shares.get(leaf, 0.0) + w / total
         counts[leaf] = counts.get(leaf, 0) + 1
@@ -101,8 +120,11 @@ def leaf_shares(
 def unit(v: Vector | None) -> Vector | None:
     if v is None:
         return None
-    norm = float(np.linalg.norm(v))
-    return (v / norm).astype(np.float32) if norm > 1e-9 else None
+    norm = float(np.sqrt(v @ v))  # np.linalg.norm's arithmetic, without its checks
+    if norm <= 1e-9:
+        return None
+    out = v / norm
+    return out if out.dtype == np.float32 else out.astype(np.float32)
 
 
 @functools.lru_cache(maxsize=8)
@@ -150,11 +172,14 @@ class Covis:
 
 
 def merge_covis(recent_rows: Sequence[int], neighbours: Mapping[int, Neighbours]) -> Covis:
-    """Co-visitation of the recent items, recency-weighted and normalized to [0, 1]; one
-    numpy pass over all neighbours instead of a Python loop per neighbour."""
-    found = [(RECENCY[rank], src, neighbours[src])
-             for rank, src in enumerate(recent_rows[:COVISIT_SOURCES])
-             if src in neighbours and neighbours[src][0].size]  # fmt: skip
+    """Co-visitation of the recent items, recency-weighted and normalized to [0, 1]: each
+    source adds its weighted scores into a scratch row array (float64, in source order:
+    the sums np.bincount would give), read back at the sorted union of their rows."""
+    found = []
+    for rank, src in enumerate(recent_rows[:COVISIT_SOURCES]):
+        nb = neighbours.get(src)
+        if nb is not None and nb[0].size:
+            found.append((RECENCY[rank], src, nb))
     if not found:
         return Covis(_NO_ROWS, _NO_SCORES)
     rows: Rows
@@ -163,12 +188,27 @@ def merge_covis(recent_rows: Sequence[int], neighbours: Mapping[int, Neighbours]
         order = np.argsort(found[0][2][0])
         rows, sums = found[0][2][0][order], found[0][2][1][order]
     else:
-        contrib = np.concatenate([w * nb[1] for w, _, nb in found])
-        rows, inverse = np.unique(np.concatenate([nb[0] for _, _, nb in found]),
-                                  return_inverse=True)  # fmt: skip
-        sums = cast("npt.NDArray[np.floating[Any]]", np.bincount(inverse, weights=contrib))
+        rows = sorted_unique([nb[0] for _, _, nb in found])
+        acc = _SCRATCH.floats(int(rows[-1]) + 1)
+        for w, _, (members, scores) in found:
+            acc[members] += w * scores  # members of one source are distinct
+        sums = acc[rows]
+        acc[rows] = 0.0
     top = float(sums.max()) if sums.size else 0.0
     return Covis(rows, (sums / top if top > 0 else sums).astype(np.float32), found)
+
+
+def sorted_unique(parts: Sequence[Rows]) -> Rows:
+    """The sorted union of a few small row arrays: a sort of their concatenation, whatever
+    the catalog's size (a mark per catalog row costs a scan of all of them)."""
+    rows = np.concatenate(parts)
+    if rows.size < 2:
+        return rows
+    rows.sort()
+    keep = np.empty(rows.size, dtype=bool)
+    keep[0] = True
+    np.not_equal(rows[1:], rows[:-1], out=keep[1:])
+    return rows[keep]
 
 
 def candidates(
@@ -185,11 +225,7 @@ def candidates(
         parts.append(trending.get(cat)[:TREND_CANDIDATES])
         parts.append(category_rows.get(cat, _NO_ROWS)[:CATEGORY_CANDIDATES])
     parts.append(trending.get()[:TREND_CANDIDATES])
-    # sorted and unique: a mark per catalog row is cheaper than np.unique's sort and hash
-    seen = np.zeros(len(catalog), dtype=bool)
-    for part in parts:
-        seen[part] = True
-    return np.flatnonzero(seen)
+    return sorted_unique(parts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,32 +239,43 @@ class Scored:
 
 
 def _dense(keys: Rows, values: Floats, wanted: Rows, space: int) -> Floats:
-    """values of `wanted` (0 where absent), keys in range(space), through a dense array:
+    """values of `wanted` (0 where absent), keys in range(space), through the scratch array:
     three numpy operations instead of a Python loop."""
     if not keys.size or not wanted.size:
         return np.zeros(wanted.size, np.float32)
-    dense = np.zeros(space, np.float32)
-    dense[keys] = values
-    return dense[wanted]
+    acc = _SCRATCH.floats(space)
+    acc[keys] = values
+    out = acc[wanted].astype(np.float32)
+    acc[keys] = 0.0
+    return out
 
 
-def _dense_lookup(values: Mapping[int, float], wanted: Rows, space: int) -> Floats:
-    keys = np.fromiter(values.keys(), np.int64, len(values))
-    return _dense(keys, np.fromiter(values.values(), np.float32, len(values)), wanted, space)
+def _leaf_lookup(shares: Mapping[int, float], leaves: Rows, n_leaves: int) -> Floats:
+    if not shares:
+        return np.zeros(leaves.size, np.float32)
+    dense = np.zeros(n_leaves, np.float32)
+    dense[np.fromiter(shares.keys(), np.int64, len(shares))] = np.fromiter(
+        shares.values(), np.float32, len(shares)
+    )
+    return dense[leaves]
 
 
 def score(catalog: ServingCatalog, rows: Rows, signals: Signals, trending: Trending) -> Scored:
+    """Every component for every candidate, in float32 (the weights are Python floats)."""
     n = rows.size
     interest = (
-        catalog.matrix[rows] @ signals.interest
+        np.take(catalog.matrix, rows, axis=0) @ signals.interest
         if signals.interest is not None and n
         else np.zeros(n, np.float32)
     )
     covis = _dense(signals.covis.rows, signals.covis.scores, rows, len(catalog))
     trend = trending.prior_of(rows)
-    leaf = _dense_lookup(signals.leaves, catalog.leaf[rows], len(catalog.leaf_names))
-    total = W_INTEREST * interest + W_COVISIT * covis + W_TREND * trend + W_LEAF * leaf
-    return Scored(rows, total.astype(np.float32), interest, covis, trend, leaf)
+    leaf = _leaf_lookup(signals.leaves, catalog.leaf[rows], len(catalog.leaf_names))
+    total = W_INTEREST * interest
+    total += W_COVISIT * covis
+    total += W_TREND * trend
+    total += W_LEAF * leaf
+    return Scored(rows, total.astype(np.float32, copy=False), interest, covis, trend, leaf)
 
 
 Parts = tuple[float, float, float, float]  # one item's interest, covis, trend and leaf

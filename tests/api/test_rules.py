@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from api.config import parse_config
 from api.items import ServingCatalog
-from api.rules import compile_rules, select
-from api.scoring import Signals, merge_covis, top_categories
+from api.rules import best_first, compile_rules, select
+from api.scoring import _SCRATCH, Signals, merge_covis, top_categories
 from stream_engine.catalog import Catalog
 from stream_engine.demo_catalog import generate
 
@@ -91,6 +91,19 @@ def test_diversity_caps_items_per_category(rows: list[int], cap: int) -> None:
     assert len(set(got)) == len(got)
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from([0.0, -0.0, 0.5, -0.5, 1.0, 2.5e-8, -3.0, 7.0, 1e30]) |
+                st.floats(-1e6, 1e6, width=32), max_size=80))  # fmt: skip
+def test_best_first_orders_like_a_stable_descending_sort(values: list[float]) -> None:
+    scores = np.asarray(values, np.float32)
+    assert best_first(scores).tolist() == np.argsort(-scores, kind="stable").tolist()
+
+
+def test_a_row_offered_twice_is_served_once() -> None:
+    rows = [IN_STOCK[3], IN_STOCK[1], IN_STOCK[3], IN_STOCK[2]]
+    assert _pick([], rows, n=4) == [IN_STOCK[3], IN_STOCK[1], IN_STOCK[2]]
+
+
 def test_covisitation_merges_by_recency_and_normalizes() -> None:
     def nb(*pairs: tuple[int, float]) -> tuple[Any, Any]:
         return np.asarray([p[0] for p in pairs]), np.asarray([p[1] for p in pairs], np.float32)
@@ -103,6 +116,8 @@ def test_covisitation_merges_by_recency_and_normalizes() -> None:
     assert score[11] == pytest.approx(1.0)
     assert via[11] == 2
     assert via[10] == 1
+    # the scratch sums are back to zero for the next decision
+    assert not _SCRATCH.floats(12)[:12].any()
 
 
 def test_covisitation_of_one_source_keeps_its_scores_sorted_by_row() -> None:
