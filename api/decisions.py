@@ -160,7 +160,8 @@ class PageDecider:
         self.used: set[int] = set()
         cat = serving.catalog
         self.blocked = set(cat.rows(view.bought)) | set(cat.rows(view.cart))
-        self.recent_rows = [r for r in cat.rows(view.recent) if r < serving.size]
+        get, size = cat.catalog.row.get, serving.size
+        self.recent_rows = [r for i in view.recent if (r := get(i)) is not None and r < size]
         self.recent_leaves = cat.leaf[self.recent_rows].tolist() if self.recent_rows else []
         self.age_ms = None if view.written_ms is None else max(0, now_ms - view.written_ms)
         events = view.events if view.vector is not None else 0
@@ -230,7 +231,8 @@ class PageDecider:
             return default_decision(serving, ask, FallbackReason.NO_SIGNAL, group, self.used,
                                     self.age_ms)  # fmt: skip
         rows = candidates(serving.catalog, signals, serving.trending, serving.category_rows)
-        rows = rows[rows < serving.size]
+        if rows.size and rows[-1] >= serving.size:  # sorted: items newer than the snapshot
+            rows = rows[rows < serving.size]
         scored = score(serving.catalog, rows, signals, serving.trending)
         blocked = self.used | self.blocked
         if slot.exclude_seen:

@@ -104,6 +104,42 @@ def test_a_row_offered_twice_is_served_once() -> None:
     assert _pick([], rows, n=4) == [IN_STOCK[3], IN_STOCK[1], IN_STOCK[2]]
 
 
+def _reference(rows: list[int], scores: list[float], n: int, cap: int,
+               blocked: set[int]) -> list[int]:  # fmt: skip
+    """select without rules, written the obvious way: best score first, ties in order."""
+    chosen: list[int] = []
+    per_leaf: dict[int, int] = {}
+    for i in sorted(range(len(rows)), key=lambda i: (-scores[i], i)):
+        row, leaf = rows[i], int(CATALOG.leaf[rows[i]])
+        if not ITEMS[row].available or row in blocked or row in chosen:
+            continue
+        if leaf != CATALOG.no_leaf and per_leaf.get(leaf, 0) >= (cap or n):
+            continue
+        per_leaf[leaf] = per_leaf.get(leaf, 0) + 1
+        chosen.append(row)
+        if len(chosen) == n:
+            break
+    return chosen
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, len(ITEMS) - 1), st.sampled_from([0.0, 0.5, 1.0, 2.0])),
+                min_size=1, max_size=300),
+       st.integers(1, 12), st.integers(0, 2), st.sets(st.integers(0, len(ITEMS) - 1)))  # fmt: skip
+def test_select_matches_the_obvious_selection(
+    scored: list[tuple[int, float]], n: int, cap: int, blocked: set[int]
+) -> None:
+    """Ties, duplicates, sold-out and blocked rows, and a diversity cap that sends the
+    selection past the first chunk of candidates it converts."""
+    rows, scores = [r for r, _ in scored], [s for _, s in scored]
+    config = parse_config(_config([], max_per_category=cap), "test.yaml")
+    compiled = compile_rules(config, CATALOG, NOW)["recs"]
+    picks = select(config.slots["recs"], n, np.asarray(rows, np.int64),
+                   np.asarray(scores, np.float32), CATALOG, compiled, blocked)  # fmt: skip
+    assert [p.row for p in picks] == _reference(rows, scores, n, cap, blocked)
+    assert all(rows[p.at] == p.row for p in picks if p.at is not None)
+
+
 def test_covisitation_merges_by_recency_and_normalizes() -> None:
     def nb(*pairs: tuple[int, float]) -> tuple[Any, Any]:
         return np.asarray([p[0] for p in pairs]), np.asarray([p[1] for p in pairs], np.float32)
