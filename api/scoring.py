@@ -190,10 +190,12 @@ def merge_covis(recent_rows: Sequence[int], neighbours: Mapping[int, Neighbours]
     else:
         rows = sorted_unique([nb[0] for _, _, nb in found])
         acc = _SCRATCH.floats(int(rows[-1]) + 1)
-        for w, _, (members, scores) in found:
-            acc[members] += w * scores  # members of one source are distinct
-        sums = acc[rows]
-        acc[rows] = 0.0
+        try:
+            for w, _, (members, scores) in found:
+                acc[members] += w * scores  # members of one source are distinct
+            sums = acc[rows]
+        finally:  # whatever happens, the next decision finds zeros
+            acc[rows] = 0.0
     top = float(sums.max()) if sums.size else 0.0
     return Covis(rows, (sums / top if top > 0 else sums).astype(np.float32), found)
 
@@ -244,10 +246,11 @@ def _dense(keys: Rows, values: Floats, wanted: Rows, space: int) -> Floats:
     if not keys.size or not wanted.size:
         return np.zeros(wanted.size, np.float32)
     acc = _SCRATCH.floats(space)
-    acc[keys] = values
-    out = acc[wanted].astype(np.float32)
-    acc[keys] = 0.0
-    return out
+    try:
+        acc[keys] = values
+        return acc[wanted].astype(np.float32)
+    finally:
+        acc[keys] = 0.0
 
 
 def _leaf_lookup(shares: Mapping[int, float], leaves: Rows, n_leaves: int) -> Floats:
