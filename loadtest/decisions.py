@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -71,6 +72,13 @@ class Step:
     def degraded_share(self) -> float:
         bad = sum(n for r, n in self.fallbacks.items() if r.encode() in DEGRADED)
         return bad / self.answered if self.answered else 0.0
+
+    @property
+    def api_us_per_request(self) -> float:
+        """The API's CPU over the run (warm-up included, at the same rate) per request
+        offered: a steadier comparison between code versions than latency on a shared
+        machine, where the neighbours move the tail from one minute to the next."""
+        return self.cpu.get("api", 0.0) / 100 / self.rate * 1e6
 
 
 async def measure(
@@ -297,6 +305,7 @@ def _row(step: Step) -> dict[str, Any]:
         "fallbacks": step.fallbacks,
         "generator_late_p99_ms": step.pacing.late_p99_ms,
         "cpu": step.cpu,
+        "api_cpu_us_per_request": round(step.api_us_per_request),
     }
 
 
@@ -306,7 +315,8 @@ def _print_step(rep: int, s: Step) -> None:
           f"p99 {s.latency.p99:7.2f}  p99.9 {s.latency.p999:7.2f} ms  "
           f"answered {s.answered}  errors {s.errors}  degraded {100 * s.degraded_share:.2f}%  "
           f"gen-late p99 {s.pacing.late_p99_ms:.1f} ms  "
-          + "  ".join(f"cpu {k} {v:.0f}%" for k, v in s.cpu.items()), flush=True)  # fmt: skip
+          + "  ".join(f"cpu {k} {v:.0f}%" for k, v in s.cpu.items())
+          + f"  api {s.api_us_per_request:.0f} µs/request", flush=True)  # fmt: skip
 
 
 def summarize(steps: list[Step], rates: list[int]) -> dict[str, Any]:
@@ -315,7 +325,7 @@ def summarize(steps: list[Step], rates: list[int]) -> dict[str, Any]:
         "degraded: the worst repeat"
     )
     print(f"{'rate/s':>7} {'endpoint':<8} {'p50':>7} {'p99':>7} {'p99.9':>7} "
-          f"{'p99/base':>8} {'errors':>6} {'degraded':>8}")  # fmt: skip
+          f"{'p99/base':>8} {'errors':>6} {'degraded':>8} {'api µs/req':>10}")  # fmt: skip
     out: dict[str, Any] = {"rates": {}, "highest_rate_p99_within_slo": {}}
     held: dict[str, int] = {"static": 0, "slots": 0}
     for rate in rates:
@@ -327,17 +337,27 @@ def summarize(steps: list[Step], rates: list[int]) -> dict[str, Any]:
             degraded = max(s.degraded_share for s in runs)
             row[kind] = {**asdict(lat), "errors": errors, "degraded_share_max": degraded,
                          "achieved_rate": round(min(s.answered / s.pacing.duration_s
-                                                    for s in runs))}  # fmt: skip
+                                                    for s in runs)),
+                         "api_cpu_us_per_request": round(statistics.median(
+                             s.api_us_per_request for s in runs))}  # fmt: skip
             if lat.p99 <= SLO_P99_MS and errors == 0:
                 held[kind] = max(held[kind], rate)
         ratio = row["slots"]["p99"] / row["static"]["p99"]
         row["p99_over_baseline"] = round(ratio, 2)
+        # what a decision costs the API above serving the static payload, same run
+        row["decision_cpu_us"] = (row["slots"]["api_cpu_us_per_request"]
+                                  - row["static"]["api_cpu_us_per_request"])  # fmt: skip
         out["rates"][str(rate)] = row
         for kind in ("static", "slots"):
             r = row[kind]
             print(f"{rate:>7} {kind:<8} {r['p50']:7.2f} {r['p99']:7.2f} {r['p999']:7.2f} "
                   f"{ratio if kind == 'slots' else 1.0:8.2f} {r['errors']:>6} "
-                  f"{100 * r['degraded_share_max']:7.2f}%")  # fmt: skip
+                  f"{100 * r['degraded_share_max']:7.2f}% "
+                  f"{r['api_cpu_us_per_request']:>10}")  # fmt: skip
+        print(
+            f"{'':>7} a decision costs the API {row['decision_cpu_us']} µs of CPU more than "
+            "the static payload (medians)"
+        )
     out["highest_rate_p99_within_slo"] = held
     print(f"highest rate holding p99 <= {SLO_P99_MS:.0f} ms with no errors: "
           f"baseline {held['static']}/s, /v1/slots {held['slots']}/s")  # fmt: skip

@@ -1,0 +1,31 @@
+"""The decisions benchmark's summary arithmetic: no services involved."""
+
+from __future__ import annotations
+
+from loadtest.decisions import Step, summarize
+from loadtest.openloop import PacingStats, Percentiles
+
+
+def _step(kind: str, rate: int, p99: float, api_cpu: float, degraded: int = 0) -> Step:
+    answered = rate * 10
+    latency = Percentiles(1.0, p99, p99 * 2, answered)
+    pacing = PacingStats(answered, 10.0, 1.0)
+    fallbacks = {"timeout": degraded, "holdout": 7}
+    return Step(kind, rate, latency, pacing, answered, 0, fallbacks, {"api": api_cpu})
+
+
+def test_cpu_per_request_and_the_decision_cost_above_the_baseline() -> None:
+    steps = [
+        _step("static", 1000, 2.0, 10.0), _step("static", 1000, 3.0, 12.0),
+        _step("static", 1000, 2.5, 11.0),
+        _step("slots", 1000, 5.0, 50.0), _step("slots", 1000, 4.0, 60.0, degraded=20),
+        _step("slots", 1000, 6.0, 55.0),
+    ]  # fmt: skip
+    assert steps[3].api_us_per_request == 500.0  # 50% of a core at 1,000 requests/s
+    out = summarize(steps, [1000])["rates"]["1000"]
+    assert out["static"]["api_cpu_us_per_request"] == 110
+    assert out["slots"]["api_cpu_us_per_request"] == 550
+    assert out["decision_cpu_us"] == 440
+    assert out["p99_over_baseline"] == 2.0  # medians: 5.0 / 2.5
+    # holdout answers are not degradation; the worst repeat is reported
+    assert out["slots"]["degraded_share_max"] == 20 / 10000
