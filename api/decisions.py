@@ -99,9 +99,7 @@ def new_decision_id() -> str:
 
 
 def _item_json(serving: Serving, row: int, why: str) -> dict[str, Any]:
-    out = serving.catalog.item_json(row).copy()
-    out["reason"] = why
-    return out
+    return serving.catalog.item_json(row, why)
 
 
 def _banner_json(banner_id: str, creative: Any, why: str) -> dict[str, Any]:

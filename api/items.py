@@ -45,7 +45,7 @@ class ServingCatalog:
 
     def _rebuild(self) -> None:
         items = self.catalog.items
-        self._json: dict[int, dict[str, Any]] = {}
+        self._json: dict[int, tuple[dict[str, Any], str | None]] = {}
         self.in_stock: Mask = np.fromiter((it.available for it in items), bool, len(items))
         leaves = sorted({it.category_path for it in items})  # "" (no category) sorts first
         self.leaf_names = leaves
@@ -98,19 +98,21 @@ class ServingCatalog:
     def item(self, row: int) -> Item:
         return self.catalog.items[row]
 
-    def item_json(self, row: int) -> dict[str, Any]:
-        """The item's fields a decision serves, built once per catalog change (a decision
-        copies it and adds the reason); at most JSON_CACHE_MAX of them are kept."""
-        out = self._json.get(row)
-        if out is None:
+    def item_json(self, row: int, reason: str) -> dict[str, Any]:
+        """The item as a decision serves it, with its reason. The fields are built once per
+        catalog change (at most JSON_CACHE_MAX items kept) and copied per answer."""
+        cached = self._json.get(row)
+        if cached is None:
             item = self.catalog.items[row]
-            out = {"item_id": item.item_id, "title": item.title,
-                   "category": item.category_path, "price": item.price}  # fmt: skip
-            if item.image:
-                out["image"] = item.image
+            fields = {"item_id": item.item_id, "title": item.title,
+                      "category": item.category_path, "price": item.price}  # fmt: skip
             if len(self._json) >= JSON_CACHE_MAX:
                 self._json.clear()
-            self._json[row] = out
+            cached = self._json[row] = (fields, item.image)
+        out = cached[0].copy()
+        out["reason"] = reason
+        if cached[1]:
+            out["image"] = cached[1]
         return out
 
     def row(self, item_id: str) -> int | None:
