@@ -63,8 +63,11 @@ def create_app(settings: Settings, catalog: Catalog, metrics: WorkerMetrics) -> 
 
     @app.task  # type: ignore[untyped-decorator]
     async def follow_catalog() -> None:
-        follower = CatalogFollower(settings, catalog, redis_client(settings), metrics)
-        await follower.run()
+        redis = redis_client(settings)
+        try:
+            await CatalogFollower(settings, catalog, redis, metrics).run()
+        finally:  # the worker stopping cancels this task: close what it opened
+            await redis.aclose()
 
     app.kairos_ingest = ingest  # type: ignore[attr-defined]
     return app
