@@ -168,10 +168,20 @@ def create_app(
         try:
             yield
         finally:
+            rt.stopping.set()
             for task in tasks:
                 task.cancel()
-            # bounded: a task stuck in a client library must not hold the shutdown
-            await asyncio.wait(tasks, timeout=2.0)
+            # bounded: a task stuck in a client library must not hold the shutdown. A
+            # cancellation can be lost on Python 3.11 (asyncio.wait_for, which redis-py uses
+            # for writes, returns a result that arrived with it); `stopping` then ends the
+            # loop after its round, and a second cancel covers a round that is waiting.
+            _, stuck = await asyncio.wait(tasks, timeout=2.0)
+            if stuck:
+                for task in stuck:
+                    task.cancel()
+                _, stuck = await asyncio.wait(stuck, timeout=2.0)
+            for task in stuck:
+                log.warning("background task %s did not stop", task.get_name())
             await rt.publisher.stop()
             await rt.beacons.stop()
             await rt.reader.aclose()

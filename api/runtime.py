@@ -12,6 +12,7 @@ worker's Redis mirror, trending; then it swaps in a new Serving snapshot.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import time
@@ -83,6 +84,7 @@ class Runtime:
     catalog_version: bytes | None = None
     latent_seen: int = 0  # the learned model version last read (installed or refused)
     tally: Counter[str] = field(default_factory=Counter)  # decisions by strategy (demo strip)
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)  # ends background loops
     beacons_accepted: int = 0
 
     # -- the decision path ---------------------------------------------------------------
@@ -295,8 +297,7 @@ class Runtime:
 
     async def run_reporter(self, every_s: float = 30.0) -> None:
         """Keeps the report gauges current, so an SRE can alert on "personalization off"."""
-        while True:
-            await asyncio.sleep(every_s)
+        while await self._tick(every_s):
             try:
                 await self.refresh_report()
             except (TimeoutError, *STORE_ERRORS) as exc:
@@ -304,13 +305,23 @@ class Runtime:
                 log.warning("report refresh failed: %s", exc)
 
     async def run_refresher(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.refresh_interval_s)
+        while await self._tick(self.settings.refresh_interval_s):
             try:
                 await self.refresh()
             except (TimeoutError, *STORE_ERRORS) as exc:
                 self.metrics.refresh_errors.inc()
                 log.warning("background refresh failed, serving the last snapshot: %s", exc)
+
+    async def _tick(self, every_s: float) -> bool:
+        """Wait for the next round of a background loop; False once the API is stopping.
+        Cancelling the loop's task is not enough on its own: on Python 3.11 a cancellation
+        can be lost (asyncio.wait_for, which redis-py uses for each write, returns a result
+        that arrived together with the cancel), or come out of a round as the TimeoutError
+        the loop survives; the loop would go on with clients already closed (seen as a
+        reconnected, never closed Redis connection at the end of a test run)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(), every_s)
+        return not self.stopping.is_set()
 
 
 def _text(raw: bytes | str) -> str:

@@ -3,12 +3,15 @@ read and applied (it timed out on every refresh tick before)."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 from typing import Any
 
 import orjson
 import pytest
 import redis.asyncio as aioredis
 
+from api.runtime import Runtime
 from api.settings import Settings
 from stream_engine.catalog import Catalog
 from stream_engine.catalog_updates import catalog_items_key, catalog_version_key
@@ -36,3 +39,40 @@ async def test_a_catalog_mirror_of_megabytes_is_applied_by_the_refresh(
         first = catalog.items[0].item_id
         assert rt.catalog_version == b"7"
         assert rt.catalog.item(rt.catalog.row(first)).title == long_title
+
+
+async def test_a_background_loop_that_survives_its_cancel_still_stops_with_the_api(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A round whose cancellation comes out as TimeoutError (or is lost, as
+    asyncio.wait_for can on Python 3.11) must not keep the loop going after shutdown,
+    reading through clients that shutdown closes."""
+    async with client_for(settings) as client:
+        rt = client.app.state.runtime  # type: ignore[attr-defined]
+        late_rounds, test_over = 0, False
+
+        async def refresh_swallowing_cancel(self: Runtime) -> None:
+            nonlocal late_rounds
+            if test_over:  # ends a loop that did not stop, so a failure cannot hang the run
+                raise RuntimeError("test over")
+            late_rounds += self.stopping.is_set()
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                raise TimeoutError from None  # what run_refresher survives
+
+        monkeypatch.setattr(Runtime, "refresh", refresh_swallowing_cancel)
+        rt.settings = dataclasses.replace(rt.settings, refresh_interval_s=0.01)
+        loop_task = asyncio.create_task(rt.run_refresher())
+        try:
+            await asyncio.sleep(0.1)  # a round is waiting in refresh
+            rt.stopping.set()
+            loop_task.cancel()
+            done, _ = await asyncio.wait([loop_task], timeout=2.0)
+            await asyncio.sleep(0.1)
+        finally:
+            test_over = True
+            loop_task.cancel()
+            await asyncio.wait([loop_task], timeout=2.0)
+        assert done, "the loop went on after shutdown"
+        assert late_rounds == 0
