@@ -14,6 +14,7 @@ from typing import Any
 
 import hiredis
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 
 
@@ -73,15 +74,19 @@ class Batches:
     checkout per pipeline, which together cost the worker more CPU than the rest of a small
     batch. Error replies come back in place as ResponseError objects (a NOSCRIPT is
     raised, so the caller can load its scripts and retry); any other failure drops the
-    connection, and the next call reconnects.
+    connection, and the next call reconnects. After aclose() a call raises ConnectionError
+    instead: the connection is not the pool's, so a reconnect then would never be closed.
     """
 
     def __init__(self, redis: aioredis.Redis) -> None:
         self._conn = redis.connection_pool.make_connection()  # type: ignore[no-untyped-call]
         self._lock = asyncio.Lock()
+        self._closed = False
 
     async def execute(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
         async with self._lock:
+            if self._closed:
+                raise RedisConnectionError("Batches used after aclose()")
             conn = self._conn
             if not conn.is_connected:
                 await conn.connect()
@@ -103,4 +108,5 @@ class Batches:
         return replies
 
     async def aclose(self) -> None:
+        self._closed = True
         await self._conn.disconnect()

@@ -7,6 +7,7 @@ import signal
 import subprocess
 
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from stream_engine.store import Batches, connect
 
@@ -45,4 +46,22 @@ async def test_a_connect_cut_off_by_a_deadline_leaves_no_reply_for_the_next_call
         assert await batches.execute([("GET", "missing")]) == [None]
     finally:
         await batches.aclose()
+        await client.aclose()
+
+
+@pytest.mark.integration
+async def test_after_aclose_a_call_fails_instead_of_opening_a_connection_nobody_closes(
+    private_redis: tuple[str, subprocess.Popen[bytes]],
+) -> None:
+    url, _proc = private_redis
+    client = connect(url, timeout_s=None)
+    batches = Batches(client)
+    try:
+        assert await batches.execute([("PING",)]) == [b"PONG"]
+        await batches.aclose()
+        before = (await client.info("clients"))["connected_clients"]
+        with pytest.raises(RedisConnectionError):
+            await batches.execute([("PING",)])
+        assert (await client.info("clients"))["connected_clients"] == before
+    finally:
         await client.aclose()
