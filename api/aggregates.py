@@ -74,14 +74,13 @@ def parse_trending(
     """The replies of trending_commands(names)."""
     by_key = {}
     prior = np.zeros(len(catalog), np.float32)
-    get = catalog.catalog.row.get
     for name, reply in zip(names, replies, strict=True):
         if name == "":
             rows, scores = _members(reply, catalog)
             if scores and scores[0] > 0:
                 prior[rows] = np.asarray(scores, np.float32) / np.float32(scores[0])
         else:  # members only
-            rows = [r for m in reply or () if (r := get(m.decode())) is not None]
+            rows = catalog.rows(m.decode() for m in reply or ())
         by_key[name] = np.asarray(rows, dtype=np.int64)
     return Trending(by_key, prior)
 

@@ -98,10 +98,6 @@ def new_decision_id() -> str:
     return f"{_ID_PREFIX}{next(_ID_COUNTER):08x}"
 
 
-def _item_json(serving: Serving, row: int, why: str) -> dict[str, Any]:
-    return serving.catalog.item_json(row, why)
-
-
 def _banner_json(banner_id: str, creative: Any, why: str) -> dict[str, Any]:
     return {"banner_id": banner_id, **creative, "reason": why}
 
@@ -142,7 +138,7 @@ def default_decision(
         if p.row not in used:
             used.add(p.row)
             why_item = f"featured by {p.pinned_by}" if p.pinned_by else default.reason
-            d.items.append(_item_json(serving, p.row, why_item))
+            d.items.append(serving.catalog.item_json(p.row, why_item))
     return d
 
 
@@ -158,8 +154,7 @@ class PageDecider:
         self.used: set[int] = set()
         cat = serving.catalog
         self.blocked = set(cat.rows(view.bought)) | set(cat.rows(view.cart))
-        get, size = cat.catalog.row.get, serving.size
-        self.recent_rows = [r for i in view.recent if (r := get(i)) is not None and r < size]
+        self.recent_rows = [r for r in cat.rows(view.recent) if r < serving.size]
         self.recent_leaves = cat.leaf[self.recent_rows].tolist() if self.recent_rows else []
         self.age_ms = None if view.written_ms is None else max(0, now_ms - view.written_ms)
         events = view.events if view.vector is not None else 0
@@ -252,7 +247,7 @@ class PageDecider:
             why = (reason(serving.catalog, p.row, next(parts), signals, personal)
                    if p.at is not None
                    else f"featured by {p.pinned_by}" if p.pinned_by else "featured")  # fmt: skip
-            d.items.append(_item_json(serving, p.row, why))
+            d.items.append(serving.catalog.item_json(p.row, why))
         self._fill(d, ask)
         d.rules = rules_fired(picks, rows, serving.rules[slot.name])
         return d

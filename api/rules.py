@@ -140,7 +140,7 @@ def select(
     pins = _pins(rules, catalog, blocked_rows, sensitive, n) if rules.pins else []
     taken = {p.row for p in pins}
     wanted = n - len(pins)
-    chosen: list[Pick] = []
+    picks: list[Pick] = []
     per_category: dict[int, int] = {}
     cap = slot.max_per_category or n
     no_leaf = catalog.no_leaf  # items without a category are not capped together
@@ -157,12 +157,11 @@ def select(
                 continue
             per_category[leaf] = per_category.get(leaf, 0) + 1
             taken.add(row)
-            chosen.append(Pick(row, None, i))
-            if len(chosen) == wanted:
+            picks.append(Pick(row, None, i))
+            if len(picks) == wanted:
                 break
-        if len(chosen) == wanted:
+        if len(picks) == wanted:
             break
-    picks = chosen
     last = -1
     for p in pins:  # sorted by position; pins sharing a position keep their file order
         last = min(max(p.position, last + 1), len(picks))

@@ -70,10 +70,10 @@ class Runtime:
     beacons: Publisher  # collected events -> clickstream topic
     keys: Keys
     # Background work (trending refresh, the catalog mirror, learned models, the report,
-    # admin erasure) on its own connections with a timeout in seconds: with the request
-    # path's socket timeout (the read budget, milliseconds), reading the catalog mirror or
-    # a learned model (megabytes) never finished, and the refresh failed every tick
-    # ("Timeout reading from ...").
+    # admin erasure) on its own connections with a timeout in seconds: with a socket
+    # timeout of the read budget (milliseconds, as the request path's client once had),
+    # reading the catalog mirror or a learned model (megabytes) never finished, and the
+    # refresh failed every tick ("Timeout reading from ...").
     background: aioredis.Redis
     background_batches: Batches
     breaker: Breaker = field(default_factory=Breaker)

@@ -253,14 +253,9 @@ def _dense(keys: Rows, values: Floats, wanted: Rows, space: int) -> Floats:
         acc[keys] = 0.0
 
 
-def _leaf_lookup(shares: Mapping[int, float], leaves: Rows, n_leaves: int) -> Floats:
-    if not shares:
-        return np.zeros(leaves.size, np.float32)
-    dense = np.zeros(n_leaves, np.float32)
-    dense[np.fromiter(shares.keys(), np.int64, len(shares))] = np.fromiter(
-        shares.values(), np.float32, len(shares)
-    )
-    return dense[leaves]
+def _dense_lookup(values: Mapping[int, float], wanted: Rows, space: int) -> Floats:
+    keys = np.fromiter(values.keys(), np.int64, len(values))
+    return _dense(keys, np.fromiter(values.values(), np.float32, len(values)), wanted, space)
 
 
 def score(catalog: ServingCatalog, rows: Rows, signals: Signals, trending: Trending) -> Scored:
@@ -273,7 +268,7 @@ def score(catalog: ServingCatalog, rows: Rows, signals: Signals, trending: Trend
     )
     covis = _dense(signals.covis.rows, signals.covis.scores, rows, len(catalog))
     trend = trending.prior_of(rows)
-    leaf = _leaf_lookup(signals.leaves, catalog.leaf[rows], len(catalog.leaf_names))
+    leaf = _dense_lookup(signals.leaves, catalog.leaf[rows], len(catalog.leaf_names))
     total = W_INTEREST * interest
     total += W_COVISIT * covis
     total += W_TREND * trend
