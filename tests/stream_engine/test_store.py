@@ -7,6 +7,7 @@ import signal
 import subprocess
 
 import pytest
+from redis.exceptions import AuthenticationError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from stream_engine.store import Batches, connect
@@ -65,3 +66,36 @@ async def test_after_aclose_a_call_fails_instead_of_opening_a_connection_nobody_
         assert (await client.info("clients"))["connected_clients"] == before
     finally:
         await client.aclose()
+
+
+@pytest.mark.integration
+async def test_the_url_s_password_and_database_are_used_and_error_replies_stay_in_place(
+    private_redis: tuple[str, subprocess.Popen[bytes]],
+) -> None:
+    """Batches opens its own connections (not redis-py's): it must still log in and select
+    the URL's database, and hand back an error reply as redis-py's exception, in place."""
+    url, _proc = private_redis
+    admin = connect(url, timeout_s=5.0)
+    await admin.config_set("requirepass", "s3cret")
+    port = url.rsplit(":", 1)[1].split("/")[0]
+    client = connect(f"redis://:s3cret@127.0.0.1:{port}/3", timeout_s=5.0)
+    batches = Batches(client)
+    wrong_client = connect(f"redis://:nope@127.0.0.1:{port}/3", timeout_s=5.0)
+    wrong = Batches(wrong_client)
+    try:
+        assert await batches.execute([]) == []
+        replies = await batches.execute([("SET", "k", "v"), ("INCR", "k"), ("GET", "k")])
+        assert replies[0] == b"OK"
+        assert replies[2] == b"v"
+        assert isinstance(replies[1], ResponseError)
+        assert "not an integer" in str(replies[1])
+        assert await client.get("k") == b"v"  # redis-py's own connection, same db
+        assert await client.execute_command("DBSIZE") == 1
+        with pytest.raises(AuthenticationError):
+            await wrong.execute([("PING",)])
+    finally:
+        await batches.aclose()
+        await wrong.aclose()
+        await wrong_client.aclose()
+        await client.aclose()
+        await admin.aclose()
