@@ -90,7 +90,7 @@ async def test_the_url_s_password_and_database_are_used_and_error_replies_stay_i
         assert isinstance(replies[1], ResponseError)
         assert "not an integer" in str(replies[1])
         assert await client.get("k") == b"v"  # redis-py's own connection, same db
-        assert await client.execute_command("DBSIZE") == 1
+        assert await client.dbsize() == 1
         with pytest.raises(AuthenticationError):
             await wrong.execute([("PING",)])
     finally:
