@@ -6,7 +6,8 @@ co-visitation within what is left of the budget, the deadline, then the decision
 Every exit that is not a personalized answer is a default with its reason.
 
 `Runtime.refresh` runs in the background: config file changes, catalog changes from the
-worker's Redis mirror, trending; then it swaps in a new Serving snapshot.
+worker's Redis mirror, trending; then it swaps in a new Serving snapshot. Then
+`refresh_covis` reads the co-visitation entries that went stale again.
 """
 
 from __future__ import annotations
@@ -25,7 +26,14 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from api.aggregates import CovisCache, parse_trending, trending_commands, trending_keys
+from api.aggregates import (
+    COVIS_REFRESH_CHUNK,
+    COVIS_REFRESH_MAX,
+    CovisCache,
+    parse_trending,
+    trending_commands,
+    trending_keys,
+)
 from api.config import DecisionConfig, load_config
 from api.decisions import PageAsk, SlotDecision, covis_sources, decide_page, default_decision
 from api.exceptions import ConfigFileError
@@ -271,6 +279,25 @@ class Runtime:
             self.serving.config, self.catalog, trending, _now(), previous=self.serving
         )
 
+    async def refresh_covis(self, limit: int = COVIS_REFRESH_MAX) -> int:
+        """Read stale co-visitation entries again (those decisions asked for), a chunk per
+        round trip; returns how many were read. A failed chunk is due again when next
+        asked for; until then decisions use what the cache has."""
+        due = self.covis.take_due(limit)
+        catalog = self.serving.catalog
+        done = 0
+        for start in range(0, len(due), COVIS_REFRESH_CHUNK):
+            rows = [r for r in due[start : start + COVIS_REFRESH_CHUNK] if r < len(catalog)]
+            if not rows:
+                continue
+            async with asyncio.timeout(BACKGROUND_READ_S):
+                replies = await self.background_batches.execute(
+                    self.covis.commands(self.keys, catalog, rows)
+                )
+            self.covis.store(rows, replies, catalog)
+            done += len(rows)
+        return done
+
     async def _install_latent(self, version: int) -> None:
         self.latent_seen, model = await install_newer(
             self.background, self.settings.key_prefix, self.catalog.catalog, self.latent_seen,
@@ -308,6 +335,7 @@ class Runtime:
         while await self._tick(self.settings.refresh_interval_s):
             try:
                 await self.refresh()
+                await self.refresh_covis()
             except (TimeoutError, *STORE_ERRORS) as exc:
                 self.metrics.refresh_errors.inc()
                 log.warning("background refresh failed, serving the last snapshot: %s", exc)

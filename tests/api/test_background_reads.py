@@ -7,14 +7,17 @@ import asyncio
 import dataclasses
 from typing import Any
 
+import numpy as np
 import orjson
 import pytest
 import redis.asyncio as aioredis
 
+from api.aggregates import CovisCache
 from api.runtime import Runtime
 from api.settings import Settings
 from stream_engine.catalog import Catalog
 from stream_engine.catalog_updates import catalog_items_key, catalog_version_key
+from stream_engine.state import Keys
 from tests.api.conftest import client_for
 
 pytestmark = pytest.mark.integration
@@ -76,3 +79,33 @@ async def test_a_background_loop_that_survives_its_cancel_still_stops_with_the_a
             await asyncio.wait([loop_task], timeout=2.0)
         assert done, "the loop went on after shutdown"
         assert late_rounds == 0
+
+
+async def test_stale_co_visitation_is_served_and_read_again_in_the_background(
+    settings: Settings, catalog: Catalog, redis_client: aioredis.Redis
+) -> None:
+    """An entry past its half minute still serves decisions (no second round trip on the
+    request path) and the refresher reads it again: a neighbour the worker added since
+    shows up after the next refresh, not before."""
+    a, b, c = (catalog.items[k].item_id for k in range(3))
+    keys = Keys(settings.key_prefix)
+    await redis_client.zadd(keys.covisit(a), {b: 5.0})
+    async with client_for(settings) as client:
+        rt = client.app.state.runtime  # type: ignore[attr-defined]
+        now = [1000.0]
+        rt.covis = CovisCache(ttl_s=30.0, clock=lambda: now[0])
+        row_a, row_b, row_c = (rt.catalog.row(i) for i in (a, b, c))
+        found, missing = rt.covis.lookup([row_a])
+        assert (found, missing) == ({}, [row_a])  # never read: the request path reads it
+        replies = await rt.reader.execute(rt.covis.commands(rt.keys, rt.catalog, missing), 1.0)
+        rt.covis.store(missing, replies, rt.catalog)
+        await redis_client.zadd(keys.covisit(a), {c: 10.0})
+        now[0] += 31
+        found, missing = rt.covis.lookup([row_a])
+        assert missing == []
+        assert found[row_a][0].tolist() == [row_b]  # stale, served as it was
+        assert await rt.refresh_covis() == 1
+        assert await rt.refresh_covis() == 0  # handed out once
+        found, missing = rt.covis.lookup([row_a])
+        assert found[row_a][0].tolist() == [row_c, row_b]
+        np.testing.assert_allclose(found[row_a][1], [1.0, 0.5])
