@@ -42,6 +42,7 @@ from loadtest.ingest import (
     CpuMeter,
     _cleanup,
     _create_topics,
+    discard_workdir,
     environment,
     redis_benchmark,
     start_worker,
@@ -286,6 +287,7 @@ async def run(
                             "repeats": repeats}  # fmt: skip
         path = _write(out_dir, summary, steps)
         print(f"results: {path}")
+        discard_workdir(workdir)
         return summary
     finally:
         if client is not None:

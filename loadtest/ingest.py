@@ -335,6 +335,13 @@ async def _cleanup(bench: Bench, redis: aioredis.Redis) -> None:
         await redis.unlink(*batch)
 
 
+def discard_workdir(workdir: Path) -> None:
+    """A finished run's scratch directory (its catalog copy and process logs, a few MB): a
+    run that fails never gets here and keeps it, for the logs. Every run used to leave one
+    in /tmp."""
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
 def start_worker(
     bench: Bench, engine: str, catalog: Path, workdir: Path
 ) -> subprocess.Popen[bytes]:
@@ -450,6 +457,7 @@ async def run(
         for bench in (raw, *(lane.bench for lane in lanes)):
             await _cleanup(bench, redis)
         await redis.aclose()
+    discard_workdir(workdir)
     report = summarize(results, rates, ["raw", *engines], store)
     report["environment"] = environment(server)
     print(f"results: {write_report(out_dir, report, results)}")

@@ -21,7 +21,14 @@ from typing import Any
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
 
-from loadtest.ingest import Bench, _cleanup, _create_topics, start_worker, stop_worker
+from loadtest.ingest import (
+    Bench,
+    _cleanup,
+    _create_topics,
+    discard_workdir,
+    start_worker,
+    stop_worker,
+)
 from loadtest.traffic import Traffic
 from stream_engine.catalog import load_items
 from stream_engine.demo_catalog import write_demo_catalog
@@ -97,6 +104,7 @@ async def run(sessions: int, per_session: int, engine: str) -> dict[str, Any]:
         stop_worker(worker)
         await _cleanup(bench, redis)
         await redis.aclose()
+    discard_workdir(workdir)
     for k, v in report.items():
         print(f"  {k:<36} {v}")
     return report
