@@ -142,6 +142,7 @@ def select(
     wanted = n - len(pins)
     picks: list[Pick] = []
     per_category: dict[int, int] = {}
+    full: set[int] = set()  # categories at their cap: most candidates a carousel skips
     cap = slot.max_per_category or n
     no_leaf = catalog.no_leaf  # items without a category are not capped together
     # Python ints from here: numpy scalar indexing costs more than the loop itself.
@@ -151,11 +152,12 @@ def select(
         chunk = rows[at]
         for i, row, leaf in zip(at.tolist(), chunk.tolist(), catalog.leaf[chunk].tolist(),
                                 strict=True):  # fmt: skip
-            if row in taken or row in blocked_rows:
+            if leaf in full or row in taken or row in blocked_rows:
                 continue
-            if leaf != no_leaf and per_category.get(leaf, 0) >= cap:
-                continue
-            per_category[leaf] = per_category.get(leaf, 0) + 1
+            if leaf != no_leaf:
+                per_category[leaf] = count = per_category.get(leaf, 0) + 1
+                if count >= cap:
+                    full.add(leaf)
             taken.add(row)
             picks.append(Pick(row, None, i))
             if len(picks) == wanted:
