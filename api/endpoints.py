@@ -96,7 +96,9 @@ async def slot_body(
         sensitive_ok=_flag(q.get("sensitive_ok"), "sensitive_ok"),
     )
     decisions = await rt.decide(page)
-    return orjson.dumps(_stamped(decisions[0].as_json(), started)), _headers(decisions)
+    body = orjson.dumps(_stamped(decisions[0].as_json(), started))
+    rt.metrics.handled("slots", time.perf_counter() - started)
+    return body, _headers(decisions)
 
 
 async def slot_decision(request: Request) -> Response:
@@ -142,7 +144,9 @@ async def page_decisions(request: Request) -> Response:
     page = _page(rt, json_body(await request.body()))
     decisions = await rt.decide(page)
     body = {"session_id": page.session_id, "decisions": [d.as_json() for d in decisions]}
-    return _answer(decisions, body, started)
+    response = _answer(decisions, body, started)
+    rt.metrics.handled("decisions", time.perf_counter() - started)
+    return response
 
 
 async def static_baseline(request: Request) -> Response:

@@ -88,11 +88,19 @@ class ApiMetrics:
             "against the configured share (< 0.001: mismatch)", registry=r,
         )  # fmt: skip
         self._decision_children: dict[tuple[str, str, str], Any] = {}
+        self._latency_children: dict[str, Any] = {}
         self._fallback_children: dict[str, Any] = {}
         self.covis_errors = Counter(
             "kairos_api_covis_errors_total", "Co-visitation reads that failed or ran late",
             registry=r,
         )  # fmt: skip
+
+    def handled(self, endpoint: str, seconds: float) -> None:
+        """A decision request's handler time (kairos_api_request_seconds{endpoint})."""
+        child = self._latency_children.get(endpoint)
+        if child is None:
+            child = self._latency_children[endpoint] = self.latency.labels(endpoint)
+        child.observe(seconds)
 
     def decision(self, slot: str, strategy: str, fallback_reason: str) -> None:
         """Count one decision; label children cached (labels() costs microseconds a call)."""

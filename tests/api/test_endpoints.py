@@ -203,10 +203,15 @@ async def test_erasing_a_session_removes_its_state_now(
 async def test_openapi_and_metrics(settings: Settings) -> None:
     async with client_for(settings) as client:
         await client.get("/v1/slots/home_recs?session_id=m1")
+        await client.get("/v1/slots/home_recs?session_id=m2")
+        await client.post("/v1/decisions", json={"session_id": "m1", "slots": ["home_recs"]})
         spec = (await client.get("/openapi.json")).json()
         metrics = (await client.get("/metrics")).text
     assert {"/v1/slots/{slot}", "/v1/decisions", "/v1/events"} <= set(spec["paths"])
     assert 'kairos_api_decisions_total{fallback_reason="no_signal",slot="home_recs"' in metrics
+    # the handler-time histogram counts each decision request under its endpoint
+    assert 'kairos_api_request_seconds_count{endpoint="slots"} 2.0' in metrics
+    assert 'kairos_api_request_seconds_count{endpoint="decisions"} 1.0' in metrics
     assert 'kairos_api_config_info{version="demo-2026-11-22.1"} 1.0' in metrics
 
 
