@@ -287,9 +287,7 @@ class Runtime:
         catalog = self.serving.catalog
         done = 0
         for start in range(0, len(due), COVIS_REFRESH_CHUNK):
-            rows = [r for r in due[start : start + COVIS_REFRESH_CHUNK] if r < len(catalog)]
-            if not rows:
-                continue
+            rows = due[start : start + COVIS_REFRESH_CHUNK]
             async with asyncio.timeout(BACKGROUND_READ_S):
                 replies = await self.background_batches.execute(
                     self.covis.commands(self.keys, catalog, rows)
