@@ -45,6 +45,7 @@ from loadtest.ingest import (
     discard_workdir,
     environment,
     redis_benchmark,
+    stack_pids,
     start_worker,
     stop_worker,
 )
@@ -84,7 +85,7 @@ class Step:
 
 async def measure(
     client: Client, kind: str, rate: int, duration: float, warmup: float,
-    path: Callable[[int], str], pid: int,
+    path: Callable[[int], str], pid: int, others: dict[str, int] | None = None,
 ) -> Step:  # fmt: skip
     latencies: list[float] = []
     errors = 0
@@ -112,7 +113,7 @@ async def measure(
         tasks.add(task)
         task.add_done_callback(tasks.discard)
 
-    cpu = CpuMeter({"api": pid, "generator": os.getpid()})
+    cpu = CpuMeter({"api": pid, "generator": os.getpid(), **(others or {})})
     pacing = await open_loop(rate, warmup + duration, send)
     if tasks:
         _, pending = await asyncio.wait(set(tasks), timeout=10)
@@ -244,6 +245,7 @@ async def run(
     client: Client | None = None
     try:
         sids = await seed(bench, catalog, workdir, sessions, per_session)
+        others = stack_pids(await redis.info("server"))
         port = free_port()
         proc = start_api(bench, catalog, workdir, port)
         client = Client("127.0.0.1", port)
@@ -259,14 +261,14 @@ async def run(
                 kinds = ["static", "slots"] if (rep + rate) % 2 == 0 else ["slots", "static"]
                 for kind in kinds:
                     step = await measure(client, kind, rate, duration, warmup, paths[kind],
-                                         proc.pid)  # fmt: skip
+                                         proc.pid, others)  # fmt: skip
                     _print_step(rep, step)
                     steps.append(step)
         summary = summarize(steps, rates)
         knee = summary["highest_rate_p99_within_slo"]["slots"]
         if knee:
             over = await measure(client, "slots", 3 * knee, duration, warmup, paths["slots"],
-                                 proc.pid)  # fmt: skip
+                                 proc.pid, others)  # fmt: skip
             _print_step(-1, over)
             summary["overload_3x"] = _row(over)
             steps.append(over)

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import time
 
 import pytest
+import redis.asyncio as aioredis
 
-from loadtest.ingest import p50_by_third, slope
+from loadtest.ingest import CpuMeter, p50_by_third, slope, stack_pids
 
 
 def test_a_level_backlog_grows_by_nothing_however_large() -> None:
@@ -39,3 +43,25 @@ def test_a_third_with_no_events_is_nan_not_zero() -> None:
     assert thirds[0] == pytest.approx(4.0)
     assert math.isnan(thirds[1])
     assert math.isnan(thirds[2])
+
+
+async def test_the_cpu_meter_finds_the_local_redis_and_the_whole_machine(
+    redis_client: aioredis.Redis,
+) -> None:
+    pids = stack_pids(await redis_client.info("server"))
+    assert "redis" in pids  # the test stack's Redis runs on this machine
+    meter = CpuMeter({"test": os.getpid(), **pids})
+    deadline = time.monotonic() + 0.3
+    while time.monotonic() < deadline:  # a busy loop: this process and the machine work
+        pass
+    used = meter.percent()
+    assert used["test"] > 50
+    assert 100 / (os.cpu_count() or 1) * 0.5 < used["machine"] <= 100
+    assert set(used) >= {"test", "redis", "machine"}
+
+
+def test_a_process_that_has_gone_is_left_out_not_guessed() -> None:
+    proc = subprocess.Popen(["sleep", "0.01"])
+    meter = CpuMeter({"gone": proc.pid, "test": os.getpid()})
+    proc.wait()
+    assert "gone" not in meter.percent()
