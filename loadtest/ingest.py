@@ -290,10 +290,10 @@ def stack_pids(redis_info: dict[str, Any]) -> dict[str, int]:
     """The local Redis and Kafka broker processes, where this machine runs them: a 2-core
     box is shared by everything, and a run is only readable beside what the others used."""
     pids: dict[str, int] = {}
-    redis_cmdline = Path(f"/proc/{int(redis_info.get('process_id') or 0)}/cmdline")
+    redis_pid = int(redis_info.get("process_id") or 0)
     with contextlib.suppress(OSError):  # another machine's Redis, or it has gone
-        if b"redis" in redis_cmdline.read_bytes():
-            pids["redis"] = int(redis_info["process_id"])
+        if redis_pid and b"redis" in Path(f"/proc/{redis_pid}/cmdline").read_bytes():
+            pids["redis"] = redis_pid
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
@@ -301,7 +301,7 @@ def stack_pids(redis_info: dict[str, Any]) -> dict[str, int]:
             cmdline = (proc / "cmdline").read_bytes()
         except OSError:
             continue
-        if b"\0kafka.Kafka\0" in cmdline:
+        if b"\0kafka.Kafka\0" in cmdline:  # the first broker found: the stack runs one
             pids["broker"] = int(proc.name)
             break
     return pids
