@@ -48,6 +48,12 @@ def cmd_worker(settings: Settings) -> None:
 
         run_forever(settings, catalog, metrics)
         return
+    if settings.engine == "librdkafka":
+        from stream_engine.consumer import run_forever
+        from stream_engine.rdkafka_consumer import RdKafkaConsumer
+
+        run_forever(settings, catalog, metrics, RdKafkaConsumer)
+        return
     app = create_app(settings, catalog, metrics)
     worker = faust.Worker(app, loglevel="WARNING", quiet=True)
     worker.execute_from_commandline()  # runs until SIGTERM/SIGINT, then exits the process

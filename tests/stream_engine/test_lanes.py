@@ -1,4 +1,4 @@
-"""The aiokafka consumer's lanes: what a lane hands to the processor, in which order, and
+"""The lanes both plain consumers share: what a lane hands to the processor, in which order, and
 when the fetch loop must stop filling it. Pure asyncio; the end-to-end behaviour of a worker
 in lanes (ordering, kill -9, two workers) is in test_worker.py on the real broker."""
 
@@ -9,52 +9,75 @@ import asyncio
 import pytest
 from aiokafka import TopicPartition
 
-from stream_engine.consumer import _Lane
 from stream_engine.exceptions import ConfigError
+from stream_engine.lanes import Batch, Lane
+from stream_engine.processor import Record
 from stream_engine.settings import Settings
 
 TP0 = TopicPartition("clickstream", 0)
 TP2 = TopicPartition("clickstream", 2)
 
 
+def hand(lane: Lane, generation: int, batch: Batch) -> None:
+    """What the fetching side does: count the records in, then queue them."""
+    lane.reserve(batch)
+    lane.put(generation, batch)
+
+
+def rs(*offsets: int) -> list[Record]:
+    return [Record(partition=0, offset=o, key=b"k", value=b"", timestamp_ms=0) for o in offsets]
+
+
 async def test_a_lane_hands_over_what_queued_as_one_batch_in_offset_order() -> None:
-    lane = _Lane(0, depth=100)
-    lane.put(1, {TP0: [10, 11]})
-    lane.put(1, {TP2: [5], TP0: [12]})
+    lane = Lane(0, depth=100)
+    hand(lane, 1, {TP0: rs(10, 11)})
+    hand(lane, 1, {TP2: rs(5), TP0: rs(12)})
     generation, batch = await lane.take()
     assert generation == 1
-    assert batch == {TP0: [10, 11, 12], TP2: [5]}
+    assert batch == {TP0: rs(10, 11, 12), TP2: rs(5)}
     assert not lane.pending
     assert lane.queued == 0
 
 
 async def test_batches_fetched_before_a_rebalance_are_not_merged_with_later_ones() -> None:
-    lane = _Lane(0, depth=100)
-    lane.put(1, {TP0: [10]})
-    lane.put(2, {TP0: [10, 11]})  # replayed after the rebalance
-    assert await lane.take() == (1, {TP0: [10]})
-    assert await lane.take() == (2, {TP0: [10, 11]})
+    lane = Lane(0, depth=100)
+    hand(lane, 1, {TP0: rs(10)})
+    hand(lane, 2, {TP0: rs(10, 11)})  # replayed after the rebalance
+    assert await lane.take() == (1, {TP0: rs(10)})
+    assert await lane.take() == (2, {TP0: rs(10, 11)})
 
 
 async def test_fetching_for_a_lane_waits_once_it_holds_depth_records() -> None:
-    lane = _Lane(0, depth=3)
+    lane = Lane(0, depth=3)
     room = []
-    lane.put(1, {TP0: [1, 2]})
+    hand(lane, 1, {TP0: rs(1, 2)})
     room.append(lane.has_room)
-    lane.put(1, {TP0: [3]})
+    hand(lane, 1, {TP0: rs(3)})
     room.append(lane.has_room)
     await lane.take()
     room.append(lane.has_room)
     assert room == [True, False, True]
 
 
+async def test_records_counted_in_before_they_are_queued_already_fill_the_lane() -> None:
+    """The librdkafka thread counts a batch in before the event loop queues it: a lane is
+    full as soon as the records are on their way, not only once they have arrived."""
+    lane = Lane(0, depth=3)
+    lane.reserve({TP0: rs(1, 2, 3)})
+    assert (lane.queued, lane.has_room) == (3, False)
+    lane.put(1, {TP0: rs(1, 2, 3)})
+    assert await lane.take() == (1, {TP0: rs(1, 2, 3)})
+    assert lane.has_room
+    assert lane.queued == 0
+
+
 async def test_take_waits_for_a_batch() -> None:
-    lane = _Lane(0, depth=10)
+    lane = Lane(0, depth=10)
     waiting = asyncio.create_task(lane.take())
     await asyncio.sleep(0.01)
     assert not waiting.done()
-    lane.put(3, {TP2: [7]})
-    assert await asyncio.wait_for(waiting, 1.0) == (3, {TP2: [7]})
+    hand(lane, 3, {TP2: rs(7)})
+    assert await asyncio.wait_for(waiting, 1.0) == (3, {TP2: rs(7)})
 
 
 @pytest.mark.parametrize("lanes", [0, -1])
