@@ -1,7 +1,7 @@
 """Benchmarks and load tests; they drive Kairos from outside, over Kafka, Redis and HTTP.
 
 python -m loadtest ingest [--rates 1000,5000,10000] [--duration 15] [--repeats 3]
-                        [--engines faust,aiokafka]
+                        [--engines faust,aiokafka,librdkafka]
     python -m loadtest memory [--sessions 100000] [--events-per-session 4]
     python -m loadtest run SCENARIO [--api URL] [--bootstrap HOST:PORT] [--out DIR]
                                [--compare PREVIOUS.json] [--slo KEY=VALUE ...]
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     ing.add_argument("--rates", default="1000,5000,10000")
     ing.add_argument("--duration", type=float, default=15.0)
     ing.add_argument("--repeats", type=int, default=3)
-    ing.add_argument("--engines", default="faust,aiokafka")
+    ing.add_argument("--engines", default="faust,aiokafka,librdkafka")
     ing.add_argument("--out", type=Path, default=Path("artifacts"))
     mem = sub.add_parser("memory", help="Redis memory per session")
     mem.add_argument("--sessions", type=int, default=100_000)
