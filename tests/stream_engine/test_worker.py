@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -130,6 +129,26 @@ async def _counts(redis: aioredis.Redis, keys: Keys, sessions: list[str]) -> lis
     return [int(v or 0) for v in await pipe.execute()]
 
 
+async def _publish(
+    producer: AIOKafkaProducer, topic: str, sessions: list[str], n: int, stride: int
+) -> dict[str, list[str]]:
+    """Publish n view events spread over the sessions; the items each session got, in order."""
+    sent: dict[str, list[str]] = {sid: [] for sid in sessions}
+    for k in range(n):
+        sid = sessions[(k * stride) % len(sessions)]
+        await producer.send(topic, _event(k, sid), key=sid.encode())
+        sent[sid].append(ITEMS[k % len(ITEMS)])
+    await producer.flush()
+    return sent
+
+
+async def _wait_applied(redis: aioredis.Redis, keys: Keys, sessions: list[str], n: int) -> None:
+    async def all_applied() -> bool:
+        return sum(await _counts(redis, keys, sessions)) >= n
+
+    await _wait_for(all_applied, 90, f"all {n} events applied")
+
+
 async def test_published_events_reach_redis_and_bad_ones_the_dlq(
     start_worker: Callable[..., object],
     producer: AIOKafkaProducer,
@@ -173,14 +192,8 @@ async def test_kill_and_restart_loses_nothing_and_doubles_nothing(
     worker_env: dict[str, str],
     key_prefix: str,
 ) -> None:
-    topic = worker_env["KAIROS_CLICKSTREAM_TOPIC"]
     sessions = [f"s{k}" for k in range(40)]
-    sent: Counter[str] = Counter()
-    for n in range(3000):
-        sid = sessions[(n * 7) % len(sessions)]
-        await producer.send(topic, _event(n, sid), key=sid.encode())
-        sent[sid] += 1
-    await producer.flush()
+    sent = await _publish(producer, worker_env["KAIROS_CLICKSTREAM_TOPIC"], sessions, 3000, 7)
     keys = Keys(key_prefix)
     first = start_worker()
 
@@ -191,13 +204,9 @@ async def test_kill_and_restart_loses_nothing_and_doubles_nothing(
     os.killpg(first.pid, signal.SIGKILL)  # mid-stream, no chance to commit
     first.wait()
     start_worker()
-
-    async def all_applied() -> bool:
-        return sum(await _counts(redis_client, keys, sessions)) >= 3000
-
-    await _wait_for(all_applied, 90, "all 3000 events applied after restart")
+    await _wait_applied(redis_client, keys, sessions, 3000)
     await asyncio.sleep(1.0)  # anything doubled would show up now
-    assert await _counts(redis_client, keys, sessions) == [sent[s] for s in sessions]
+    assert await _counts(redis_client, keys, sessions) == [len(sent[s]) for s in sessions]
 
 
 async def test_a_backlog_many_times_the_lanes_depth_arrives_whole_and_in_order(
@@ -210,21 +219,11 @@ async def test_a_backlog_many_times_the_lanes_depth_arrives_whole_and_in_order(
     """Lanes 8 records deep: fetching for a full lane stops (the librdkafka consumer pauses
     its partitions) and resumes again and again while the others go on."""
     worker_env.update(KAIROS_BATCH_MAX="8", KAIROS_LANES="2")
-    topic = worker_env["KAIROS_CLICKSTREAM_TOPIC"]
     sessions = [f"s{k}" for k in range(12)]
-    sent: dict[str, list[str]] = {sid: [] for sid in sessions}
-    for n in range(1200):
-        sid = sessions[(n * 5) % len(sessions)]
-        await producer.send(topic, _event(n, sid), key=sid.encode())
-        sent[sid].append(ITEMS[n % len(ITEMS)])
-    await producer.flush()
+    sent = await _publish(producer, worker_env["KAIROS_CLICKSTREAM_TOPIC"], sessions, 1200, 5)
     start_worker()
     keys = Keys(key_prefix)
-
-    async def all_applied() -> bool:
-        return sum(await _counts(redis_client, keys, sessions)) >= 1200
-
-    await _wait_for(all_applied, 90, "all 1200 events applied")
+    await _wait_applied(redis_client, keys, sessions, 1200)
     # An event applied after a later one of its session would be refused by the fence.
     assert await _counts(redis_client, keys, sessions) == [100] * 12
     for sid in sessions:
@@ -246,17 +245,10 @@ async def test_two_workers_share_the_partitions(
     start_worker(ports[0])
     start_worker(ports[1])
     await asyncio.sleep(8)  # both join the group before the events arrive
-    topic = worker_env["KAIROS_CLICKSTREAM_TOPIC"]
     sessions = [f"s{k}" for k in range(64)]
-    for n, sid in enumerate(sessions * 5):
-        await producer.send(topic, _event(n, sid), key=sid.encode())
-    await producer.flush()
+    await _publish(producer, worker_env["KAIROS_CLICKSTREAM_TOPIC"], sessions, 320, 1)
     keys = Keys(key_prefix)
-
-    async def all_applied() -> bool:
-        return sum(await _counts(redis_client, keys, sessions)) >= 320
-
-    await _wait_for(all_applied, 90, "320 events applied by the pair")
+    await _wait_applied(redis_client, keys, sessions, 320)
     assert await _counts(redis_client, keys, sessions) == [5] * 64
     per_worker = [_metric(port, "kairos_events_total{", 'outcome="ok"') for port in ports]
     assert all(n > 0 for n in per_worker), per_worker
