@@ -216,8 +216,8 @@ async def test_a_backlog_many_times_the_lanes_depth_arrives_whole_and_in_order(
     worker_env: dict[str, str],
     key_prefix: str,
 ) -> None:
-    """Lanes 8 records deep: fetching for a full lane stops (the librdkafka consumer pauses
-    its partitions) and resumes again and again while the others go on."""
+    """Lanes 8 records deep: fetching for a full lane stops and starts again many times
+    (the librdkafka consumer's thread waits for room and is woken by the lanes)."""
     worker_env.update(KAIROS_BATCH_MAX="8", KAIROS_LANES="2")
     sessions = [f"s{k}" for k in range(12)]
     sent = await _publish(producer, worker_env["KAIROS_CLICKSTREAM_TOPIC"], sessions, 1200, 5)
