@@ -48,6 +48,7 @@ from loadtest.ingest import (
     stack_pids,
     start_worker,
     stop_worker,
+    warn_bystanders,
 )
 from loadtest.openloop import PacingStats, Percentiles, median_of, open_loop
 from loadtest.traffic import Traffic
@@ -243,6 +244,7 @@ async def run(
     await _create_topics(bench, [bench.topic(n) for n in TOPICS])
     proc: subprocess.Popen[bytes] | None = None
     client: Client | None = None
+    strangers = warn_bystanders()
     try:
         sids = await seed(bench, catalog, workdir, sessions, per_session)
         others = stack_pids(await redis.info("server"))
@@ -283,7 +285,8 @@ async def run(
             )
         print(f"API resident memory (MiB) by catalog size: {summary['api_rss_mib']}")
         summary["redis_benchmark_rps"] = redis_benchmark(bench.redis_url)
-        summary["environment"] = environment(await redis.info("server"))
+        summary["environment"] = {**environment(await redis.info("server")),
+                                   "other_kairos_processes": strangers}  # fmt: skip
         summary["setup"] = {"sessions": len(sids), "events_per_session": per_session,
                             "items": items, "duration_s": duration, "warmup_s": warmup,
                             "repeats": repeats}  # fmt: skip

@@ -307,6 +307,36 @@ def stack_pids(redis_info: dict[str, Any]) -> dict[str, int]:
     return pids
 
 
+# Command lines of Kairos processes that a benchmark does not start itself.
+_KAIROS_ARGV = (b"\0-m\0stream_engine\0", b"\0-m\0api\0", b"\0-m\0loadtest\0simulate\0")
+
+
+def bystanders(own: set[int] | None = None) -> dict[int, str]:
+    """Kairos processes already running on this machine (a stack's worker or API left up,
+    the demo's shoppers), other than `own`: their CPU lands in every figure of a run on a
+    2-core box, so a run names them. Session 10 measured for half an hour beside an idle
+    stack API and faust worker (~18% of a core between them) before noticing."""
+    found: dict[int, str] = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) in (own or set()):
+            continue
+        try:
+            argv = b"\0" + (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if any(m in argv for m in _KAIROS_ARGV):
+            found[int(proc.name)] = argv.replace(b"\0", b" ").decode(errors="replace").strip()
+    return found
+
+
+def warn_bystanders() -> dict[int, str]:
+    found = bystanders({os.getpid()})
+    for pid, argv in found.items():
+        print(f"WARNING: another Kairos process is running (pid {pid}: {argv[:80]}); its CPU "
+              "is in this run's figures (stop it: make down)", flush=True)  # fmt: skip
+    return found
+
+
 class CpuMeter:
     """CPU of the named processes (% of one core each) and of the whole machine ("machine":
     % of all its cores busy, whoever used them) over the meter's life."""
@@ -464,6 +494,7 @@ async def run(
     db = int(redis.connection_pool.connection_kwargs.get("db", 0))
     server = await redis.info("server")
     others = stack_pids(server)
+    strangers = warn_bystanders()
     config = await redis.config_get("notify-keyspace-events")
     old_notify = str(config.get("notify-keyspace-events") or "")
     await redis.config_set("notify-keyspace-events", "Kh")
@@ -501,7 +532,7 @@ async def run(
         await redis.aclose()
     discard_workdir(workdir)
     report = summarize(results, rates, ["raw", *engines], store)
-    report["environment"] = environment(server)
+    report["environment"] = {**environment(server), "other_kairos_processes": strangers}
     print(f"results: {write_report(out_dir, report, results)}")
     return report
 
@@ -526,7 +557,8 @@ def environment(redis_info: dict[str, Any]) -> dict[str, Any]:
         "unknown",
     )  # fmt: skip
     versions: dict[str, str | None] = {}
-    for dist in ("aiokafka", "faust-streaming", "redis", "hiredis", "numpy", "uvloop"):
+    for dist in ("aiokafka", "confluent-kafka", "faust-streaming", "redis", "hiredis", "numpy",
+                 "uvloop"):  # fmt: skip
         try:
             versions[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:

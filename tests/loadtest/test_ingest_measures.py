@@ -5,12 +5,13 @@ from __future__ import annotations
 import math
 import os
 import subprocess
+import sys
 import time
 
 import pytest
 import redis.asyncio as aioredis
 
-from loadtest.ingest import CpuMeter, p50_by_third, slope, stack_pids
+from loadtest.ingest import CpuMeter, bystanders, p50_by_third, slope, stack_pids
 
 
 def test_a_level_backlog_grows_by_nothing_however_large() -> None:
@@ -65,3 +66,24 @@ def test_a_process_that_has_gone_is_left_out_not_guessed() -> None:
     meter = CpuMeter({"gone": proc.pid, "test": os.getpid()})
     proc.wait()
     assert "gone" not in meter.percent()
+
+
+def test_a_kairos_process_left_running_is_named_and_other_processes_are_not() -> None:
+    """A stack's API or worker left up takes CPU from every benchmark figure."""
+    sleeper = "import time; time.sleep(30)"
+    worker = subprocess.Popen([sys.executable, "-c", sleeper, "-m", "stream_engine", "worker"])
+    other = subprocess.Popen([sys.executable, "-c", sleeper, "-m", "apis"])
+    try:
+        deadline = time.monotonic() + 5
+        found: dict[int, str] = {}
+        while worker.pid not in found and time.monotonic() < deadline:
+            found = bystanders({os.getpid()})
+            time.sleep(0.05)
+        assert "stream_engine worker" in found[worker.pid]
+        assert other.pid not in found
+        assert os.getpid() not in found
+        assert worker.pid not in bystanders({worker.pid})
+    finally:
+        for proc in (worker, other):
+            proc.kill()
+            proc.wait()
