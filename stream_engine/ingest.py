@@ -1,7 +1,8 @@
 """Applying clickstream batches, whichever consumer delivers them: state, DLQ, metrics.
 
-Both consumers (the faust agent in app.py and the plain aiokafka loop in consumer.py) hand
-their batches to Ingest, so fencing, retries, dead-lettering and metrics are one code path.
+Every consumer (the faust agent in app.py, the plain loops in consumer.py and
+rdkafka_consumer.py) hands its batches to Ingest, so fencing, retries, dead-lettering and
+metrics are one code path.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ class Ingest:
         self.settings = settings
         self.catalog = catalog
         self.metrics = metrics
-        # One processor per lane (see consumer.py): each owns a Redis connection for its
+        # One processor per lane (see lanes.py): each owns a Redis connection for its
         # batches and its share of the session cache (the faust agent is one lane).
         self.lanes = lanes
         self._processors: dict[int, BatchProcessor] = {}
