@@ -76,8 +76,10 @@ def start_worker(worker_env: dict[str, str], tmp_path: Path) -> Iterator[Callabl
     """Starts worker processes; every one is stopped (TERM, then KILL) after the test."""
     procs: list[subprocess.Popen[bytes]] = []
 
-    def start(metrics_port: int = 0) -> subprocess.Popen[bytes]:
+    def start(metrics_port: int = 0, engine: str | None = None) -> subprocess.Popen[bytes]:
         env = {**worker_env, "KAIROS_METRICS_PORT": str(metrics_port)}
+        if engine is not None:
+            env["KAIROS_ENGINE"] = engine
         with (tmp_path / f"worker{len(procs)}.log").open("wb") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "stream_engine", "worker"],
@@ -241,9 +243,33 @@ async def test_two_workers_share_the_partitions(
     worker_env: dict[str, str],
     key_prefix: str,
 ) -> None:
+    await _pair_shares(start_worker, producer, redis_client, worker_env, key_prefix, None)
+
+
+@pytest.mark.parametrize("engine", ["librdkafka"])
+async def test_a_librdkafka_and_an_aiokafka_worker_share_one_group(
+    start_worker: Callable[..., object],
+    producer: AIOKafkaProducer,
+    redis_client: aioredis.Redis,
+    worker_env: dict[str, str],
+    key_prefix: str,
+) -> None:
+    """Both plain engines assign round-robin, so a deployment can move from one to the
+    other a worker at a time."""
+    await _pair_shares(start_worker, producer, redis_client, worker_env, key_prefix, "aiokafka")
+
+
+async def _pair_shares(
+    start_worker: Callable[..., object],
+    producer: AIOKafkaProducer,
+    redis_client: aioredis.Redis,
+    worker_env: dict[str, str],
+    key_prefix: str,
+    second_engine: str | None,
+) -> None:
     ports = [free_port(), free_port()]
     start_worker(ports[0])
-    start_worker(ports[1])
+    start_worker(ports[1], second_engine)
     await asyncio.sleep(8)  # both join the group before the events arrive
     sessions = [f"s{k}" for k in range(64)]
     await _publish(producer, worker_env["KAIROS_CLICKSTREAM_TOPIC"], sessions, 320, 1)
