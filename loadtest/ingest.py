@@ -211,6 +211,7 @@ async def run_kairos(
         await producer.flush()
         await _drain(lambda: vis.outstanding <= 0)
     finally:
+        _report_dead_watcher(watcher)
         watcher.cancel()
         await producer.stop()
     start = backlog[0][0] if backlog else 0.0
@@ -220,6 +221,14 @@ async def run_kairos(
     return RunResult(rate, "kairos", Percentiles.of_ms(vis.latencies), pacing,
                      vis.outstanding, max(tail, default=0), backlog_growth=slope(steady),
                      p50_by_third=thirds)  # fmt: skip
+
+
+def _report_dead_watcher(watcher: asyncio.Task[None]) -> None:
+    """A watcher that died (its Redis connection dropped, say) leaves every later event
+    unseen: say so, so that a run is not read as a worker that stopped."""
+    if watcher.done() and not watcher.cancelled() and watcher.exception() is not None:
+        print(f"WARNING: the visibility watcher failed mid-run ({watcher.exception()!r}); "
+              "events after that count as unseen, not as late", flush=True)  # fmt: skip
 
 
 def slope(points: list[tuple[float, float]]) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 import subprocess
@@ -11,7 +12,14 @@ import time
 import pytest
 import redis.asyncio as aioredis
 
-from loadtest.ingest import CpuMeter, bystanders, p50_by_third, slope, stack_pids
+from loadtest.ingest import (
+    CpuMeter,
+    _report_dead_watcher,
+    bystanders,
+    p50_by_third,
+    slope,
+    stack_pids,
+)
 
 
 def test_a_level_backlog_grows_by_nothing_however_large() -> None:
@@ -87,3 +95,22 @@ def test_a_kairos_process_left_running_is_named_and_other_processes_are_not() ->
         for proc in (worker, other):
             proc.kill()
             proc.wait()
+
+
+async def test_a_visibility_watcher_that_died_is_reported(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    async def broken() -> None:
+        raise ConnectionError("Connection closed by server.")
+
+    async def waiting() -> None:
+        await asyncio.sleep(10)
+
+    died = asyncio.create_task(broken())
+    alive = asyncio.create_task(waiting())
+    await asyncio.sleep(0)
+    _report_dead_watcher(alive)
+    assert capsys.readouterr().out == ""
+    _report_dead_watcher(died)
+    assert "watcher failed mid-run (ConnectionError('Connection closed" in capsys.readouterr().out
+    alive.cancel()
