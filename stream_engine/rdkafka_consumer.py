@@ -80,7 +80,7 @@ class RdKafkaConsumer:
             # aiokafka's assignor: workers of both engines can share one group
             "partition.assignment.strategy": "roundrobin",
             "fetch.min.bytes": s.fetch_min_bytes,
-            "fetch.wait.max.ms": s.rdkafka_fetch_wait_ms,
+            "fetch.wait.max.ms": s.fetch_max_wait_ms,
             "socket.nagle.disable": True,
             "queued.max.messages.kbytes": PREFETCH_KB,
             "logger": log,

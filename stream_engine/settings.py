@@ -76,14 +76,10 @@ class Settings:
     # plain engines: commit applied offsets at most this often (fences cover redelivery).
     commit_interval_ms: int = 200
     # plain engines: let the broker gather up to fetch_min_bytes for up to fetch_max_wait_ms
-    # before answering a fetch; each fetch costs the worker a Python protocol round trip.
+    # before answering a fetch. Each fetch is a broker request (and in aiokafka a Python
+    # protocol round trip); with 1 byte the wait only bounds a fetch that finds nothing.
     fetch_min_bytes: int = 1
     fetch_max_wait_ms: int = 100
-    # librdkafka engine: the same wait, shorter. A partition it resumes after its lane was
-    # full is fetched only once the fetch in flight returns: with 100 ms, a backlog of
-    # 1,200 events in 8-deep lanes took 13.8 s to apply, with 10 ms 2.6 s. An idle worker
-    # pays ~100 empty fetches a second, in C.
-    rdkafka_fetch_wait_ms: int = 10
     # plain engines: partitions are applied in this many lanes at once (partition % lanes),
     # each with its own Redis connection, so one lane's Redis round trips overlap another's
     # planning. A partition stays in one lane: events of a session stay in order. More lanes
