@@ -30,6 +30,7 @@ from api.collector import collect
 from api.config import load_config
 from api.endpoints import JSON, page_decisions, runtime, slot_decision, static_baseline
 from api.exceptions import BadRequest
+from api.fallback import Limiter
 from api.fastpath import FastSlots
 from api.items import ServingCatalog
 from api.limits import BodyLimit
@@ -133,6 +134,8 @@ def build_runtime(settings: Settings, metrics: ApiMetrics) -> Runtime:
         keys=keys,
         background=background,
         background_batches=Batches(background),
+        # a floor of one: under a CPU-bound overload few requests are in flight at a time
+        limiter=Limiter(0.010, low=1, max_cpu_share=settings.max_cpu_share),
     )
     metrics.config_version.labels(config.version).set(1)
     metrics.watch(
@@ -140,6 +143,7 @@ def build_runtime(settings: Settings, metrics: ApiMetrics) -> Runtime:
         limit=lambda: rt.limiter.limit,
         breaker_open=lambda: 0.0 if rt.breaker.state == "closed" else 1.0,
         loop_lag=lambda: rt.lag.recent_s,
+        cpu_share=lambda: rt.limiter.cpu_share,
     )
     return rt
 

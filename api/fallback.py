@@ -93,10 +93,18 @@ class Breaker:
 
 class Limiter:
     """Adaptive bound on requests in flight (AIMD, like TCP congestion control), decided per
-    window of `window_s`: when more than `slow_share` of the window's requests took longer
-    than `target_s`, the limit shrinks by `backoff`; when the limit was reached in a window
-    without that, it grows by a tenth. Requests beyond the limit are not queued: they get
-    the default at once. Windows, not single requests, so one GC pause is not an overload.
+    window of `window_s`: the limit shrinks by `backoff` when more than `slow_share` of the
+    window's requests took longer than `target_s`, or when this process used more than
+    `max_cpu_share` of a core over the window (`cpu_clock`: its CPU time); when the limit
+    was reached in a window without either, it grows by a tenth. Requests beyond the limit
+    are not queued: they get the default at once. Windows, not single requests, so one GC
+    pause is not an overload.
+
+    Why the CPU share: one event loop does everything, so a saturated process queues new
+    requests in front of its loop, where no handler's latency sees them, while the few in
+    flight still finish fast. Shedding decisions before the core is full keeps the answers
+    in budget: at 3x the sustainable rate, p99 5 ms against 19-22 ms on latency alone
+    (loadtest/README.md, session 11).
     """
 
     def __init__(
@@ -109,6 +117,8 @@ class Limiter:
         window_s: float = 0.1,
         slow_share: float = 0.1,
         clock: Callable[[], float] = time.monotonic,
+        max_cpu_share: float = 0.0,  # 0: latency alone
+        cpu_clock: Callable[[], float] = time.process_time,
     ) -> None:
         self.target_s = target_s
         self.limit = float(initial)
@@ -117,8 +127,12 @@ class Limiter:
         self.window_s = window_s
         self.slow_share = slow_share
         self.clock = clock
+        self.max_cpu_share = max_cpu_share
+        self.cpu_clock = cpu_clock
         self.in_flight = 0
+        self.cpu_share = 0.0  # over the last whole window
         self._window_start = clock()
+        self._window_cpu = cpu_clock()
         self._done = 0
         self._slow = 0
         self._saturated = False
@@ -137,11 +151,15 @@ class Limiter:
         now = self.clock()
         if now - self._window_start < self.window_s:
             return
-        if self._slow > self.slow_share * self._done:
+        cpu = self.cpu_clock()
+        self.cpu_share = (cpu - self._window_cpu) / (now - self._window_start)
+        hot = 0 < self.max_cpu_share < self.cpu_share
+        if hot or self._slow > self.slow_share * self._done:
             self.limit = max(self.low, self.limit * self.backoff)
         elif self._saturated:
             self.limit = min(self.high, self.limit * 1.1 + 1)
         self._window_start, self._done, self._slow, self._saturated = now, 0, 0, False
+        self._window_cpu = cpu
 
 
 class LoopLag:

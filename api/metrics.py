@@ -45,6 +45,10 @@ class ApiMetrics:
             "oversleep of a 5 ms timer over the last 0.5-1 s): CPU overload shows here first",
             registry=r,
         )  # fmt: skip
+        self.cpu_share = Gauge(
+            "kairos_api_cpu_share", "Share of a core this process used over the limiter's "
+            "last 100 ms window (the limit shrinks above KAIROS_MAX_CPU_SHARE)", registry=r,
+        )  # fmt: skip
         self.dropped = Counter(
             "kairos_api_publish_dropped_total", "Messages for Kafka dropped, by topic and why",
             ["topic", "why"], registry=r,
@@ -120,12 +124,14 @@ class ApiMetrics:
     def watch(
         self, in_flight: Callable[[], float], limit: Callable[[], float],
         breaker_open: Callable[[], float], loop_lag: Callable[[], float],
+        cpu_share: Callable[[], float],
     ) -> None:  # fmt: skip
         """Gauges read at scrape time, so the request path never sets them."""
         self.in_flight.set_function(in_flight)
         self.limit.set_function(limit)
         self.breaker_open.set_function(breaker_open)
         self.loop_lag.set_function(loop_lag)
+        self.cpu_share.set_function(cpu_share)
 
     def report(self, report: dict[str, Any]) -> None:
         """Set the report gauges from a freshly built report."""

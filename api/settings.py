@@ -39,6 +39,10 @@ class Settings:
     deadline_ms: float = 20.0
     redis_timeout_ms: float = 12.0
     redis_connections: int = 4
+    # The in-flight limit also shrinks while the API uses more than this share of a core
+    # (over 100 ms windows), so overload sheds to the defaults instead of queueing in front
+    # of the event loop. 0 = on handler latency alone.
+    max_cpu_share: float = 0.9
     # Must match the worker's KAIROS_USER_HALF_LIFE_S (the profile decays with it).
     user_half_life_s: float = 14 * 86400.0
     # Trending, catalog changes and config file changes are picked up this often.
@@ -64,6 +68,8 @@ class Settings:
             )
         if not 0 < self.redis_timeout_ms < self.deadline_ms:
             raise ConfigError("KAIROS_REDIS_TIMEOUT_MS must be > 0 and < KAIROS_DEADLINE_MS")
+        if not 0 <= self.max_cpu_share <= 1:
+            raise ConfigError("KAIROS_MAX_CPU_SHARE must be between 0 and 1 (0 = off)")
         if self.redis_connections < 1 or self.publish_queue < 1 or self.max_body_bytes < 1024:
             raise ConfigError(
                 "KAIROS_REDIS_CONNECTIONS and KAIROS_PUBLISH_QUEUE must be >= 1, "

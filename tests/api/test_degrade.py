@@ -131,6 +131,32 @@ async def test_requests_beyond_the_in_flight_limit_get_the_default_at_once(
     assert 'kairos_api_fallbacks_total{reason="overload"}' in metrics
 
 
+async def test_a_process_past_its_cpu_share_sheds_to_the_default_and_says_so(
+    settings: Settings, private: tuple[str, subprocess.Popen[bytes], Clicks]
+) -> None:
+    url, proc, _ = private
+    async with client_for(with_(settings, redis_url=url, max_cpu_share=0.5)) as client:
+        limiter = client.app.state.runtime.limiter  # type: ignore[attr-defined]
+        assert (limiter.max_cpu_share, limiter.low) == (0.5, 1)
+        limiter.cpu_clock = limiter.clock  # CPU time passing as fast as wall time: a full core
+        limiter.window_s = 0.01
+        for _ in range(200):  # fast answers, every window too busy: down to the floor
+            assert (await _get(client))["fallback_reason"] != "overload"
+            await asyncio.sleep(0.011)
+            if limiter.limit == 1:
+                break
+        assert limiter.limit == 1
+        proc.send_signal(signal.SIGSTOP)  # the one admitted request waits on Redis
+        try:
+            answers = await asyncio.gather(*[_get(client) for _ in range(6)])
+        finally:
+            proc.send_signal(signal.SIGCONT)
+        metrics = (await client.get("/metrics")).text
+    assert [a["fallback_reason"] for a in answers].count("overload") >= 5
+    assert all(len(a["items"]) == 8 for a in answers)
+    assert "kairos_api_cpu_share 1.0" in metrics
+
+
 async def test_pausing_a_slot_or_everything(
     settings: Settings, clicks: Clicks, items_in: Picker
 ) -> None:

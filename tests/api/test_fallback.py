@@ -98,6 +98,50 @@ def test_limiter_grows_only_when_it_is_the_bound() -> None:
     assert lim.limit > 20
 
 
+def _busy_window(lim: Limiter, clock: Clock, cpu: Clock, share: float, n: int) -> None:
+    """A window of n fast requests while the process used `share` of a core."""
+    for _ in range(n):
+        if lim.try_acquire():
+            lim.release(0.001)
+    clock.now += lim.window_s
+    cpu.now += share * lim.window_s
+    lim.try_acquire()
+    lim.release(0.001)  # the first release after the window closes it
+
+
+def test_limiter_sheds_while_the_process_is_near_a_full_core_however_fast_requests_are() -> None:
+    clock, cpu = Clock(), Clock()
+    lim = Limiter(target_s=0.01, initial=50, low=1, clock=clock, max_cpu_share=0.9,
+                  cpu_clock=cpu)  # fmt: skip
+    _busy_window(lim, clock, cpu, 0.95, 10)
+    assert lim.cpu_share == pytest.approx(0.95)
+    assert lim.limit == pytest.approx(40)
+    for _ in range(40):
+        _busy_window(lim, clock, cpu, 0.99, 10)
+    assert lim.limit == 1  # down to its floor, and no further
+    assert lim.try_acquire()
+    assert not lim.try_acquire()
+    lim.release(0.001)
+    # below the share again, and the limit is what bounds: it grows back
+    for _ in range(5):
+        while lim.try_acquire():
+            pass
+        clock.now += lim.window_s
+        cpu.now += 0.5 * lim.window_s
+        for _ in range(lim.in_flight):
+            lim.release(0.001)
+    assert lim.limit > 3
+
+
+def test_limiter_ignores_the_cpu_share_when_it_is_switched_off() -> None:
+    clock, cpu = Clock(), Clock()
+    lim = Limiter(target_s=0.01, initial=50, clock=clock, cpu_clock=cpu)
+    for _ in range(5):
+        _busy_window(lim, clock, cpu, 1.0, 10)
+    assert lim.cpu_share == pytest.approx(1.0)
+    assert lim.limit == 50
+
+
 def test_pauses() -> None:
     p = Pauses()
     p.slots.add("a")
