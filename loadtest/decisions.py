@@ -12,7 +12,7 @@
    time, warm-up excluded) over keep-alive connections, with uniformly drawn seeded
    sessions. Reports medians over repeats of p50/p99/p99.9, achieved rate, errors and the
    share of answers that degraded (timeout, overload, store_unavailable).
-4. Overload: 3x the highest rate that held p99 <= 10 ms, once.
+4. Overload: 3x the highest rate that held p99 <= 10 ms with at most 1% degraded, once.
 5. The API's resident memory with this catalog, and with a --rss-items catalog.
 """
 
@@ -56,6 +56,9 @@ from stream_engine.catalog import load_items
 from stream_engine.demo_catalog import write_demo_catalog
 
 SLO_P99_MS = 10.0
+# A rate is held only if it is mostly decided: the API sheds to the defaults instead of
+# slowing down, so a p99 within the SLO alone says nothing about how much was personalized.
+SLO_DEGRADED = 0.01
 DEGRADED = frozenset({b"timeout", b"overload", b"store_unavailable"})
 TOPICS = ("clickstream", "dlq", "catalog", "decisions")
 
@@ -347,7 +350,7 @@ def summarize(steps: list[Step], rates: list[int]) -> dict[str, Any]:
                                                     for s in runs)),
                          "api_cpu_us_per_request": round(statistics.median(
                              s.api_us_per_request for s in runs))}  # fmt: skip
-            if lat.p99 <= SLO_P99_MS and errors == 0:
+            if lat.p99 <= SLO_P99_MS and errors == 0 and degraded <= SLO_DEGRADED:
                 held[kind] = max(held[kind], rate)
         ratio = row["slots"]["p99"] / row["static"]["p99"]
         row["p99_over_baseline"] = round(ratio, 2)
@@ -366,7 +369,8 @@ def summarize(steps: list[Step], rates: list[int]) -> dict[str, Any]:
             "the static payload (medians)"
         )
     out["highest_rate_p99_within_slo"] = held
-    print(f"highest rate holding p99 <= {SLO_P99_MS:.0f} ms with no errors: "
+    print(f"highest rate holding p99 <= {SLO_P99_MS:.0f} ms with no errors and at most "
+          f"{100 * SLO_DEGRADED:.0f}% degraded: "
           f"baseline {held['static']}/s, /v1/slots {held['slots']}/s")  # fmt: skip
     return out
 

@@ -29,3 +29,12 @@ def test_cpu_per_request_and_the_decision_cost_above_the_baseline() -> None:
     assert out["p99_over_baseline"] == 2.0  # medians: 5.0 / 2.5
     # holdout answers are not degradation; the worst repeat is reported
     assert out["slots"]["degraded_share_max"] == 20 / 10000
+
+
+def test_a_rate_answered_fast_by_shedding_to_the_defaults_is_not_held() -> None:
+    steps = [
+        _step("static", 1000, 2.0, 10.0), _step("slots", 1000, 5.0, 50.0, degraded=50),
+        _step("static", 2000, 2.0, 20.0), _step("slots", 2000, 5.0, 90.0, degraded=5000),
+    ]  # fmt: skip
+    held = summarize(steps, [1000, 2000])["highest_rate_p99_within_slo"]
+    assert held == {"static": 2000, "slots": 1000}  # 2,000/s: p99 5 ms, but 25% defaults
