@@ -134,8 +134,11 @@ def build_runtime(settings: Settings, metrics: ApiMetrics) -> Runtime:
         keys=keys,
         background=background,
         background_batches=Batches(background),
-        # a floor of one: under a CPU-bound overload few requests are in flight at a time
-        limiter=Limiter(0.010, low=1, max_cpu_share=settings.max_cpu_share),
+        # with the CPU share, a floor of one: in a CPU-bound overload few requests are in
+        # flight at a time, and a floor of 16 would never bind
+        limiter=Limiter(
+            0.010, low=1 if settings.max_cpu_share else 16, max_cpu_share=settings.max_cpu_share
+        ),
     )
     metrics.config_version.labels(config.version).set(1)
     metrics.watch(
