@@ -91,14 +91,20 @@ class Breaker:
         self.probing = False
 
 
+# Weight of the latest window in the CPU share the limiter acts on: one busy window (a
+# refresh tick, a collection) does not shrink the limit; from 70% of a core, four windows
+# in a row at a full core do.
+CPU_SMOOTHING = 0.3
+
+
 class Limiter:
     """Adaptive bound on requests in flight (AIMD, like TCP congestion control), decided per
     window of `window_s`: the limit shrinks by `backoff` when more than `slow_share` of the
     window's requests took longer than `target_s`, or when this process used more than
-    `max_cpu_share` of a core over the window (`cpu_clock`: its CPU time); when the limit
-    was reached in a window without either, it grows by a tenth. Requests beyond the limit
-    are not queued: they get the default at once. Windows, not single requests, so one GC
-    pause is not an overload.
+    `max_cpu_share` of a core (`cpu_clock`: its CPU time; a moving average over windows,
+    `CPU_SMOOTHING`); when the limit was reached in a window without either, it grows by a
+    tenth. Requests beyond the limit are not queued: they get the default at once. Windows,
+    not single requests, so one GC pause is not an overload.
 
     Why the CPU share: one event loop does everything, so a saturated process queues new
     requests in front of its loop, where no handler's latency sees them, while the few in
@@ -131,6 +137,7 @@ class Limiter:
         self.cpu_clock = cpu_clock
         self.in_flight = 0
         self.cpu_share = 0.0  # over the last whole window
+        self.cpu_smoothed = 0.0  # moving average over windows: what `max_cpu_share` is for
         self._window_start = clock()
         self._window_cpu = cpu_clock()
         self._done = 0
@@ -153,7 +160,8 @@ class Limiter:
             return
         cpu = self.cpu_clock()
         self.cpu_share = (cpu - self._window_cpu) / (now - self._window_start)
-        hot = 0 < self.max_cpu_share < self.cpu_share
+        self.cpu_smoothed += CPU_SMOOTHING * (self.cpu_share - self.cpu_smoothed)
+        hot = 0 < self.max_cpu_share < self.cpu_smoothed
         if hot or self._slow > self.slow_share * self._done:
             self.limit = max(self.low, self.limit * self.backoff)
         elif self._saturated:

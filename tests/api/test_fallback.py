@@ -111,10 +111,19 @@ def _busy_window(lim: Limiter, clock: Clock, cpu: Clock, share: float, n: int) -
 
 def test_limiter_sheds_while_the_process_is_near_a_full_core_however_fast_requests_are() -> None:
     clock, cpu = Clock(), Clock()
-    lim = Limiter(target_s=0.01, initial=50, low=1, clock=clock, max_cpu_share=0.9,
-                  cpu_clock=cpu)  # fmt: skip
-    _busy_window(lim, clock, cpu, 0.95, 10)
-    assert lim.cpu_share == pytest.approx(0.95)
+    # windows of 1/8 s: the fake clock's sums stay exact
+    lim = Limiter(target_s=0.01, initial=50, low=1, window_s=0.125, clock=clock,
+                  max_cpu_share=0.9, cpu_clock=cpu)  # fmt: skip
+    for _ in range(5):
+        _busy_window(lim, clock, cpu, 0.5, 10)
+    _busy_window(lim, clock, cpu, 1.0, 10)  # one busy window (a refresh, a collection)
+    assert lim.cpu_share == pytest.approx(1.0)
+    assert lim.limit == 50
+    for _ in range(3):
+        _busy_window(lim, clock, cpu, 1.0, 10)
+    assert lim.limit == 50  # the average has not reached 0.9 yet
+    _busy_window(lim, clock, cpu, 1.0, 10)
+    assert lim.cpu_smoothed > 0.9
     assert lim.limit == pytest.approx(40)
     for _ in range(40):
         _busy_window(lim, clock, cpu, 0.99, 10)
@@ -135,7 +144,7 @@ def test_limiter_sheds_while_the_process_is_near_a_full_core_however_fast_reques
 
 def test_limiter_ignores_the_cpu_share_when_it_is_switched_off() -> None:
     clock, cpu = Clock(), Clock()
-    lim = Limiter(target_s=0.01, initial=50, clock=clock, cpu_clock=cpu)
+    lim = Limiter(target_s=0.01, initial=50, window_s=0.125, clock=clock, cpu_clock=cpu)
     for _ in range(5):
         _busy_window(lim, clock, cpu, 1.0, 10)
     assert lim.cpu_share == pytest.approx(1.0)
