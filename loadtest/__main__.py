@@ -64,7 +64,7 @@ async def run_suite(args: Any) -> int:
         print(f"  step {i}: offered {s['offered_rate']:g}/s achieved {s['achieved_rate']}/s, "
               f"p50 {lat['p50'] or 0:.2f} p99 {lat['p99'] or 0:.2f} p99.9 {lat['p99.9'] or 0:.2f}"
               f" ms, errors {s['errors']}, degraded {s['degraded_share']:.2%}, freshness p99 "
-              f"{s['freshness_ms']['p99']} ms")  # fmt: skip
+              f"{s['freshness_ms']['p99']} ms{_api_cpu(s)}")  # fmt: skip
     if args.compare:
         for line in results.compare(orjson.loads(json_path.read_bytes()), args.compare):
             print(f"REGRESSION {line}")
@@ -75,6 +75,11 @@ async def run_suite(args: Any) -> int:
         return 1
     print("VERDICT: PASS")
     return 0
+
+
+def _api_cpu(step: dict[str, Any]) -> str:
+    api = step.get("cpu", {}).get("api")
+    return "" if api is None else f", API {api:g}% of a core"
 
 
 async def run_replay(args: Any) -> int:

@@ -114,7 +114,8 @@ def _row(i: int, s: dict[str, Any]) -> str:
     cells = [i + 1, f"{s['offered_rate']:g}", s["achieved_rate"], s["goodput"],
              f"{lat['p50'] or 0:.2f}", f"{lat['p99'] or 0:.2f}", f"{lat['p99.9'] or 0:.2f}",
              s["errors"], f"{100 * s['degraded_share']:.2f}%",
-             "-" if fresh is None else f"{fresh:g}", valid]  # fmt: skip
+             "-" if fresh is None else f"{fresh:g}",
+             f"{s['cpu']['api']:g}%" if "api" in s.get("cpu", {}) else "-", valid]  # fmt: skip
     return "<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"
 
 
@@ -153,7 +154,7 @@ svg text{{font-size:11px;fill:#667085}}</style></head><body>
 it {body["knee"]["first_rate_over_slo"]}. SLO: {html.escape(str(body["scenario"]["slo"]))}</p>
 <table><tr><th>step</th><th>offered/s</th><th>achieved/s</th><th>goodput/s</th><th>p50 ms</th>
 <th>p99 ms</th><th>p99.9 ms</th><th>errors</th><th>degraded</th><th>freshness p99 ms</th>
-<th>valid</th></tr>{rows}</table>
+<th>API CPU</th><th>valid</th></tr>{rows}</table>
 {_chart("p99 latency over time (per second)", p99_series, "ms")}
 {_chart("Latency spectrum (p50, p75, p90, p95, p99, p99.5, p99.9, p99.99, max)", spectrum, "ms")}
 {_chart("Degraded answers over time", degraded_series, "%")}

@@ -261,6 +261,7 @@ class Runner:
             await asyncio.gather(self._pages(step, None, warmup),
                                  self._events(producer, step, None, warmup))  # fmt: skip
         rec = StepRecorder()
+        api_cpu = await self._api_cpu()
         cpu = CpuMeter({"generator": os.getpid()})
         progress = asyncio.create_task(self._progress(rec, index, step))
         started = time.monotonic()
@@ -277,6 +278,8 @@ class Runner:
             progress.cancel()
         out = rec.summary(step, elapsed)
         out["cpu"] = cpu.percent()
+        if api_cpu is not None and (after := await self._api_cpu()) is not None:
+            out["cpu"]["api"] = round(100 * (after[0] - api_cpu[0]) / (after[1] - api_cpu[1]), 1)
         gen_late = out["generator_late_ms"]["p99"] or 0.0
         out["valid"] = gen_late <= 5.0 and out["cpu"]["generator"] < 90.0
         if not out["valid"]:
@@ -284,6 +287,17 @@ class Runner:
                                       f"CPU {out['cpu']['generator']:.0f}%): it, not the "
                                       "system, was the bottleneck")  # fmt: skip
         return out
+
+    async def _api_cpu(self) -> tuple[float, float] | None:
+        """The API process's CPU seconds so far (its /metrics) and when they were read; None
+        when it doesn't say (the share of a core it used in a step tells whether the API
+        itself was the bottleneck, local or not)."""
+        try:
+            response = await self.api.request("GET", "/metrics")
+        except HttpError:
+            return None
+        seen = time.monotonic()
+        return None if response.status != 200 else _cpu_seconds(response.body, seen)
 
     async def _progress(self, rec: StepRecorder, index: int, step: Step) -> None:
         """A status line every second: the last whole second's answered rate, p99, degraded
@@ -353,3 +367,10 @@ class Runner:
             await producer.stop()
             await self.api.aclose()
         return results
+
+
+def _cpu_seconds(metrics: bytes, seen: float) -> tuple[float, float] | None:
+    for line in metrics.splitlines():
+        if line.startswith(b"process_cpu_seconds_total "):
+            return float(line.split()[1]), seen
+    return None

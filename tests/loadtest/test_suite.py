@@ -123,6 +123,8 @@ def test_a_smoke_run_produces_the_report_and_a_verdict_that_can_fail(
     assert step["freshness_ms"]["samples"] > 0
     assert body["verdict"] == {"passed": True, "failures": []}
     assert body["environment"]["cores"]
+    assert 0 < step["cpu"]["api"] < 200  # from the API's own /metrics, around the step
+    assert "% of a core" in ok.stdout
     page = results.with_suffix(".html").read_text()
     assert page.count("<svg") == 4
     assert "PASSED" in page
@@ -133,3 +135,13 @@ def test_a_smoke_run_produces_the_report_and_a_verdict_that_can_fail(
     assert "VERDICT: FAIL" in broken.stdout
     assert "step 1 (100/s): p99 " in broken.stdout
     assert "ms > 0.001 ms" in broken.stdout
+
+
+def test_the_api_s_cpu_seconds_come_from_its_metrics() -> None:
+    from loadtest.suite import _cpu_seconds
+
+    body = (b"# HELP process_cpu_seconds_total Total user and system CPU time\n"
+            b"# TYPE process_cpu_seconds_total counter\n"
+            b"process_cpu_seconds_total 12.5\nprocess_open_fds 17.0\n")  # fmt: skip
+    assert _cpu_seconds(body, 3.0) == (12.5, 3.0)
+    assert _cpu_seconds(b"kairos_api_in_flight 0.0\n", 3.0) is None
