@@ -134,11 +134,7 @@ def build_runtime(settings: Settings, metrics: ApiMetrics) -> Runtime:
         keys=keys,
         background=background,
         background_batches=Batches(background),
-        # with the CPU share, a floor of one: in a CPU-bound overload few requests are in
-        # flight at a time, and a floor of 16 would never bind
-        limiter=Limiter(
-            0.010, low=1 if settings.max_cpu_share else 16, max_cpu_share=settings.max_cpu_share
-        ),
+        limiter=Limiter(0.010, max_cpu_share=settings.max_cpu_share),
     )
     metrics.config_version.labels(config.version).set(1)
     metrics.watch(

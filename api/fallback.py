@@ -99,18 +99,21 @@ CPU_SMOOTHING = 0.3
 
 class Limiter:
     """Adaptive bound on requests in flight (AIMD, like TCP congestion control), decided per
-    window of `window_s`: the limit shrinks by `backoff` when more than `slow_share` of the
-    window's requests took longer than `target_s`, or when this process used more than
-    `max_cpu_share` of a core (`cpu_clock`: its CPU time; a moving average over windows,
-    `CPU_SMOOTHING`); when the limit was reached in a window without either, it grows by a
-    tenth. Requests beyond the limit are not queued: they get the default at once. Windows,
-    not single requests, so one GC pause is not an overload.
+    window of `window_s`: the limit shrinks by `backoff` down to one when this process used
+    more than `max_cpu_share` of a core (`cpu_clock`: its CPU time; a moving average over
+    windows, `CPU_SMOOTHING`; 0 = never), else down to `low` when more than `slow_share` of
+    the window's requests took longer than `target_s`; when the limit was reached in a
+    window without either, it grows by a tenth. Requests beyond the limit are not queued:
+    they get the default at once. Windows, not single requests, so one GC pause is not an
+    overload.
 
     Why the CPU share: one event loop does everything, so a saturated process queues new
     requests in front of its loop, where no handler's latency sees them, while the few in
-    flight still finish fast. Shedding decisions before the core is full keeps the answers
-    in budget: at 3x the sustainable rate, p99 5 ms against 19-22 ms on latency alone
-    (loadtest/README.md, session 11).
+    flight still finish fast (and stay under any floor like `low`). Shedding decisions
+    before the core is full keeps the answers in budget: at 3x the sustainable rate, p99
+    5 ms against 17-22 ms on latency alone (loadtest/README.md, session 11). Slow requests
+    alone keep the floor: on a machine whose other tenants are the overload (the worker,
+    Redis), the process is not the one to shed.
     """
 
     def __init__(
@@ -162,8 +165,10 @@ class Limiter:
         self.cpu_share = (cpu - self._window_cpu) / (now - self._window_start)
         self.cpu_smoothed += CPU_SMOOTHING * (self.cpu_share - self.cpu_smoothed)
         hot = 0 < self.max_cpu_share < self.cpu_smoothed
-        if hot or self._slow > self.slow_share * self._done:
-            self.limit = max(self.low, self.limit * self.backoff)
+        if hot:  # down to one: a CPU-bound overload has few requests in flight at a time
+            self.limit = max(1.0, self.limit * self.backoff)
+        elif self._slow > self.slow_share * self._done:  # slow, not busy: keep `low`
+            self.limit = max(min(self.low, self.limit), self.limit * self.backoff)
         elif self._saturated:
             self.limit = min(self.high, self.limit * 1.1 + 1)
         self._window_start, self._done, self._slow, self._saturated = now, 0, 0, False

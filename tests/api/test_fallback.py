@@ -112,7 +112,7 @@ def _busy_window(lim: Limiter, clock: Clock, cpu: Clock, share: float, n: int) -
 def test_limiter_sheds_while_the_process_is_near_a_full_core_however_fast_requests_are() -> None:
     clock, cpu = Clock(), Clock()
     # windows of 1/8 s: the fake clock's sums stay exact
-    lim = Limiter(target_s=0.01, initial=50, low=1, window_s=0.125, clock=clock,
+    lim = Limiter(target_s=0.01, initial=50, low=16, window_s=0.125, clock=clock,
                   max_cpu_share=0.9, cpu_clock=cpu)  # fmt: skip
     for _ in range(5):
         _busy_window(lim, clock, cpu, 0.5, 10)
@@ -127,10 +127,15 @@ def test_limiter_sheds_while_the_process_is_near_a_full_core_however_fast_reques
     assert lim.limit == pytest.approx(40)
     for _ in range(40):
         _busy_window(lim, clock, cpu, 0.99, 10)
-    assert lim.limit == 1  # down to its floor, and no further
+    assert lim.limit == 1  # below `low` (a floor for slow windows), down to one
     assert lim.try_acquire()
     assert not lim.try_acquire()
     lim.release(0.001)
+    clock.now += lim.window_s  # an idle window, but a slow one
+    assert lim.try_acquire()
+    lim.release(0.5)
+    assert lim.cpu_smoothed < 0.9
+    assert lim.limit == 1  # a slow window does not lift the limit back to `low`
     # below the share again, and the limit is what bounds: it grows back
     for _ in range(5):
         while lim.try_acquire():
