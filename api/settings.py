@@ -43,8 +43,8 @@ class Settings:
     # a core (over 100 ms windows), so overload sheds to the defaults instead of queueing in
     # front of the event loop. Off by default: with the API alone on the 2-core box, 0.9
     # held p99 at ~5 ms at 3,000 requests/s where latency alone let it reach 17-22 ms, but
-    # with the worker and clickstream beside it (the peak suite) it shed more and answered
-    # slower at 1,000/s (loadtest/README.md, session 11). 0 = on handler latency alone.
+    # with the worker and clickstream beside it (the peak suite) it answered more from the
+    # defaults at 1,500-2,000/s (loadtest/README.md, session 11). 0 = on latency alone.
     max_cpu_share: float = 0.0
     # Must match the worker's KAIROS_USER_HALF_LIFE_S (the profile decays with it).
     user_half_life_s: float = 14 * 86400.0

@@ -178,3 +178,13 @@ def test_loop_lag_is_the_largest_of_this_window_and_the_last() -> None:
     assert lag.recent_s == pytest.approx(0.002)
     clock.now += 0.6
     assert lag.recent_s == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("raw", ["-0.1", "1.5"])
+def test_a_cpu_share_outside_zero_to_one_is_refused_with_the_variable_named(raw: str) -> None:
+    from api.settings import Settings
+    from stream_engine.exceptions import ConfigError
+
+    assert Settings.from_env({"KAIROS_MAX_CPU_SHARE": "0.85"}).max_cpu_share == 0.85
+    with pytest.raises(ConfigError, match="KAIROS_MAX_CPU_SHARE"):
+        Settings.from_env({"KAIROS_MAX_CPU_SHARE": raw})
