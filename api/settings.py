@@ -41,10 +41,11 @@ class Settings:
     redis_connections: int = 4
     # When > 0, the in-flight limit also shrinks while the API uses more than this share of
     # a core (over 100 ms windows), so overload sheds to the defaults instead of queueing in
-    # front of the event loop. Off by default: with the API alone on the 2-core box, 0.9
-    # held p99 at ~5 ms at 3,000 requests/s where latency alone let it reach 17-22 ms, but
-    # with the worker and clickstream beside it (the peak suite) it answered more from the
-    # defaults at 1,500-2,000/s (loadtest/README.md, session 11). 0 = on latency alone.
+    # front of the event loop. Off by default, because near a full core it trades
+    # personalization for latency: on the 2-core box, 0.9 held p99 at ~5.5 ms at 2,000 and
+    # 3,000 requests/s (17-22 ms without) but answered 2,000/s 3-14% from the defaults
+    # (1.4-2.1% without). With the worker beside it (the peak suite) the API stays under
+    # 60% of a core and the share never acts (loadtest/README.md, session 11).
     max_cpu_share: float = 0.0
     # Must match the worker's KAIROS_USER_HALF_LIFE_S (the profile decays with it).
     user_half_life_s: float = 14 * 86400.0
