@@ -414,11 +414,21 @@ def _java_argv(libs: Path, main: list[str], heap: str) -> list[str]:
     ]  # fmt: skip
 
 
+def new_cluster_id() -> str:
+    """A KRaft cluster id as Kafka makes them (URL-safe base64 of a random UUID), never
+    starting with "-": the storage tool would read such an id as an option and refuse to
+    format ("argument --cluster-id/-t: expected one argument", one fresh start in 64)."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        if not cluster_id.startswith("-"):
+            return cluster_id
+
+
 def format_kafka(layout: Layout, libs: Path, props_file: Path) -> None:
     data = layout.service_dir("kafka") / "data"
     if (data / "meta.properties").exists():
         return
-    cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+    cluster_id = new_cluster_id()
     argv = _java_argv(
         libs,
         ["kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props_file)],
