@@ -32,6 +32,7 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaProducer
 from hdrh.histogram import HdrHistogram
+from prometheus_client.parser import text_string_to_metric_families
 
 from loadtest.http import Client, HttpError, free_port
 from loadtest.ingest import CpuMeter
@@ -370,7 +371,11 @@ class Runner:
 
 
 def _cpu_seconds(metrics: bytes, seen: float) -> tuple[float, float] | None:
-    for line in metrics.splitlines():
-        if line.startswith(b"process_cpu_seconds_total "):
-            return float(line.split()[1]), seen
+    try:
+        for family in text_string_to_metric_families(metrics.decode(errors="replace")):
+            for sample in family.samples:
+                if sample.name == "process_cpu_seconds_total":
+                    return sample.value, seen
+    except ValueError:  # not Prometheus text: an API without the figure
+        pass
     return None

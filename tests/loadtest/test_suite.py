@@ -145,3 +145,4 @@ def test_the_api_s_cpu_seconds_come_from_its_metrics() -> None:
             b"process_cpu_seconds_total 12.5\nprocess_open_fds 17.0\n")  # fmt: skip
     assert _cpu_seconds(body, 3.0) == (12.5, 3.0)
     assert _cpu_seconds(b"kairos_api_in_flight 0.0\n", 3.0) is None
+    assert _cpu_seconds(b"<html>not metrics</html>", 3.0) is None

@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -72,7 +73,9 @@ async def worker_env(
 
 
 @pytest.fixture
-def start_worker(worker_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[..., object]]:
+def start_worker(
+    worker_env: dict[str, str], tmp_path: Path
+) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
     """Starts worker processes; every one is stopped (TERM, then KILL) after the test."""
     procs: list[subprocess.Popen[bytes]] = []
 
@@ -109,6 +112,53 @@ async def producer(stack: Stack) -> AsyncIterator[AIOKafkaProducer]:
     await p.stop()
 
 
+@dataclass(frozen=True)
+class Rig:
+    """What a clickstream test drives: workers to start, a producer, Redis, the env."""
+
+    start: Callable[..., subprocess.Popen[bytes]]
+    producer: AIOKafkaProducer
+    redis: aioredis.Redis
+    env: dict[str, str]
+    keys: Keys
+
+    @property
+    def topic(self) -> str:
+        return self.env["KAIROS_CLICKSTREAM_TOPIC"]
+
+    async def publish(self, sessions: list[str], n: int, stride: int,
+                      start: int = 0) -> dict[str, list[str]]:  # fmt: skip
+        """Publish view events start..start+n-1 spread over the sessions; the items each
+        session got, in order."""
+        sent: dict[str, list[str]] = {sid: [] for sid in sessions}
+        for k in range(start, start + n):
+            sid = sessions[(k * stride) % len(sessions)]
+            await self.producer.send(self.topic, _event(k, sid), key=sid.encode())
+            sent[sid].append(ITEMS[k % len(ITEMS)])
+        await self.producer.flush()
+        return sent
+
+    async def counts(self, sessions: list[str]) -> list[int]:
+        return await _counts(self.redis, self.keys, sessions)
+
+    async def wait_applied(self, sessions: list[str], n: int, within_s: float = 90) -> None:
+        async def all_applied() -> bool:
+            return sum(await self.counts(sessions)) >= n
+
+        await _wait_for(all_applied, within_s, f"all {n} events applied")
+
+
+@pytest.fixture
+def rig(
+    start_worker: Callable[..., subprocess.Popen[bytes]],
+    producer: AIOKafkaProducer,
+    redis_client: aioredis.Redis,
+    worker_env: dict[str, str],
+    key_prefix: str,
+) -> Rig:
+    return Rig(start_worker, producer, redis_client, worker_env, Keys(key_prefix))
+
+
 def _event(n: int, sid: str, etype: str = "view", **extra: object) -> bytes:
     body = {"event_id": f"e{n}", "type": etype, "session_id": sid,
             "ts": int(time.time() * 1000), "item_id": ITEMS[n % len(ITEMS)], **extra}  # fmt: skip
@@ -131,48 +181,22 @@ async def _counts(redis: aioredis.Redis, keys: Keys, sessions: list[str]) -> lis
     return [int(v or 0) for v in await pipe.execute()]
 
 
-async def _publish(
-    producer: AIOKafkaProducer, topic: str, sessions: list[str], n: int, stride: int
-) -> dict[str, list[str]]:
-    """Publish n view events spread over the sessions; the items each session got, in order."""
-    sent: dict[str, list[str]] = {sid: [] for sid in sessions}
-    for k in range(n):
-        sid = sessions[(k * stride) % len(sessions)]
-        await producer.send(topic, _event(k, sid), key=sid.encode())
-        sent[sid].append(ITEMS[k % len(ITEMS)])
-    await producer.flush()
-    return sent
-
-
-async def _wait_applied(redis: aioredis.Redis, keys: Keys, sessions: list[str], n: int) -> None:
-    async def all_applied() -> bool:
-        return sum(await _counts(redis, keys, sessions)) >= n
-
-    await _wait_for(all_applied, 90, f"all {n} events applied")
-
-
-async def test_published_events_reach_redis_and_bad_ones_the_dlq(
-    start_worker: Callable[..., object],
-    producer: AIOKafkaProducer,
-    redis_client: aioredis.Redis,
-    worker_env: dict[str, str],
-    key_prefix: str,
-    stack: Stack,
-) -> None:
-    topic = worker_env["KAIROS_CLICKSTREAM_TOPIC"]
-    start_worker()
-    await producer.send_and_wait(topic, _event(0, "s1"), key=b"s1")
-    await producer.send_and_wait(topic, b"{broken", key=b"s1")
-    await producer.send_and_wait(topic, _event(1, "s1", "teleport"), key=b"s1")
-    await producer.send_and_wait(topic, _event(2, "s1", "click"), key=b"s1")
-    keys = Keys(key_prefix)
+async def test_published_events_reach_redis_and_bad_ones_the_dlq(rig: Rig, stack: Stack) -> None:
+    rig.start()
+    for body in (
+        _event(0, "s1"),
+        b"{broken",
+        _event(1, "s1", "teleport"),
+        _event(2, "s1", "click"),
+    ):
+        await rig.producer.send_and_wait(rig.topic, body, key=b"s1")
 
     async def two_applied() -> bool:
-        return (await _counts(redis_client, keys, ["s1"])) == [2]
+        return (await rig.counts(["s1"])) == [2]
 
     await _wait_for(two_applied, 60, "two valid events applied")
     consumer = AIOKafkaConsumer(
-        worker_env["KAIROS_DLQ_TOPIC"], bootstrap_servers=stack.kafka_bootstrap,
+        rig.env["KAIROS_DLQ_TOPIC"], bootstrap_servers=stack.kafka_bootstrap,
         auto_offset_reset="earliest", group_id=None,
     )  # fmt: skip
     await consumer.start()
@@ -187,95 +211,63 @@ async def test_published_events_reach_redis_and_bad_ones_the_dlq(
     assert sorted(reasons) == ["bad_json", "unknown_type"]
 
 
-async def test_kill_and_restart_loses_nothing_and_doubles_nothing(
-    start_worker: Callable[..., subprocess.Popen[bytes]],
-    producer: AIOKafkaProducer,
-    redis_client: aioredis.Redis,
-    worker_env: dict[str, str],
-    key_prefix: str,
-) -> None:
+async def test_kill_and_restart_loses_nothing_and_doubles_nothing(rig: Rig) -> None:
     sessions = [f"s{k}" for k in range(40)]
-    sent = await _publish(producer, worker_env["KAIROS_CLICKSTREAM_TOPIC"], sessions, 3000, 7)
-    keys = Keys(key_prefix)
-    first = start_worker()
+    sent = await rig.publish(sessions, 3000, 7)
+    first = rig.start()
 
     async def some_applied() -> bool:
-        return sum(await _counts(redis_client, keys, sessions)) > 0
+        return sum(await rig.counts(sessions)) > 0
 
     await _wait_for(some_applied, 60, "the first worker to apply something")
     os.killpg(first.pid, signal.SIGKILL)  # mid-stream, no chance to commit
     first.wait()
-    start_worker()
-    await _wait_applied(redis_client, keys, sessions, 3000)
+    rig.start()
+    await rig.wait_applied(sessions, 3000)
     await asyncio.sleep(1.0)  # anything doubled would show up now
-    assert await _counts(redis_client, keys, sessions) == [len(sent[s]) for s in sessions]
+    assert await rig.counts(sessions) == [len(sent[s]) for s in sessions]
 
 
 async def test_a_backlog_many_times_the_lanes_depth_arrives_whole_and_in_order(
-    start_worker: Callable[..., object],
-    producer: AIOKafkaProducer,
-    redis_client: aioredis.Redis,
-    worker_env: dict[str, str],
-    key_prefix: str,
+    rig: Rig,
 ) -> None:
     """Lanes 8 records deep: fetching for a full lane stops and starts again many times
     (the librdkafka consumer's thread waits for room and is woken by the lanes)."""
-    worker_env.update(KAIROS_BATCH_MAX="8", KAIROS_LANES="2")
+    rig.env.update(KAIROS_BATCH_MAX="8", KAIROS_LANES="2")
     sessions = [f"s{k}" for k in range(12)]
-    sent = await _publish(producer, worker_env["KAIROS_CLICKSTREAM_TOPIC"], sessions, 1200, 5)
-    start_worker()
-    keys = Keys(key_prefix)
-    await _wait_applied(redis_client, keys, sessions, 1200)
+    sent = await rig.publish(sessions, 1200, 5)
+    rig.start()
+    await rig.wait_applied(sessions, 1200)
     # An event applied after a later one of its session would be refused by the fence.
-    assert await _counts(redis_client, keys, sessions) == [100] * 12
+    assert await rig.counts(sessions) == [100] * 12
     for sid in sessions:
-        raw = await redis_client.hget(keys.session(sid), "r")
+        raw = await rig.redis.hget(rig.keys.session(sid), "r")
         recent = raw.decode().split() if isinstance(raw, bytes) else []
         newest_first = list(dict.fromkeys(reversed(sent[sid])))
         assert recent == newest_first[: len(recent)], sid
         assert recent
 
 
-async def test_two_workers_share_the_partitions(
-    start_worker: Callable[..., object],
-    producer: AIOKafkaProducer,
-    redis_client: aioredis.Redis,
-    worker_env: dict[str, str],
-    key_prefix: str,
-) -> None:
-    await _pair_shares(start_worker, producer, redis_client, worker_env, key_prefix, None)
+async def test_two_workers_share_the_partitions(rig: Rig) -> None:
+    await _pair_shares(rig, None)
 
 
 @pytest.mark.parametrize("engine", ["librdkafka"])
-async def test_a_librdkafka_and_an_aiokafka_worker_share_one_group(
-    start_worker: Callable[..., object],
-    producer: AIOKafkaProducer,
-    redis_client: aioredis.Redis,
-    worker_env: dict[str, str],
-    key_prefix: str,
-) -> None:
+async def test_a_librdkafka_and_an_aiokafka_worker_share_one_group(rig: Rig) -> None:
     """Both plain engines assign round-robin, so a deployment can move from one to the
     other a worker at a time."""
-    await _pair_shares(start_worker, producer, redis_client, worker_env, key_prefix, "aiokafka")
+    await _pair_shares(rig, "aiokafka")
 
 
-async def _pair_shares(
-    start_worker: Callable[..., object],
-    producer: AIOKafkaProducer,
-    redis_client: aioredis.Redis,
-    worker_env: dict[str, str],
-    key_prefix: str,
-    second_engine: str | None,
-) -> None:
+async def _pair_shares(rig: Rig, second_engine: str | None) -> None:
     ports = [free_port(), free_port()]
-    start_worker(ports[0])
-    start_worker(ports[1], second_engine)
+    rig.start(ports[0])
+    rig.start(ports[1], second_engine)
     await asyncio.sleep(8)  # both join the group before the events arrive
     sessions = [f"s{k}" for k in range(64)]
-    await _publish(producer, worker_env["KAIROS_CLICKSTREAM_TOPIC"], sessions, 320, 1)
-    keys = Keys(key_prefix)
-    await _wait_applied(redis_client, keys, sessions, 320)
-    assert await _counts(redis_client, keys, sessions) == [5] * 64
+    await rig.publish(sessions, 320, 1)
+    await rig.wait_applied(sessions, 320)
+    assert await rig.counts(sessions) == [5] * 64
     per_worker = [_metric(port, "kairos_events_total{", 'outcome="ok"') for port in ports]
     assert all(n > 0 for n in per_worker), per_worker
     assert sum(per_worker) == 320
@@ -309,17 +301,12 @@ def _metric(port: int, prefix: str, contains: str) -> int:
     )
 
 
-async def test_catalog_updates_take_effect_within_seconds(
-    start_worker: Callable[..., object],
-    producer: AIOKafkaProducer,
-    redis_client: aioredis.Redis,
-    worker_env: dict[str, str],
-    key_prefix: str,
-) -> None:
-    catalog = Catalog.from_file(Path(worker_env["KAIROS_CATALOG_PATH"]))
+async def test_catalog_updates_take_effect_within_seconds(rig: Rig) -> None:
+    producer, redis_client, keys = rig.producer, rig.redis, rig.keys
+    catalog = Catalog.from_file(Path(rig.env["KAIROS_CATALOG_PATH"]))
     template = catalog.items[1]
-    start_worker()
-    updates = worker_env["KAIROS_CATALOG_TOPIC"]
+    rig.start()
+    updates = rig.env["KAIROS_CATALOG_TOPIC"]
     sold_out = {"item_id": ITEMS[0], "stock": 0}
     new_items = [{"item_id": f"new-{n}", "title": "Fresh", "category": template.category_path,
                   "price": 12.5, "stock": 3} for n in range(1, 9)]  # fmt: skip
@@ -327,7 +314,7 @@ async def test_catalog_updates_take_effect_within_seconds(
     for body in bodies:  # keyed by item: the updates land on all 4 partitions
         key = str(body.get("item_id", "k")).encode()
         await producer.send_and_wait(updates, orjson.dumps(body), key=key)
-    items_key = catalog_items_key(key_prefix)
+    items_key = catalog_items_key(keys.prefix)
 
     async def mirrored() -> bool:
         return await redis_client.hlen(items_key) == len(bodies) - 1
@@ -339,8 +326,7 @@ async def test_catalog_updates_take_effect_within_seconds(
     # The worker knows the new item: a click on it moves the session into its category.
     click = orjson.dumps({"event_id": "c1", "type": "click", "session_id": "s1",
                           "ts": int(time.time() * 1000), "item_id": "new-1"})  # fmt: skip
-    await producer.send_and_wait(worker_env["KAIROS_CLICKSTREAM_TOPIC"], click, key=b"s1")
-    keys = Keys(key_prefix)
+    await producer.send_and_wait(rig.topic, click, key=b"s1")
 
     async def has_vector() -> bool:
         return bool(await redis_client.hexists(keys.session("s1"), "v"))
@@ -366,33 +352,22 @@ async def test_a_frozen_redis_delays_but_loses_and_doubles_nothing(
     url, server = private_redis
     worker_env["KAIROS_REDIS_URL"] = url
     redis = aioredis.Redis.from_url(url)
-    topic = worker_env["KAIROS_CLICKSTREAM_TOPIC"]
+    rig = Rig(start_worker, producer, redis, worker_env, Keys(key_prefix))
     sessions = [f"s{k}" for k in range(20)]
-    keys = Keys(key_prefix)
-    start_worker()
+    rig.start()
     try:
-        for n in range(200):
-            sid = sessions[n % 20]
-            await producer.send(topic, _event(n, sid), key=sid.encode())
-        await producer.flush()
+        await rig.publish(sessions, 200, 1)
 
         async def some_applied() -> bool:
-            return sum(await _counts(redis, keys, sessions)) > 0
+            return sum(await rig.counts(sessions)) > 0
 
         await _wait_for(some_applied, 60, "the worker to start applying")
         server.send_signal(signal.SIGSTOP)
-        for n in range(200, 600):
-            sid = sessions[n % 20]
-            await producer.send(topic, _event(n, sid), key=sid.encode())
-        await producer.flush()
+        await rig.publish(sessions, 400, 1, start=200)
         await asyncio.sleep(STORE_TIMEOUT_S + 1.5)
         server.send_signal(signal.SIGCONT)
-
-        async def all_applied() -> bool:
-            return sum(await _counts(redis, keys, sessions)) >= 600
-
-        await _wait_for(all_applied, 60, "all 600 events applied after Redis woke up")
+        await rig.wait_applied(sessions, 600, within_s=60)
         await asyncio.sleep(1.0)
-        assert await _counts(redis, keys, sessions) == [30] * 20
+        assert await rig.counts(sessions) == [30] * 20
     finally:
         await redis.aclose()
