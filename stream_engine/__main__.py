@@ -28,7 +28,6 @@ def _catalog_path(settings: Settings) -> Path:
 
 
 def cmd_worker(settings: Settings) -> None:
-    import faust
     from prometheus_client import start_http_server
 
     from stream_engine.app import create_app
@@ -54,9 +53,10 @@ def cmd_worker(settings: Settings) -> None:
 
         run_forever(settings, catalog, metrics, RdKafkaConsumer)
         return
-    app = create_app(settings, catalog, metrics)
-    worker = faust.Worker(app, loglevel="WARNING", quiet=True)
-    worker.execute_from_commandline()  # runs until SIGTERM/SIGINT, then exits the process
+    from stream_engine.app import make_worker
+
+    make_worker(create_app(settings, catalog, metrics), settings).execute_from_commandline()
+    # (runs until SIGTERM/SIGINT, then exits the process)
 
 
 def cmd_attribution(settings: Settings) -> None:

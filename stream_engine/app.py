@@ -8,6 +8,7 @@ retried in place, so offsets are only committed for work that is done; no faust 
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -71,6 +72,29 @@ def create_app(settings: Settings, catalog: Catalog, metrics: WorkerMetrics) -> 
 
     app.kairos_ingest = ingest  # type: ignore[attr-defined]
     return app
+
+
+# faust, mode and aiokafka log every rebalance step and request at INFO/DEBUG; the worker
+# shows their warnings and errors, and its own lines at KAIROS_LOG_LEVEL.
+LIBRARY_LOGGERS = ("faust", "mode", "aiokafka")
+log = logging.getLogger("kairos.worker")
+
+
+def make_worker(app: faust.App, settings: Settings) -> faust.Worker:
+    """The faust worker, on the logging `stream_engine.logs.configure` set up.
+
+    By default a faust Worker replaces the root logger's handlers with its own (colored text
+    on stdout: KAIROS_LOG_FORMAT=json was lost), sends stdout and stderr into the log, and,
+    for its terminal spinner, sets the root logger to DEBUG with a handler that takes every
+    record: every debug call of aiokafka (several per fetch and per request) then built a
+    LogRecord that no handler printed: ~8% of the worker's CPU at 1,000 events/s."""
+    for name in LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger().level))
+    worker = faust.Worker(app, quiet=True, override_logging=False, redirect_stdouts=False)
+    worker.spinner = None
+    log.info("consuming %s as group %s (faust)", settings.clickstream_topic,
+             settings.consumer_group)  # fmt: skip
+    return worker
 
 
 def _record(message: Any) -> Record:

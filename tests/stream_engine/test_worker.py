@@ -236,8 +236,11 @@ async def test_a_backlog_many_times_the_lanes_depth_arrives_whole_and_in_order(
     rig.env.update(KAIROS_BATCH_MAX="8", KAIROS_LANES="2")
     sessions = [f"s{k}" for k in range(12)]
     sent = await rig.publish(sessions, 1200, 5)
-    rig.start()
+    port = free_port()
+    rig.start(metrics_port=port)
     await rig.wait_applied(sessions, 1200)
+    sizes = _samples(port, "kairos_batch_size_bucket{")
+    assert sizes['"10.0"'] == sizes['"+Inf"'] >= 1200 / 8  # no batch above KAIROS_BATCH_MAX
     # An event applied after a later one of its session would be refused by the fence.
     assert await rig.counts(sessions) == [100] * 12
     for sid in sessions:
@@ -246,6 +249,26 @@ async def test_a_backlog_many_times_the_lanes_depth_arrives_whole_and_in_order(
         newest_first = list(dict.fromkeys(reversed(sent[sid])))
         assert recent == newest_first[: len(recent)], sid
         assert recent
+
+
+async def test_the_worker_logs_one_json_object_a_line_at_the_configured_level(
+    rig: Rig, tmp_path: Path
+) -> None:
+    """KAIROS_LOG_FORMAT and KAIROS_LOG_LEVEL hold for every engine (a faust Worker used
+    to put its own colored text handler at WARNING in place of ours)."""
+    rig.env.update(KAIROS_LOG_FORMAT="json", KAIROS_LOG_LEVEL="INFO")
+    proc = rig.start()
+    await rig.producer.send_and_wait(rig.topic, _event(0, "s1"), key=b"s1")
+    await rig.wait_applied(["s1"], 1)
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=30)
+    lines = (tmp_path / "worker0.log").read_text().splitlines()
+    records = [orjson.loads(line) for line in lines if line.strip()]
+    assert {"ts", "level", "logger", "msg"} <= set(records[0])
+    consuming = [r for r in records if r["msg"].startswith("consuming ")]
+    assert consuming, records
+    assert consuming[0]["level"] == "info"
+    assert rig.topic in consuming[0]["msg"]
 
 
 async def test_two_workers_share_the_partitions(rig: Rig) -> None:
