@@ -30,7 +30,6 @@ def _catalog_path(settings: Settings) -> Path:
 def cmd_worker(settings: Settings) -> None:
     from prometheus_client import start_http_server
 
-    from stream_engine.app import create_app
     from stream_engine.catalog import Catalog
     from stream_engine.heap import freeze_startup_heap
     from stream_engine.metrics import WorkerMetrics
@@ -53,10 +52,10 @@ def cmd_worker(settings: Settings) -> None:
 
         run_forever(settings, catalog, metrics, RdKafkaConsumer)
         return
-    from stream_engine.app import make_worker
+    from stream_engine.app import create_app, make_worker  # faust only for its engine
 
-    make_worker(create_app(settings, catalog, metrics), settings).execute_from_commandline()
-    # (runs until SIGTERM/SIGINT, then exits the process)
+    worker = make_worker(create_app(settings, catalog, metrics), settings)
+    worker.execute_from_commandline()  # runs until SIGTERM/SIGINT, then exits the process
 
 
 def cmd_attribution(settings: Settings) -> None:
