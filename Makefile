@@ -18,7 +18,8 @@ help:
 	@echo "make bench-ingest / bench-memory / bench-decisions   benchmarks (loadtest/README.md)"
 	@echo "make loadtest [SCENARIO=peak]   the peak-traffic suite: SLO verdict, JSON and HTML report"
 
-$(VENV)/.installed: pyproject.toml constraints.txt
+# api/_kernels.pyx: the compiled decision loops are built by the editable install.
+$(VENV)/.installed: pyproject.toml constraints.txt api/_kernels.pyx
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'

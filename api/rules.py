@@ -17,6 +17,7 @@ from typing import NamedTuple
 import numpy as np
 import numpy.typing as npt
 
+from api import _kernels
 from api.config import Action, DecisionConfig, Slot, SlotKind
 from api.items import Mask, Rows, ServingCatalog
 
@@ -86,38 +87,15 @@ class Pick(NamedTuple):
     at: int | None = None
 
 
-def _allowed(rows: Rows, catalog: ServingCatalog, rules: SlotRules, sensitive: Mask | None) -> Mask:
+def _allowed_rows(catalog: ServingCatalog, rules: SlotRules) -> npt.NDArray[np.uint8]:
+    """Per row the rules know: in stock and not excluded (compiled with the rules; worked
+    out here when the catalog grew since). Rows added since are not served until the rules
+    are compiled again (the next snapshot)."""
     if rules.allowed is not None and rules.allowed.size == len(catalog):
-        ok: Mask = rules.allowed[rows]
-    else:
-        ok = catalog.in_stock[rows] & ~rules.exclude[rows]
-    if sensitive is not None:
-        ok &= ~sensitive[rows]
+        return rules.allowed.view(np.uint8)
+    n = min(len(catalog), rules.exclude.size)
+    ok: npt.NDArray[np.uint8] = (catalog.in_stock[:n] & ~rules.exclude[:n]).view(np.uint8)
     return ok
-
-
-def best_first(scores: Scores) -> Rows:
-    """Indices of `scores`, highest first, ties in index order: what a stable argsort of
-    -scores gives, at a third of its cost (numpy's stable sort of float32 is a timsort).
-    Each score becomes an order-preserving integer (IEEE-754 bits, negatives' magnitude
-    flipped) in the high half of an int64 and its index in the low half; one quicksort of
-    those distinct keys orders both."""
-    if scores.dtype != np.float32:
-        return np.argsort(-scores, kind="stable")
-    n = scores.size
-    # + 0.0 turns -0.0 into 0.0, which compare equal; NaN never reaches here
-    bits = ((-scores) + np.float32(0.0)).view(np.int32).astype(np.int64)
-    bits ^= (bits >> 31) & 0x7FFFFFFF
-    bits <<= 32
-    bits |= np.arange(n, dtype=np.int64)
-    bits.sort()
-    bits &= 0xFFFFFFFF
-    return bits
-
-
-# Candidates turned into Python ints at a time, best first: a carousel is mostly filled from
-# the first few dozen, and converting all of them costs more than the loop over them.
-_CHUNK = 64
 
 
 def select(
@@ -132,38 +110,15 @@ def select(
 ) -> list[Pick]:
     """The n items to serve from scored candidates (rows[i] scored scores[i]), best first;
     a row given twice is served once."""
-    ok = _allowed(rows, catalog, rules, sensitive)
-    kept = np.flatnonzero(ok)
-    weighted = scores[kept]
-    if rules.weighted:
-        weighted = weighted * rules.weight[rows[kept]]
     pins = _pins(rules, catalog, blocked_rows, sensitive, n) if rules.pins else []
     taken = {p.row for p in pins}
-    wanted = n - len(pins)
-    picks: list[Pick] = []
-    per_category: dict[int, int] = {}
-    full: set[int] = set()  # categories at their cap: most candidates a carousel skips
-    cap = slot.max_per_category or n
-    no_leaf = catalog.no_leaf  # items without a category are not capped together
-    # Python ints from here: numpy scalar indexing costs more than the loop itself.
-    order = kept[best_first(weighted)]
-    for start in range(0, order.size if wanted > 0 else 0, _CHUNK):
-        at = order[start : start + _CHUNK]
-        chunk = rows[at]
-        for i, row, leaf in zip(at.tolist(), chunk.tolist(), catalog.leaf[chunk].tolist(),
-                                strict=True):  # fmt: skip
-            if leaf in full or row in taken or row in blocked_rows:
-                continue
-            if leaf != no_leaf:
-                per_category[leaf] = count = per_category.get(leaf, 0) + 1
-                if count >= cap:
-                    full.add(leaf)
-            taken.add(row)
-            picks.append(Pick(row, None, i))
-            if len(picks) == wanted:
-                break
-        if len(picks) == wanted:
-            break
+    walked = _kernels.walk(
+        rows, scores, _allowed_rows(catalog, rules), rules.weight if rules.weighted else None,
+        None if sensitive is None else sensitive.view(np.uint8), catalog.leaf,
+        len(catalog.leaf_names), blocked_rows, taken, slot.max_per_category or n,
+        catalog.no_leaf, n - len(pins),
+    )  # fmt: skip
+    picks = [Pick(row, None, at) for row, at in walked]
     last = -1
     for p in pins:  # sorted by position; pins sharing a position keep their file order
         last = min(max(p.position, last + 1), len(picks))

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from api import _kernels
 from api.items import Rows, ServingCatalog
 from stream_engine.catalog import CATEGORY_SEP, Vector
 
@@ -240,40 +241,14 @@ class Scored:
     leaf: Floats
 
 
-def _dense(keys: Rows, values: Floats, wanted: Rows, space: int) -> Floats:
-    """values of `wanted` (0 where absent), keys in range(space), through the scratch array:
-    three numpy operations instead of a Python loop."""
-    if not keys.size or not wanted.size:
-        return np.zeros(wanted.size, np.float32)
-    acc = _SCRATCH.floats(space)
-    try:
-        acc[keys] = values
-        return acc[wanted].astype(np.float32)
-    finally:
-        acc[keys] = 0.0
-
-
-def _dense_lookup(values: Mapping[int, float], wanted: Rows, space: int) -> Floats:
-    keys = np.fromiter(values.keys(), np.int64, len(values))
-    return _dense(keys, np.fromiter(values.values(), np.float32, len(values)), wanted, space)
-
-
 def score(catalog: ServingCatalog, rows: Rows, signals: Signals, trending: Trending) -> Scored:
-    """Every component for every candidate, in float32 (the weights are Python floats)."""
-    n = rows.size
-    interest = (
-        np.take(catalog.matrix, rows, axis=0) @ signals.interest
-        if signals.interest is not None and n
-        else np.zeros(n, np.float32)
-    )
-    covis = _dense(signals.covis.rows, signals.covis.scores, rows, len(catalog))
-    trend = trending.prior_of(rows)
-    leaf = _dense_lookup(signals.leaves, catalog.leaf[rows], len(catalog.leaf_names))
-    total = W_INTEREST * interest
-    total += W_COVISIT * covis
-    total += W_TREND * trend
-    total += W_LEAF * leaf
-    return Scored(rows, total.astype(np.float32, copy=False), interest, covis, trend, leaf)
+    """Every component for every candidate, in float32 (the weights as float32), in one
+    compiled pass (api/_kernels.pyx)."""
+    parts = _kernels.score_parts(
+        catalog.matrix, rows, signals.interest, signals.covis.rows, signals.covis.scores,
+        trending.prior, catalog.leaf, signals.leaves, W_INTEREST, W_COVISIT, W_TREND, W_LEAF,
+    )  # fmt: skip
+    return Scored(rows, parts[0], parts[1], parts[2], parts[3], parts[4])
 
 
 Parts = tuple[float, float, float, float]  # one item's interest, covis, trend and leaf

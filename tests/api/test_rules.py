@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from api.config import parse_config
 from api.items import ServingCatalog
-from api.rules import best_first, compile_rules, select
+from api.rules import compile_rules, select
 from api.scoring import _SCRATCH, Signals, merge_covis, top_categories
 from stream_engine.catalog import Catalog
 from stream_engine.demo_catalog import generate
@@ -94,9 +94,15 @@ def test_diversity_caps_items_per_category(rows: list[int], cap: int) -> None:
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.sampled_from([0.0, -0.0, 0.5, -0.5, 1.0, 2.5e-8, -3.0, 7.0, 1e30]) |
                 st.floats(-1e6, 1e6, width=32), max_size=80))  # fmt: skip
-def test_best_first_orders_like_a_stable_descending_sort(values: list[float]) -> None:
+def test_select_orders_like_a_stable_descending_sort(values: list[float]) -> None:
+    """Any float32 score (negative, -0.0 beside 0.0, huge): the compiled walk's integer keys
+    order the candidates as a stable argsort of -scores does."""
     scores = np.asarray(values, np.float32)
-    assert best_first(scores).tolist() == np.argsort(-scores, kind="stable").tolist()
+    rows = np.asarray(IN_STOCK[: scores.size], np.int64)
+    config = parse_config(_config([], max_per_category=len(rows) + 1), "test.yaml")
+    compiled = compile_rules(config, CATALOG, NOW)["recs"]
+    picks = select(config.slots["recs"], rows.size, rows, scores, CATALOG, compiled, set())
+    assert [p.at for p in picks] == np.argsort(-scores, kind="stable").tolist()
 
 
 def test_a_row_offered_twice_is_served_once() -> None:
@@ -190,3 +196,65 @@ def test_an_exclude_rule_fires_when_it_removes_a_candidate_others_when_they_touc
     scores = np.linspace(1.0, 0.1, rows.size, dtype=np.float32)
     picks = select(config.slots["recs"], 6, rows, scores, CATALOG, compiled, set())
     assert rules_fired(picks, rows, compiled) == ["x", "b"]
+
+
+def _numpy_score(rows: Any, signals: Signals, prior: Any) -> list[Any]:
+    """The scoring as numpy arithmetic, as it was before it was compiled."""
+    from api.scoring import W_COVISIT, W_INTEREST, W_LEAF, W_TREND
+
+    n = rows.size
+    interest = (CATALOG.matrix[rows] @ signals.interest if signals.interest is not None
+                else np.zeros(n, np.float32))  # fmt: skip
+    by_row = dict(zip(signals.covis.rows.tolist(), signals.covis.scores.tolist(), strict=True))
+    covis = np.asarray([by_row.get(r, 0.0) for r in rows.tolist()], np.float32)
+    trend = np.asarray([prior[r] if r < prior.size else 0.0 for r in rows.tolist()], np.float32)
+    leaf = np.asarray([signals.leaves.get(int(CATALOG.leaf[r]), 0.0) for r in rows.tolist()],
+                      np.float32)  # fmt: skip
+    total = W_INTEREST * interest
+    total += W_COVISIT * covis
+    total += W_TREND * trend
+    total += W_LEAF * leaf
+    return [total, interest, covis, trend, leaf]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(0, len(ITEMS) - 1), max_size=120, unique=True),
+       st.lists(st.tuples(st.integers(0, len(ITEMS) - 1), st.floats(0, 1, width=32)),
+                max_size=40, unique_by=lambda t: t[0]),
+       st.booleans(), st.integers(0, len(ITEMS) + 5), st.integers(0, 2**32 - 1))  # fmt: skip
+def test_compiled_score_matches_the_numpy_arithmetic(
+    candidates: list[int],
+    covis: list[tuple[int, float]],
+    personal: bool,
+    prior_size: int,
+    seed: int,
+) -> None:
+    """Every component of every candidate; the interest dot product sums in another order
+    than BLAS (a few units in the last place), the rest is exact. A prior shorter than the
+    catalog (rows it doesn't cover trend 0); the scratch array is clean afterwards."""
+    from api.scoring import Covis, Trending, score, unit
+
+    rng = np.random.default_rng(seed)
+    rows = np.asarray(sorted(candidates), np.int64)
+    crow = np.asarray(sorted(r for r, _ in covis), np.int64)
+    cscore = np.asarray([dict(covis)[r] for r in crow.tolist()], np.float32)
+    interest = (
+        unit(rng.standard_normal(CATALOG.space.dims).astype(np.float32)) if personal else None
+    )
+    weights = (0.5, 0.3, 0.2)[: len(candidates)]
+    leaves = {int(CATALOG.leaf[r]): w for r, w in zip(candidates[:3], weights, strict=True)}
+    signals = Signals(interest, [], Covis(crow, cscore), [], None, leaves, {})
+    prior = rng.random(prior_size).astype(np.float32)
+    got = score(CATALOG, rows, signals, Trending({}, prior))
+    want = _numpy_score(rows, signals, prior)
+    for name, g, w in zip(("total", "interest", "covis", "trend", "leaf"),
+                          (got.total, got.interest, got.covis, got.trend, got.leaf), want,
+                          strict=True):  # fmt: skip
+        assert g.dtype == np.float32, name
+        if name in ("total", "interest"):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6, err_msg=name)
+        else:
+            assert g.tolist() == w.tolist(), name
+    # the next decision's co-visitation starts from zeros
+    again = score(CATALOG, rows, Signals(interest, [], leaves=leaves), Trending({}, prior))
+    assert not again.covis.any()

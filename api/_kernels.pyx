@@ -1,0 +1,220 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False, cdivision=True
+"""Compiled loops of a decision: scoring the candidates and walking them best first.
+
+Each replaced a dozen numpy calls on a few hundred candidates, where numpy's per-call cost
+(argument checks, temporaries, dtype dispatch) was most of the time. The arithmetic is the
+numpy code's, in the same float32 steps (compiled with -ffp-contract=off, so no fused
+multiply-adds change the rounding); only the interest dot product sums in another order
+than BLAS, which moves a score by at most a few units in the last place.
+Typing stubs: _kernels.pyi. Built by setuptools with Cython (pyproject.toml).
+"""
+
+import numpy as np
+
+from libc.stdint cimport int32_t, int64_t, uint8_t
+
+# A float32 work array with an entry per catalog row, zero between calls (see Scratch in
+# scoring.py): the co-visitation scores of a decision's candidates are looked up in it.
+cdef float[::1] _dense = np.zeros(0, np.float32)
+# Per leaf category: how many items of it a walk took (zero between calls).
+cdef int32_t[::1] _taken_per_leaf = np.zeros(0, np.int32)
+
+
+cdef float[::1] _dense_of(Py_ssize_t size):
+    global _dense
+    if _dense.shape[0] < size:
+        _dense = np.zeros(max(size, 2 * _dense.shape[0]), np.float32)
+    return _dense
+
+
+cdef int32_t[::1] _per_leaf(Py_ssize_t size):
+    global _taken_per_leaf
+    if _taken_per_leaf.shape[0] < size:
+        _taken_per_leaf = np.zeros(max(size, 2 * _taken_per_leaf.shape[0]), np.int32)
+    return _taken_per_leaf
+
+
+def score_parts(
+    const float[:, ::1] matrix,
+    const int64_t[::1] rows,
+    object interest,
+    const int64_t[::1] covis_rows,
+    const float[::1] covis_scores,
+    const float[::1] prior,
+    const int64_t[::1] leaf,
+    dict leaf_shares,
+    float w_interest,
+    float w_covis,
+    float w_trend,
+    float w_leaf,
+):
+    """A (5, n) float32 array: total, interest, covis, trend and leaf of every candidate."""
+    cdef Py_ssize_t n = rows.shape[0], d = matrix.shape[1], nc = covis_rows.shape[0]
+    cdef Py_ssize_t n_prior = prior.shape[0], n_rows = matrix.shape[0]
+    cdef Py_ssize_t i, j, q, m = 0
+    cdef int64_t r, lf
+    cdef float acc, share, total
+    cdef float part[8]
+    cdef int64_t keys[16]
+    cdef float shares[16]
+    cdef const float[::1] v
+    cdef bint personal = interest is not None
+    out = np.empty((5, n), np.float32)
+    cdef float[:, ::1] o = out
+    if personal:
+        v = interest
+        if v.shape[0] != d:
+            raise ValueError(f"interest has {v.shape[0]} dimensions, the catalog {d}")
+    for key, value in leaf_shares.items():
+        if m == 16:  # more recent leaves than RECENCY weights: never, but stay in bounds
+            break
+        keys[m] = key
+        shares[m] = value
+        m += 1
+    if leaf.shape[0] < n_rows:
+        raise ValueError("leaf has fewer rows than the matrix")
+    if covis_scores.shape[0] != nc:
+        raise ValueError(f"{covis_scores.shape[0]} co-visitation scores for {nc} rows")
+    for i in range(nc):
+        if covis_rows[i] < 0 or covis_rows[i] >= n_rows:
+            raise IndexError(f"co-visited row {covis_rows[i]} outside the catalog")
+    dense = _dense_of(n_rows)
+    for i in range(nc):
+        dense[covis_rows[i]] = covis_scores[i]
+    try:
+        for i in range(n):
+            r = rows[i]
+            if r < 0 or r >= n_rows:
+                raise IndexError(f"candidate row {r} outside the catalog")
+            acc = 0
+            if personal:
+                # eight running sums the compiler keeps in vector registers
+                for q in range(8):
+                    part[q] = 0
+                j = 0
+                while j + 8 <= d:
+                    for q in range(8):
+                        part[q] += matrix[r, j + q] * v[j + q]
+                    j += 8
+                while j < d:
+                    part[0] += matrix[r, j] * v[j]
+                    j += 1
+                for q in range(8):
+                    acc += part[q]
+            o[1, i] = acc
+            o[2, i] = dense[r]
+            o[3, i] = prior[r] if r < n_prior else 0
+            lf = leaf[r]
+            share = 0
+            for q in range(m):
+                if keys[q] == lf:
+                    share = shares[q]
+                    break
+            o[4, i] = share
+            # numpy's order: total = w·interest, then += w·covis, += w·trend, += w·leaf
+            total = w_interest * acc
+            total = total + w_covis * o[2, i]
+            total = total + w_trend * o[3, i]
+            total = total + w_leaf * share
+            o[0, i] = total
+    finally:
+        for i in range(nc):
+            dense[covis_rows[i]] = 0
+    return out
+
+
+def walk(
+    const int64_t[::1] rows,
+    const float[::1] scores,
+    const uint8_t[::1] allowed,
+    object weight,
+    object sensitive,
+    const int64_t[::1] leaf,
+    Py_ssize_t n_leaves,
+    object blocked,
+    set taken,
+    Py_ssize_t cap,
+    int64_t no_leaf,
+    Py_ssize_t wanted,
+):
+    """The candidates to serve, best first: [(row, index among the candidates), ...].
+
+    A candidate is skipped when its row is not `allowed` (or is `sensitive`), is in
+    `blocked` or `taken`, or its leaf category already has `cap` items; its score is
+    multiplied by its row's `weight` first. Ties go to the lower index (rows sorted: the
+    lower row), as a stable sort of the scores, descending, orders them. Adds the rows it
+    returns to `taken`."""
+    cdef Py_ssize_t n = rows.shape[0], i, k = 0, kept, found = 0
+    cdef Py_ssize_t n_rows = allowed.shape[0]
+    cdef int64_t r, lf, key
+    cdef int32_t bits
+    cdef float s
+    cdef const float[::1] w
+    cdef const uint8_t[::1] sens
+    cdef bint weighted = weight is not None, checked = sensitive is not None
+    out = []
+    if wanted <= 0 or n == 0:
+        return out
+    if weighted:
+        w = weight
+        if w.shape[0] < n_rows:
+            raise ValueError("weight has fewer rows than allowed")
+    if checked:
+        sens = sensitive
+        if sens.shape[0] < n_rows:
+            raise ValueError("sensitive has fewer rows than allowed")
+    if scores.shape[0] != n:
+        raise ValueError(f"{scores.shape[0]} scores for {n} candidates")
+    if leaf.shape[0] < n_rows:
+        raise ValueError("leaf has fewer rows than allowed")
+    order = np.empty(n, np.int64)
+    cdef int64_t[::1] o = order
+    for i in range(n):
+        r = rows[i]
+        if r < 0:
+            raise IndexError(f"candidate row {r}")
+        if r >= n_rows or not allowed[r] or (checked and sens[r]):  # newer than the rules
+            continue
+        s = scores[i]
+        if weighted:
+            s = s * w[r]
+        # The order-preserving integer of -s (IEEE-754 bits, negatives' magnitude flipped;
+        # + 0 turns -0.0 into 0.0) in the high half, the index in the low half.
+        s = -s + <float>0.0
+        bits = (<int32_t*>&s)[0]
+        key = <int64_t>bits
+        key ^= (key >> 31) & 0x7FFFFFFF
+        o[k] = (key << 32) | i
+        k += 1
+    kept = k
+    order = order[:kept]
+    order.sort()
+    o = order
+    per_leaf = _per_leaf(n_leaves)
+    touched = []
+    try:
+        for k in range(kept):
+            i = o[k] & 0xFFFFFFFF
+            r = rows[i]
+            lf = leaf[r]
+            if lf != no_leaf:
+                if lf < 0 or lf >= n_leaves:
+                    raise IndexError(f"leaf category {lf} of row {r} unknown")
+                if per_leaf[lf] >= cap:
+                    continue
+            row = r
+            if row in taken or row in blocked:
+                continue
+            if lf != no_leaf:
+                if per_leaf[lf] == 0:
+                    touched.append(lf)
+                per_leaf[lf] += 1
+            taken.add(row)
+            out.append((row, i))
+            found += 1
+            if found == wanted:
+                break
+    finally:
+        for lf in touched:
+            per_leaf[lf] = 0
+    return out
