@@ -31,3 +31,13 @@ def walk(
     no_leaf: int,
     wanted: int,
 ) -> list[tuple[int, int]]: ...
+def union_sorted(parts: list[npt.NDArray[np.int64]]) -> npt.NDArray[np.int64]: ...
+def merge_weighted(
+    sources: list[tuple[float, tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]]],
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]: ...
+def top_dims(
+    values: npt.NDArray[np.float32],
+    dims: npt.NDArray[np.int64],
+    depth: npt.NDArray[np.int64],
+    k: int,
+) -> list[int]: ...

@@ -13,8 +13,11 @@ import numpy as np
 
 from libc.stdint cimport int32_t, int64_t, uint8_t
 
-# A float32 work array with an entry per catalog row, zero between calls (see Scratch in
-# scoring.py): the co-visitation scores of a decision's candidates are looked up in it.
+# Work arrays with an entry per catalog row, zero between calls: a call writes the few
+# hundred rows it touches and sets them back before it returns, instead of allocating a
+# catalog-sized array per decision (at 100k items that costs more than the scoring). One
+# set per process: decisions run one at a time on the event loop.
+# The co-visitation scores of a decision's candidates are looked up in this one:
 cdef float[::1] _dense = np.zeros(0, np.float32)
 # Per leaf category: how many items of it a walk took (zero between calls).
 cdef int32_t[::1] _taken_per_leaf = np.zeros(0, np.int32)
@@ -217,4 +220,133 @@ def walk(
     finally:
         for lf in touched:
             per_leaf[lf] = 0
+    return out
+
+
+# Per catalog row: co-visitation sums (float64, as numpy summed them) and whether a row was
+# seen already; zero between calls.
+cdef double[::1] _sums = np.zeros(0, np.float64)
+cdef uint8_t[::1] _seen = np.zeros(0, np.uint8)
+
+
+cdef void _scratch_for(Py_ssize_t size):
+    global _sums, _seen
+    if _seen.shape[0] < size:
+        size = max(size, 2 * _seen.shape[0])
+        _sums = np.zeros(size, np.float64)
+        _seen = np.zeros(size, np.uint8)
+
+
+cdef int64_t _max_row(list parts) except -2:
+    cdef int64_t top = -1, r
+    cdef const int64_t[::1] rows
+    cdef Py_ssize_t i
+    for part in parts:
+        rows = part
+        for i in range(rows.shape[0]):
+            r = rows[i]
+            if r < 0:
+                raise IndexError(f"row {r}")
+            if r > top:
+                top = r
+    return top
+
+
+def union_sorted(list parts):
+    """The sorted union of a few small int64 row arrays."""
+    cdef Py_ssize_t total = 0, i, k = 0
+    cdef const int64_t[::1] rows
+    cdef int64_t r
+    for part in parts:
+        total += len(part)
+    _scratch_for(_max_row(parts) + 1)  # every row checked before the scratch is written
+    seen = _seen
+    out = np.empty(total, np.int64)
+    cdef int64_t[::1] o = out
+    for part in parts:
+        rows = part
+        for i in range(rows.shape[0]):
+            r = rows[i]
+            if not seen[r]:
+                seen[r] = 1
+                o[k] = r
+                k += 1
+    for i in range(k):
+        seen[o[i]] = 0
+    out = out[:k]
+    out.sort()
+    return out
+
+
+def merge_weighted(list sources):
+    """Co-visitation of several recent items: [(weight, (rows, scores)), ...] (the rows of
+    one source distinct) -> (the sorted union of their rows, the weighted sums of their
+    scores over the largest sum). numpy's arithmetic: each product in float32, summed in
+    float64 in source order, divided in float64, rounded to float32."""
+    cdef Py_ssize_t total = 0, i, k = 0
+    cdef const int64_t[::1] rows
+    cdef const float[::1] scores
+    cdef int64_t r
+    cdef float w
+    cdef double top = 0
+    parts = [nb[0] for _, nb in sources]
+    for _, nb in sources:
+        scores = nb[1]  # float32, or a TypeError before anything is written
+        if scores.shape[0] != len(nb[0]):
+            raise ValueError(f"{scores.shape[0]} scores for {len(nb[0])} rows")
+        total += len(nb[0])
+    _scratch_for(_max_row(parts) + 1)  # every row checked before the scratch is written
+    seen, sums = _seen, _sums
+    union = np.empty(total, np.int64)
+    cdef int64_t[::1] u = union
+    for weight, nb in sources:
+        w = weight
+        rows, scores = nb[0], nb[1]
+        for i in range(rows.shape[0]):
+            r = rows[i]
+            if not seen[r]:
+                seen[r] = 1
+                u[k] = r
+                k += 1
+            sums[r] += <double>(w * scores[i])
+    union = union[:k]
+    union.sort()
+    u = union
+    out = np.empty(k, np.float32)
+    cdef float[::1] o = out
+    for i in range(k):
+        if sums[u[i]] > top:
+            top = sums[u[i]]
+    for i in range(k):
+        r = u[i]
+        o[i] = <float>(sums[r] / top) if top > 0 else <float>sums[r]
+        sums[r] = 0
+        seen[r] = 0
+    return union, out
+
+
+def top_dims(const float[::1] values, const int64_t[::1] dims, const int64_t[::1] depth,
+             Py_ssize_t k):
+    """Indices into `dims` of the k largest positive values[dims[i]], deepest first on a
+    tie, then the lower index: the first k of a lexsort by (-value, -depth), positives only."""
+    cdef Py_ssize_t n = dims.shape[0], i, j, best
+    cdef float v, bv
+    out = []
+    if depth.shape[0] != n:
+        raise ValueError(f"{depth.shape[0]} depths for {n} dimensions")
+    for i in range(n):
+        if dims[i] < 0 or dims[i] >= values.shape[0]:
+            raise IndexError(f"dimension {dims[i]} of a {values.shape[0]}-vector")
+    for j in range(k):
+        best = -1
+        bv = 0
+        for i in range(n):
+            if i in out:
+                continue
+            v = values[dims[i]]
+            if v > 0 and (best < 0 or v > bv or (v == bv and depth[i] > depth[best])):
+                best, bv = i, v
+        if best < 0:
+            break
+        out.append(best)
     return out

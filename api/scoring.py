@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -67,25 +66,6 @@ class Trending:
 
 _NO_ROWS: Rows = np.zeros(0, np.int64)
 _NO_SCORES: Floats = np.zeros(0, np.float32)
-
-
-class Scratch:
-    """A work array with an entry per catalog row, zero between uses: a decision writes the
-    few hundred rows it touches and sets them back to zero before it returns, instead of
-    allocating a catalog-sized array per request (at 100k items that costs more than the
-    scoring). One per process: decisions run one at a time on the event loop, never
-    awaiting in between."""
-
-    def __init__(self) -> None:
-        self._floats = np.zeros(0, np.float64)
-
-    def floats(self, size: int) -> npt.NDArray[np.float64]:
-        if self._floats.size < size:
-            self._floats = np.zeros(max(size, 2 * self._floats.size), np.float64)
-        return self._floats
-
-
-_SCRATCH = Scratch()
 
 
 @dataclass(slots=True)
@@ -140,9 +120,7 @@ def top_categories(
 ) -> list[str]:
     """The k strongest category nodes of an interest vector, deepest first on ties."""
     dims, labels, depth = _category_dims(space_names)
-    values = interest[dims]
-    order = np.lexsort((-depth, -values))[:k]
-    return [labels[i] for i in order if values[i] > 0]
+    return [labels[i] for i in _kernels.top_dims(interest, dims, depth, k)]
 
 
 Neighbours = tuple[Rows, Floats]  # an item's co-visited rows and scores (best = 1)
@@ -173,9 +151,8 @@ class Covis:
 
 
 def merge_covis(recent_rows: Sequence[int], neighbours: Mapping[int, Neighbours]) -> Covis:
-    """Co-visitation of the recent items, recency-weighted and normalized to [0, 1]: each
-    source adds its weighted scores into a scratch row array (float64, in source order:
-    the sums np.bincount would give), read back at the sorted union of their rows."""
+    """Co-visitation of the recent items, recency-weighted and normalized to [0, 1], over
+    the sorted union of their rows (compiled: api/_kernels.pyx)."""
     found = []
     for rank, src in enumerate(recent_rows[:COVISIT_SOURCES]):
         nb = neighbours.get(src)
@@ -183,35 +160,13 @@ def merge_covis(recent_rows: Sequence[int], neighbours: Mapping[int, Neighbours]
             found.append((RECENCY[rank], src, nb))
     if not found:
         return Covis(_NO_ROWS, _NO_SCORES)
-    rows: Rows
-    sums: npt.NDArray[np.floating[Any]]
     if len(found) == 1:  # one source: its own scores, sorted by row
         order = np.argsort(found[0][2][0])
         rows, sums = found[0][2][0][order], found[0][2][1][order]
-    else:
-        rows = sorted_unique([nb[0] for _, _, nb in found])
-        acc = _SCRATCH.floats(int(rows[-1]) + 1)
-        try:
-            for w, _, (members, scores) in found:
-                acc[members] += w * scores  # members of one source are distinct
-            sums = acc[rows]
-        finally:  # whatever happens, the next decision finds zeros
-            acc[rows] = 0.0
-    top = float(sums.max()) if sums.size else 0.0
-    return Covis(rows, (sums / top if top > 0 else sums).astype(np.float32), found)
-
-
-def sorted_unique(parts: Sequence[Rows]) -> Rows:
-    """The sorted union of a few small row arrays: a sort of their concatenation, whatever
-    the catalog's size (a mark per catalog row costs a scan of all of them)."""
-    rows = np.concatenate(parts)
-    if rows.size < 2:
-        return rows
-    rows.sort()
-    keep = np.empty(rows.size, dtype=bool)
-    keep[0] = True
-    np.not_equal(rows[1:], rows[:-1], out=keep[1:])
-    return rows[keep]
+        top = float(sums.max())
+        return Covis(rows, (sums / top if top > 0 else sums).astype(np.float32), found)
+    rows, scores = _kernels.merge_weighted([(w, nb) for w, _, nb in found])
+    return Covis(rows, scores, found)
 
 
 def candidates(
@@ -228,38 +183,38 @@ def candidates(
         parts.append(trending.get(cat)[:TREND_CANDIDATES])
         parts.append(category_rows.get(cat, _NO_ROWS)[:CATEGORY_CANDIDATES])
     parts.append(trending.get()[:TREND_CANDIDATES])
-    return sorted_unique(parts)
+    return _kernels.union_sorted(parts)
 
 
 @dataclass(frozen=True, slots=True)
 class Scored:
     rows: Rows
-    total: Floats
-    interest: Floats
-    covis: Floats
-    trend: Floats
-    leaf: Floats
+    table: npt.NDArray[np.float32]  # (5, n): total, interest, covis, trend, leaf per candidate
+
+    @property
+    def total(self) -> Floats:
+        total: Floats = self.table[0]
+        return total
 
 
 def score(catalog: ServingCatalog, rows: Rows, signals: Signals, trending: Trending) -> Scored:
     """Every component for every candidate, in float32 (the weights as float32), in one
     compiled pass (api/_kernels.pyx)."""
-    parts = _kernels.score_parts(
+    table = _kernels.score_parts(
         catalog.matrix, rows, signals.interest, signals.covis.rows, signals.covis.scores,
         trending.prior, catalog.leaf, signals.leaves, W_INTEREST, W_COVISIT, W_TREND, W_LEAF,
     )  # fmt: skip
-    return Scored(rows, parts[0], parts[1], parts[2], parts[3], parts[4])
+    return Scored(rows, table)
 
 
-Parts = tuple[float, float, float, float]  # one item's interest, covis, trend and leaf
+Parts = list[float]  # one item's interest, covis, trend and leaf
 
 
 def parts_of(scored: Scored, positions: list[int]) -> list[Parts]:
-    """The score components of the candidates at `positions`, as Python floats: four numpy
-    operations for a whole carousel instead of four scalar lookups per item."""
-    return list(zip(scored.interest[positions].tolist(), scored.covis[positions].tolist(),
-                    scored.trend[positions].tolist(), scored.leaf[positions].tolist(),
-                    strict=True))  # fmt: skip
+    """The score components of the candidates at `positions`, as Python floats: one numpy
+    operation for a whole carousel instead of four scalar lookups per item."""
+    parts: list[Parts] = scored.table[1:, positions].T.tolist()
+    return parts
 
 
 def reason(

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from api.config import parse_config
 from api.items import ServingCatalog
 from api.rules import compile_rules, select
-from api.scoring import _SCRATCH, Signals, merge_covis, top_categories
+from api.scoring import Signals, merge_covis, top_categories
 from stream_engine.catalog import Catalog
 from stream_engine.demo_catalog import generate
 
@@ -159,7 +159,9 @@ def test_covisitation_merges_by_recency_and_normalizes() -> None:
     assert via[11] == 2
     assert via[10] == 1
     # the scratch sums are back to zero for the next decision
-    assert not _SCRATCH.floats(12)[:12].any()
+    again = merge_covis([3, 4], {3: nb((10, 0.5), (12, 1.0)), 4: nb((12, 1.0))})
+    assert again.rows.tolist() == [10, 12]
+    assert again.scores.tolist() == pytest.approx([0.5 / 1.7, 1.0])
 
 
 def test_covisitation_of_one_source_keeps_its_scores_sorted_by_row() -> None:
@@ -247,8 +249,7 @@ def test_compiled_score_matches_the_numpy_arithmetic(
     prior = rng.random(prior_size).astype(np.float32)
     got = score(CATALOG, rows, signals, Trending({}, prior))
     want = _numpy_score(rows, signals, prior)
-    for name, g, w in zip(("total", "interest", "covis", "trend", "leaf"),
-                          (got.total, got.interest, got.covis, got.trend, got.leaf), want,
+    for name, g, w in zip(("total", "interest", "covis", "trend", "leaf"), got.table, want,
                           strict=True):  # fmt: skip
         assert g.dtype == np.float32, name
         if name in ("total", "interest"):
@@ -257,4 +258,63 @@ def test_compiled_score_matches_the_numpy_arithmetic(
             assert g.tolist() == w.tolist(), name
     # the next decision's co-visitation starts from zeros
     again = score(CATALOG, rows, Signals(interest, [], leaves=leaves), Trending({}, prior))
-    assert not again.covis.any()
+    assert not again.table[2].any()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(st.tuples(st.integers(0, 5000), st.floats(0, 1, width=32)),
+                         min_size=1, max_size=30, unique_by=lambda t: t[0]),
+                min_size=2, max_size=5))  # fmt: skip
+def test_compiled_covisitation_merge_matches_the_numpy_arithmetic(
+    sources: list[list[tuple[int, float]]],
+) -> None:
+    """Several sources: each product in float32, summed in float64 in source order, over
+    the largest sum, rounded to float32; rows sorted and distinct. Exact."""
+    from api.scoring import RECENCY
+
+    neighbours = {
+        src: (np.asarray([r for r, _ in pairs], np.int64),
+              np.asarray([s for _, s in pairs], np.float32))
+        for src, pairs in enumerate(sources)
+    }  # fmt: skip
+    got = merge_covis(list(range(len(sources))), neighbours)
+    acc = np.zeros(5001, np.float64)
+    for rank, (rows, scores) in neighbours.items():
+        acc[rows] += RECENCY[rank] * scores
+    want_rows = np.unique(np.concatenate([rows for rows, _ in neighbours.values()]))
+    sums = acc[want_rows]
+    top = float(sums.max())
+    want = (sums / top if top > 0 else sums).astype(np.float32)
+    assert got.rows.tolist() == want_rows.tolist()
+    assert got.scores.dtype == np.float32
+    assert got.scores.tolist() == want.tolist()
+
+
+@given(st.lists(st.lists(st.integers(0, 3000), max_size=60), max_size=8))
+def test_candidates_union_is_sorted_and_distinct(parts: list[list[int]]) -> None:
+    from api import _kernels
+
+    arrays = [np.asarray(p, np.int64) for p in parts]
+    got = _kernels.union_sorted(arrays)
+    assert got.dtype == np.int64
+    assert got.tolist() == sorted({r for p in parts for r in p})
+    with pytest.raises(IndexError):
+        _kernels.union_sorted([np.asarray([1, -1], np.int64)])
+    assert _kernels.union_sorted(arrays).tolist() == got.tolist()  # scratch left clean
+
+
+@given(st.lists(st.sampled_from([0.0, -0.0, 0.25, 0.5, -0.5, 1.0]) | st.floats(-1, 1, width=32),
+                min_size=CATALOG.space.dims, max_size=CATALOG.space.dims),
+       st.integers(1, 4))  # fmt: skip
+def test_top_categories_match_a_lexsort(values: list[float], k: int) -> None:
+    """The compiled top-k against the numpy it replaced: the first k of a lexsort by
+    (-value, -depth), positive values only."""
+    from stream_engine.catalog import CATEGORY_SEP
+
+    names = CATALOG.space.names
+    dims = [i for i, n in enumerate(names) if n.startswith("cat:")]
+    depth = np.asarray([names[i].count(CATEGORY_SEP) for i in dims])
+    v = np.asarray(values, np.float32)
+    order = np.lexsort((-depth, -v[dims]))[:k]
+    want = [names[dims[i]][4:] for i in order if v[dims][i] > 0]
+    assert top_categories(names, v, k=k) == want
