@@ -11,7 +11,8 @@ Typing stubs: _kernels.pyi. Built by setuptools with Cython (pyproject.toml).
 
 import numpy as np
 
-from libc.stdint cimport int32_t, int64_t, uint8_t
+from libc.math cimport sqrt
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t
 
 # Work arrays with an entry per catalog row, zero between calls: a call writes the few
 # hundred rows it touches and sets them back before it returns, instead of allocating a
@@ -349,4 +350,43 @@ def top_dims(const float[::1] values, const int64_t[::1] dims, const int64_t[::1
         if best < 0:
             break
         out.append(best)
+    return out
+
+
+def or_bits(const uint64_t[::1] bits, rows):
+    """The OR of bits[r] over the rows (an int64 array or a list of ints)."""
+    cdef uint64_t out = 0
+    cdef Py_ssize_t n = bits.shape[0], i
+    cdef int64_t r
+    cdef const int64_t[::1] arr
+    if isinstance(rows, list):
+        for row in rows:
+            r = row
+            if r < 0 or r >= n:
+                raise IndexError(f"row {r} of {n}")
+            out |= bits[r]
+        return out
+    arr = rows
+    for i in range(arr.shape[0]):
+        r = arr[i]
+        if r < 0 or r >= n:
+            raise IndexError(f"row {r} of {n}")
+        out |= bits[r]
+    return out
+
+
+def unit_f32(const float[::1] v):
+    """v / |v| as float32 (the norm summed in float64), or None when |v| <= 1e-9."""
+    cdef Py_ssize_t n = v.shape[0], i
+    cdef double acc = 0
+    cdef float norm
+    for i in range(n):
+        acc += <double>v[i] * v[i]
+    if not acc > 1e-18:  # also NaN
+        return None
+    norm = <float>sqrt(acc)
+    out = np.empty(n, np.float32)
+    cdef float[::1] o = out
+    for i in range(n):
+        o[i] = v[i] / norm
     return out

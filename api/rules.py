@@ -22,6 +22,7 @@ from api.config import Action, DecisionConfig, Slot, SlotKind
 from api.items import Mask, Rows, ServingCatalog
 
 Scores = npt.NDArray[np.float32]
+MAX_RULE_BITS = 64  # rules per slot that rules_fired tracks in one word per row
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +41,10 @@ class SlotRules:
     excluding: frozenset[str] = frozenset()  # ids of the exclude rules among them
     allowed: Mask | None = None  # in stock and not excluded, as of compile time
     weighted: bool = False  # any boost or bury
+    # per row, bit i set when the i-th rule of `fired` touches it (at most 64 rules; None
+    # beyond), and the bits of the exclude rules: which rules shaped an answer, in one pass
+    bits: npt.NDArray[np.uint64] | None = None
+    exclude_bits: int = 0
 
 
 def compile_rules(
@@ -74,8 +79,20 @@ def compile_rules(
                 rules.weighted = True
         rules.pins = tuple(sorted(pins, key=lambda p: p.position))
         rules.allowed = catalog.in_stock[:n] & ~rules.exclude
+        _rule_bits(rules, n)
         out[slot.name] = rules
     return out
+
+
+def _rule_bits(rules: SlotRules, n: int) -> None:
+    if len(rules.fired) > MAX_RULE_BITS:
+        return
+    bits = np.zeros(n, np.uint64)
+    for i, (rid, mask) in enumerate(rules.fired.items()):
+        bits[mask] |= np.uint64(1 << i)
+        if rid in rules.excluding:
+            rules.exclude_bits |= 1 << i
+    rules.bits = bits
 
 
 class Pick(NamedTuple):
@@ -157,6 +174,11 @@ def _pins(
 def rules_fired(picks: list[Pick], candidates: Rows, rules: SlotRules) -> list[str]:
     """Rule ids that shaped this answer (for the report's "rules that never fired"): an
     exclude rule when it removed a candidate, any other when it touched an item served."""
+    if rules.bits is not None and rules.bits.size == len(rules.exclude):
+        bits = rules.bits
+        hit = _kernels.or_bits(bits, candidates) & rules.exclude_bits
+        hit |= _kernels.or_bits(bits, [p.row for p in picks]) & ~rules.exclude_bits
+        return [rid for i, rid in enumerate(rules.fired) if hit >> i & 1] if hit else []
     rows = np.asarray([p.row for p in picks], dtype=np.int64)
     out = []
     for rid, mask in rules.fired.items():

@@ -101,6 +101,8 @@ def leaf_shares(leaves: Sequence[int], no_leaf: int) -> tuple[dict[int, float], 
 def unit(v: Vector | None) -> Vector | None:
     if v is None:
         return None
+    if v.dtype == np.float32 and v.flags.c_contiguous:  # every vector a decision reads
+        return _kernels.unit_f32(v)
     norm = float(np.sqrt(v @ v))  # np.linalg.norm's arithmetic, without its checks
     if norm <= 1e-9:
         return None

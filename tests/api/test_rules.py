@@ -318,3 +318,47 @@ def test_top_categories_match_a_lexsort(values: list[float], k: int) -> None:
     order = np.lexsort((-depth, -v[dims]))[:k]
     want = [names[dims[i]][4:] for i in order if v[dims][i] > 0]
     assert top_categories(names, v, k=k) == want
+
+
+@given(st.lists(st.floats(-1e3, 1e3, width=32), min_size=1, max_size=80),
+       st.sampled_from([1.0, 1e-12, 0.0]))  # fmt: skip
+def test_unit_vectors_compiled_like_numpy(values: list[float], scale: float) -> None:
+    from api.scoring import unit
+
+    v = np.asarray(values, np.float32) * np.float32(scale)
+    got = unit(v)
+    norm = float(np.linalg.norm(v.astype(np.float64)))
+    if norm <= 1e-9:
+        assert got is None
+        return
+    assert got is not None
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, (v / norm).astype(np.float32), rtol=1e-6, atol=1e-7)
+    assert unit(v.astype(np.float64)) is not None  # another dtype: numpy's way
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(0, len(ITEMS) - 1), max_size=40),
+       st.lists(st.integers(0, len(ITEMS) - 1), max_size=8))  # fmt: skip
+def test_rules_fired_in_one_pass_match_the_loop_over_rules(
+    candidates: list[int], picked: list[int]
+) -> None:
+    """The per-row rule bits give the rules a loop over each rule's mask gives."""
+    from api.rules import Pick, rules_fired
+
+    cats = sorted({it.category_path for it in ITEMS})
+    config = parse_config(_config([
+        {"id": "x1", "action": "exclude", "categories": [cats[0]]},
+        {"id": "b1", "action": "boost", "categories": [cats[1]], "factor": 2},
+        {"id": "x2", "action": "exclude", "categories": [cats[2]]},
+        {"id": "u1", "action": "bury", "categories": [cats[3]], "factor": 0.5},
+        {"id": "b2", "action": "boost", "items": [ITEMS[i].item_id for i in range(0, 400, 7)],
+         "factor": 3},
+    ]), "test.yaml")  # fmt: skip
+    compiled = compile_rules(config, CATALOG, NOW)["recs"]
+    assert compiled.bits is not None
+    rows = np.asarray(candidates, np.int64)
+    picks = [Pick(r) for r in picked]
+    fast = rules_fired(picks, rows, compiled)
+    compiled.bits = None
+    assert fast == rules_fired(picks, rows, compiled)
