@@ -84,4 +84,4 @@ loadtest: venv
 	source .stack/stack.env && $(PY) -m loadtest run $(SCENARIO) $(LOADTEST_ARGS)
 
 clean: down
-	rm -rf $(VENV) .stack .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .stack .mypy_cache .ruff_cache .pytest_cache api/_kernels.c api/_kernels.*.so
