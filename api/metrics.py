@@ -101,6 +101,11 @@ class ApiMetrics:
             "kairos_api_covis_errors_total", "Co-visitation reads that failed or ran late",
             registry=r,
         )  # fmt: skip
+        self.covis_reads = Counter(
+            "kairos_api_covis_reads_total", "Decisions that read co-visitation from Redis on "
+            "the request path (a second round trip: their items were not cached yet)",
+            registry=r,
+        )  # fmt: skip
 
     def handled(self, endpoint: str, seconds: float) -> None:
         """A decision request's handler time (kairos_api_request_seconds{endpoint})."""

@@ -174,6 +174,7 @@ class Runtime:
         if left_ms <= 0.5:
             self.metrics.covis_errors.inc()
             return found
+        self.metrics.covis_reads.inc()
         try:
             replies = await self.reader.execute(
                 self.covis.commands(self.keys, serving.catalog, missing), left_ms / 1000

@@ -13,10 +13,12 @@ import pytest
 import redis.asyncio as aioredis
 
 from api.aggregates import CovisCache
+from api.holdout import Group, assign
 from api.runtime import Runtime
 from api.settings import Settings
 from stream_engine.catalog import Catalog
 from stream_engine.catalog_updates import catalog_items_key, catalog_version_key
+from stream_engine.events import EventType
 from stream_engine.state import Keys
 from tests.api.conftest import client_for
 
@@ -109,3 +111,28 @@ async def test_stale_co_visitation_is_served_and_read_again_in_the_background(
         found, missing = rt.covis.lookup([row_a])
         assert found[row_a][0].tolist() == [row_c, row_b]
         np.testing.assert_allclose(found[row_a][1], [1.0, 0.5])
+
+
+async def test_a_decision_reads_co_visitation_once_then_from_the_cache(
+    settings: Settings, clicks: Any, redis_client: aioredis.Redis
+) -> None:
+    """kairos_api_covis_reads_total counts the decisions that paid a second round trip for
+    co-visitation: the first decision on an item, not the next one."""
+    async with client_for(settings) as client:
+        rt = client.app.state.runtime  # type: ignore[attr-defined]
+        share = rt.serving.config.holdout_share
+        sid = next(s for s in (f"covis-reader-{i}" for i in range(100))
+                   if assign(s, share) is Group.TREATMENT)  # fmt: skip
+        await clicks(sid, *((EventType.CLICK, f"sku-00000{k}") for k in (3, 4, 5)))
+
+        def reads() -> float:
+            return float(rt.metrics.covis_reads._value.get())
+
+        assert reads() == 0
+        for expected in (1, 1):
+            r = await client.get(f"/v1/slots/home_recs?session_id={sid}")
+            assert r.status_code == 200
+            assert r.json()["strategy"] == "personalized"
+            assert reads() == expected
+        metrics = (await client.get("/metrics")).text
+        assert "kairos_api_covis_reads_total 1.0" in metrics
