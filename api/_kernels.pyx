@@ -58,17 +58,27 @@ def score_parts(
     cdef Py_ssize_t i, j, q, m = 0
     cdef int64_t r, lf
     cdef float acc, share, total
-    cdef float part[8]
+    cdef float part[8]  # eight running sums of the dot product
     cdef int64_t keys[16]
     cdef float shares[16]
     cdef const float[::1] v
     cdef bint personal = interest is not None
+    cdef Py_ssize_t nnz = 0, t
     out = np.empty((5, n), np.float32)
     cdef float[:, ::1] o = out
+    nonzero = np.empty(d, np.intp)
+    cdef Py_ssize_t[::1] nz = nonzero
     if personal:
         v = interest
         if v.shape[0] != d:
             raise ValueError(f"interest has {v.shape[0]} dimensions, the catalog {d}")
+        # A session's interest has a few non-zero dimensions (5 of 70 in the demo): only
+        # those enter the dot products. Each still goes to running sum j % 8, so the sums
+        # are those of the dense loop (skipping adds of exact zeros).
+        for j in range(d):
+            if v[j] != 0:
+                nz[nnz] = j
+                nnz += 1
     for key, value in leaf_shares.items():
         if m == 16:  # more recent leaves than RECENCY weights: never, but stay in bounds
             break
@@ -92,17 +102,11 @@ def score_parts(
                 raise IndexError(f"candidate row {r} outside the catalog")
             acc = 0
             if personal:
-                # eight running sums the compiler keeps in vector registers
                 for q in range(8):
                     part[q] = 0
-                j = 0
-                while j + 8 <= d:
-                    for q in range(8):
-                        part[q] += matrix[r, j + q] * v[j + q]
-                    j += 8
-                while j < d:
-                    part[0] += matrix[r, j] * v[j]
-                    j += 1
+                for t in range(nnz):
+                    j = nz[t]
+                    part[j & 7] += matrix[r, j] * v[j]
                 for q in range(8):
                     acc += part[q]
             o[1, i] = acc
@@ -389,4 +393,19 @@ def unit_f32(const float[::1] v):
     cdef float[::1] o = out
     for i in range(n):
         o[i] = v[i] / norm
+    return out
+
+
+def parts_at(const float[:, ::1] table, list positions):
+    """[interest, covis, trend, leaf] of the candidates at `positions` (rows 1-4 of a
+    score_parts table), as Python floats."""
+    cdef Py_ssize_t n = table.shape[1], i
+    out = []
+    if table.shape[0] != 5:
+        raise ValueError(f"a score table has 5 rows, not {table.shape[0]}")
+    for pos in positions:
+        i = pos
+        if i < 0 or i >= n:
+            raise IndexError(f"candidate {i} of {n}")
+        out.append([table[1, i], table[2, i], table[3, i], table[4, i]])
     return out

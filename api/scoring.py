@@ -213,10 +213,8 @@ Parts = list[float]  # one item's interest, covis, trend and leaf
 
 
 def parts_of(scored: Scored, positions: list[int]) -> list[Parts]:
-    """The score components of the candidates at `positions`, as Python floats: one numpy
-    operation for a whole carousel instead of four scalar lookups per item."""
-    parts: list[Parts] = scored.table[1:, positions].T.tolist()
-    return parts
+    """The score components of the candidates at `positions`, as Python floats."""
+    return _kernels.parts_at(scored.table, positions)
 
 
 def reason(

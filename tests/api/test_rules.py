@@ -232,17 +232,18 @@ def test_compiled_score_matches_the_numpy_arithmetic(
     seed: int,
 ) -> None:
     """Every component of every candidate; the interest dot product sums in another order
-    than BLAS (a few units in the last place), the rest is exact. A prior shorter than the
+    than BLAS (a few units in the last place), the rest is exact; dense and sparse
+    interests (only non-zero dimensions enter the sum). A prior shorter than the
     catalog (rows it doesn't cover trend 0); the scratch array is clean afterwards."""
-    from api.scoring import Covis, Trending, score, unit
+    from api.scoring import Covis, Trending, parts_of, score, unit
 
     rng = np.random.default_rng(seed)
     rows = np.asarray(sorted(candidates), np.int64)
     crow = np.asarray(sorted(r for r, _ in covis), np.int64)
     cscore = np.asarray([dict(covis)[r] for r in crow.tolist()], np.float32)
-    interest = (
-        unit(rng.standard_normal(CATALOG.space.dims).astype(np.float32)) if personal else None
-    )
+    raw = rng.standard_normal(CATALOG.space.dims).astype(np.float32)
+    raw[rng.random(raw.size) < rng.choice([0.0, 0.5, 0.95])] = 0  # sessions' are sparse
+    interest = unit(raw) if personal else None
     weights = (0.5, 0.3, 0.2)[: len(candidates)]
     leaves = {int(CATALOG.leaf[r]): w for r, w in zip(candidates[:3], weights, strict=True)}
     signals = Signals(interest, [], Covis(crow, cscore), [], None, leaves, {})
@@ -256,6 +257,8 @@ def test_compiled_score_matches_the_numpy_arithmetic(
             np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6, err_msg=name)
         else:
             assert g.tolist() == w.tolist(), name
+    positions = list(range(0, rows.size, 3))
+    assert parts_of(got, positions) == [got.table[1:, i].tolist() for i in positions]
     # the next decision's co-visitation starts from zeros
     again = score(CATALOG, rows, Signals(interest, [], leaves=leaves), Trending({}, prior))
     assert not again.table[2].any()
