@@ -68,16 +68,22 @@ class Lane:
         self._arrived.set()
 
     async def take(self) -> tuple[int, Batch]:
-        """The oldest batch, with what queued behind it from the same generation: one
-        larger batch costs less than two, and nothing waits behind it."""
+        """The oldest batch, with what queued behind it from the same generation up to the
+        lane's depth (KAIROS_BATCH_MAX): one larger batch costs less than two, and no batch
+        is larger than the setting says."""
         while not self.batches:
             self._arrived.clear()
             await self._arrived.wait()
         generation, batch = self.batches.popleft()
+        size = sum(len(records) for records in batch.values())
         while self.batches and self.batches[0][0] == generation:
+            more = sum(len(records) for records in self.batches[0][1].values())
+            if size + more > self.depth:
+                break
             for tp, records in self.batches.popleft()[1].items():
                 batch.setdefault(tp, []).extend(records)
-        self.taken += sum(len(records) for records in batch.values())
+            size += more
+        self.taken += size
         return generation, batch
 
 
