@@ -18,12 +18,22 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from aiokafka.partitioner import DefaultPartitioner
 
+from api import _kernels
+
 log = logging.getLogger("kairos.api.publisher")
 
 Message = tuple[str, bytes, bytes]  # topic, key, value
 MAX_BACKOFF_S = 5.0
 MAX_DRAIN = 2000  # messages taken off the queue per produce round
 _PARTITIONER = DefaultPartitioner()
+
+
+def partition_of(key: bytes | None, partitions: list[int]) -> int:
+    """Where aiokafka's (and the Java client's) default partitioner puts a key, so a
+    session's events go to one partition whoever produced them; murmur2 compiled."""
+    if key is None:
+        return int(_PARTITIONER(key, partitions, partitions))
+    return partitions[(_kernels.murmur2(key) & 0x7FFFFFFF) % len(partitions)]
 
 
 class Publisher:
@@ -124,7 +134,7 @@ class Publisher:
             if topic not in partitions:
                 partitions[topic] = sorted(await producer.partitions_for(topic))
             parts = partitions[topic]
-            tp = (topic, _PARTITIONER(key, parts, parts))
+            tp = (topic, partition_of(key, parts))
             open_batches = batches.setdefault(tp, [producer.create_batch()])
             if open_batches[-1].append(key=key, value=value, timestamp=None) is None:
                 open_batches.append(producer.create_batch())  # full: start another
