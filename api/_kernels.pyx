@@ -1,9 +1,9 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False, cdivision=True
-"""Compiled loops of a decision: scoring the candidates and walking them best first.
+"""Compiled loops of a decision (and of the publisher's partitioning).
 
-Each replaced a dozen numpy calls on a few hundred candidates, where numpy's per-call cost
-(argument checks, temporaries, dtype dispatch) was most of the time. The arithmetic is the
-numpy code's, in the same float32 steps (compiled with -ffp-contract=off, so no fused
+Each replaced a handful of numpy calls on a few hundred candidates, where numpy's per-call
+cost (argument checks, temporaries, dtype dispatch) was most of the time. The arithmetic is
+the numpy code's, in the same float32 steps (compiled with -ffp-contract=off, so no fused
 multiply-adds change the rounding); only the interest dot product sums in another order
 than BLAS, which moves a score by at most a few units in the last place.
 Typing stubs: _kernels.pyi. Built by setuptools with Cython (pyproject.toml).
@@ -18,17 +18,18 @@ from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 # hundred rows it touches and sets them back before it returns, instead of allocating a
 # catalog-sized array per decision (at 100k items that costs more than the scoring). One
 # set per process: decisions run one at a time on the event loop.
-# The co-visitation scores of a decision's candidates are looked up in this one:
-cdef float[::1] _dense = np.zeros(0, np.float32)
+cdef double[::1] _sums = np.zeros(0, np.float64)  # co-visitation per row
+cdef uint8_t[::1] _seen = np.zeros(0, np.uint8)  # rows already in a union
 # Per leaf category: how many items of it a walk took (zero between calls).
 cdef int32_t[::1] _taken_per_leaf = np.zeros(0, np.int32)
 
 
-cdef float[::1] _dense_of(Py_ssize_t size):
-    global _dense
-    if _dense.shape[0] < size:
-        _dense = np.zeros(max(size, 2 * _dense.shape[0]), np.float32)
-    return _dense
+cdef void _scratch_for(Py_ssize_t size):
+    global _sums, _seen
+    if _seen.shape[0] < size:
+        size = max(size, 2 * _seen.shape[0])
+        _sums = np.zeros(size, np.float64)
+        _seen = np.zeros(size, np.uint8)
 
 
 cdef int32_t[::1] _per_leaf(Py_ssize_t size):
@@ -92,7 +93,8 @@ def score_parts(
     for i in range(nc):
         if covis_rows[i] < 0 or covis_rows[i] >= n_rows:
             raise IndexError(f"co-visited row {covis_rows[i]} outside the catalog")
-    dense = _dense_of(n_rows)
+    _scratch_for(n_rows)
+    cdef double[::1] dense = _sums  # float32 -> float64 -> float32: exact
     for i in range(nc):
         dense[covis_rows[i]] = covis_scores[i]
     try:
@@ -110,7 +112,7 @@ def score_parts(
                 for q in range(8):
                     acc += part[q]
             o[1, i] = acc
-            o[2, i] = dense[r]
+            o[2, i] = <float>dense[r]
             o[3, i] = prior[r] if r < n_prior else 0
             lf = leaf[r]
             share = 0
@@ -198,7 +200,7 @@ def walk(
     order = order[:kept]
     order.sort()
     o = order
-    per_leaf = _per_leaf(n_leaves)
+    cdef int32_t[::1] per_leaf = _per_leaf(n_leaves)
     touched = []
     try:
         for k in range(kept):
@@ -228,20 +230,6 @@ def walk(
     return out
 
 
-# Per catalog row: co-visitation sums (float64, as numpy summed them) and whether a row was
-# seen already; zero between calls.
-cdef double[::1] _sums = np.zeros(0, np.float64)
-cdef uint8_t[::1] _seen = np.zeros(0, np.uint8)
-
-
-cdef void _scratch_for(Py_ssize_t size):
-    global _sums, _seen
-    if _seen.shape[0] < size:
-        size = max(size, 2 * _seen.shape[0])
-        _sums = np.zeros(size, np.float64)
-        _seen = np.zeros(size, np.uint8)
-
-
 cdef int64_t _max_row(list parts) except -2:
     cdef int64_t top = -1, r
     cdef const int64_t[::1] rows
@@ -265,7 +253,7 @@ def union_sorted(list parts):
     for part in parts:
         total += len(part)
     _scratch_for(_max_row(parts) + 1)  # every row checked before the scratch is written
-    seen = _seen
+    cdef uint8_t[::1] seen = _seen
     out = np.empty(total, np.int64)
     cdef int64_t[::1] o = out
     for part in parts:
@@ -284,49 +272,36 @@ def union_sorted(list parts):
 
 
 def merge_weighted(list sources):
-    """Co-visitation of several recent items: [(weight, (rows, scores)), ...] (the rows of
-    one source distinct) -> (the sorted union of their rows, the weighted sums of their
-    scores over the largest sum). numpy's arithmetic: each product in float32, summed in
-    float64 in source order, divided in float64, rounded to float32."""
-    cdef Py_ssize_t total = 0, i, k = 0
+    """Co-visitation of recent items: [(weight, (rows, scores)), ...] (the rows of one source
+    distinct) -> (the sorted union of their rows, the weighted sums of their scores over
+    the largest sum). numpy's arithmetic: each product in float32, summed in float64 in
+    source order, divided in float64, rounded to float32."""
+    cdef Py_ssize_t i, k
     cdef const int64_t[::1] rows
     cdef const float[::1] scores
-    cdef int64_t r
     cdef float w
     cdef double top = 0
-    parts = [nb[0] for _, nb in sources]
     for _, nb in sources:
         scores = nb[1]  # float32, or a TypeError before anything is written
         if scores.shape[0] != len(nb[0]):
             raise ValueError(f"{scores.shape[0]} scores for {len(nb[0])} rows")
-        total += len(nb[0])
-    _scratch_for(_max_row(parts) + 1)  # every row checked before the scratch is written
-    seen, sums = _seen, _sums
-    union = np.empty(total, np.int64)
-    cdef int64_t[::1] u = union
+    union = union_sorted([nb[0] for _, nb in sources])  # checks every row, sizes the scratch
+    cdef const int64_t[::1] u = union
+    k = u.shape[0]
+    cdef double[::1] sums = _sums
     for weight, nb in sources:
         w = weight
         rows, scores = nb[0], nb[1]
         for i in range(rows.shape[0]):
-            r = rows[i]
-            if not seen[r]:
-                seen[r] = 1
-                u[k] = r
-                k += 1
-            sums[r] += <double>(w * scores[i])
-    union = union[:k]
-    union.sort()
-    u = union
+            sums[rows[i]] += <double>(w * scores[i])
     out = np.empty(k, np.float32)
     cdef float[::1] o = out
     for i in range(k):
         if sums[u[i]] > top:
             top = sums[u[i]]
     for i in range(k):
-        r = u[i]
-        o[i] = <float>(sums[r] / top) if top > 0 else <float>sums[r]
-        sums[r] = 0
-        seen[r] = 0
+        o[i] = <float>(sums[u[i]] / top) if top > 0 else <float>sums[u[i]]
+        sums[u[i]] = 0
     return union, out
 
 
@@ -413,7 +388,7 @@ def parts_at(const float[:, ::1] table, list positions):
 
 def murmur2(const uint8_t[::1] data):
     """Kafka's murmur2 of a key (the Java client's, as aiokafka's DefaultPartitioner has it in
-    pure Python at ~4 µs a key), as an unsigned 32-bit int."""
+    pure Python at ~2 µs a key), as an unsigned 32-bit int."""
     cdef Py_ssize_t length = data.shape[0], i, i4
     cdef uint32_t m = 0x5BD1E995, h = 0x9747B28C ^ <uint32_t>length, k
     cdef int r = 24

@@ -174,8 +174,7 @@ def _pins(
 def rules_fired(picks: list[Pick], candidates: Rows, rules: SlotRules) -> list[str]:
     """Rule ids that shaped this answer (for the report's "rules that never fired"): an
     exclude rule when it removed a candidate, any other when it touched an item served."""
-    if rules.bits is not None and rules.bits.size == len(rules.exclude):
-        bits = rules.bits
+    if (bits := rules.bits) is not None:
         hit = _kernels.or_bits(bits, candidates) & rules.exclude_bits
         hit |= _kernels.or_bits(bits, [p.row for p in picks]) & ~rules.exclude_bits
         return [rid for i, rid in enumerate(rules.fired) if hit >> i & 1] if hit else []

@@ -162,11 +162,6 @@ def merge_covis(recent_rows: Sequence[int], neighbours: Mapping[int, Neighbours]
             found.append((RECENCY[rank], src, nb))
     if not found:
         return Covis(_NO_ROWS, _NO_SCORES)
-    if len(found) == 1:  # one source: its own scores, sorted by row
-        order = np.argsort(found[0][2][0])
-        rows, sums = found[0][2][0][order], found[0][2][1][order]
-        top = float(sums.max())
-        return Covis(rows, (sums / top if top > 0 else sums).astype(np.float32), found)
     rows, scores = _kernels.merge_weighted([(w, nb) for w, _, nb in found])
     return Covis(rows, scores, found)
 
