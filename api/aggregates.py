@@ -17,8 +17,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
-from api.items import ServingCatalog
+from api import _kernels
+from api.items import Rows, ServingCatalog
 from api.scoring import TREND_CANDIDATES, Neighbours, Trending
 from stream_engine.catalog import CATEGORY_SEP
 from stream_engine.state import Keys
@@ -32,8 +34,15 @@ CATEGORY_TRENDING_TOP = TREND_CANDIDATES
 COVIS_TOP = 30
 COVIS_TTL_S = 30.0  # co-visitation decays over days; 30 s stale costs nothing
 COVIS_CACHE_MAX = 50_000
-COVIS_REFRESH_CHUNK = 64  # stale entries read again per background round trip
-COVIS_REFRESH_MAX = 2_000  # ... and per refresh tick
+# Stale entries are read again in small rounds, ten a second, a few dozen per round trip:
+# each round trip holds Redis and then this process's event loop while its replies are
+# parsed, and the decisions behind it wait. A second's worth at once (up to 2,000 entries
+# in back-to-back round trips of 64) held them for 10-35 ms every second once the first
+# entries went stale, and the decisions caught behind it were the p99 (loadtest/README.md,
+# session 14).
+COVIS_REFRESH_EVERY_S = 0.1
+COVIS_REFRESH_CHUNK = 32  # stale entries per background round trip
+COVIS_REFRESH_MAX = 200  # ... and per round: at most 2,000 a second
 
 
 def trending_keys(catalog: ServingCatalog) -> list[str]:
@@ -56,20 +65,13 @@ def trending_commands(keys: Keys, names: Sequence[str]) -> list[tuple[Any, ...]]
     ]
 
 
-def _members(reply: Any, catalog: ServingCatalog) -> tuple[list[int], list[float]]:
-    rows: list[int] = []
-    scores: list[float] = []
-    reply = reply or []
-    if reply and isinstance(reply[0], list):  # RESP3: [[member, score], ...]
-        pairs = [(m, s) for m, s in reply]
-    else:  # RESP2: member, score, member, score, ...
-        pairs = list(zip(reply[::2], reply[1::2], strict=True))
-    for member, score in pairs:
-        row = catalog.row(member.decode())
-        if row is not None:
-            rows.append(row)
-            scores.append(float(score))
-    return rows, scores
+Scores = npt.NDArray[np.float64]
+
+
+def _members(reply: Any, catalog: ServingCatalog, scored: bool = True) -> tuple[Rows, Scores]:
+    """A ZREVRANGE reply as the rows the catalog knows and their scores (compiled:
+    api/_kernels.pyx)."""
+    return _kernels.members(reply, catalog.catalog.row, scored)
 
 
 def parse_trending(
@@ -79,13 +81,10 @@ def parse_trending(
     by_key = {}
     prior = np.zeros(len(catalog), np.float32)
     for name, reply in zip(names, replies, strict=True):
-        if name == "":
-            rows, scores = _members(reply, catalog)
-            if scores and scores[0] > 0:
-                prior[rows] = np.asarray(scores, np.float32) / np.float32(scores[0])
-        else:  # members only
-            rows = catalog.rows(m.decode() for m in reply or ())
-        by_key[name] = np.asarray(rows, dtype=np.int64)
+        rows, scores = _members(reply, catalog, scored=name == "")  # categories: members only
+        if name == "" and scores.size and scores[0] > 0:
+            prior[rows] = scores.astype(np.float32) / np.float32(scores[0])
+        by_key[name] = rows
     return Trending(by_key, prior)
 
 
@@ -148,8 +147,8 @@ class CovisCache:
             if isinstance(reply, Exception):
                 continue
             members, scores = _members(reply, catalog)
-            best = scores[0] if scores and scores[0] > 0 else 1.0
-            out[r] = (np.asarray(members, np.int64), np.asarray(scores, np.float32) / best)
+            best = float(scores[0]) if scores.size and scores[0] > 0 else 1.0
+            out[r] = (members, scores.astype(np.float32) / best)
             self._entries[r] = (expires, out[r])
             self._entries.move_to_end(r)
         while len(self._entries) > self.max_items:

@@ -165,6 +165,7 @@ def create_app(
         freeze_startup_heap()
         tasks = [
             asyncio.create_task(rt.run_refresher(), name="kairos-refresher"),
+            asyncio.create_task(rt.run_covis_refresher(), name="kairos-covis-refresher"),
             asyncio.create_task(rt.run_reporter(), name="kairos-reporter"),
             asyncio.create_task(rt.lag.run(), name="kairos-loop-lag"),
         ]

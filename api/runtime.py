@@ -28,6 +28,7 @@ from redis.exceptions import RedisError
 
 from api.aggregates import (
     COVIS_REFRESH_CHUNK,
+    COVIS_REFRESH_EVERY_S,
     COVIS_REFRESH_MAX,
     CovisCache,
     parse_trending,
@@ -334,10 +335,19 @@ class Runtime:
         while await self._tick(self.settings.refresh_interval_s):
             try:
                 await self.refresh()
-                await self.refresh_covis()
             except (TimeoutError, *STORE_ERRORS) as exc:
                 self.metrics.refresh_errors.inc()
                 log.warning("background refresh failed, serving the last snapshot: %s", exc)
+
+    async def run_covis_refresher(self) -> None:
+        """Stale co-visitation read again, a small round at a time (COVIS_REFRESH_EVERY_S).
+        A failed round is counted; run_refresher's warning already says Redis is away."""
+        while await self._tick(COVIS_REFRESH_EVERY_S):
+            try:
+                await self.refresh_covis()
+            except (TimeoutError, *STORE_ERRORS) as exc:
+                self.metrics.refresh_errors.inc()
+                log.debug("co-visitation refresh failed: %s", exc)
 
     async def _tick(self, every_s: float) -> bool:
         """Wait for the next round of a background loop; False once the API is stopping.

@@ -1,9 +1,16 @@
-"""The co-visitation cache: stale entries are served and handed out once for a refresh."""
+"""The co-visitation cache: stale entries are served and handed out once for a refresh;
+sorted-set replies parsed (compiled) as the Python parse did."""
 
 from __future__ import annotations
 
-import numpy as np
+from typing import Any
 
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from api import _kernels
 from api.aggregates import CovisCache
 from api.items import ServingCatalog
 from stream_engine.catalog import Catalog
@@ -42,3 +49,53 @@ def test_stale_entries_are_served_then_due_once_and_eviction_forgets_them() -> N
     cache.store([3], [_reply(serving_catalog, [(7, 1.0)])], serving_catalog)  # evicts row 1
     assert cache.take_due(10) == []  # an evicted row is not read again for nobody
     assert cache.lookup([1]) == ({}, [1])
+
+
+def _members_in_python(reply: Any, catalog: ServingCatalog) -> tuple[list[int], list[float]]:
+    """The Python parse the compiled one replaced."""
+    reply = reply or []
+    if reply and isinstance(reply[0], list):
+        pairs = [(m, s) for m, s in reply]
+    else:
+        pairs = list(zip(reply[::2], reply[1::2], strict=True))
+    rows, scores = [], []
+    for member, score in pairs:
+        row = catalog.row(member.decode())
+        if row is not None:
+            rows.append(row)
+            scores.append(float(score))
+    return rows, scores
+
+
+IDS = [it.item_id for it in CATALOG.catalog.items] + ["not-in-the-catalog", "x:1"]
+SCORES = st.floats(allow_nan=False) | st.sampled_from([0.0, -0.0, 1e-300, 5e-324, 12.5])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(IDS), SCORES), max_size=40), st.booleans())
+def test_a_sorted_set_reply_parses_as_the_python_code_did(
+    entries: list[tuple[str, float]], resp3: bool
+) -> None:
+    """Both reply shapes, unknown members skipped, every score Redis can print ("inf",
+    17 significant digits) read to the same double."""
+    if resp3:
+        reply: list[Any] = [[m.encode(), s] for m, s in entries]
+    else:
+        reply = []
+        for m, s in entries:  # Redis prints a score like %.17g, infinities as "inf"
+            text = "inf" if s == float("inf") else "-inf" if s == float("-inf") else f"{s:.17g}"
+            reply += [m.encode(), text.encode()]
+    rows, scores = _kernels.members(reply, CATALOG.catalog.row, True)
+    want_rows, want_scores = _members_in_python(reply, CATALOG)
+    assert rows.tolist() == want_rows
+    assert scores.tolist() == want_scores
+    only_rows, _ = _kernels.members([m.encode() for m, _ in entries], CATALOG.catalog.row, False)
+    assert only_rows.tolist() == want_rows
+
+
+def test_a_score_that_is_not_a_number_is_refused() -> None:
+    item = CATALOG.item(0).item_id.encode()
+    with pytest.raises(ValueError, match="not a score"):
+        _kernels.members([item, b"12x"], CATALOG.catalog.row, True)
+    with pytest.raises(ValueError, match="WITHSCORES"):
+        _kernels.members([item, b"1", item], CATALOG.catalog.row, True)
