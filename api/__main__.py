@@ -20,6 +20,7 @@ from redis.exceptions import RedisError
 
 from api.app import DEMO_CONFIG, create_app
 from api.config import load_config
+from api.server import OneWriteHttpToolsProtocol
 from api.settings import Settings
 from stream_engine.demo_catalog import resolve_catalog_path
 from stream_engine.exceptions import KairosError
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         host=settings.api_host,
         port=settings.api_port,
         loop="uvloop",
-        http="httptools",
+        http=OneWriteHttpToolsProtocol,  # httptools, one write per response (api/server.py)
         access_log=False,
         log_level="warning",
         # Work per request that nobody here reads: X-Forwarded-* rewriting (no proxy in
