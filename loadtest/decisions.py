@@ -50,7 +50,7 @@ from loadtest.ingest import (
     stop_worker,
     warn_bystanders,
 )
-from loadtest.openloop import PacingStats, Percentiles, median_of, open_loop
+from loadtest.openloop import PacingStats, Percentiles, collector_paused, median_of, open_loop
 from loadtest.traffic import Traffic
 from stream_engine.catalog import load_items
 from stream_engine.demo_catalog import write_demo_catalog
@@ -117,13 +117,14 @@ async def measure(
         tasks.add(task)
         task.add_done_callback(tasks.discard)
 
-    cpu = CpuMeter({"api": pid, "generator": os.getpid(), **(others or {})})
-    pacing = await open_loop(rate, warmup + duration, send)
-    if tasks:
-        _, pending = await asyncio.wait(set(tasks), timeout=10)
-        errors += len(pending)  # never answered: counted, not hidden
-        for t in pending:
-            t.cancel()
+    with collector_paused():  # until the last answer is in
+        cpu = CpuMeter({"api": pid, "generator": os.getpid(), **(others or {})})
+        pacing = await open_loop(rate, warmup + duration, send)
+        if tasks:
+            _, pending = await asyncio.wait(set(tasks), timeout=10)
+            errors += len(pending)  # never answered: counted, not hidden
+            for t in pending:
+                t.cancel()
     return Step(kind, rate, Percentiles.of_ms(latencies), pacing, len(latencies), errors,
                 dict(reasons), cpu.percent())  # fmt: skip
 

@@ -2,15 +2,20 @@
 
 Sends are scheduled at fixed intended times (start + i / rate) whatever the system does,
 and every latency is measured from the intended time, so a stalled system can't hide its
-tail by slowing the generator down (coordinated omission).
+tail by slowing the generator down (coordinated omission). For the same reason the
+generator's own garbage collector is off while it paces (`collector_paused`): a full
+collection of its heap took 30 ms mid-step, and every answer due in those 30 ms was
+measured that much late, whichever system was under test.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import statistics
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,12 +34,36 @@ class PacingStats:
         return self.sent / self.duration_s if self.duration_s > 0 else 0.0
 
 
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off for one measured step (collected first, on
+    again after; nested uses leave it to the outermost). A step's garbage is bounded."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
 async def open_loop(
     rate: float,
     duration_s: float,
     send: Callable[[int, float], Awaitable[None]],
 ) -> PacingStats:
     """Call send(i, intended_monotonic_time) for i in range(rate * duration) on schedule."""
+    with collector_paused():
+        return await _paced(rate, duration_s, send)
+
+
+async def _paced(
+    rate: float,
+    duration_s: float,
+    send: Callable[[int, float], Awaitable[None]],
+) -> PacingStats:
     total = int(rate * duration_s)
     start = time.monotonic() + 0.02
     late: list[float] = []
