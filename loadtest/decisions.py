@@ -51,6 +51,7 @@ from loadtest.ingest import (
     warn_bystanders,
 )
 from loadtest.openloop import PacingStats, Percentiles, collector_paused, median_of, open_loop
+from loadtest.probe import SpeedProbe
 from loadtest.traffic import Traffic
 from stream_engine.catalog import load_items
 from stream_engine.demo_catalog import write_demo_catalog
@@ -73,6 +74,7 @@ class Step:
     errors: int
     fallbacks: dict[str, int] = field(default_factory=dict)
     cpu: dict[str, float] = field(default_factory=dict)
+    probe_ms: float | None = None  # the machine's speed over the step (loadtest/probe.py)
 
     @property
     def degraded_share(self) -> float:
@@ -117,16 +119,21 @@ async def measure(
         tasks.add(task)
         task.add_done_callback(tasks.discard)
 
-    with collector_paused():  # until the last answer is in
-        cpu = CpuMeter({"api": pid, "generator": os.getpid(), **(others or {})})
-        pacing = await open_loop(rate, warmup + duration, send)
-        if tasks:
-            _, pending = await asyncio.wait(set(tasks), timeout=10)
-            errors += len(pending)  # never answered: counted, not hidden
-            for t in pending:
-                t.cancel()
+    probe = SpeedProbe()
+    try:
+        with collector_paused():  # until the last answer is in
+            cpu = CpuMeter({"api": pid, "generator": os.getpid(), **(others or {})})
+            pacing = await open_loop(rate, warmup + duration, send)
+            if tasks:
+                _, pending = await asyncio.wait(set(tasks), timeout=10)
+                errors += len(pending)  # never answered: counted, not hidden
+                for t in pending:
+                    t.cancel()
+            used = cpu.percent()
+    finally:
+        probe_ms = probe.stop()
     return Step(kind, rate, Percentiles.of_ms(latencies), pacing, len(latencies), errors,
-                dict(reasons), cpu.percent())  # fmt: skip
+                dict(reasons), used, probe_ms)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- setup
@@ -317,6 +324,7 @@ def _row(step: Step) -> dict[str, Any]:
         "generator_late_p99_ms": step.pacing.late_p99_ms,
         "cpu": step.cpu,
         "api_cpu_us_per_request": round(step.api_us_per_request),
+        "probe_ms": step.probe_ms,
     }
 
 
@@ -327,7 +335,17 @@ def _print_step(rep: int, s: Step) -> None:
           f"answered {s.answered}  errors {s.errors}  degraded {100 * s.degraded_share:.2f}%  "
           f"gen-late p99 {s.pacing.late_p99_ms:.1f} ms  "
           + "  ".join(f"cpu {k} {v:.0f}%" for k, v in s.cpu.items())
-          + f"  api {s.api_us_per_request:.0f} µs/request", flush=True)  # fmt: skip
+          + f"  api {s.api_us_per_request:.0f} µs/request  probe {_ms(s.probe_ms)} ms",
+          flush=True)  # fmt: skip
+
+
+def _median_probe(runs: list[Step]) -> float | None:
+    probes = [s.probe_ms for s in runs if s.probe_ms is not None]
+    return round(statistics.median(probes), 3) if probes else None
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def summarize(steps: list[Step], rates: list[int]) -> dict[str, Any]:
@@ -336,7 +354,8 @@ def summarize(steps: list[Step], rates: list[int]) -> dict[str, Any]:
         "degraded: the worst repeat"
     )
     print(f"{'rate/s':>7} {'endpoint':<8} {'p50':>7} {'p99':>7} {'p99.9':>7} "
-          f"{'p99/base':>8} {'errors':>6} {'degraded':>8} {'api µs/req':>10}")  # fmt: skip
+          f"{'p99/base':>8} {'errors':>6} {'degraded':>8} {'api µs/req':>10} "
+          f"{'probe ms':>8}")  # fmt: skip
     out: dict[str, Any] = {"rates": {}, "highest_rate_p99_within_slo": {}}
     held: dict[str, int] = {"static": 0, "slots": 0}
     for rate in rates:
@@ -350,7 +369,8 @@ def summarize(steps: list[Step], rates: list[int]) -> dict[str, Any]:
                          "achieved_rate": round(min(s.answered / s.pacing.duration_s
                                                     for s in runs)),
                          "api_cpu_us_per_request": round(statistics.median(
-                             s.api_us_per_request for s in runs))}  # fmt: skip
+                             s.api_us_per_request for s in runs)),
+                         "probe_ms": _median_probe(runs)}  # fmt: skip
             if lat.p99 <= SLO_P99_MS and errors == 0 and degraded <= SLO_DEGRADED:
                 held[kind] = max(held[kind], rate)
         ratio = row["slots"]["p99"] / row["static"]["p99"]
@@ -364,7 +384,7 @@ def summarize(steps: list[Step], rates: list[int]) -> dict[str, Any]:
             print(f"{rate:>7} {kind:<8} {r['p50']:7.2f} {r['p99']:7.2f} {r['p999']:7.2f} "
                   f"{ratio if kind == 'slots' else 1.0:8.2f} {r['errors']:>6} "
                   f"{100 * r['degraded_share_max']:7.2f}% "
-                  f"{r['api_cpu_us_per_request']:>10}")  # fmt: skip
+                  f"{r['api_cpu_us_per_request']:>10} {_ms(r['probe_ms']):>8}")  # fmt: skip
         print(
             f"{'':>7} a decision costs the API {row['decision_cpu_us']} µs of CPU more than "
             "the static payload (medians)"

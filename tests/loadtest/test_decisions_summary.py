@@ -38,3 +38,12 @@ def test_a_rate_answered_fast_by_shedding_to_the_defaults_is_not_held() -> None:
     ]  # fmt: skip
     held = summarize(steps, [1000, 2000])["highest_rate_p99_within_slo"]
     assert held == {"static": 2000, "slots": 1000}  # 2,000/s: p99 5 ms, but 25% defaults
+
+
+def test_the_machine_speed_probe_is_the_median_over_the_repeats_that_have_one() -> None:
+    steps = [_step("static", 1000, 2.0, 10.0), _step("slots", 1000, 5.0, 50.0)] * 3
+    for step, probe in zip(steps, [0.8, 1.3, None, 1.0, 0.9, 1.1], strict=True):
+        step.probe_ms = probe
+    out = summarize(steps, [1000])["rates"]["1000"]
+    assert out["static"]["probe_ms"] == 0.9  # 0.8 and 1.0 (None: no sample)
+    assert out["slots"]["probe_ms"] == 1.1  # 1.3, 0.9, 1.1
