@@ -41,12 +41,13 @@ class Settings:
     redis_connections: int = 4
     # When > 0, the in-flight limit also shrinks while the API uses more than this share of
     # a core (over 100 ms windows), so overload sheds to the defaults instead of queueing in
-    # front of the event loop. Off by default, because near a full core it trades
-    # personalization for latency: on the 2-core box, 0.9 held p99 at ~5.5 ms at 2,000 and
-    # 3,000 requests/s (17-22 ms without) but answered 2,000/s 3-14% from the defaults
-    # (1.4-2.1% without). With the worker beside it (the peak suite) the API stays under
-    # 60% of a core and the share never acts (loadtest/README.md, session 11).
-    max_cpu_share: float = 0.0
+    # front of the event loop, where no deadline sees it. 0.9 by default since session 14:
+    # with a decision at ~365 µs of CPU the API runs at ~75% of a core at 2,000/s, where the
+    # share costs nothing measurable (0.01-0.22% defaults with it, 0.00-0.08% without),
+    # and at 6,000/s it keeps p99 at 5-11 ms instead of 19-28 ms. In session 11, at 84-93%
+    # of a core, it had cost 3-14% defaults at 2,000/s. With the worker beside it (the peak
+    # suite) the API stays under 60% of a core and the share never acts (loadtest/README.md).
+    max_cpu_share: float = 0.9
     # Must match the worker's KAIROS_USER_HALF_LIFE_S (the profile decays with it).
     user_half_life_s: float = 14 * 86400.0
     # Trending, catalog changes and config file changes are picked up this often.

@@ -44,6 +44,9 @@ def settings(stack: Stack, key_prefix: str, catalog_file: Path, unique: str) -> 
         clickstream_topic=f"clickstream.{unique}",
         decisions_topic=f"decisions.{unique}",
         refresh_interval_s=0.2,
+        # The API runs inside the pytest process, whose CPU (the tests', hypothesis's) is
+        # not the API's load: the CPU-share limiter stays off unless a test turns it on.
+        max_cpu_share=0.0,
     )
 
 

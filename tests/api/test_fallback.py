@@ -188,3 +188,10 @@ def test_a_cpu_share_outside_zero_to_one_is_refused_with_the_variable_named(raw:
     assert Settings.from_env({"KAIROS_MAX_CPU_SHARE": "0.85"}).max_cpu_share == 0.85
     with pytest.raises(ConfigError, match="KAIROS_MAX_CPU_SHARE"):
         Settings.from_env({"KAIROS_MAX_CPU_SHARE": raw})
+
+
+def test_the_cpu_share_guard_is_on_at_nine_tenths_unless_set_to_zero() -> None:
+    from api.settings import Settings
+
+    assert Settings.from_env({}).max_cpu_share == 0.9
+    assert Settings.from_env({"KAIROS_MAX_CPU_SHARE": "0"}).max_cpu_share == 0.0
