@@ -48,6 +48,8 @@ def create_app(settings: Settings, catalog: Catalog, metrics: WorkerMetrics) -> 
 
     @app.agent(clickstream, concurrency=1)
     async def clickstream_agent(stream: Any) -> None:
+        loop = type(asyncio.get_running_loop()).__module__.split(".")[0]
+        log.info("faust agent running on the %s event loop", loop)
         async for events in take_batches(stream, settings.batch_max, within):
             records = [_record(e.message) for e in events]
             outcome = await ingest.apply(records)

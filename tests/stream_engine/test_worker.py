@@ -271,6 +271,10 @@ async def test_the_worker_logs_one_json_object_a_line_at_the_configured_level(
     assert consuming, records
     assert consuming[0]["level"] == "info"
     assert rig.topic in consuming[0]["msg"]
+    if rig.env["KAIROS_ENGINE"] == "faust":  # uvloop, as every other Kairos process
+        loops = [r["msg"] for r in records if r["msg"].startswith("faust agent running")]
+        assert loops, records  # once per agent start (a rebalance restarts it)
+        assert set(loops) == {"faust agent running on the uvloop event loop"}
 
 
 async def test_two_workers_share_the_partitions(rig: Rig) -> None:
