@@ -18,6 +18,7 @@ import datetime as dt
 import logging
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -324,30 +325,33 @@ class Runtime:
 
     async def run_reporter(self, every_s: float = 30.0) -> None:
         """Keeps the report gauges current, so an SRE can alert on "personalization off"."""
-        while await self._tick(every_s):
-            try:
-                await self.refresh_report()
-            except (TimeoutError, *STORE_ERRORS) as exc:
-                self.metrics.refresh_errors.inc()
-                log.warning("report refresh failed: %s", exc)
+        await self._every(every_s, self.refresh_report, "report refresh failed")
 
     async def run_refresher(self) -> None:
-        while await self._tick(self.settings.refresh_interval_s):
-            try:
-                await self.refresh()
-            except (TimeoutError, *STORE_ERRORS) as exc:
-                self.metrics.refresh_errors.inc()
-                log.warning("background refresh failed, serving the last snapshot: %s", exc)
+        await self._every(self.settings.refresh_interval_s, self.refresh,
+                          "background refresh failed, serving the last snapshot")  # fmt: skip
 
     async def run_covis_refresher(self) -> None:
         """Stale co-visitation read again, a small round at a time (COVIS_REFRESH_EVERY_S).
         A failed round is counted; run_refresher's warning already says Redis is away."""
-        while await self._tick(COVIS_REFRESH_EVERY_S):
+        await self._every(COVIS_REFRESH_EVERY_S, self.refresh_covis,
+                          "co-visitation refresh failed", logging.DEBUG)  # fmt: skip
+
+    async def _every(
+        self,
+        every_s: float,
+        round_: Callable[[], Awaitable[object]],
+        failed: str,
+        level: int = logging.WARNING,
+    ) -> None:
+        """A background loop: a round every `every_s` until the API stops; a round that
+        Redis failed is counted and logged, and the loop goes on."""
+        while await self._tick(every_s):
             try:
-                await self.refresh_covis()
+                await round_()
             except (TimeoutError, *STORE_ERRORS) as exc:
                 self.metrics.refresh_errors.inc()
-                log.debug("co-visitation refresh failed: %s", exc)
+                log.log(level, "%s: %s", failed, exc)
 
     async def _tick(self, every_s: float) -> bool:
         """Wait for the next round of a background loop; False once the API is stopping.
