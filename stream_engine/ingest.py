@@ -35,6 +35,7 @@ from stream_engine.processor import (
     BatchProcessor,
     DeadLetter,
     Outcome,
+    OwnerCache,
     Record,
     Ttls,
 )
@@ -100,14 +101,21 @@ class Ingest:
     """State of the clickstream agent: the processor and what it reports."""
 
     def __init__(
-        self, settings: Settings, catalog: Catalog, metrics: WorkerMetrics, lanes: int = 1
+        self,
+        settings: Settings,
+        catalog: Catalog,
+        metrics: WorkerMetrics,
+        lanes: int = 1,
+        shared_cache: bool = False,
     ) -> None:
         self.settings = settings
         self.catalog = catalog
         self.metrics = metrics
         # One processor per lane (see lanes.py): each owns a Redis connection for its
-        # batches and its share of the session cache (the faust agent is one lane).
+        # batches and its share of the session cache. The faust agent's lanes share one
+        # cache, since a partition is not always applied by the same lane there (app.py).
         self.lanes = lanes
+        self._cache = OwnerCache(settings.session_cache_size) if shared_cache else None
         self._processors: dict[int, BatchProcessor] = {}
         self._upkeep = AggregateUpkeep(settings.aggregate_ttl_s * 1000)
         self._redis: aioredis.Redis | None = None
@@ -133,6 +141,7 @@ class Ingest:
                 ttls_of(self.settings),
                 cache_size=max(1, self.settings.session_cache_size // self.lanes),
                 upkeep=self._upkeep,
+                cache=self._cache,
             )
         return proc
 

@@ -212,6 +212,7 @@ class BatchProcessor:
         trending_keep: int = 1000,
         cache_size: int = 50_000,
         upkeep: AggregateUpkeep | None = None,
+        cache: OwnerCache | None = None,
     ) -> None:
         self.redis = redis
         self.keys = keys
@@ -221,7 +222,7 @@ class BatchProcessor:
         self.covisit_keep = covisit_keep
         self.trending_keep = trending_keep
         self._sha: dict[str, str] = {}
-        self.cache = OwnerCache(cache_size)
+        self.cache = cache if cache is not None else OwnerCache(cache_size)
         self.upkeep = upkeep or AggregateUpkeep(ttls.aggregate_ms)
         self.batches = Batches(redis)
 

@@ -82,7 +82,7 @@ class Settings:
     # protocol round trip); with 1 byte the wait only bounds a fetch that finds nothing.
     fetch_min_bytes: int = 1
     fetch_max_wait_ms: int = 100
-    # plain engines: partitions are applied in this many lanes at once (partition % lanes),
+    # all engines: partitions are applied in this many lanes at once (partition % lanes),
     # each with its own Redis connection, so one lane's Redis round trips overlap another's
     # planning. A partition stays in one lane: events of a session stay in order. More lanes
     # than partitions assigned to the worker are idle; the default is one per partition.

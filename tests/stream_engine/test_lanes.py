@@ -1,6 +1,7 @@
-"""The lanes both plain consumers share: what a lane hands to the processor, in which order, and
-when the fetch loop must stop filling it. Pure asyncio; the end-to-end behaviour of a worker
-in lanes (ordering, kill -9, two workers) is in test_worker.py on the real broker."""
+"""The lanes both plain consumers share: what a lane hands to the processor, in which order,
+and when the fetch loop must stop filling it; and how the faust agent splits a batch into
+parts. Pure asyncio; the end-to-end behaviour of a worker in lanes (ordering, kill -9, two
+workers) is in test_worker.py on the real broker."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import asyncio
 import pytest
 from aiokafka import TopicPartition
 
+from stream_engine.app import split_batch
 from stream_engine.exceptions import ConfigError
 from stream_engine.lanes import Batch, Lane
 from stream_engine.processor import Record
@@ -97,3 +99,38 @@ async def test_take_waits_for_a_batch() -> None:
 def test_lanes_must_be_positive(lanes: int) -> None:
     with pytest.raises(ConfigError, match="KAIROS_LANES"):
         Settings(lanes=lanes)
+
+
+class _Message:
+    def __init__(self, partition: int, offset: int) -> None:
+        self.partition = partition
+        self.offset = offset
+
+
+class _Event:
+    def __init__(self, partition: int, offset: int) -> None:
+        self.message = _Message(partition, offset)
+
+
+def _faust_batch(n: int, partitions: int) -> list[_Event]:
+    return [_Event(k % partitions, k // partitions) for k in range(n)]
+
+
+def test_a_large_faust_batch_splits_by_partition_and_keeps_each_partitions_order() -> None:
+    events = _faust_batch(200, 6)
+    parts = split_batch(events, 4, 64)
+    # partitions 0 and 4 share lane 0, 1 and 5 lane 1; 2 and 3 have lanes of their own
+    lanes = [sorted({e.message.partition for e in part}) for part in parts]
+    assert sorted(lanes) == [[0, 4], [1, 5], [2], [3]]
+    assert sum(len(part) for part in parts) == len(events)
+    assert {id(e) for part in parts for e in part} == {id(e) for e in events}
+    for part in parts:
+        for p in {e.message.partition for e in part}:
+            offsets = [e.message.offset for e in part if e.message.partition == p]
+            assert offsets == sorted(offsets) == list(range(len(offsets)))
+
+
+@pytest.mark.parametrize(("n", "lanes"), [(63, 4), (1, 4), (500, 1)])
+def test_a_small_faust_batch_or_one_lane_stays_whole(n: int, lanes: int) -> None:
+    events = _faust_batch(n, 4)
+    assert split_batch(events, lanes, 64) == [events]
