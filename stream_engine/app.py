@@ -68,7 +68,7 @@ def create_app(settings: Settings, catalog: Catalog, metrics: WorkerMetrics) -> 
         loop = type(asyncio.get_running_loop()).__module__.split(".")[0]
         log.info("faust agent running on the %s event loop", loop)
         async for events in take_batches(stream, settings.batch_max, within):
-            parts = split_batch(events, settings.lanes, SPLIT_FROM)
+            parts = split_batch(events, settings.lanes, settings.faust_split_from)
             if len(parts) == 1:
                 await apply(0, parts[0], stream)
             else:
@@ -169,10 +169,6 @@ async def take_batches(stream: Any, max_: int, within: float) -> AsyncIterator[l
     finally:
         stream.enable_acks = acks
         stream._processors.remove(add_to_buffer)
-
-
-# A batch this large or larger is applied in lanes (split_batch); below it, as one.
-SPLIT_FROM = 64
 
 
 def split_batch(events: list[Any], lanes: int, split_from: int) -> list[list[Any]]:

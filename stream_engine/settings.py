@@ -75,6 +75,9 @@ class Settings:
     # fetch returned, up to batch_max.
     batch_max: int = 500
     batch_within_ms: float = 1.0
+    # faust engine: a batch of this many events or more is applied in `lanes` parts by
+    # partition at once (app.split_batch); a smaller one whole.
+    faust_split_from: int = 64
     # plain engines: commit applied offsets at most this often (fences cover redelivery).
     commit_interval_ms: int = 200
     # plain engines: let the broker gather up to fetch_min_bytes for up to fetch_max_wait_ms
@@ -122,6 +125,8 @@ class Settings:
             )
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"KAIROS_LOG_FORMAT must be text or json, got {self.log_format!r}")
+        if self.faust_split_from < 1:
+            raise ConfigError(f"KAIROS_FAUST_SPLIT_FROM must be >= 1, got {self.faust_split_from}")
         if self.lanes < 1:
             raise ConfigError(f"KAIROS_LANES must be >= 1, got {self.lanes}")
         if self.batch_max < 1 or self.batch_within_ms <= 0:
