@@ -54,25 +54,26 @@ def create_app(settings: Settings, catalog: Catalog, metrics: WorkerMetrics) -> 
     ingest = Ingest(settings, catalog, metrics, lanes=settings.lanes, shared_cache=True)
     within = settings.batch_within_ms / 1000
 
-    async def apply(lane: int, events: list[Any], stream: Any) -> None:
-        records = [_record(e.message) for e in events]
-        outcome = await ingest.apply(records, lane)
-        for d in outcome.dead:
-            await dlq.send(key=d.record.key, value=dead_letter_body(d))
-        ingest.observe(outcome, records)
-        for event in events:  # committable once applied (and dead letters sent)
-            await stream.ack(event)
-
     @app.agent(clickstream, concurrency=1)
     async def clickstream_agent(stream: Any) -> None:
         loop = type(asyncio.get_running_loop()).__module__.split(".")[0]
         log.info("faust agent running on the %s event loop", loop)
+
+        async def apply(lane: int, events: list[Any]) -> None:
+            records = [_record(e.message) for e in events]
+            outcome = await ingest.apply(records, lane)
+            for d in outcome.dead:
+                await dlq.send(key=d.record.key, value=dead_letter_body(d))
+            ingest.observe(outcome, records)
+            for event in events:  # committable once applied (and dead letters sent)
+                await stream.ack(event)
+
         async for events in take_batches(stream, settings.batch_max, within):
             parts = split_batch(events, settings.lanes, settings.faust_split_from)
             if len(parts) == 1:
-                await apply(0, parts[0], stream)
+                await apply(0, parts[0])
             else:
-                await asyncio.gather(*(apply(i, part, stream) for i, part in enumerate(parts)))
+                await asyncio.gather(*(apply(i, part) for i, part in enumerate(parts)))
 
     @app.timer(1.0)  # type: ignore[untyped-decorator]
     async def report_lag() -> None:

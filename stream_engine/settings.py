@@ -85,10 +85,12 @@ class Settings:
     # protocol round trip); with 1 byte the wait only bounds a fetch that finds nothing.
     fetch_min_bytes: int = 1
     fetch_max_wait_ms: int = 100
-    # all engines: partitions are applied in this many lanes at once (partition % lanes),
-    # each with its own Redis connection, so one lane's Redis round trips overlap another's
-    # planning. A partition stays in one lane: events of a session stay in order. More lanes
-    # than partitions assigned to the worker are idle; the default is one per partition.
+    # partitions are applied in this many lanes at once (partition % lanes), each with its
+    # own Redis connection, so one lane's Redis round trips overlap another's planning.
+    # Plain engines: a partition stays in one lane, so events of a session stay in order.
+    # faust: a batch of faust_split_from events or more is applied in parts this way, each
+    # batch's parts before the next batch. More lanes than partitions assigned to the worker
+    # are idle; the default is one per partition.
     lanes: int = 4
     session_half_life_s: float = 1800.0
     user_half_life_s: float = 14 * 86400.0

@@ -245,12 +245,7 @@ async def test_a_backlog_many_times_the_lanes_depth_arrives_whole_and_in_order(
     assert sizes['"10.0"'] == sizes['"+Inf"'] >= 1200 / 8
     # An event applied after a later one of its session would be refused by the fence.
     assert await rig.counts(sessions) == [100] * 12
-    for sid in sessions:
-        raw = await rig.redis.hget(rig.keys.session(sid), "r")
-        recent = raw.decode().split() if isinstance(raw, bytes) else []
-        newest_first = list(dict.fromkeys(reversed(sent[sid])))
-        assert recent == newest_first[: len(recent)], sid
-        assert recent
+    await _assert_recent_in_published_order(rig, sent)
 
 
 @pytest.mark.parametrize("engine", ["faust"])
@@ -270,10 +265,17 @@ async def test_a_faust_backlog_applied_in_parts_keeps_every_sessions_order(rig: 
     assert sizes['"+Inf"'] > sizes['"1.0"']  # batches of two or more: split into parts
     await asyncio.sleep(0.5)  # anything doubled would show up now
     assert await rig.counts(sessions) == [150] * 16
-    for sid in sessions:
+    await _assert_recent_in_published_order(rig, sent)
+
+
+async def _assert_recent_in_published_order(rig: Rig, sent: dict[str, list[str]]) -> None:
+    """Each session's recent items (newest first) are the newest of what it was sent, in
+    the order it was sent."""
+    for sid, items in sent.items():
         raw = await rig.redis.hget(rig.keys.session(sid), "r")
         recent = raw.decode().split() if isinstance(raw, bytes) else []
-        assert recent == list(dict.fromkeys(reversed(sent[sid])))[: len(recent)], sid
+        newest_first = list(dict.fromkeys(reversed(items)))
+        assert recent == newest_first[: len(recent)], sid
         assert recent
 
 
