@@ -23,13 +23,6 @@ from stream_engine.metrics import WorkerMetrics
 from stream_engine.processor import Record
 from stream_engine.settings import Settings
 
-# faust asks for up to 1 MiB per partition and fetch. Behind by a few seconds, each fetch
-# then brought ~8,000 events at once, and the next one was only asked for when those were
-# all taken: the worker went without events for up to 1.5 s at a time while its consumer
-# thread read the next chunk, and at 5,000 events/s it stayed ~1.5 s behind. 64 KiB
-# (~450 events) keeps the fetches going alongside the processing.
-MAX_FETCH_BYTES = 64 * 1024
-
 
 def create_app(settings: Settings, catalog: Catalog, metrics: WorkerMetrics) -> faust.App:
     app = faust.App(
@@ -42,8 +35,14 @@ def create_app(settings: Settings, catalog: Catalog, metrics: WorkerMetrics) -> 
         consumer_auto_offset_reset="earliest",
         web_enabled=False,
         stream_wait_empty=False,
+        # No leader-election topic (we have no on_leader tasks). It was subscribed, always
+        # empty, and in every fetch: when the clickstream's partitions all still held
+        # fetched records, aiokafka sent a fetch for it alone, which the broker held for
+        # faust's fetch_max_wait_ms (1,500), and no fetch for the clickstream could start
+        # until it came back. At 5,000 events/s the worker went ~1.5 s at a time without
+        # events and fell behind with half a core idle (loadtest/README.md, session 15).
+        topic_disable_leader=True,
         broker_commit_interval=1.0,
-        consumer_max_fetch_size=MAX_FETCH_BYTES,
         broker_session_timeout=settings.group_session_timeout_s,
         broker_heartbeat_interval=min(3.0, settings.group_session_timeout_s / 4),
     )

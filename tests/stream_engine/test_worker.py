@@ -195,6 +195,16 @@ async def test_published_events_reach_redis_and_bad_ones_the_dlq(rig: Rig, stack
         return (await rig.counts(["s1"])) == [2]
 
     await _wait_for(two_applied, 60, "two valid events applied")
+    # No topic of the worker's own: faust's leader-election topic (`<group>-__assignor-
+    # __leader`), always empty, was in every fetch, and a fetch for it alone waited out
+    # faust's 1.5 s fetch wait while the clickstream's records piled up (app.py).
+    admin = AIOKafkaAdminClient(bootstrap_servers=stack.kafka_bootstrap)
+    await admin.start()
+    try:
+        topics = await admin.list_topics()
+    finally:
+        await admin.close()
+    assert not [t for t in topics if t.startswith(rig.env["KAIROS_CONSUMER_GROUP"])], topics
     consumer = AIOKafkaConsumer(
         rig.env["KAIROS_DLQ_TOPIC"], bootstrap_servers=stack.kafka_bootstrap,
         auto_offset_reset="earliest", group_id=None,
