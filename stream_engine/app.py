@@ -18,6 +18,7 @@ import faust
 
 from stream_engine.catalog import Catalog
 from stream_engine.catalog_updates import CatalogFollower
+from stream_engine.faust_transport import KairosApp
 from stream_engine.ingest import Ingest, dead_letter_body, redis_client
 from stream_engine.metrics import WorkerMetrics
 from stream_engine.processor import Record
@@ -25,7 +26,7 @@ from stream_engine.settings import Settings
 
 
 def create_app(settings: Settings, catalog: Catalog, metrics: WorkerMetrics) -> faust.App:
-    app = faust.App(
+    app = KairosApp(
         settings.consumer_group,
         broker=f"kafka://{settings.kafka_bootstrap}",
         processing_guarantee="at_least_once",

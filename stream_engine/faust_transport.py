@@ -1,0 +1,152 @@
+"""faust's aiokafka transport, with its consumer on the worker's own event loop.
+
+faust runs aiokafka in a thread of its own (`ThreadDelegateConsumer`) with a second event
+loop, and every fetch crosses between the threads twice (`call_soon_threadsafe` one way,
+the result the other way). With one agent and nothing blocking the loop, the thread buys
+nothing and costs the worker its CPU twice over: the crossings, and two interpreters'
+worth of Python fighting for the GIL. At 1,000 events/s the consumer thread used 27% of a
+core and the agent's thread 47% (loadtest/README.md, session 16).
+
+Here the same `AIOKafkaConsumerThread` (its rebalance listener, commits, seeks and fetch
+bookkeeping unchanged) runs as an ordinary service on the worker's loop: the calls that
+faust delegated to the thread are awaited in place, and rebalance callbacks call the
+consumer directly. The drain loop also skips faust's per-message `wait_first` (two tasks,
+two event waits and an `asyncio.wait` for every message) while nothing can make a
+delivery wait; see `KairosConsumer._drain_messages`.
+
+These are faust-streaming 0.15 internals; pyproject.toml pins faust-streaming below 0.16
+so that a new minor release is checked before it is used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, cast
+
+import faust
+from faust.transport.drivers import aiokafka as faust_aiokafka
+from mode import Service
+from mode.utils.futures import maybe_async
+
+
+class InLoopConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
+    """faust's aiokafka consumer "thread", started and stopped as a plain service on the
+    worker's loop: its `thread_loop` is that loop and no thread is started."""
+
+    def __init__(self, consumer: Any, **kwargs: Any) -> None:
+        super().__init__(consumer, thread_loop=kwargs["loop"], **kwargs)
+
+    async def start(self) -> None:
+        self._thread_started.set()
+        await Service._default_start(self)
+
+    async def stop(self) -> None:
+        # What ServiceThread's thread does once it is told to stop, in order: the
+        # service's on_stop, then on_thread_stop (which stops the aiokafka consumer),
+        # then its children, futures and exit stacks.
+        if self._started.is_set() and not self._stopped.is_set():
+            self._stopped.set()
+            await self.on_stop()
+            await self.on_thread_stop()
+            await self._default_stop_children()
+            await self._default_stop_futures()
+            await self._default_stop_exit_stacks()
+            await self.on_shutdown()
+            self._shutdown.set()
+
+    def _stopped_set(self) -> None:
+        self._stopped.set()
+
+    async def call_thread(self, fun: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return await maybe_async(fun(*args, **kwargs))
+
+    async def cast_thread(self, fun: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        await maybe_async(fun(*args, **kwargs))
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        await self.consumer.on_partitions_revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned: Any, generation_id: int = 0) -> None:
+        await self.consumer.on_partitions_assigned(assigned, generation_id)
+
+
+class KairosConsumer(faust_aiokafka.Consumer):
+    def _new_consumer_thread(self) -> InLoopConsumerThread:
+        return InLoopConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+    async def _drain_messages(self, fetcher: Any) -> None:  # noqa: C901
+        """faust's drain loop (faust/transport/consumer.py, BSD licence), changed in one
+        place: a message is handed to the conductor with a plain await while flow is not
+        suspended and no partition is held back for a full buffer.
+
+        faust awaits each delivery through `wait_first(callback, suspend_flow.wait())`, so
+        that a delivery blocked on flow control or on a full stream buffer gives way when a
+        rebalance suspends the flow. A delivery can only block on a full buffer once the
+        buffer has crossed its high-pressure mark, which holds its partition back
+        (`_buffered_partitions`) until it drains; and on flow control only once the flow is
+        suspended. In either state this loop waits faust's way; otherwise the delivery is
+        a few synchronous steps, and the wait_first around it was ~10% of the worker's CPU
+        at 1,000 events/s."""
+        callback = self.callback
+        getmany = self.getmany
+        consumer_should_stop = self._stopped.is_set
+        fetcher_should_stop = cast(Service, fetcher)._stopped.is_set
+        get_read_offset = self._read_offset.__getitem__
+        set_read_offset = self._read_offset.__setitem__
+        commit_every = self._commit_every
+        acks_enabled_for = self.app.topics.acks_enabled_for
+        suspended = self.suspend_flow.is_set
+        buffered = self._buffered_partitions
+        yield_every = 100
+        since_yield = 0
+        try:
+            while not (consumer_should_stop() or fetcher_should_stop()):
+                ait = cast(AsyncIterator[Any], getmany(timeout=1.0))
+                await self.sleep(0)
+                if self.should_stop:
+                    continue
+                async for tp, message in ait:
+                    since_yield += 1
+                    if since_yield > yield_every:
+                        await asyncio.sleep(0)
+                        since_yield = 0
+                    offset = message.offset
+                    r_offset = get_read_offset(tp)
+                    if r_offset is not None and offset < r_offset:
+                        continue  # read already (faust logs these at its "dev" level)
+                    gap = offset - (r_offset or 0)
+                    if gap > 1 and r_offset and acks_enabled_for(message.topic):
+                        await self._add_gap(tp, r_offset + 1, offset)
+                    if commit_every is not None and self._n_acked >= commit_every:
+                        self._n_acked = 0
+                        await self.commit()
+                    if suspended() or buffered:
+                        await self.wait_first(callback(message), self.suspend_flow.wait())
+                    else:
+                        await cast(Callable[[Any], Awaitable[None]], callback)(message)
+                    set_read_offset(tp, offset)
+        except self.consumer_stopped_errors:
+            if self.transport.app.should_stop:
+                self.log.info("Broker stopped consumer, shutting down...")
+                return
+            raise
+        except asyncio.CancelledError:
+            if self.transport.app.should_stop:
+                self.log.info("Consumer shutting down for user cancel.")
+                return
+            raise
+        except Exception as exc:
+            self.log.exception("Drain messages raised: %r", exc)
+            raise
+
+
+class KairosTransport(faust_aiokafka.Transport):
+    Consumer = KairosConsumer
+
+
+class KairosApp(faust.App):
+    """A faust App on the transport above; the broker URL stays kafka://."""
+
+    def _new_transport(self) -> Any:
+        return KairosTransport(self.conf.broker_consumer, self)
