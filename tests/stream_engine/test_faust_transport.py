@@ -1,9 +1,11 @@
-"""The faust worker's consumer runs on the worker's own loop, on the real broker."""
+"""The faust worker's consumer on the worker's own loop (real broker), and its wait for a
+full stream buffer to drain."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
+from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaProducer
@@ -56,3 +58,33 @@ async def test_the_faust_consumer_fetches_on_the_workers_loop_without_a_thread(
         await delegate.stop()
     assert delegate._consumer is not None
     assert delegate._consumer._closed
+
+
+async def test_with_every_partition_held_back_the_consumer_looks_again_once_a_buffer_drains(
+    unique: str,
+) -> None:
+    settings = Settings.from_env({"KAIROS_CONSUMER_GROUP": f"kairos-test-{unique}"})
+    app = create_app(settings, Catalog(generate(50)), WorkerMetrics())
+    consumer: Any = app.consumer
+    consumer.resume_flow()
+    tp = TP("clickstream", 0)
+    held: set[TP] = set()
+    consumer._get_active_partitions = lambda: set() if held else {tp}
+    fetched: list[object] = []
+
+    async def getmany(active_partitions: object, timeout: float) -> dict[TP, list[str]]:  # noqa: ASYNC109
+        fetched.append(active_partitions)
+        return {tp: ["record"]}
+
+    consumer._getmany = getmany
+    held.add(tp)
+    waiting = asyncio.ensure_future(consumer._wait_next_records(30.0))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()  # nothing to fetch from: it waits (faust slept a second)
+    assert fetched == []
+    held.clear()
+    consumer.on_buffer_drop(tp)
+    records, active = await asyncio.wait_for(waiting, 0.5)  # faust: a 1 s sleep
+    assert (records, active) == ({}, set())  # woken: the drain loop asks again at once
+    assert await consumer._wait_next_records(30.0) == ({tp: ["record"]}, {tp})
+    assert fetched == [{tp}]
