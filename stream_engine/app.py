@@ -121,8 +121,9 @@ def make_worker(app: faust.App, settings: Settings) -> faust.Worker:
 
 async def take_batches(stream: Any, max_: int, within: float) -> AsyncIterator[list[Any]]:
     """Batches of a faust stream's events, at most `max_` each. When the worker is idle a
-    batch starts with its first event and takes what else arrives within `within` seconds;
-    when events came in while the previous batch was being applied, they go at once. The
+    batch starts with its first event and takes what else arrives within `within` seconds
+    (0: what arrived by the next turn of the loop); when events came in while the previous
+    batch was being applied, they go at once. The
     caller acks each event (`stream.ack`) once it is applied.
 
     faust's own take_events(max_, within) differs twice. It wakes every `within` to look at
@@ -159,7 +160,10 @@ async def take_batches(stream: Any, max_: int, within: float) -> AsyncIterator[l
             if not buffer:
                 await stream.wait_for_stopped(started)
                 if not full.is_set():
-                    await stream.wait_for_stopped(full, timeout=within)
+                    if within > 0:
+                        await stream.wait_for_stopped(full, timeout=within)
+                    else:
+                        await asyncio.sleep(0)  # the rest of the fetch, delivered this turn
             if not buffer:
                 continue
             batch, buffer = buffer, []

@@ -28,3 +28,9 @@ def test_malformed_value_names_the_variable() -> None:
 def test_key_prefix_must_not_break_the_hash_tag(prefix: str) -> None:
     with pytest.raises(ConfigError, match="KAIROS_KEY_PREFIX"):
         Settings(key_prefix=prefix)
+
+
+def test_a_batch_may_wait_for_nothing_but_not_for_negative_time() -> None:
+    assert Settings.from_env({"KAIROS_BATCH_WITHIN_MS": "0"}).batch_within_ms == 0
+    with pytest.raises(ConfigError, match="KAIROS_BATCH_WITHIN_MS >= 0"):
+        Settings.from_env({"KAIROS_BATCH_WITHIN_MS": "-1"})
