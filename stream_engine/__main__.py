@@ -15,6 +15,7 @@ import asyncio
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import uvloop
 
@@ -42,19 +43,19 @@ def cmd_worker(settings: Settings) -> None:
     metrics = WorkerMetrics()
     if settings.metrics_port:
         start_http_server(settings.metrics_port, addr="127.0.0.1", registry=metrics.registry)
-    freeze_startup_heap()
-    if settings.engine == "aiokafka":
-        from stream_engine.consumer import run_forever
+    if settings.engine in ("aiokafka", "librdkafka"):
+        from stream_engine.consumer import ClickstreamConsumer, run_forever
 
-        run_forever(settings, catalog, metrics)
-        return
-    if settings.engine == "librdkafka":
-        from stream_engine.consumer import run_forever
-        from stream_engine.rdkafka_consumer import RdKafkaConsumer
+        engine: Any = ClickstreamConsumer
+        if settings.engine == "librdkafka":
+            from stream_engine.rdkafka_consumer import RdKafkaConsumer
 
-        run_forever(settings, catalog, metrics, RdKafkaConsumer)
+            engine = RdKafkaConsumer
+        freeze_startup_heap()  # with the consumer's libraries loaded
+        run_forever(settings, catalog, metrics, engine)
         return
-    from stream_engine.app import create_app, make_worker  # faust only for its engine
+    # faust only for its engine; its app freezes the heap once its services have started
+    from stream_engine.app import create_app, make_worker
 
     # faust runs on whatever loop the policy makes: the agent and its consumer (one loop:
     # stream_engine/faust_transport.py) on uvloop, like every other Kairos process

@@ -19,6 +19,7 @@ import faust
 from stream_engine.catalog import Catalog
 from stream_engine.catalog_updates import CatalogFollower
 from stream_engine.faust_transport import KairosApp
+from stream_engine.heap import freeze_startup_heap
 from stream_engine.ingest import Ingest, dead_letter_body, redis_client
 from stream_engine.metrics import WorkerMetrics
 from stream_engine.processor import Record
@@ -83,6 +84,13 @@ def create_app(settings: Settings, catalog: Catalog, metrics: WorkerMetrics) -> 
              if tp.topic == settings.clickstream_topic}
         )  # fmt: skip
         await ingest.flush_report()
+
+    @app.task  # type: ignore[untyped-decorator]
+    async def freeze_heap() -> None:
+        # faust, mode and aiokafka are imported and the app's services built by now: out of
+        # the full collections' way (stream_engine/heap.py). Frozen before they were, each
+        # full collection walked them: ~12 ms, three times in a minute at 1,000 events/s.
+        freeze_startup_heap()
 
     @app.task  # type: ignore[untyped-decorator]
     async def follow_catalog() -> None:
