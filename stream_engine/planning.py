@@ -15,7 +15,7 @@ import numpy as np
 
 from stream_engine.catalog import CATEGORY_SEP, Catalog, Vector
 from stream_engine.events import Event, EventType
-from stream_engine.vectors import DEFAULT_WEIGHTS, fold_events, fold_many, to_bytes
+from stream_engine.vectors import DEFAULT_WEIGHTS, fold_events, fold_many, fold_one, to_bytes
 
 RECENT_MAX = 20
 BOUGHT_MAX = 50
@@ -235,6 +235,13 @@ def fold_session_vectors(
         # sessions (measured: 27 us vs 14 us for one; 0.5 us vs 8 us each for a hundred).
         for write, walk in moving:
             s = walk.snap
+            if len(walk.rows) == 1:
+                vector, t = fold_one(
+                    s.vector, s.vector_ts, walk.ts[0], walk.weights[0],
+                    catalog.matrix[walk.rows[0]], tuning.session_half_life_ms,
+                )  # fmt: skip
+                write.fields["v"], write.fields["t"] = to_bytes(vector), t
+                continue
             start = s.vector if s.vector is not None else np.zeros(catalog.space.dims, np.float32)
             vector, t = fold_events(
                 start, s.vector_ts if s.vector is not None else None,

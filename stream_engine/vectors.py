@@ -57,6 +57,25 @@ def fold_events(
     return out.astype(np.float32), t
 
 
+def fold_one(
+    old: Vector | None,
+    old_ts: int | None,
+    ts: int,
+    weight: float,
+    item: Vector,
+    half_life_ms: float,
+) -> tuple[Vector, int]:
+    """fold_events for a session with one new event, in three numpy operations instead of
+    a dozen: at 1,000 events/s most sessions in a batch have one, and numpy's fixed costs
+    were most of their fold. `item` is the event's item vector."""
+    if old is None or old_ts is None:
+        return item * np.float32(weight), ts
+    t = max(old_ts, ts)
+    out = item * np.float32(weight * np.exp2(-(t - ts) / half_life_ms))
+    out += old * np.float32(np.exp2(-(t - old_ts) / half_life_ms))
+    return out, t
+
+
 def fold_many(
     old: Matrix,
     old_ts: Ints,

@@ -5,7 +5,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stream_engine.catalog import Vector
-from stream_engine.vectors import decay_factor, fold_events, fold_many, from_bytes, to_bytes
+from stream_engine.vectors import (
+    decay_factor,
+    fold_events,
+    fold_many,
+    fold_one,
+    from_bytes,
+    to_bytes,
+)
 
 HALF_LIFE = 60_000.0
 
@@ -106,3 +113,29 @@ def test_fold_many_is_fold_events_for_each_session(
         )  # fmt: skip
         assert int(times[i]) == t
         np.testing.assert_allclose(many[i], one, rtol=1e-4, atol=1e-4)
+
+
+@settings(max_examples=200)
+@given(
+    ts=st.integers(0, 3_600_000),
+    weight=st.floats(0.01, 10),
+    row=st.integers(0, 4),
+    old_ts=st.one_of(st.none(), st.integers(0, 3_600_000)),
+    seed=st.integers(0, 99),
+)
+def test_fold_one_is_fold_events_for_one_event(
+    ts: int, weight: float, row: int, old_ts: int | None, seed: int
+) -> None:
+    """The one-event fold the worker uses for most sessions of a small batch equals the
+    reference, with or without an earlier vector, whichever is newer."""
+    rng = np.random.default_rng(seed)
+    catalog = rng.random((5, 8), dtype=np.float32)
+    old = rng.random(8, dtype=np.float32) if old_ts is not None else None
+    one, t = fold_one(old, old_ts, ts, weight, catalog[row], HALF_LIFE)
+    ref, ref_t = fold_events(
+        old if old is not None else np.zeros(8, np.float32), old_ts,
+        np.array([ts], dtype=np.int64), np.array([weight]), catalog[[row]], HALF_LIFE,
+    )  # fmt: skip
+    assert t == ref_t
+    assert one.dtype == np.float32
+    np.testing.assert_allclose(one, ref, rtol=1e-6, atol=1e-7)
