@@ -3,16 +3,17 @@
 faust runs aiokafka in a thread of its own (`ThreadDelegateConsumer`) with a second event
 loop, and every fetch crosses between the threads twice (`call_soon_threadsafe` one way,
 the result the other way). With one agent and nothing blocking the loop, the thread buys
-nothing and costs the worker its CPU twice over: the crossings, and two interpreters'
-worth of Python fighting for the GIL. At 1,000 events/s the consumer thread used 27% of a
+nothing and costs the worker CPU twice over: the crossings, and two threads' Python
+contending for the GIL. At 1,000 events/s the consumer thread used 27% of a
 core and the agent's thread 47% (loadtest/README.md, session 16).
 
 Here the same `AIOKafkaConsumerThread` (its rebalance listener, commits, seeks and fetch
 bookkeeping unchanged) runs as an ordinary service on the worker's loop: the calls that
 faust delegated to the thread are awaited in place, and rebalance callbacks call the
 consumer directly. The drain loop also skips faust's per-message `wait_first` (two tasks,
-two event waits and an `asyncio.wait` for every message) while nothing can make a
-delivery wait; see `KairosConsumer._drain_messages`.
+two event waits and an `asyncio.wait` for every message) while the flow is not suspended,
+and with every partition held back for a full buffer the consumer looks again as soon as
+one drains rather than a second later; see `KairosConsumer`.
 
 These are faust-streaming 0.15 internals; pyproject.toml pins faust-streaming below 0.16
 so that a new minor release is checked before it is used.
