@@ -4,8 +4,8 @@ faust runs aiokafka in a thread of its own (`ThreadDelegateConsumer`) with a sec
 loop, and every fetch crosses between the threads twice (`call_soon_threadsafe` one way,
 the result the other way). With one agent and nothing blocking the loop, the thread buys
 nothing and costs the worker CPU twice over: the crossings, and two threads' Python
-contending for the GIL. At 1,000 events/s the consumer thread used 27% of a
-core and the agent's thread 47% (loadtest/README.md, session 16).
+contending for the GIL. At 1,000 events/s the consumer thread used 27% of a core and the
+agent's thread 47% (loadtest/README.md, session 16).
 
 Here the same `AIOKafkaConsumerThread` (its rebalance listener, commits, seeks and fetch
 bookkeeping unchanged) runs as an ordinary service on the worker's loop: the calls that

@@ -244,12 +244,7 @@ async def test_a_backlog_many_times_the_lanes_depth_arrives_whole_and_in_order(
     """Lanes 8 records deep: fetching for a full lane stops and starts again many times
     (the librdkafka consumer's thread waits for room and is woken by the lanes)."""
     rig.env.update(KAIROS_BATCH_MAX="8", KAIROS_LANES="2")
-    sessions = [f"s{k}" for k in range(12)]
-    sent = await rig.publish(sessions, 1200, 5)
-    port = free_port()
-    rig.start(metrics_port=port)
-    await rig.wait_applied(sessions, 1200)
-    sizes = _samples(port, "kairos_batch_size_bucket{")
+    sessions, sent, sizes = await _apply_backlog(rig, 12, 1200, 5)
     # KAIROS_BATCH_MAX=8 bounds every batch: none in a bucket above 10, and 1,200 events
     # took at least 150 batches
     assert sizes['"10.0"'] == sizes['"+Inf"'] >= 1200 / 8
@@ -265,12 +260,7 @@ async def test_a_faust_backlog_applied_in_parts_keeps_every_sessions_order(rig: 
     and each session's items stay in the order they were published. (How big the batches
     get depends on the machine: in one CI run all 755 were under 50 events.)"""
     rig.env.update(KAIROS_LANES="4", KAIROS_FAUST_SPLIT_FROM="2")
-    sessions = [f"s{k}" for k in range(16)]
-    sent = await rig.publish(sessions, 2400, 7)
-    port = free_port()
-    rig.start(metrics_port=port)
-    await rig.wait_applied(sessions, 2400)
-    sizes = _samples(port, "kairos_batch_size_bucket{")
+    sessions, sent, sizes = await _apply_backlog(rig, 16, 2400, 7)
     assert sizes['"500.0"'] == sizes['"+Inf"']  # no part above KAIROS_BATCH_MAX
     assert sizes['"+Inf"'] > sizes['"1.0"']  # batches of two or more: split into parts
     await asyncio.sleep(0.5)  # anything doubled would show up now
@@ -318,6 +308,19 @@ async def test_a_worker_joining_mid_backlog_loses_nothing_doubles_nothing_reorde
         assert all(n > 0 for n in applied), applied
     finally:
         await redis.aclose()
+
+
+async def _apply_backlog(
+    rig: Rig, n_sessions: int, n_events: int, stride: int
+) -> tuple[list[str], dict[str, list[str]], dict[str, float]]:
+    """Publish a backlog, then start one worker and wait until all of it is applied: the
+    sessions, what each was sent, and the worker's batch-size histogram buckets."""
+    sessions = [f"s{k}" for k in range(n_sessions)]
+    sent = await rig.publish(sessions, n_events, stride)
+    port = free_port()
+    rig.start(metrics_port=port)
+    await rig.wait_applied(sessions, n_events)
+    return sessions, sent, _samples(port, "kairos_batch_size_bucket{")
 
 
 async def _assert_recent_in_published_order(rig: Rig, sent: dict[str, list[str]]) -> None:
