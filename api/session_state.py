@@ -2,8 +2,8 @@
 
 The session hash, its impression counts and its consent/erasure block (one script, one
 reply) and, when the caller names the user, the user's profile and block travel in one
-packed write and one read on a connection held by the API (`stream_engine.store.Batches`,
-a small pool of them), with one deadline for the whole round trip.
+packed write and one read on a connection the API holds and shares between requests
+(`stream_engine.store.Shared`), with one deadline for the whole round trip.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from redis.exceptions import NoScriptError
 
 from stream_engine.catalog import Vector
 from stream_engine.state import Keys
-from stream_engine.store import Batches, hash_reply, raise_error_reply
+from stream_engine.store import Shared, hash_reply, raise_error_reply
 from stream_engine.vectors import from_bytes, user_profile
 
 
@@ -86,7 +86,8 @@ def parse_view(
 
 
 class StateReader:
-    """A pool of held connections; each read is one round trip under one deadline."""
+    """Held connections shared by every request (`Shared`: reads don't queue for a
+    connection), taken in turn; each read is one round trip under one deadline."""
 
     def __init__(
         self, redis: aioredis.Redis, keys: Keys, dims: int, user_half_life_ms: float, size: int
@@ -94,23 +95,20 @@ class StateReader:
         self.keys = keys
         self.dims = dims
         self.user_half_life_ms = user_half_life_ms
-        self._all = [Batches(redis) for _ in range(size)]
-        self._free: asyncio.Queue[Batches] = asyncio.Queue()
-        for b in self._all:
-            self._free.put_nowait(b)
+        self._all = [Shared(redis) for _ in range(size)]
+        self._turn = 0
 
     async def execute(self, commands: Sequence[tuple[Any, ...]], timeout_s: float) -> list[Any]:
-        """Raises TimeoutError or a Redis/OS error; a cancelled read drops its connection."""
-        async with asyncio.timeout(timeout_s):
-            conn = await self._free.get()
-            try:
-                try:
-                    return await conn.execute(commands)
-                except NoScriptError:  # a restarted or flushed Redis: load it, once
-                    await conn.execute([("SCRIPT", "LOAD", READ_SESSION)])
-                    return await conn.execute(commands)
-            finally:
-                self._free.put_nowait(conn)
+        """Raises TimeoutError or a Redis/OS error."""
+        conn = self._all[self._turn]
+        self._turn = (self._turn + 1) % len(self._all)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        try:
+            return await conn.execute(commands, timeout_s)
+        except NoScriptError:  # a restarted or flushed Redis: load it, once
+            await conn.execute([("SCRIPT", "LOAD", READ_SESSION)], deadline - loop.time())
+            return await conn.execute(commands, deadline - loop.time())
 
     def commands(self, sid: str, uid: str | None) -> list[tuple[Any, ...]]:
         k = self.keys
@@ -131,8 +129,7 @@ class StateReader:
         after a start don't pay a TCP connect and a NOSCRIPT round trip inside their read
         budget. Raises like execute() when Redis is not there (the caller goes on)."""
         for conn in self._all:
-            async with asyncio.timeout(timeout_s):
-                await conn.execute([("SCRIPT", "LOAD", READ_SESSION)])
+            await conn.execute([("SCRIPT", "LOAD", READ_SESSION)], timeout_s)
 
     async def aclose(self) -> None:
         for b in self._all:

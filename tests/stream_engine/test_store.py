@@ -1,16 +1,20 @@
-"""Batches on a real Redis: a round trip cut off anywhere leaves nothing behind."""
+"""Batches and Shared on a real Redis: a round trip cut off anywhere leaves nothing behind."""
 
 from __future__ import annotations
 
 import asyncio
 import signal
 import subprocess
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import pytest
+import uvloop
 from redis.exceptions import AuthenticationError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from stream_engine.store import Batches, connect
+from stream_engine.store import Batches, Shared, connect
 
 
 @pytest.mark.integration
@@ -99,3 +103,134 @@ async def test_the_url_s_password_and_database_are_used_and_error_replies_stay_i
         await wrong_client.aclose()
         await client.aclose()
         await admin.aclose()
+
+
+@pytest.mark.integration
+async def test_calls_at_once_on_one_shared_connection_each_get_their_own_replies(
+    private_redis: tuple[str, subprocess.Popen[bytes]],
+) -> None:
+    url, _proc = private_redis
+    client = connect(url, timeout_s=5.0)
+    shared = Shared(client)
+    try:
+        await client.mset({f"k{i}": f"v{i}" for i in range(200)})
+        before = (await client.info("clients"))["connected_clients"]
+        replies = await asyncio.gather(
+            *[shared.execute([("GET", f"k{i}"), ("INCR", f"k{i}")], 1.0) for i in range(200)]
+        )
+        assert [r[0] for r in replies] == [f"v{i}".encode() for i in range(200)]
+        assert all(isinstance(r[1], ResponseError) for r in replies)
+        assert (await client.info("clients"))["connected_clients"] == before + 1
+    finally:
+        await shared.aclose()
+        await client.aclose()
+
+
+@pytest.mark.integration
+async def test_a_shared_call_cut_off_by_its_deadline_keeps_the_connection_in_step(
+    private_redis: tuple[str, subprocess.Popen[bytes]],
+) -> None:
+    """The late replies of a call that ran out of time must be read and dropped, not
+    handed to the next call (the API would serve one visitor's state to the next); the
+    connection is kept, not reopened for every cut-off read."""
+    url, proc = private_redis
+    client = connect(url, timeout_s=5.0)
+    shared = Shared(client)
+    try:
+        await client.set("k", "v")
+        (first_id,) = await shared.execute([("CLIENT", "ID")], 1.0)
+        proc.send_signal(signal.SIGSTOP)
+        try:
+            started = time.perf_counter()
+            late = [shared.execute([("SET", "k", f"late{i}"), ("GET", "k")], 0.1) for i in range(3)]
+            outcomes = await asyncio.gather(*late, return_exceptions=True)
+            assert time.perf_counter() - started < 0.5
+            assert all(isinstance(o, TimeoutError) for o in outcomes)
+        finally:
+            proc.send_signal(signal.SIGCONT)
+        assert await shared.execute([("GET", "missing"), ("GET", "k")], 1.0) == [None, b"late2"]
+        assert await shared.execute([("CLIENT", "ID")], 1.0) == [first_id]
+    finally:
+        await shared.aclose()
+        await client.aclose()
+
+
+@pytest.mark.integration
+async def test_a_shared_connection_without_replies_for_too_long_is_replaced(
+    private_redis: tuple[str, subprocess.Popen[bytes]],
+) -> None:
+    url, proc = private_redis
+    client = connect(url, timeout_s=5.0)
+    shared = Shared(client, stale_s=0.2)
+    try:
+        (first_id,) = await shared.execute([("CLIENT", "ID")], 1.0)
+        proc.send_signal(signal.SIGSTOP)
+        try:
+            with pytest.raises(TimeoutError):
+                await shared.execute([("PING",)], 0.05)
+            await asyncio.sleep(0.3)
+            with pytest.raises(TimeoutError):  # on a new connection the kernel accepted
+                await shared.execute([("PING",)], 0.05)
+        finally:
+            proc.send_signal(signal.SIGCONT)
+        (second_id,) = await shared.execute([("CLIENT", "ID")], 1.0)
+        assert second_id != first_id
+        assert await shared.execute([("PING",)], 1.0) == [b"PONG"]
+    finally:
+        await shared.aclose()
+        await client.aclose()
+
+
+@pytest.mark.integration
+async def test_a_shared_connection_killed_fails_its_calls_at_once_and_the_next_reconnects(
+    private_redis: tuple[str, subprocess.Popen[bytes]],
+) -> None:
+    url, _proc = private_redis
+    client = connect(url, timeout_s=5.0)
+    shared = Shared(client)
+    try:
+        (first_id,) = await shared.execute([("CLIENT", "ID")], 1.0)
+        blocked = asyncio.ensure_future(shared.execute([("BLPOP", "nothing", 5)], 10.0))
+        await asyncio.sleep(0.1)
+        started = time.perf_counter()
+        await client.client_kill_filter(_id=first_id)
+        with pytest.raises(RedisConnectionError):
+            await blocked
+        assert time.perf_counter() - started < 1.0
+        (second_id,) = await shared.execute([("CLIENT", "ID")], 1.0)
+        assert second_id != first_id
+        await shared.aclose()
+        with pytest.raises(RedisConnectionError):
+            await shared.execute([("PING",)], 1.0)
+    finally:
+        await shared.aclose()
+        await client.aclose()
+
+
+def _reply_in_hand(url: str) -> Callable[[], Coroutine[Any, Any, list[Any]]]:
+    async def scenario() -> list[Any]:
+        client = connect(url, timeout_s=5.0)
+        shared = Shared(client)
+        try:
+            await shared.execute([("PING",)], 1.0)
+            call = asyncio.ensure_future(shared.execute([("ECHO", "mine")], 0.01))
+            await asyncio.sleep(0)  # the call writes its command
+            time.sleep(0.05)  # noqa: ASYNC251 (busy past the deadline; the reply comes in)
+            return await call
+        finally:
+            await shared.aclose()
+            await client.aclose()
+
+    return scenario
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_a_reply_that_arrived_while_the_process_was_busy_beats_its_deadline(
+    private_redis: tuple[str, subprocess.Popen[bytes]], loop: str
+) -> None:
+    """The reply is read while the caller's task waits its turn to run, after the deadline:
+    asyncio.timeout would cancel that task all the same, and the API serve its default."""
+    url, _proc = private_redis
+    run = uvloop.run if loop == "uvloop" else asyncio.run
+    assert run(_reply_in_hand(url)()) == [b"mine"]
