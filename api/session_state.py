@@ -2,8 +2,8 @@
 
 The session hash, its impression counts and its consent/erasure block (one script, one
 reply) and, when the caller names the user, the user's profile and block travel in one
-packed write and one read on a connection the API holds and shares between requests
-(`stream_engine.store.Shared`), with one deadline for the whole round trip.
+packed write and one read on a connection held by the API (`stream_engine.store.Shared`,
+a small pool of them), with one deadline for the whole round trip.
 """
 
 from __future__ import annotations
@@ -86,8 +86,12 @@ def parse_view(
 
 
 class StateReader:
-    """Held connections shared by every request (`Shared`: reads don't queue for a
-    connection), taken in turn; each read is one round trip under one deadline."""
+    """A pool of held connections, one read on each at a time; each read is one round trip
+    under one deadline, waiting for a connection included. The pool bounds the reads in
+    flight: when the process falls behind, the reads queued for a connection run out of
+    budget and get the default (a cheap answer) instead of each costing a whole decision
+    late. A read cut off by its deadline leaves its connection in the pool (`Shared`
+    drops its late replies) instead of dropping it."""
 
     def __init__(
         self, redis: aioredis.Redis, keys: Keys, dims: int, user_half_life_ms: float, size: int
@@ -96,19 +100,24 @@ class StateReader:
         self.dims = dims
         self.user_half_life_ms = user_half_life_ms
         self._all = [Shared(redis) for _ in range(size)]
-        self._turn = 0
+        self._free: asyncio.Queue[Shared] = asyncio.Queue()
+        for conn in self._all:
+            self._free.put_nowait(conn)
 
     async def execute(self, commands: Sequence[tuple[Any, ...]], timeout_s: float) -> list[Any]:
         """Raises TimeoutError or a Redis/OS error."""
-        conn = self._all[self._turn]
-        self._turn = (self._turn + 1) % len(self._all)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
+        async with asyncio.timeout_at(deadline):
+            conn = await self._free.get()
         try:
-            return await conn.execute(commands, timeout_s)
-        except NoScriptError:  # a restarted or flushed Redis: load it, once
-            await conn.execute([("SCRIPT", "LOAD", READ_SESSION)], deadline - loop.time())
-            return await conn.execute(commands, deadline - loop.time())
+            try:
+                return await conn.execute(commands, deadline - loop.time())
+            except NoScriptError:  # a restarted or flushed Redis: load it, once
+                await conn.execute([("SCRIPT", "LOAD", READ_SESSION)], deadline - loop.time())
+                return await conn.execute(commands, deadline - loop.time())
+        finally:
+            self._free.put_nowait(conn)
 
     def commands(self, sid: str, uid: str | None) -> list[tuple[Any, ...]]:
         k = self.keys
