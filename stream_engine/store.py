@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import hiredis
 import redis.asyncio as aioredis
@@ -96,20 +96,27 @@ class _Replies(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
-        calls = self.calls
         try:
             while (reply := self.reader.gets()) is not False:
-                if not calls:  # a reply nobody asked for: replies and calls no longer line up
-                    self.close(RedisConnectionError("Redis sent more replies than were asked for"))
+                if not self.deliver(reply):
                     return
-                call = calls[0]
-                call.replies.append(reply)
-                if len(call.replies) == call.count:
-                    calls.popleft()
-                    if not call.future.done():
-                        call.future.set_result(call.replies)
         except InvalidResponse as exc:
             self.close(RedisConnectionError(f"Redis sent an unreadable reply: {exc}"))
+
+    def deliver(self, reply: Any) -> bool:
+        """Hands a reply to the oldest call; False when nobody asked for it (the
+        connection is closed: replies and calls no longer line up)."""
+        calls = self.calls
+        if not calls:
+            self.close(RedisConnectionError("Redis sent more replies than were asked for"))
+            return False
+        call = calls[0]
+        call.replies.append(reply)
+        if len(call.replies) == call.count:
+            calls.popleft()
+            if not call.future.done():
+                call.future.set_result(call.replies)
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         why = f": {exc}" if exc else ""
@@ -142,6 +149,47 @@ class _Replies(asyncio.Protocol):
             self.transport.close()
 
 
+class Subscription(_Replies):
+    """A connection subscribed to channel patterns (`psubscribe`): each published message
+    goes to `on_message(channel, data)` as soon as it is parsed; the replies to its own
+    calls (the subscriptions) go to those calls."""
+
+    def __init__(self, on_message: Callable[[bytes, bytes], None]) -> None:
+        super().__init__()
+        self.on_message = on_message
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+        try:
+            while (reply := self.reader.gets()) is not False:
+                if type(reply) is list and len(reply) == 4 and reply[0] == b"pmessage":
+                    self.on_message(reply[2], reply[3])
+                elif not self.deliver(reply):
+                    return
+        except InvalidResponse as exc:
+            self.close(RedisConnectionError(f"Redis sent an unreadable reply: {exc}"))
+
+
+async def psubscribe(
+    redis: aioredis.Redis, patterns: Sequence[str], on_message: Callable[[bytes, bytes], None]
+) -> Subscription:
+    """A new connection (the client's address and login) subscribed to `patterns`; close()
+    it when done. Messages are handled in the read callback, with no polling: redis-py's
+    PubSub.get_message costs a wait and a Python reply parse per message."""
+    conn = await _Address.of(redis).open(lambda: Subscription(on_message))
+    try:
+        for reply in await conn.send(_pack([("PSUBSCRIBE", *patterns)]), len(patterns)):
+            if isinstance(reply, Exception):
+                raise reply
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+_P = TypeVar("_P", bound=_Replies)
+
+
 @dataclass(frozen=True, slots=True)
 class _Address:
     """Where and how to connect: from the client's pool (host, port, db, username,
@@ -166,12 +214,12 @@ class _Address:
             connect_timeout_s=kwargs.get("socket_connect_timeout") or 5.0,
         )
 
-    async def open(self) -> _Replies:
+    async def open(self, protocol: Callable[[], _P]) -> _P:
         """A logged-in connection on the right database; one cut off midway is closed."""
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.connect_timeout_s):
-                _, conn = await loop.create_connection(_Replies, self.host, self.port)
+                _, conn = await loop.create_connection(protocol, self.host, self.port)
         except TimeoutError:
             raise RedisConnectionError(
                 f"connecting to Redis at {self.host}:{self.port} timed out"
@@ -236,7 +284,7 @@ class Batches:
                 conn = self._conn
                 if conn is None or conn.lost:
                     self._drop()
-                    conn = self._conn = await self._address.open()
+                    conn = self._conn = await self._address.open(_Replies)
                 replies = await conn.send(_pack(commands), len(commands))
             except BaseException:
                 self._drop()
@@ -309,7 +357,7 @@ class Shared:
                     return conn
                 conn.close(RedisConnectionError(f"no reply from Redis in {self.stale_s} s"))
             self._conn = None
-            self._conn = await self._address.open()
+            self._conn = await self._address.open(_Replies)
             return self._conn
 
     async def aclose(self) -> None:

@@ -11,15 +11,19 @@ import time
 
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from loadtest.ingest import (
     CpuMeter,
+    Visibility,
     _report_dead_watcher,
     bystanders,
     p50_by_third,
     slope,
     stack_pids,
 )
+from loadtest.traffic import TRACKED
+from stream_engine.store import connect
 
 
 def test_a_level_backlog_grows_by_nothing_however_large() -> None:
@@ -114,3 +118,49 @@ async def test_a_visibility_watcher_that_died_is_reported(
     _report_dead_watcher(died)
     assert "watcher failed mid-run (ConnectionError('Connection closed" in capsys.readouterr().out
     alive.cancel()
+
+
+@pytest.mark.integration
+async def test_an_event_is_visible_once_a_notified_count_covers_it_and_not_before(
+    private_redis: tuple[str, subprocess.Popen[bytes]],
+) -> None:
+    url, proc = private_redis
+    redis = connect(url, timeout_s=5.0)
+    await redis.config_set("notify-keyspace-events", "Kh")
+    vis = Visibility(redis, "bench")
+    sid, other = f"{TRACKED}a", f"{TRACKED}b"
+    watcher = asyncio.create_task(vis.watch(0))
+    try:
+        await asyncio.sleep(0.2)  # subscribed
+        t0 = time.monotonic()
+        for seq in (1, 2, 3):
+            vis.sent(sid, seq, t0)
+        vis.sent(other, 1, t0)
+        await redis.hset(f"bench:{{{sid}}}:imp", "x", 1)  # not the session hash: ignored
+        await redis.hset(f"bench:{{{sid}}}:s", "n", 2)
+        for _ in range(100):
+            if vis.outstanding == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert vis.outstanding == 2
+        assert len(vis.latencies) == 2
+        assert vis.intended == [t0, t0]
+        assert all(0 < lat < time.monotonic() - t0 for lat in vis.latencies)
+        await asyncio.sleep(0.1)
+        assert vis.outstanding == 2  # event 3 and the other session's wait
+        await redis.hset(f"bench:{{{sid}}}:s", "n", 3)
+        await redis.hset(f"bench:{{{other}}}:s", "n", 1)
+        for _ in range(100):
+            if vis.outstanding == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert vis.outstanding == 0
+        assert len(vis.latencies) == 4
+        assert not watcher.done()
+        proc.kill()  # Redis gone: the watcher fails instead of waiting for ever
+        with pytest.raises(RedisConnectionError):
+            async with asyncio.timeout(5):
+                await watcher
+    finally:
+        watcher.cancel()
+        await redis.aclose()

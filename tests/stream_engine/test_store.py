@@ -14,7 +14,7 @@ import uvloop
 from redis.exceptions import AuthenticationError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from stream_engine.store import Batches, Shared, connect
+from stream_engine.store import Batches, Shared, connect, psubscribe
 
 
 @pytest.mark.integration
@@ -234,3 +234,33 @@ def test_a_reply_that_arrived_while_the_process_was_busy_beats_its_deadline(
     url, _proc = private_redis
     run = uvloop.run if loop == "uvloop" else asyncio.run
     assert run(_reply_in_hand(url)()) == [b"mine"]
+
+
+@pytest.mark.integration
+async def test_a_pattern_subscription_hands_each_message_over_as_it_is_read(
+    private_redis: tuple[str, subprocess.Popen[bytes]],
+) -> None:
+    url, _proc = private_redis
+    admin = connect(url, timeout_s=5.0)
+    await admin.config_set("requirepass", "s3cret")
+    port = url.rsplit(":", 1)[1].split("/")[0]
+    client = connect(f"redis://:s3cret@127.0.0.1:{port}/0", timeout_s=5.0)
+    got: list[tuple[bytes, bytes]] = []
+    sub = await psubscribe(client, ["news.*", "alerts"], lambda ch, data: got.append((ch, data)))
+    try:
+        assert await client.publish("news.sport", "goal") == 1
+        assert await client.publish("weather", "rain") == 0
+        assert await client.publish("alerts", "fire") == 1
+        for _ in range(100):
+            if len(got) == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert got == [(b"news.sport", b"goal"), (b"alerts", b"fire")]
+        wrong = connect(f"redis://:nope@127.0.0.1:{port}/0", timeout_s=5.0)
+        with pytest.raises(AuthenticationError):
+            await psubscribe(wrong, ["x"], lambda ch, data: None)
+        await wrong.aclose()
+    finally:
+        sub.close()
+        await client.aclose()
+        await admin.aclose()
