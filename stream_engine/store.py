@@ -158,16 +158,11 @@ class Subscription(_Replies):
         super().__init__()
         self.on_message = on_message
 
-    def data_received(self, data: bytes) -> None:
-        self.reader.feed(data)
-        try:
-            while (reply := self.reader.gets()) is not False:
-                if type(reply) is list and len(reply) == 4 and reply[0] == b"pmessage":
-                    self.on_message(reply[2], reply[3])
-                elif not self.deliver(reply):
-                    return
-        except InvalidResponse as exc:
-            self.close(RedisConnectionError(f"Redis sent an unreadable reply: {exc}"))
+    def deliver(self, reply: Any) -> bool:
+        if type(reply) is list and len(reply) == 4 and reply[0] == b"pmessage":
+            self.on_message(reply[2], reply[3])
+            return True
+        return super().deliver(reply)
 
 
 async def psubscribe(
@@ -177,14 +172,18 @@ async def psubscribe(
     it when done. Messages are handled in the read callback, with no polling: redis-py's
     PubSub.get_message costs a wait and a Python reply parse per message."""
     conn = await _Address.of(redis).open(lambda: Subscription(on_message))
+    await _set_up(conn, [("PSUBSCRIBE", *patterns)], replies=len(patterns))
+    return conn
+
+
+async def _set_up(conn: _Replies, commands: list[tuple[Any, ...]], replies: int) -> None:
+    """A new connection's set-up commands: an error reply is raised, and the connection is
+    closed if they fail or are cut off."""
     try:
-        for reply in await conn.send(_pack([("PSUBSCRIBE", *patterns)]), len(patterns)):
-            if isinstance(reply, Exception):
-                raise reply
+        raise_error_reply(await conn.send(_pack(commands), replies))
     except BaseException:
         conn.close()
         raise
-    return conn
 
 
 _P = TypeVar("_P", bound=_Replies)
@@ -234,14 +233,8 @@ class _Address:
             hello.append(("AUTH", *auth))
         if self.db:
             hello.append(("SELECT", self.db))
-        try:
-            if hello:
-                for reply in await conn.send(_pack(hello), len(hello)):
-                    if isinstance(reply, Exception):
-                        raise reply
-        except BaseException:
-            conn.close()
-            raise
+        if hello:
+            await _set_up(conn, hello, replies=len(hello))
         return conn
 
 

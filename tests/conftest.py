@@ -10,6 +10,7 @@ CI=true it fails them.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import signal
 import socket
@@ -184,6 +185,22 @@ def private_redis(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]
     proc.send_signal(signal.SIGCONT)
     proc.terminate()
     proc.wait(timeout=10)
+
+
+async def wait_for(
+    check: Callable[[], object], within: float, what: str, step: float = 0.1
+) -> None:
+    """Until `check()` (a plain or an async function) is true; AssertionError naming `what`
+    after `within` seconds."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        done = check()
+        if inspect.isawaitable(done):
+            done = await done
+        if done:
+            return
+        await asyncio.sleep(step)
+    raise AssertionError(f"timed out after {within}s waiting for {what}")
 
 
 def free_port() -> int:

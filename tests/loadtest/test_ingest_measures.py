@@ -24,6 +24,7 @@ from loadtest.ingest import (
 )
 from loadtest.traffic import TRACKED
 from stream_engine.store import connect
+from tests.conftest import wait_for
 
 
 def test_a_level_backlog_grows_by_nothing_however_large() -> None:
@@ -138,11 +139,7 @@ async def test_an_event_is_visible_once_a_notified_count_covers_it_and_not_befor
         vis.sent(other, 1, t0)
         await redis.hset(f"bench:{{{sid}}}:imp", "x", 1)  # not the session hash: ignored
         await redis.hset(f"bench:{{{sid}}}:s", "n", 2)
-        for _ in range(100):
-            if vis.outstanding == 2:
-                break
-            await asyncio.sleep(0.01)
-        assert vis.outstanding == 2
+        await wait_for(lambda: vis.outstanding == 2, 1.0, "two events visible", step=0.01)
         assert len(vis.latencies) == 2
         assert vis.intended == [t0, t0]
         assert all(0 < lat < time.monotonic() - t0 for lat in vis.latencies)
@@ -150,11 +147,7 @@ async def test_an_event_is_visible_once_a_notified_count_covers_it_and_not_befor
         assert vis.outstanding == 2  # event 3 and the other session's wait
         await redis.hset(f"bench:{{{sid}}}:s", "n", 3)
         await redis.hset(f"bench:{{{other}}}:s", "n", 1)
-        for _ in range(100):
-            if vis.outstanding == 0:
-                break
-            await asyncio.sleep(0.01)
-        assert vis.outstanding == 0
+        await wait_for(lambda: vis.outstanding == 0, 1.0, "every event visible", step=0.01)
         assert len(vis.latencies) == 4
         assert not watcher.done()
         proc.kill()  # Redis gone: the watcher fails instead of waiting for ever

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 import uvloop
 from redis.exceptions import AuthenticationError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from stream_engine.store import Batches, Shared, connect, psubscribe
+from tests.conftest import wait_for
 
 
 @pytest.mark.integration
@@ -110,9 +113,7 @@ async def test_calls_at_once_on_one_shared_connection_each_get_their_own_replies
     private_redis: tuple[str, subprocess.Popen[bytes]],
 ) -> None:
     url, _proc = private_redis
-    client = connect(url, timeout_s=5.0)
-    shared = Shared(client)
-    try:
+    async with _shared(url) as (client, shared):
         await client.mset({f"k{i}": f"v{i}" for i in range(200)})
         before = (await client.info("clients"))["connected_clients"]
         replies = await asyncio.gather(
@@ -121,9 +122,6 @@ async def test_calls_at_once_on_one_shared_connection_each_get_their_own_replies
         assert [r[0] for r in replies] == [f"v{i}".encode() for i in range(200)]
         assert all(isinstance(r[1], ResponseError) for r in replies)
         assert (await client.info("clients"))["connected_clients"] == before + 1
-    finally:
-        await shared.aclose()
-        await client.aclose()
 
 
 @pytest.mark.integration
@@ -134,9 +132,7 @@ async def test_a_shared_call_cut_off_by_its_deadline_keeps_the_connection_in_ste
     handed to the next call (the API would serve one visitor's state to the next); the
     connection is kept, not reopened for every cut-off read."""
     url, proc = private_redis
-    client = connect(url, timeout_s=5.0)
-    shared = Shared(client)
-    try:
+    async with _shared(url) as (client, shared):
         await client.set("k", "v")
         (first_id,) = await shared.execute([("CLIENT", "ID")], 1.0)
         proc.send_signal(signal.SIGSTOP)
@@ -150,9 +146,6 @@ async def test_a_shared_call_cut_off_by_its_deadline_keeps_the_connection_in_ste
             proc.send_signal(signal.SIGCONT)
         assert await shared.execute([("GET", "missing"), ("GET", "k")], 1.0) == [None, b"late2"]
         assert await shared.execute([("CLIENT", "ID")], 1.0) == [first_id]
-    finally:
-        await shared.aclose()
-        await client.aclose()
 
 
 @pytest.mark.integration
@@ -160,9 +153,7 @@ async def test_a_shared_connection_without_replies_for_too_long_is_replaced(
     private_redis: tuple[str, subprocess.Popen[bytes]],
 ) -> None:
     url, proc = private_redis
-    client = connect(url, timeout_s=5.0)
-    shared = Shared(client, stale_s=0.2)
-    try:
+    async with _shared(url, stale_s=0.2) as (_client, shared):
         (first_id,) = await shared.execute([("CLIENT", "ID")], 1.0)
         proc.send_signal(signal.SIGSTOP)
         try:
@@ -176,9 +167,6 @@ async def test_a_shared_connection_without_replies_for_too_long_is_replaced(
         (second_id,) = await shared.execute([("CLIENT", "ID")], 1.0)
         assert second_id != first_id
         assert await shared.execute([("PING",)], 1.0) == [b"PONG"]
-    finally:
-        await shared.aclose()
-        await client.aclose()
 
 
 @pytest.mark.integration
@@ -186,9 +174,7 @@ async def test_a_shared_connection_killed_fails_its_calls_at_once_and_the_next_r
     private_redis: tuple[str, subprocess.Popen[bytes]],
 ) -> None:
     url, _proc = private_redis
-    client = connect(url, timeout_s=5.0)
-    shared = Shared(client)
-    try:
+    async with _shared(url) as (client, shared):
         (first_id,) = await shared.execute([("CLIENT", "ID")], 1.0)
         blocked = asyncio.ensure_future(shared.execute([("BLPOP", "nothing", 5)], 10.0))
         await asyncio.sleep(0.1)
@@ -202,6 +188,14 @@ async def test_a_shared_connection_killed_fails_its_calls_at_once_and_the_next_r
         await shared.aclose()
         with pytest.raises(RedisConnectionError):
             await shared.execute([("PING",)], 1.0)
+
+
+@contextlib.asynccontextmanager
+async def _shared(url: str, stale_s: float = 2.0) -> AsyncIterator[tuple[aioredis.Redis, Shared]]:
+    client = connect(url, timeout_s=5.0)
+    shared = Shared(client, stale_s=stale_s)
+    try:
+        yield client, shared
     finally:
         await shared.aclose()
         await client.aclose()
@@ -209,17 +203,12 @@ async def test_a_shared_connection_killed_fails_its_calls_at_once_and_the_next_r
 
 def _reply_in_hand(url: str) -> Callable[[], Coroutine[Any, Any, list[Any]]]:
     async def scenario() -> list[Any]:
-        client = connect(url, timeout_s=5.0)
-        shared = Shared(client)
-        try:
+        async with _shared(url) as (_client, shared):
             await shared.execute([("PING",)], 1.0)
             call = asyncio.ensure_future(shared.execute([("ECHO", "mine")], 0.01))
             await asyncio.sleep(0)  # the call writes its command
             time.sleep(0.05)  # noqa: ASYNC251 (busy past the deadline; the reply comes in)
             return await call
-        finally:
-            await shared.aclose()
-            await client.aclose()
 
     return scenario
 
@@ -251,10 +240,7 @@ async def test_a_pattern_subscription_hands_each_message_over_as_it_is_read(
         assert await client.publish("news.sport", "goal") == 1
         assert await client.publish("weather", "rain") == 0
         assert await client.publish("alerts", "fire") == 1
-        for _ in range(100):
-            if len(got) == 2:
-                break
-            await asyncio.sleep(0.01)
+        await wait_for(lambda: len(got) == 2, 1.0, "two messages", step=0.01)
         assert got == [(b"news.sport", b"goal"), (b"alerts", b"fire")]
         wrong = connect(f"redis://:nope@127.0.0.1:{port}/0", timeout_s=5.0)
         with pytest.raises(AuthenticationError):

@@ -29,7 +29,7 @@ from stream_engine.settings import Settings
 from stream_engine.state import Keys
 from stream_engine.topics import ensure_topics, topic_names
 from stream_engine.vectors import from_bytes
-from tests.conftest import Stack, free_port
+from tests.conftest import Stack, free_port, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 ITEMS = [it.item_id for it in generate(500)]
@@ -145,7 +145,7 @@ class Rig:
         async def all_applied() -> bool:
             return sum(await self.counts(sessions)) >= n
 
-        await _wait_for(all_applied, within_s, f"all {n} events applied")
+        await wait_for(all_applied, within_s, f"all {n} events applied")
 
 
 @pytest.fixture
@@ -163,15 +163,6 @@ def _event(n: int, sid: str, etype: str = "view", **extra: object) -> bytes:
     body = {"event_id": f"e{n}", "type": etype, "session_id": sid,
             "ts": int(time.time() * 1000), "item_id": ITEMS[n % len(ITEMS)], **extra}  # fmt: skip
     return orjson.dumps(body)
-
-
-async def _wait_for(check: Callable[[], object], within: float, what: str) -> None:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if await check():  # type: ignore[misc]
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"timed out after {within}s waiting for {what}")
 
 
 async def _counts(redis: aioredis.Redis, keys: Keys, sessions: list[str]) -> list[int]:
@@ -194,7 +185,7 @@ async def test_published_events_reach_redis_and_bad_ones_the_dlq(rig: Rig, stack
     async def two_applied() -> bool:
         return (await rig.counts(["s1"])) == [2]
 
-    await _wait_for(two_applied, 60, "two valid events applied")
+    await wait_for(two_applied, 60, "two valid events applied")
     # No topic of the worker's own: faust's leader-election topic (`<group>-__assignor-
     # __leader`), always empty, was in every fetch, and a fetch for it alone waited out
     # faust's 1.5 s fetch wait while the clickstream's records piled up (app.py).
@@ -229,7 +220,7 @@ async def test_kill_and_restart_loses_nothing_and_doubles_nothing(rig: Rig) -> N
     async def some_applied() -> bool:
         return sum(await rig.counts(sessions)) > 0
 
-    await _wait_for(some_applied, 60, "the first worker to apply something")
+    await wait_for(some_applied, 60, "the first worker to apply something")
     os.killpg(first.pid, signal.SIGKILL)  # mid-stream, no chance to commit
     first.wait()
     rig.start()
@@ -293,7 +284,7 @@ async def test_a_worker_joining_mid_backlog_loses_nothing_doubles_nothing_reorde
         async def under_way() -> bool:
             return sum(await rig.counts(sessions)) > 0
 
-        await _wait_for(under_way, 60, "the first worker to be under way")
+        await wait_for(under_way, 60, "the first worker to be under way")
         server.send_signal(signal.SIGSTOP)
         try:
             rig.start(ports[1])
@@ -429,7 +420,7 @@ async def test_catalog_updates_take_effect_within_seconds(rig: Rig) -> None:
     async def mirrored() -> bool:
         return await redis_client.hlen(items_key) == len(bodies) - 1
 
-    await _wait_for(mirrored, 30, "every valid catalog update mirrored into Redis")
+    await wait_for(mirrored, 30, "every valid catalog update mirrored into Redis")
     stored = orjson.loads(cast(bytes, await redis_client.hget(items_key, ITEMS[0])))
     assert stored["stock"] == 0
     assert stored["title"] == catalog.items[0].title  # untouched fields kept
@@ -441,7 +432,7 @@ async def test_catalog_updates_take_effect_within_seconds(rig: Rig) -> None:
     async def has_vector() -> bool:
         return bool(await redis_client.hexists(keys.session("s1"), "v"))
 
-    await _wait_for(has_vector, 30, "the click on the new item applied")
+    await wait_for(has_vector, 30, "the click on the new item applied")
     raw = cast(bytes, await redis_client.hget(keys.session("s1"), "v"))
     vector = from_bytes(raw, catalog.space.dims)
     assert vector is not None
@@ -471,7 +462,7 @@ async def test_a_frozen_redis_delays_but_loses_and_doubles_nothing(
         async def some_applied() -> bool:
             return sum(await rig.counts(sessions)) > 0
 
-        await _wait_for(some_applied, 60, "the worker to start applying")
+        await wait_for(some_applied, 60, "the worker to start applying")
         server.send_signal(signal.SIGSTOP)
         await rig.publish(sessions, 400, 1, start=200)
         await asyncio.sleep(STORE_TIMEOUT_S + 1.5)
