@@ -43,6 +43,26 @@ COVIS_CACHE_MAX = 50_000
 COVIS_REFRESH_EVERY_S = 0.1
 COVIS_REFRESH_CHUNK = 32  # stale entries per background round trip
 COVIS_REFRESH_MAX = 200  # ... and per round: at most 2,000 a second
+# At start the API reads every item's co-visitation in the background (`warm_order`), this
+# many per round trip: an empty cache sent 67% of the first 2,000 decisions and 7% of those
+# after 24,000 to Redis a second time (loadtest/README.md, session 18).
+COVIS_WARM_CHUNK = 32
+
+
+NO_NEIGHBOURS: Neighbours = (np.zeros(0, np.int64), np.zeros(0, np.float32))
+GOLDEN = 0.6180339887498949  # row * GOLDEN mod 1: rows spread evenly over [0, 1)
+
+
+def warm_order(catalog: ServingCatalog, trending: Trending, size: int, limit: int) -> list[int]:
+    """The rows whose co-visitation a starting API reads: the global trending items first
+    (the ones sessions view most), then the rest of the catalog in order, up to `limit`."""
+    first = [int(r) for r in trending.by_key.get("", ()) if r < size]
+    order = dict.fromkeys(first)
+    for r in range(size):
+        if len(order) >= limit:
+            break
+        order[r] = None
+    return list(order)[:limit]
 
 
 def trending_keys(catalog: ServingCatalog) -> list[str]:
@@ -109,6 +129,13 @@ class CovisCache:
         self._entries: OrderedDict[int, tuple[float, Neighbours]] = OrderedDict()
         self._due: dict[int, None] = {}  # stale rows asked for, oldest ask first
 
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def unknown(self, rows: Sequence[int]) -> list[int]:
+        """The rows never read (or evicted since)."""
+        return [r for r in rows if r not in self._entries]
+
     def lookup(self, rows: Sequence[int]) -> tuple[dict[int, Neighbours], list[int]]:
         """(what the cache has, stale or not; the rows it has never read)."""
         now = self.clock()
@@ -139,17 +166,27 @@ class CovisCache:
         ]
 
     def store(
-        self, rows: Sequence[int], replies: Sequence[Any], catalog: ServingCatalog
+        self,
+        rows: Sequence[int],
+        replies: Sequence[Any],
+        catalog: ServingCatalog,
+        spread: bool = False,
     ) -> dict[int, Neighbours]:
-        expires = self.clock() + self.ttl_s
+        """`spread`: entries go stale at times spread over the second half of `ttl_s` (by
+        row), so that a warm-up's thousands of entries are not all due at once."""
+        now = self.clock()
         out: dict[int, Neighbours] = {}
         for r, reply in zip(rows, replies, strict=True):
             if isinstance(reply, Exception):
                 continue
-            members, scores = _members(reply, catalog)
-            best = float(scores[0]) if scores.size and scores[0] > 0 else 1.0
-            out[r] = (members, scores.astype(np.float32) / best)
-            self._entries[r] = (expires, out[r])
+            if reply:
+                members, scores = _members(reply, catalog)
+                best = float(scores[0]) if scores.size and scores[0] > 0 else 1.0
+                out[r] = (members, scores.astype(np.float32) / best)
+            else:  # most of a long tail: one shared empty entry
+                out[r] = NO_NEIGHBOURS
+            ttl = self.ttl_s * (0.5 + 0.5 * ((r * GOLDEN) % 1.0)) if spread else self.ttl_s
+            self._entries[r] = (now + ttl, out[r])
             self._entries.move_to_end(r)
         while len(self._entries) > self.max_items:
             gone, _ = self._entries.popitem(last=False)

@@ -31,10 +31,12 @@ from api.aggregates import (
     COVIS_REFRESH_CHUNK,
     COVIS_REFRESH_EVERY_S,
     COVIS_REFRESH_MAX,
+    COVIS_WARM_CHUNK,
     CovisCache,
     parse_trending,
     trending_commands,
     trending_keys,
+    warm_order,
 )
 from api.config import DecisionConfig, load_config
 from api.decisions import PageAsk, SlotDecision, covis_sources, decide_page, default_decision
@@ -96,6 +98,7 @@ class Runtime:
     tally: Counter[str] = field(default_factory=Counter)  # decisions by strategy (demo strip)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)  # ends background loops
     beacons_accepted: int = 0
+    covis_warming: bool = False  # warm_covis is reading
 
     # -- the decision path ---------------------------------------------------------------
 
@@ -297,6 +300,42 @@ class Runtime:
                 )
             self.covis.store(rows, replies, catalog)
             done += len(rows)
+        return done
+
+    async def warm_covis(self, chunk: int = COVIS_WARM_CHUNK) -> int:
+        """Read the co-visitation of the catalog's items before decisions ask for it (see
+        `warm_order`), a chunk per round trip on the background connection, skipping what
+        decisions already read; returns how many were read. Cached like any entry (served
+        up to `COVIS_TTL_S` stale, then read again in the background), with staleness
+        spread so the entries are not all due at once. Stops at the first failure: what is
+        left is read when a decision first asks, as without the warm-up."""
+        serving = self.serving
+        rows = warm_order(serving.catalog, serving.trending, serving.size, self.covis.max_items)
+        started, done = time.perf_counter(), 0
+        self.covis_warming = True
+        try:
+            for start in range(0, len(rows), chunk):
+                todo = self.covis.unknown(rows[start : start + chunk])
+                if not todo:
+                    continue
+                async with asyncio.timeout(BACKGROUND_READ_S):
+                    replies = await self.background_batches.execute(
+                        self.covis.commands(self.keys, serving.catalog, todo)
+                    )
+                # An item with no co-visitation yet is left to the first decision that
+                # asks: its neighbours may appear any moment (a new session's second click).
+                found = [(r, reply) for r, reply in zip(todo, replies, strict=True) if reply]
+                self.covis.store([r for r, _ in found], [reply for _, reply in found],
+                                 serving.catalog, spread=True)  # fmt: skip
+                done += len(todo)
+        except (TimeoutError, *STORE_ERRORS) as exc:
+            log.warning("co-visitation warm-up stopped after %d items (%r); the rest is read "
+                        "when first asked for", done, exc)  # fmt: skip
+        else:
+            log.info("co-visitation of %d items read in %.2f s", done,
+                     time.perf_counter() - started)  # fmt: skip
+        finally:
+            self.covis_warming = False
         return done
 
     async def _install_latent(self, version: int) -> None:

@@ -21,7 +21,7 @@ from stream_engine.events import Event, EventType, encode_event
 from stream_engine.planning import Tuning
 from stream_engine.processor import BatchProcessor, Record, Ttls
 from stream_engine.state import Keys
-from tests.conftest import Stack
+from tests.conftest import Stack, wait_for
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
 TUNING = Tuning(1_800_000, 14 * 86_400_000, 7 * 86_400_000, 6 * 3_600_000)
@@ -57,6 +57,9 @@ async def client_for(
     """The app with its lifespan run, behind an in-process HTTP client."""
     app = create_app(settings, fast_path=fast_path)
     async with app.router.lifespan_context(app):
+        # Tests write their state after the start: a warm-up reading co-visitation while a
+        # test clicks would cache whatever it caught (api/runtime.py, warm_covis).
+        await wait_for(lambda: not app.state.runtime.covis_warming, 10, "co-visitation warm-up")
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://kairos") as client:
             client.app = app  # type: ignore[attr-defined]

@@ -136,3 +136,44 @@ async def test_a_decision_reads_co_visitation_once_then_from_the_cache(
             assert reads() == expected
         metrics = (await client.get("/metrics")).text
         assert "kairos_api_covis_reads_total 1.0" in metrics
+
+
+async def test_a_starting_api_reads_co_visitation_before_decisions_ask_for_it(
+    settings: Settings, catalog: Catalog, clicks: Any, redis_client: aioredis.Redis
+) -> None:
+    """The warm-up reads every item's co-visitation at start (/readyz waits for it), so a
+    decision on a warmed item pays no second round trip; an item with none yet is left to
+    the first decision that asks, which then sees what the worker wrote since."""
+    a, b, c, d, e = (catalog.items[k].item_id for k in range(5))
+    keys = Keys(settings.key_prefix)
+    await redis_client.zadd(keys.covisit(a), {b: 5.0, c: 10.0})
+    async with client_for(settings) as client:
+        rt = client.app.state.runtime  # type: ignore[attr-defined]
+        ready = await client.get("/readyz")
+        assert ready.status_code == 200
+        assert ready.json()["covis"] == {"cached_items": 1, "warming": False}
+        row_a, row_b, row_c, row_d, row_e = (rt.catalog.row(i) for i in (a, b, c, d, e))
+        found, missing = rt.covis.lookup([row_a, row_d])
+        assert missing == [row_d]
+        assert found[row_a][0].tolist() == [row_c, row_b]
+        np.testing.assert_allclose(found[row_a][1], [1.0, 0.5])
+
+        share = rt.serving.config.holdout_share
+        sid = next(s for s in (f"warm-{i}" for i in range(100))
+                   if assign(s, share) is Group.TREATMENT)  # fmt: skip
+        await clicks(sid, (EventType.CLICK, a))
+        r = await client.get(f"/v1/slots/home_recs?session_id={sid}")
+        assert r.json()["strategy"] == "personalized"
+        assert rt.metrics.covis_reads._value.get() == 0  # a was warmed
+
+        await redis_client.zadd(keys.covisit(d), {e: 1.0})  # the worker, since the start
+        await clicks(sid, (EventType.CLICK, d))
+        r = await client.get(f"/v1/slots/home_recs?session_id={sid}")
+        assert rt.metrics.covis_reads._value.get() == 1  # d: read on first ask
+        # e, written since the start, and a, from the click before d
+        assert rt.covis.lookup([row_d])[0][row_d][0].tolist() == [row_e, row_a]
+
+        rt.covis_warming = True  # as while warm_covis runs
+        warming = await client.get("/readyz")
+        assert warming.status_code == 503
+        assert warming.json()["redis"] == "warming up"

@@ -3,6 +3,7 @@ sorted-set replies parsed (compiled) as the Python parse did."""
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -11,8 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from api import _kernels
-from api.aggregates import CovisCache
+from api.aggregates import CovisCache, warm_order
 from api.items import ServingCatalog
+from api.scoring import Trending
 from stream_engine.catalog import Catalog
 from stream_engine.demo_catalog import generate
 
@@ -99,3 +101,29 @@ def test_a_score_that_is_not_a_number_is_refused() -> None:
         _kernels.members([item, b"12x"], CATALOG.catalog.row, True)
     with pytest.raises(ValueError, match="WITHSCORES"):
         _kernels.members([item, b"1", item], CATALOG.catalog.row, True)
+
+
+def test_the_warm_up_reads_trending_items_first_then_the_catalog_up_to_the_cache_size() -> None:
+    trending = Trending({"": np.array([7, 3, 60], np.int64)})  # 60: newer than the snapshot
+    assert warm_order(CATALOG, trending, 50, 6) == [7, 3, 0, 1, 2, 4]
+    rest = [r for r in range(50) if r not in (7, 3)]
+    assert warm_order(CATALOG, trending, 50, 100) == [7, 3, *rest]
+    assert warm_order(CATALOG, Trending(), 5, 100) == [0, 1, 2, 3, 4]
+
+
+def test_warmed_entries_go_stale_spread_over_the_second_half_of_their_ttl() -> None:
+    """Thousands of entries read at once must not all be due for a re-read in one round."""
+    now = [0.0]
+    cache = CovisCache(ttl_s=30.0, clock=lambda: now[0])
+    rows = list(range(40))
+    cache.store(rows, [_reply(CATALOG, [(45, 1.0)])] * len(rows), CATALOG, spread=True)
+    first_due: dict[int, int] = {}
+    for second in range(31):
+        now[0] = second + 0.5
+        cache.lookup(rows)
+        for r in cache.take_due(100):
+            first_due.setdefault(r, second)
+    assert sorted(first_due) == rows  # all stale by the end of the ttl
+    assert min(first_due.values()) >= 15  # none before half of it
+    per_second = Counter(first_due.values())
+    assert max(per_second.values()) <= 4  # ~40 over 15 s, not all in one round
