@@ -1,7 +1,8 @@
 """Trending and co-visitation as the API reads them: cached in the process, off the hot path.
 
 Trending (global and per category node) is refreshed in the background every second.
-Co-visitation neighbours are cached per item and read again in the background after half a
+Co-visitation neighbours are cached per item: read for every item that has some when the API
+starts (`warm_order`, Runtime.warm_covis), and read again in the background after half a
 minute; a decision whose recent items the cache has never seen fetches them in one extra
 round trip within its Redis budget, and goes on without them if that fails. Scores in Redis
 are forward-decayed from a landmark; dividing by a key's best score removes the landmark, so

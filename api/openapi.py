@@ -111,7 +111,7 @@ def document(version: str) -> dict[str, Any]:
                 },
             }},
             "/healthz": {"get": {"summary": "alive", "responses": {"200": {"description": "ok"}}}},
-            "/readyz": {"get": {"summary": "Redis reachable and config loaded", "responses": {
+            "/readyz": {"get": {"summary": "Redis up, config loaded, caches warm", "responses": {
                 "200": {"description": "ready"}, "503": {"description": "not ready, and why"}}}},
             "/metrics": {"get": {"summary": "Prometheus metrics",
                                  "responses": {"200": {"description": "text format"}}}},
