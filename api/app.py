@@ -72,8 +72,8 @@ async def readyz(request: Request) -> Response:
     # beacons queue, then drop and count).
     kafka = "connected" if rt.publisher.connected and rt.beacons.connected else "disconnected"
     if rt.covis_warming:  # a fraction of a second: 10,000 items in ~0.2 s
-        body = {"status": "not_ready", "redis": "warming up", "kafka": kafka, "config": config,
-                "catalog": catalog, "covis": covis}  # fmt: skip
+        body = {"status": "not_ready", "detail": "reading co-visitation (warm-up)",
+                "kafka": kafka, "config": config, "catalog": catalog, "covis": covis}  # fmt: skip
         return JSONResponse(body, status_code=503)
     try:
         async with asyncio.timeout(rt.settings.redis_timeout_ms / 1000):

@@ -328,7 +328,7 @@ class Runtime:
                 self.covis.store([r for r, _ in found], [reply for _, reply in found],
                                  serving.catalog, spread=True)  # fmt: skip
                 done += len(todo)
-        except (TimeoutError, *STORE_ERRORS) as exc:
+        except Exception as exc:  # never fatal: decisions read what is left on first ask
             log.warning("co-visitation warm-up stopped after %d items (%r); the rest is read "
                         "when first asked for", done, exc)  # fmt: skip
         else:

@@ -176,4 +176,5 @@ async def test_a_starting_api_reads_co_visitation_before_decisions_ask_for_it(
         rt.covis_warming = True  # as while warm_covis runs
         warming = await client.get("/readyz")
         assert warming.status_code == 503
-        assert warming.json()["redis"] == "warming up"
+        assert warming.json()["detail"] == "reading co-visitation (warm-up)"
+        assert warming.json()["covis"]["warming"] is True
