@@ -273,25 +273,36 @@ def fold_session_vectors(
         write.fields["t"] = int(times[i])
 
 
+def covisit_windows(recent: Mapping[str, list[str]]) -> dict[str, list[str]]:
+    """Each session's recent items as far as co-visitation looks back (plan_aggregates)."""
+    return {sid: items[:COVISIT_WINDOW] for sid, items in recent.items()}
+
+
 def plan_aggregates(
     partition: int,
     events: Sequence[Positioned],
-    recent_before: Mapping[str, list[str]],
+    windows: dict[str, list[str]],
     catalog: Catalog,
     landmark_ms: int,
     tuning: Tuning,
+    counted_to: int | None = None,
 ) -> dict[str, dict[str, float]]:
     """Co-visitation (windowed, weighted by distance) and trending increments, forward-decayed.
 
     Scores are stored multiplied by 2^((t - landmark)/h), so a sorted set ranks by decayed
     value without ever being rewritten; readers divide by 2^((now - landmark)/h).
+
+    `windows` (from covisit_windows) is carried through the events, in place, so the next
+    chunk of a partition's events starts where this one ended. Events at or below
+    `counted_to` (the aggregates' fence) were counted by an earlier write: they move the
+    windows on and count nothing.
     """
     # Plain dicts and get(): defaultdict factories and copying the result back to dicts
     # were a third of this function's time. Only the first COVISIT_WINDOW recent items
     # matter here, so the windows carried through the batch are cut to that.
     inc: dict[str, dict[str, float]] = {}
     trend_all: dict[str, float] = {}
-    recent = {sid: items[:COVISIT_WINDOW] for sid, items in recent_before.items()}
+    recent = windows
     cv_half, tr_half = tuning.covisit_half_life_ms, tuning.trending_half_life_ms
     for p in events:
         e = p.event
@@ -299,23 +310,13 @@ def plan_aggregates(
         if item_id is None or e.type not in OPENS:
             continue
         window = recent.get(e.session_id, ())
-        if window:
+        counted = counted_to is not None and p.offset <= counted_to
+        if window and not counted:
             # float ** instead of np.exp2: a numpy scalar call costs ~1 µs, twice per event
-            cv_scale = 2.0 ** ((e.ts - landmark_ms) / cv_half)
-            mine = inc.get(f"cv:{item_id}")
-            if mine is None:
-                mine = inc[f"cv:{item_id}"] = {}
-            for d, prev in enumerate(window, start=1):
-                if prev == item_id:
-                    continue
-                forward = inc.get(f"cv:{prev}")
-                if forward is None:
-                    forward = inc[f"cv:{prev}"] = {}
-                forward[item_id] = forward.get(item_id, 0.0) + cv_scale / d
-                mine[prev] = mine.get(prev, 0.0) + 0.5 * cv_scale / d
-            if not mine:
-                del inc[f"cv:{item_id}"]
+            _covisit(inc, item_id, window, 2.0 ** ((e.ts - landmark_ms) / cv_half))
         recent[e.session_id] = [item_id, *[r for r in window if r != item_id]][:COVISIT_WINDOW]
+        if counted:
+            continue
         tr = TREND_WEIGHTS[e.type] * 2.0 ** ((e.ts - landmark_ms) / tr_half)
         trend_all[item_id] = trend_all.get(item_id, 0.0) + tr
         item = catalog.get(item_id)
@@ -328,6 +329,25 @@ def plan_aggregates(
     if trend_all:
         inc["tr"] = trend_all
     return inc
+
+
+def _covisit(
+    inc: dict[str, dict[str, float]], item_id: str, window: Sequence[str], scale: float
+) -> None:
+    """An opened item and each recent one before it, both ways (forward counts double)."""
+    mine = inc.get(f"cv:{item_id}")
+    if mine is None:
+        mine = inc[f"cv:{item_id}"] = {}
+    for d, prev in enumerate(window, start=1):
+        if prev == item_id:
+            continue
+        forward = inc.get(f"cv:{prev}")
+        if forward is None:
+            forward = inc[f"cv:{prev}"] = {}
+        forward[item_id] = forward.get(item_id, 0.0) + scale / d
+        mine[prev] = mine.get(prev, 0.0) + 0.5 * scale / d
+    if not mine:
+        del inc[f"cv:{item_id}"]
 
 
 @lru_cache(maxsize=4096)

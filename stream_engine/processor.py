@@ -32,6 +32,7 @@ from stream_engine.planning import (
     SessionWrite,
     Tuning,
     UserWrite,
+    covisit_windows,
     fold_session_vectors,
     is_new,
     plan_aggregates,
@@ -48,6 +49,10 @@ MAX_USER_SESSIONS = 32
 REBASE_AFTER_HALF_LIVES = 256
 # One deadline per round trip (the connection carries no per-reply timer).
 STORE_TIMEOUT_S = 5.0
+# A partition's events per aggregate write. Redis runs one script at a time: a 500-event
+# batch of one partition held it 5.2 ms on an idle box, 14-30 ms on a full one, and every
+# decision's read waited behind it (loadtest/README.md, session 18).
+AGGREGATE_CHUNK = 128
 
 
 @dataclass(frozen=True, slots=True)
@@ -343,11 +348,13 @@ class BatchProcessor:
         plan = Plan()
         skip_aggregates: set[str] = set()
         planned: dict[str, tuple[SessionWrite, SessionWalk]] = {}
+        unapplied: set[tuple[int, int]] = set()  # (partition, offset) its session has yet to apply
         recent_before: dict[str, list[str]] = {}
         for sid, events in by_session.items():
             snap = snaps[sid]
             recent_before[sid] = list(snap.recent)
             fresh = [p for p in events if is_new(snap.fence, snap.partition, p)]
+            unapplied.update((p.partition, p.offset) for p in fresh)
             plan.duplicates += len(events) - len(fresh)
             if not fresh:
                 continue
@@ -377,7 +384,8 @@ class BatchProcessor:
             snap.recent = recent_before[sid]
             if user is not None and not blocked:
                 plan.users.append(UserWrite(user, sid, count, vector, vector_ts))
-        self._plan_aggregates(plan, valid, partitions, agg_fences, landmark, snaps, skip_aggregates)
+        self._plan_aggregates(plan, valid, partitions, agg_fences, landmark, snaps, skip_aggregates,
+                              unapplied)  # fmt: skip
         return plan
 
     async def _rebase_if_due(self, landmark: int | None, newest_ms: int) -> int | None:
@@ -417,22 +425,38 @@ class BatchProcessor:
         landmark: int | None,
         snaps: dict[str, SessionSnapshot],
         skip: set[str],
+        unapplied: set[tuple[int, int]],
     ) -> None:
         if landmark is None:
             first = min(p.event.ts for p in valid)
             landmark = first - first % 1000
         for part in partitions:
             fence = fences[part]
-            events = [
-                p for p in valid if p.partition == part and (fence is None or p.offset > fence)
-            ]
-            if not events:
+            mine = sorted((p for p in valid if p.partition == part), key=lambda p: p.offset)
+            todo = [p for p in mine if fence is None or p.offset > fence]
+            if not todo:
                 continue
-            usable = [p for p in events if p.event.session_id not in skip]
-            recent = {p.event.session_id: snaps[p.event.session_id].recent for p in usable}
-            inc = plan_aggregates(part, usable, recent, self.catalog, landmark, self.tuning)
-            last = max(p.offset for p in events)
-            plan.aggregates.append(AggregateWrite(part, fence, last, inc, landmark))
+            usable = [p for p in mine if p.event.session_id not in skip]
+            windows = covisit_windows({p.event.session_id: snaps[p.event.session_id].recent
+                                       for p in usable})  # fmt: skip
+            # Counted by the aggregates but not yet applied to their sessions (a batch cut
+            # off between its writes): not counted again, but the windows move on past them.
+            behind = [p for p in usable if fence is not None and p.offset <= fence
+                      and (part, p.offset) in unapplied]  # fmt: skip
+            if behind:
+                plan_aggregates(part, behind, windows, self.catalog, landmark, self.tuning,
+                                counted_to=fence)  # fmt: skip
+            # In chunks, each fenced at its own last offset: one script holds Redis, and
+            # every read behind it, for its whole run (~10 µs an event on an idle box).
+            expected = fence
+            for start in range(0, len(todo), AGGREGATE_CHUNK):
+                chunk = todo[start : start + AGGREGATE_CHUNK]
+                inc = plan_aggregates(part, [p for p in chunk if p.event.session_id not in skip],
+                                      windows, self.catalog, landmark, self.tuning)  # fmt: skip
+                plan.aggregates.append(
+                    AggregateWrite(part, expected, chunk[-1].offset, inc, landmark)
+                )
+                expected = chunk[-1].offset
 
     # ------------------------------------------------------------------ write
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
+from stream_engine import processor as processor_module
 from stream_engine.catalog import Catalog
 from stream_engine.demo_catalog import generate
 from stream_engine.erasure import erase_user
@@ -347,3 +349,98 @@ async def test_aggregates_are_rebased_before_their_scores_overflow(
         assert await redis_client.pttl(keys.trending()) > 0
     finally:
         await processor.aclose()
+
+
+async def _aggregates(redis: aioredis.Redis, prefix: str) -> dict[str, dict[str, float]]:
+    """Every co-visitation and trending set under `prefix`, by key suffix."""
+    out: dict[str, dict[str, float]] = {}
+    base = f"{prefix}:{{agg}}:"
+    async for key in redis.scan_iter(match=f"{base}*"):
+        name = key.decode()[len(base) :]
+        if name.startswith(("cv:", "tr")):
+            out[name] = {m.decode(): s for m, s in await _zset(redis, key)}
+    return out
+
+
+def _assert_same_aggregates(
+    got: dict[str, dict[str, float]], want: dict[str, dict[str, float]]
+) -> None:
+    assert sorted(got) == sorted(want)
+    for name, members in want.items():
+        assert sorted(got[name]) == sorted(members), name
+        for m, score in members.items():  # each write rounds to 6 significant digits
+            assert got[name][m] == pytest.approx(score, rel=1e-5), (name, m)
+
+
+def _shopping(log: Log, n: int) -> list[Record]:
+    """n opens by four sessions, interleaved, on one partition."""
+    return [log(EventType.VIEW if k % 3 else EventType.CLICK, f"s{k % 4}",
+                item_id=ITEMS[(7 * k) % 40]) for k in range(n)]  # fmt: skip
+
+
+async def test_a_large_batch_writes_its_aggregates_in_chunks_that_add_up_to_one_write(
+    processor: BatchProcessor, redis_client: aioredis.Redis, key_prefix: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """One partition's events go to Redis in scripts of AGGREGATE_CHUNK events (so none
+    holds Redis for a whole batch), and they count what one script would have."""
+    records = _shopping(Log(), 30)
+    whole = BatchProcessor(redis_client, Keys(f"{key_prefix}-whole"), CATALOG, TUNING, TTLS)
+    try:
+        await whole.process(records)
+        monkeypatch.setattr(processor_module, "AGGREGATE_CHUNK", 8)
+        scripts: list[int] = []
+        real = processor.batches.execute
+
+        async def counting(commands: Any) -> list[Any]:
+            scripts.append(sum(1 for c in commands if c[1] == processor._sha["APPLY_AGGREGATES"]))
+            return await real(commands)
+
+        monkeypatch.setattr(processor.batches, "execute", counting)
+        await processor.process(records)
+        assert max(scripts) == 4  # 30 events: 8 + 8 + 8 + 6
+        _assert_same_aggregates(await _aggregates(redis_client, key_prefix),
+                                await _aggregates(redis_client, f"{key_prefix}-whole"))  # fmt: skip
+        assert (await processor.process(records)).duplicates == 30
+        _assert_same_aggregates(await _aggregates(redis_client, key_prefix),
+                                await _aggregates(redis_client, f"{key_prefix}-whole"))  # fmt: skip
+    finally:
+        await whole.aclose()
+
+
+async def test_a_batch_cut_off_between_its_writes_is_counted_once_when_redelivered_longer(
+    processor: BatchProcessor, redis_client: aioredis.Redis, key_prefix: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """Only the first aggregate chunk of a batch reached Redis (the worker died): its
+    sessions are not applied, the aggregates' fence is past the chunk. The redelivery,
+    which now holds more events, counts each event once, and co-visitation pairs the first
+    new events with the items the cut-off batch opened before them, as one clean write
+    does."""
+    log = Log()
+    records = _shopping(log, 24)
+    more = records + _shopping(log, 8)
+    whole = BatchProcessor(redis_client, Keys(f"{key_prefix}-whole"), CATALOG, TUNING, TTLS)
+    try:
+        await whole.process(more)
+        monkeypatch.setattr(processor_module, "AGGREGATE_CHUNK", 8)
+        real = processor.batches.execute
+
+        async def dies_after_the_first_script(commands: Any) -> list[Any]:
+            if any(c[1] == processor._sha.get("APPLY_AGGREGATES") for c in commands):
+                monkeypatch.setattr(processor.batches, "execute", real)
+                await real(commands[:1])
+                raise RedisConnectionError("worker died mid-pipeline")
+            return await real(commands)
+
+        await processor.load_scripts()
+        monkeypatch.setattr(processor.batches, "execute", dies_after_the_first_script)
+        with pytest.raises(RedisConnectionError):
+            await processor.process(records)
+        assert await redis_client.exists(Keys(key_prefix).session("s0")) == 0
+        out = await processor.process(more)
+        assert out.applied == 32
+        _assert_same_aggregates(await _aggregates(redis_client, key_prefix),
+                                await _aggregates(redis_client, f"{key_prefix}-whole"))  # fmt: skip
+    finally:
+        await whole.aclose()
