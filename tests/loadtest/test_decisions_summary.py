@@ -29,6 +29,7 @@ def test_cpu_per_request_and_the_decision_cost_above_the_baseline() -> None:
     assert out["p99_over_baseline"] == 2.0  # medians: 5.0 / 2.5
     # holdout answers are not degradation; the worst repeat is reported
     assert out["slots"]["degraded_share_max"] == 20 / 10000
+    assert out["slots"]["degraded_share_all"] == 20 / 30000  # all three repeats' answers
 
 
 def test_a_rate_answered_fast_by_shedding_to_the_defaults_is_not_held() -> None:
