@@ -348,13 +348,11 @@ class BatchProcessor:
         plan = Plan()
         skip_aggregates: set[str] = set()
         planned: dict[str, tuple[SessionWrite, SessionWalk]] = {}
-        unapplied: set[tuple[int, int]] = set()  # (partition, offset) its session has yet to apply
         recent_before: dict[str, list[str]] = {}
         for sid, events in by_session.items():
             snap = snaps[sid]
             recent_before[sid] = list(snap.recent)
             fresh = [p for p in events if is_new(snap.fence, snap.partition, p)]
-            unapplied.update((p.partition, p.offset) for p in fresh)
             plan.duplicates += len(events) - len(fresh)
             if not fresh:
                 continue
@@ -384,8 +382,7 @@ class BatchProcessor:
             snap.recent = recent_before[sid]
             if user is not None and not blocked:
                 plan.users.append(UserWrite(user, sid, count, vector, vector_ts))
-        self._plan_aggregates(plan, valid, partitions, agg_fences, landmark, snaps, skip_aggregates,
-                              unapplied)  # fmt: skip
+        self._plan_aggregates(plan, valid, partitions, agg_fences, landmark, snaps, skip_aggregates)
         return plan
 
     async def _rebase_if_due(self, landmark: int | None, newest_ms: int) -> int | None:
@@ -425,7 +422,6 @@ class BatchProcessor:
         landmark: int | None,
         snaps: dict[str, SessionSnapshot],
         skip: set[str],
-        unapplied: set[tuple[int, int]],
     ) -> None:
         if landmark is None:
             first = min(p.event.ts for p in valid)
@@ -441,8 +437,10 @@ class BatchProcessor:
                                        for p in usable})  # fmt: skip
             # Counted by the aggregates but not yet applied to their sessions (a batch cut
             # off between its writes): not counted again, but the windows move on past them.
+            # (snaps: the sessions as read, before this batch's plan)
             behind = [p for p in usable if fence is not None and p.offset <= fence
-                      and (part, p.offset) in unapplied]  # fmt: skip
+                      and is_new(snaps[p.event.session_id].fence,
+                                 snaps[p.event.session_id].partition, p)]  # fmt: skip
             if behind:
                 plan_aggregates(part, behind, windows, self.catalog, landmark, self.tuning,
                                 counted_to=fence)  # fmt: skip
