@@ -77,9 +77,13 @@ class Step:
     probe_ms: float | None = None  # the machine's speed over the step (loadtest/probe.py)
 
     @property
+    def degraded(self) -> int:
+        """Answers with a fallback reason that is degradation (not holdout or no_signal)."""
+        return sum(n for r, n in self.fallbacks.items() if r.encode() in DEGRADED)
+
+    @property
     def degraded_share(self) -> float:
-        bad = sum(n for r, n in self.fallbacks.items() if r.encode() in DEGRADED)
-        return bad / self.answered if self.answered else 0.0
+        return self.degraded / self.answered if self.answered else 0.0
 
     @property
     def api_us_per_request(self) -> float:
@@ -366,9 +370,7 @@ def summarize(steps: list[Step], rates: list[int]) -> dict[str, Any]:
             errors = sum(s.errors for s in runs)
             degraded = max(s.degraded_share for s in runs)
             # the share of every answer of the rate, for a target like "< 0.1% fallbacks"
-            degraded_all = sum(s.degraded_share * s.answered for s in runs) / max(
-                1, sum(s.answered for s in runs)
-            )
+            degraded_all = sum(s.degraded for s in runs) / max(1, sum(s.answered for s in runs))
             row[kind] = {**asdict(lat), "errors": errors, "degraded_share_max": degraded,
                          "degraded_share_all": degraded_all,
                          "achieved_rate": round(min(s.answered / s.pacing.duration_s

@@ -302,19 +302,18 @@ def plan_aggregates(
     # matter here, so the windows carried through the batch are cut to that.
     inc: dict[str, dict[str, float]] = {}
     trend_all: dict[str, float] = {}
-    recent = windows
     cv_half, tr_half = tuning.covisit_half_life_ms, tuning.trending_half_life_ms
     for p in events:
         e = p.event
         item_id = e.item_id
         if item_id is None or e.type not in OPENS:
             continue
-        window = recent.get(e.session_id, ())
+        window = windows.get(e.session_id, ())
         counted = counted_to is not None and p.offset <= counted_to
         if window and not counted:
             # float ** instead of np.exp2: a numpy scalar call costs ~1 µs, twice per event
             _covisit(inc, item_id, window, 2.0 ** ((e.ts - landmark_ms) / cv_half))
-        recent[e.session_id] = [item_id, *[r for r in window if r != item_id]][:COVISIT_WINDOW]
+        windows[e.session_id] = [item_id, *[r for r in window if r != item_id]][:COVISIT_WINDOW]
         if counted:
             continue
         tr = TREND_WEIGHTS[e.type] * 2.0 ** ((e.ts - landmark_ms) / tr_half)
