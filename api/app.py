@@ -36,6 +36,7 @@ from api.items import ServingCatalog
 from api.limits import BodyLimit
 from api.metrics import ApiMetrics
 from api.openapi import document
+from api.pressure import SlowReads
 from api.publisher import Publisher
 from api.runtime import STORE_ERRORS, ConfigSource, Runtime, initial_serving
 from api.session_state import StateReader
@@ -142,6 +143,7 @@ def build_runtime(settings: Settings, metrics: ApiMetrics) -> Runtime:
         background=background,
         background_batches=Batches(background),
         limiter=Limiter(0.010, max_cpu_share=settings.max_cpu_share),
+        slow_reads=SlowReads(settings.redis_timeout_ms / 3000),
     )
     metrics.config_version.labels(config.version).set(1)
     metrics.watch(
@@ -177,6 +179,7 @@ def create_app(
             asyncio.create_task(rt.warm_covis(), name="kairos-covis-warm-up"),
             asyncio.create_task(rt.run_reporter(), name="kairos-reporter"),
             asyncio.create_task(rt.lag.run(), name="kairos-loop-lag"),
+            asyncio.create_task(rt.run_pressure_reporter(), name="kairos-pressure"),
         ]
         try:
             yield

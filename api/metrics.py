@@ -72,6 +72,10 @@ class ApiMetrics:
             "kairos_api_latent_model_version", "Learned embeddings version in use (0 = none)",
             registry=r,
         )  # fmt: skip
+        self.pressure_reports = Counter(
+            "kairos_api_pressure_reports_total", "100 ms windows whose Redis reads were slow, "
+            "reported to the workers (a worker catching up slows down)", registry=r,
+        )  # fmt: skip
         self.refresh_errors = Counter(
             "kairos_api_refresh_errors_total", "Background refreshes that failed (kept the last)",
             registry=r,

@@ -45,6 +45,7 @@ from api.fallback import Breaker, FallbackReason, Limiter, LoopLag, Pauses
 from api.holdout import Group, assign, stable_id
 from api.items import ServingCatalog
 from api.metrics import ApiMetrics
+from api.pressure import PRESSURE_EVERY_S, SlowReads, report_commands
 from api.publisher import Publisher
 from api.report import Window, build_report, read_counters
 from api.scoring import Trending
@@ -99,6 +100,7 @@ class Runtime:
     stopping: asyncio.Event = field(default_factory=asyncio.Event)  # ends background loops
     beacons_accepted: int = 0
     covis_warming: bool = False  # warm_covis is reading
+    slow_reads: SlowReads = field(default_factory=lambda: SlowReads(0.005))
 
     # -- the decision path ---------------------------------------------------------------
 
@@ -138,13 +140,16 @@ class Runtime:
 
     async def _read(self, page: PageAsk) -> tuple[SessionView | None, FallbackReason | None]:
         if not self.breaker.allow():
+            self.slow_reads.failed()
             return None, FallbackReason.STORE_UNAVAILABLE
         budget = self.settings.redis_timeout_ms / 1000
+        sent = time.perf_counter()
         try:
             view = await self.reader.read(
                 page.session_id, page.user_id, int(time.time() * 1000), budget
             )
         except TimeoutError:
+            self.slow_reads.failed()
             if self._busy():
                 # Not Redis: this process was too busy to read its reply in time. The
                 # limiter answers an overload; the breaker would send everyone to the
@@ -153,8 +158,10 @@ class Runtime:
             self.breaker.failure()
             return None, FallbackReason.TIMEOUT
         except STORE_ERRORS:
+            self.slow_reads.failed()
             self.breaker.failure()
             return None, FallbackReason.STORE_UNAVAILABLE
+        self.slow_reads.read(time.perf_counter() - sent)
         self.breaker.success()
         return view, None
 
@@ -369,6 +376,19 @@ class Runtime:
     async def run_refresher(self) -> None:
         await self._every(self.settings.refresh_interval_s, self.refresh,
                           "background refresh failed, serving the last snapshot")  # fmt: skip
+
+    async def report_pressure(self) -> bool:
+        """Tells the workers (one INCR) when this window's reads were slow: a worker
+        catching up a backlog then slows down (api/pressure.py, stream_engine/pressure.py)."""
+        if not self.slow_reads.take():
+            return False
+        self.metrics.pressure_reports.inc()
+        await self._background(report_commands(self.keys.pressure), timeout_s=PRESSURE_EVERY_S)
+        return True
+
+    async def run_pressure_reporter(self) -> None:
+        await self._every(PRESSURE_EVERY_S, self.report_pressure,
+                          "slow-read report not sent", logging.DEBUG)  # fmt: skip
 
     async def run_covis_refresher(self) -> None:
         """Stale co-visitation read again, a small round at a time (COVIS_REFRESH_EVERY_S).

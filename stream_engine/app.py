@@ -93,6 +93,14 @@ def create_app(settings: Settings, catalog: Catalog, metrics: WorkerMetrics) -> 
         freeze_startup_heap()
 
     @app.task  # type: ignore[untyped-decorator]
+    async def watch_pressure() -> None:
+        redis = redis_client(settings)
+        try:
+            await ingest.watch_pressure(redis)  # until the worker stops (cancelled)
+        finally:
+            await redis.aclose()
+
+    @app.task  # type: ignore[untyped-decorator]
     async def follow_catalog() -> None:
         redis = redis_client(settings)
         try:

@@ -168,6 +168,7 @@ def _record(m: Any) -> Record:
 
 class Engine(Protocol):
     stopping: asyncio.Event
+    ingest: Ingest
 
     async def run(self) -> None: ...
 
@@ -189,12 +190,14 @@ def run_forever(
         redis = redis_client(settings)
         follower = CatalogFollower(settings, catalog, redis, metrics)
         follow = asyncio.create_task(follower.run(consumer.stopping))
+        watch = asyncio.create_task(consumer.ingest.watch_pressure(redis, consumer.stopping))
         try:
             await consumer.run()
         finally:
-            follow.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await follow
+            for task in (follow, watch):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await redis.aclose()
 
     uvloop.run(main())

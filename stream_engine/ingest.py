@@ -29,6 +29,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from stream_engine.catalog import Catalog
 from stream_engine.metrics import WorkerMetrics
 from stream_engine.planning import Tuning
+from stream_engine.pressure import WATCH_EVERY_S, WATCH_TIMEOUT_S, Governor, PressureWatch
 from stream_engine.processor import (
     STORE_TIMEOUT_S,
     AggregateUpkeep,
@@ -123,6 +124,7 @@ class Ingest:
         self.positions: dict[int, int] = {}
         # minute -> freshness bucket -> events, flushed to the report's counters
         self._freshness: dict[int, Counter[str]] = {}
+        self.governor = Governor(settings.yield_min_rate, enabled=settings.yield_to_api)
 
     @property
     def redis(self) -> aioredis.Redis:
@@ -155,6 +157,7 @@ class Ingest:
         """Apply a batch; retry Redis outages in place (never skip), isolate poison events.
         Batches of one lane are applied one at a time; lanes own disjoint partitions."""
         delay = 0.05
+        await self.governor.admit(len(records))
         while True:
             try:
                 return await self.processor(lane).process(records)
@@ -231,6 +234,35 @@ class Ingest:
             for minute, counts in pending.items():
                 if newest - minute < 10:
                     self._freshness.setdefault(minute, Counter()).update(counts)
+
+    async def watch_pressure(
+        self, redis: aioredis.Redis, stopping: asyncio.Event | None = None
+    ) -> None:
+        """Reads the API's slow-read counter every WATCH_EVERY_S and moves the governor
+        (stream_engine/pressure.py) until `stopping` is set (or the task is cancelled), on
+        the caller's client: the batches' is closed when the consumer stops. A failed read
+        counts as no report: the batches meet the outage themselves."""
+        if not self.settings.yield_to_api:
+            return
+        key = Keys(self.settings.key_prefix).pressure
+        watch = PressureWatch()
+        gov, m = self.governor, self.metrics
+        waited = 0.0
+        while stopping is None or not stopping.is_set():
+            try:
+                async with asyncio.timeout(WATCH_TIMEOUT_S):
+                    raw = await redis.get(key)
+            except (TimeoutError, *STORE_ERRORS) as exc:
+                log.debug("pressure counter not read: %s", exc)
+            else:
+                reported = watch.seen(raw)
+                if reported:
+                    m.pressure_reports.inc()
+                gov.tick(reported, time.monotonic())
+            m.apply_limit.set(gov.limit or 0.0)
+            m.yielded.inc(gov.waited_s - waited)
+            waited = gov.waited_s
+            await asyncio.sleep(WATCH_EVERY_S)
 
     def report_lag(self, highwaters: dict[int, int | None]) -> None:
         """Lag per partition: the high watermark minus the next offset to apply."""

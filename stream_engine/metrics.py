@@ -110,6 +110,18 @@ class WorkerMetrics:
             "kairos_consumer_lag", "Messages behind the partition's high watermark",
             ["partition"], registry=r,
         )  # fmt: skip
+        self.apply_limit = Gauge(
+            "kairos_worker_apply_limit_events_per_second",
+            "Rate the worker holds itself to while the API reports slow reads (0 = none)",
+            registry=r,
+        )  # fmt: skip
+        self.yielded = Counter(
+            "kairos_worker_yielded_seconds", "Time batches waited on that limit", registry=r
+        )
+        self.pressure_reports = Counter(
+            "kairos_worker_pressure_reports_total",
+            "Looks at the API's slow-read counter that found it gone up", registry=r,
+        )  # fmt: skip
         self.latent_version = Gauge(
             "kairos_latent_model_version", "Learned embeddings version in use (0 = none yet)",
             registry=r,

@@ -119,6 +119,11 @@ class Settings:
     latent_refresh_s: float = 60.0
     latent_max_items: int = 20_000
     latent_poll_s: float = 2.0
+    # While the decision API reports slow Redis reads, halve the rate events are applied at,
+    # down to yield_min_rate events/s (stream_engine/pressure.py). Binds only a worker
+    # applying faster than that: one catching up a backlog.
+    yield_to_api: bool = True
+    yield_min_rate: int = 2000
 
     def __post_init__(self) -> None:
         if self.partitions < 1:
@@ -143,6 +148,8 @@ class Settings:
                 "KAIROS_LATENT_REFRESH_S and KAIROS_LATENT_POLL_S must be > 0 and "
                 "KAIROS_LATENT_MAX_ITEMS >= 1"
             )
+        if self.yield_min_rate < 1:
+            raise ConfigError(f"KAIROS_YIELD_MIN_RATE must be >= 1, got {self.yield_min_rate}")
         if not self.key_prefix or "{" in self.key_prefix or "}" in self.key_prefix:
             raise ConfigError(
                 f"KAIROS_KEY_PREFIX must be non-empty and free of braces, got {self.key_prefix!r}"

@@ -75,6 +75,11 @@ class Keys:
     def trending(self, node: str | None = None) -> str:
         return f"{self.prefix}:{{agg}}:tr" + ("" if node is None else f":{node}")
 
+    @property
+    def pressure(self) -> str:
+        """The API's slow-read reports, a counter the workers watch (stream_engine/pressure.py)."""
+        return f"{self.prefix}:{{ops}}:pressure"
+
 
 # The report's counters (stream_engine/attribution.py; read by api/report.py), all in the
 # {report} hash slot, kept 8 days.
