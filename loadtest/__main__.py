@@ -9,6 +9,8 @@ python -m loadtest ingest [--rates 1000,5000,10000] [--duration 15] [--repeats 3
     python -m loadtest replay --test LOG.csv [--train LOG.csv] [--k 10] | --generate LOG.csv
     python -m loadtest decisions [--rates 500,1000,2000,3000] [--duration 10] [--repeats 3]
                                  [--sessions 100000] [--items 10000] [--rss-items 100000]
+    python -m loadtest catchup [--backlog 100000] [--rate 1000] [--duration 20] [--repeats 2]
+                               [--engine faust] [--items 10000]
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 import orjson
 import uvloop
 
-from loadtest import decisions, ingest, memory, simulate
+from loadtest import catchup, decisions, ingest, memory, simulate
 from loadtest.scenario import ScenarioError
 
 
@@ -144,6 +146,14 @@ def main(argv: list[str] | None = None) -> int:
     dec.add_argument("--items", type=int, default=10_000)
     dec.add_argument("--rss-items", type=int, default=100_000)
     dec.add_argument("--out", type=Path, default=Path("artifacts"))
+    cat = sub.add_parser("catchup", help="decisions while a worker catches up a backlog")
+    cat.add_argument("--backlog", type=int, default=100_000)
+    cat.add_argument("--rate", type=int, default=1000)
+    cat.add_argument("--duration", type=float, default=20.0)
+    cat.add_argument("--repeats", type=int, default=2)
+    cat.add_argument("--engine", default="faust")
+    cat.add_argument("--items", type=int, default=10_000)
+    cat.add_argument("--out", type=Path, default=Path("artifacts"))
     run = sub.add_parser("run", help="a scenario of the peak-traffic suite; exit 1 on SLO miss")
     run.add_argument("scenario", help="smoke, peak, spike, soak, overload or a .toml file")
     run.add_argument("--api", default=os.environ.get("KAIROS_API_URL", "http://127.0.0.1:8000"))
@@ -202,6 +212,14 @@ def main(argv: list[str] | None = None) -> int:
                 args.rss_items, args.out,
             )
         )  # fmt: skip
+        return 0
+    if args.command == "catchup":
+        if args.duration <= catchup.WORKER_AFTER_S or args.backlog < 1 or args.rate < 1:
+            print(f"loadtest catchup: --duration must be more than {catchup.WORKER_AFTER_S:g} s,"
+                  " --backlog and --rate at least 1", file=sys.stderr)  # fmt: skip
+            return 2
+        uvloop.run(catchup.run(args.backlog, args.rate, args.duration, args.repeats,
+                               args.engine, args.items, args.out))  # fmt: skip
         return 0
     if args.command == "memory":
         uvloop.run(memory.run(args.sessions, args.events_per_session, args.engine))

@@ -460,8 +460,9 @@ def discard_workdir(workdir: Path) -> None:
 
 
 def start_worker(
-    bench: Bench, engine: str, catalog: Path, workdir: Path
-) -> subprocess.Popen[bytes]:
+    bench: Bench, engine: str, catalog: Path, workdir: Path,
+    extra_env: dict[str, str] | None = None,
+) -> subprocess.Popen[bytes]:  # fmt: skip
     env = {
         **os.environ,
         "KAIROS_KAFKA_BOOTSTRAP": bench.bootstrap,
@@ -476,8 +477,9 @@ def start_worker(
         "KAIROS_PARTITIONS": str(bench.partitions),
         "KAIROS_METRICS_PORT": "0",
         "KAIROS_ENGINE": engine,
+        **(extra_env or {}),
     }
-    with (workdir / f"worker-{engine}.log").open("wb") as log:
+    with (workdir / f"worker-{engine}.log").open("ab") as log:
         return subprocess.Popen(
             [sys.executable, "-m", "stream_engine", "worker"], env=env, cwd=workdir,
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
