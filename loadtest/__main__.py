@@ -10,7 +10,7 @@ python -m loadtest ingest [--rates 1000,5000,10000] [--duration 15] [--repeats 3
     python -m loadtest decisions [--rates 500,1000,2000,3000] [--duration 10] [--repeats 3]
                                  [--sessions 100000] [--items 10000] [--rss-items 100000]
     python -m loadtest catchup [--backlog 100000] [--rate 1000] [--duration 20] [--repeats 2]
-                               [--engine faust] [--items 10000]
+                               [--engine faust] [--items 10000] [--legs idle,yield,no-yield]
 """
 
 from __future__ import annotations
@@ -153,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     cat.add_argument("--repeats", type=int, default=2)
     cat.add_argument("--engine", default="faust")
     cat.add_argument("--items", type=int, default=10_000)
+    cat.add_argument("--legs", default=",".join(catchup.LEGS))
     cat.add_argument("--out", type=Path, default=Path("artifacts"))
     run = sub.add_parser("run", help="a scenario of the peak-traffic suite; exit 1 on SLO miss")
     run.add_argument("scenario", help="smoke, peak, spike, soak, overload or a .toml file")
@@ -214,12 +215,18 @@ def main(argv: list[str] | None = None) -> int:
         )  # fmt: skip
         return 0
     if args.command == "catchup":
+        legs = tuple(leg.strip() for leg in args.legs.split(",") if leg.strip())
+        unknown = sorted(set(legs) - set(catchup.LEGS))
         if args.duration <= catchup.WORKER_AFTER_S or args.backlog < 1 or args.rate < 1:
             print(f"loadtest catchup: --duration must be more than {catchup.WORKER_AFTER_S:g} s,"
                   " --backlog and --rate at least 1", file=sys.stderr)  # fmt: skip
             return 2
+        if unknown or not legs:
+            print(f"loadtest catchup: --legs takes {', '.join(catchup.LEGS)}; got {args.legs!r}",
+                  file=sys.stderr)  # fmt: skip
+            return 2
         uvloop.run(catchup.run(args.backlog, args.rate, args.duration, args.repeats,
-                               args.engine, args.items, args.out))  # fmt: skip
+                               args.engine, args.items, args.out, legs))  # fmt: skip
         return 0
     if args.command == "memory":
         uvloop.run(memory.run(args.sessions, args.events_per_session, args.engine))

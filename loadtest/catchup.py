@@ -2,6 +2,7 @@
 
     python -m loadtest catchup [--backlog 100000] [--rate 1000] [--duration 20]
                                [--repeats 2] [--engine faust] [--items 10000]
+                               [--legs idle,yield,no-yield]
 
 The SRE's question after an outage or a deploy: a worker comes back to a backlog and
 applies it as fast as it can; does the decision API still answer personalized, in budget,
@@ -222,7 +223,7 @@ def _write(out_dir: Path, summary: dict[str, Any], rows: list[dict[str, Any]]) -
 
 async def run(
     backlog_events: int, rate: int, duration: float, repeats: int, engine: str, items: int,
-    out_dir: Path,
+    out_dir: Path, legs: tuple[str, ...] = LEGS,
 ) -> dict[str, Any]:  # fmt: skip
     bench = Bench(
         os.environ.get("KAIROS_KAFKA_BOOTSTRAP", "127.0.0.1:9092"),
@@ -253,14 +254,14 @@ async def run(
         await wait_ready(client, proc)
         rows: list[dict[str, Any]] = []
         for rep in range(repeats):
-            for name in LEGS if rep % 2 == 0 else tuple(reversed(LEGS)):
+            for name in legs if rep % 2 == 0 else tuple(reversed(legs)):
                 row = await leg(name, backlog, client, proc.pid, args, catalog, workdir)
                 _print_row(rep, row)
                 rows.append(row)
         summary = summarize(rows)
         summary["environment"] = {**environment(await redis.info("server")),
                                    "other_kairos_processes": strangers}  # fmt: skip
-        summary["setup"] = {**args, "repeats": repeats, "items": items,
+        summary["setup"] = {**args, "repeats": repeats, "items": items, "legs": legs,
                             "worker_after_s": WORKER_AFTER_S}  # fmt: skip
         path = _write(out_dir, summary, rows)
         print(f"results: {path}")
