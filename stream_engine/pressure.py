@@ -10,9 +10,10 @@ The API counts its slow reads (api/pressure.py) and, in a 100 ms window that had
 them, increments one counter in Redis (`Keys.pressure`). The worker reads that counter
 every 100 ms: when it went up, the worker halves the rate it applies at (never below
 `yield_min_rate`); while it stays put, the rate climbs back by `yield_min_rate` a second
-and the limit goes once it has been quiet for a few seconds. A worker that keeps up never
-meets its limit, so in normal running this costs nothing: the limit only binds a worker
-that is applying faster than the API can bear, which is a worker catching up.
+and the limit goes once it has been quiet for a few seconds. A worker starts at the floor
+and climbs the same way (a slow start). A worker that keeps up never meets its limit, so
+in normal running this costs nothing: the limit only binds a worker that is applying
+faster than the API can bear, which is a worker catching up.
 
 A counter rather than timestamps: no clocks to compare between hosts. Every API instance
 increments the same key; the worker only asks whether any did since it last looked.
@@ -39,9 +40,15 @@ RATE_WINDOW_S = 0.5  # the applied rate a cut starts from is measured over this 
 
 @dataclass(slots=True)
 class Governor:
-    """The rate a worker may apply events at: None (no limit) until an API reports
-    pressure. `admit(n)` before applying n events waits out the limit; `tick(reported)`
-    every WATCH_EVERY_S moves it."""
+    """The rate a worker may apply events at (None: no limit). `admit(n)` before applying
+    n events waits out the limit; `tick(reported)` every WATCH_EVERY_S moves it.
+
+    A worker starts the way TCP does, at the floor, climbing by `min_rate` a second from
+    its first batch, and with no limit once RELEASE_S have passed without a report: a
+    worker started behind a backlog would otherwise take Redis for the 0.2-0.4 s the API's
+    first report takes to reach it, and that is where most of the decisions that still
+    fell back did (loadtest/README.md, session 19). A worker started on a quiet stream is
+    free after its first 5 s."""
 
     min_rate: float  # events/s applied whatever the API says
     enabled: bool = True
@@ -49,9 +56,13 @@ class Governor:
     tokens: float = 0.0
     stamp: float = 0.0  # when tokens were last topped up
     held_until: float = 0.0
-    last_report: float = 0.0
+    quiet_since: float | None = None  # the last report (or first batch); None: no batch yet
     waited_s: float = 0.0  # time spent waiting on the limit, in all
     _applied: deque[tuple[float, int]] = field(default_factory=deque)
+
+    def __post_init__(self) -> None:
+        if self.enabled and self.limit is None:
+            self.limit = self.min_rate  # the slow start
 
     async def admit(self, n: int) -> None:
         """Wait until n more events fit under the limit (at once when there is none)."""
@@ -65,6 +76,9 @@ class Governor:
         limit = self.limit
         if limit is None:
             return 0.0
+        if self.quiet_since is None:  # the first batch: the slow start's clock starts
+            self.quiet_since = self.stamp = now
+            self.tokens = limit * BURST_S
         self.tokens = min(limit * BURST_S, self.tokens + (now - self.stamp) * limit) - n
         self.stamp = now
         if self.tokens >= 0:
@@ -82,7 +96,7 @@ class Governor:
         if not self.enabled:
             return
         if reported:
-            self.last_report = now
+            self.quiet_since = now
             if now < self.held_until:
                 return
             rate = self.rate(now)
@@ -93,8 +107,8 @@ class Governor:
                          max(self.min_rate, base * DECREASE))  # fmt: skip
             self.limit = max(self.min_rate, base * DECREASE)
             self.held_until = now + HOLD_S
-        elif self.limit is not None:
-            if now - self.last_report >= RELEASE_S:
+        elif self.limit is not None and self.quiet_since is not None:
+            if now - self.quiet_since >= RELEASE_S:
                 self.limit = None
                 log.info("no slow reads reported for %.0f s: no limit", RELEASE_S)
             else:

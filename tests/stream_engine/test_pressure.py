@@ -37,17 +37,37 @@ def busy(gov: Governor, rate: float, now: float) -> None:
         gov.charge(int(rate * RATE_WINDOW_S / steps), now - RATE_WINDOW_S + (i + 0.5) * 0.05)
 
 
-def test_without_reports_nothing_waits() -> None:
-    gov = Governor(min_rate=2000)
-    busy(gov, 9000, 10.0)
-    for t in range(100):
-        gov.tick(False, 10.0 + t * WATCH_EVERY_S)
+def limit_of(gov: Governor) -> float | None:
+    return gov.limit  # a call: mypy keeps no narrowing of it across ticks
+
+
+def started(gov: Governor, now: float) -> Governor:
+    """A worker whose slow start is over: its first batch RELEASE_S ago, no reports."""
+    gov.charge(1, now - RELEASE_S)
+    gov.tick(False, now)
     assert gov.limit is None
+    return gov
+
+
+def test_a_worker_starts_at_the_floor_and_climbs_free_without_reports() -> None:
+    gov = Governor(min_rate=2000)
+    assert gov.limit == 2000
+    for t in range(100):  # no batch yet: the clock has not started
+        gov.tick(False, t * WATCH_EVERY_S)
+    assert gov.limit == 2000
+    assert gov.charge(100, 10.0) == 0  # the first batch (within the burst)
+    assert gov.charge(1000, 10.0) == pytest.approx(1000 / 2000)  # the burst is spent
+    gov.tick(False, 10.0 + WATCH_EVERY_S)
+    gov.tick(False, 11.0)
+    assert gov.limit == pytest.approx(2000 + 2 * 2000 * WATCH_EVERY_S)
+    for t in range(int(RELEASE_S / WATCH_EVERY_S)):
+        gov.tick(False, 11.0 + t * WATCH_EVERY_S)
+    assert limit_of(gov) is None
     assert gov.charge(100_000, 30.0) == 0
 
 
 def test_a_report_halves_the_applied_rate_and_quiet_lets_it_climb_back() -> None:
-    gov = Governor(min_rate=1000)
+    gov = started(Governor(min_rate=1000), 9.0)
     busy(gov, 8000, 10.0)
     gov.tick(True, 10.0)
     assert gov.limit == pytest.approx(8000 * DECREASE, rel=0.05)
@@ -124,7 +144,7 @@ async def test_the_worker_slows_down_when_the_api_reports_and_climbs_back_after(
     watch = asyncio.create_task(ingest.watch_pressure(redis_client, stopping))
     try:
         await asyncio.sleep(3 * WATCH_EVERY_S)  # a first look: the counter is not there
-        assert ingest.governor.limit is None
+        assert ingest.governor.limit == 500  # the slow start; no batch yet, so no climb
         for _ in range(3):  # what an API sends for a window of slow reads
             for command in report_commands(key):
                 await redis_client.execute_command(*command)  # type: ignore[no-untyped-call]
