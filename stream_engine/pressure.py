@@ -11,9 +11,11 @@ them, increments one counter in Redis (`Keys.pressure`). The worker reads that c
 every 100 ms: when it went up, the worker halves the rate it applies at (never below
 `yield_min_rate`); while it stays put, the rate climbs back by `yield_min_rate` a second
 and the limit goes once it has been quiet for a few seconds. A worker starts at the floor
-and climbs the same way (a slow start). A worker that keeps up never meets its limit, so
-in normal running this costs nothing: the limit only binds a worker that is applying
-faster than the API can bear, which is a worker catching up.
+and climbs the same way (a slow start). Under a limit a batch goes in slices of what the
+limit allows at once (BURST_S of it), so Redis sees the rate evenly rather than a 500-event
+write every quarter second. A worker that keeps up never meets its limit, so in normal
+running this costs nothing: the limit only binds a worker that is applying faster than
+the API can bear, which is a worker catching up.
 
 A counter rather than timestamps: no clocks to compare between hosts. Every API instance
 increments the same key; the worker only asks whether any did since it last looked.
@@ -86,6 +88,10 @@ class Governor:
         wait = -self.tokens / limit
         self.waited_s += wait
         return wait
+
+    def slice(self) -> int | None:
+        """The most events to apply at once under the limit (None: no limit)."""
+        return None if self.limit is None else max(1, int(self.limit * BURST_S))
 
     def rate(self, now: float) -> float:
         """Events admitted per second over the last RATE_WINDOW_S."""

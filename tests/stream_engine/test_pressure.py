@@ -4,6 +4,7 @@ them on the real Redis (the API's report, the worker's watch)."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 import redis.asyncio as aioredis
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 from api.pressure import MIN_SLOW, SlowReads, report_commands
 from stream_engine.catalog import Catalog
 from stream_engine.demo_catalog import generate
+from stream_engine.events import Event, EventType, encode_event
 from stream_engine.ingest import Ingest
 from stream_engine.metrics import WorkerMetrics
 from stream_engine.pressure import (
@@ -25,6 +27,7 @@ from stream_engine.pressure import (
     Governor,
     PressureWatch,
 )
+from stream_engine.processor import Record
 from stream_engine.settings import Settings
 from stream_engine.state import Keys
 from tests.conftest import Stack, wait_for
@@ -166,3 +169,42 @@ async def test_the_worker_slows_down_when_the_api_reports_and_climbs_back_after(
 
 def _limit(ingest: Ingest) -> float:
     return ingest.governor.limit or 0.0
+
+
+def test_a_limited_worker_takes_a_batch_in_slices_of_its_burst() -> None:
+    gov = Governor(min_rate=2000)
+    assert gov.slice() == int(2000 * BURST_S)
+    gov.limit = None
+    assert gov.slice() is None
+
+
+@pytest.mark.integration
+async def test_a_batch_applied_in_slices_counts_every_event_once(
+    stack: Stack, redis_client: aioredis.Redis, key_prefix: str
+) -> None:
+    catalog = Catalog(generate(50))
+    ingest = Ingest(Settings(redis_url=stack.redis_url, key_prefix=key_prefix,
+                             yield_min_rate=2000), catalog, WorkerMetrics())  # fmt: skip
+    now = int(time.time() * 1000)
+    records = [
+        Record(i % 2, i, f"s{i % 40}".encode(),
+               encode_event(Event(f"e{i}", EventType.VIEW, f"s{i % 40}", now + i,
+                                  item_id=catalog.items[i % 50].item_id)), now)
+        for i in range(250)
+    ]  # fmt: skip
+    try:
+        assert ingest.governor.slice() == 100  # the slow start: 2,000/s, 100 at once
+        outcome = await ingest.apply(records)
+        assert outcome.applied == 250
+        assert len(outcome.valid) == 250
+        # 100 went at once; the other 150 waited their turn at 2,000/s (less the time
+        # the slices before them took to write)
+        assert 0 < ingest.governor.waited_s <= 150 / 2000 + 0.005
+        replay = await ingest.apply(records)  # redelivered whole: every slice is fenced
+        assert replay.applied == 0
+        assert replay.duplicates == 250
+    finally:
+        await ingest.aclose()
+    counts = [int(await redis_client.hget(Keys(key_prefix).session(f"s{s}"), "n") or 0)
+              for s in range(40)]  # fmt: skip
+    assert sum(counts) == 250
