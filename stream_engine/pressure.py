@@ -2,9 +2,10 @@
 decision API says its reads are slow.
 
 A worker restarted behind a backlog applies it as fast as it can, and Redis (and, on a
-shared box, the CPU) goes to it. The API's reads then wait: while the aiokafka worker caught
-up 100k events, 11-24% of the decisions at 1,000/s fell back (timeouts, then the breaker).
-With the worker held to 2,000 events/s, none did (loadtest/README.md, session 19).
+shared box, the CPU) goes to it. The API's reads then wait: while a worker caught up 100k
+events, 13-16% (faust) and 35-47% (aiokafka) of the decisions at 1,000/s fell back
+(timeouts, then the breaker); yielding, 0.01%, and the backlog took 26-28 s instead of
+12-18 s (`python -m loadtest catchup`, loadtest/README.md, session 19).
 
 The API counts its slow reads (api/pressure.py) and, in a 100 ms window that had enough of
 them, increments one counter in Redis (`Keys.pressure`). The worker reads that counter
