@@ -21,6 +21,7 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 
+from api.pressure import report_commands
 from stream_engine.catalog import Catalog
 from stream_engine.catalog_updates import catalog_items_key
 from stream_engine.demo_catalog import generate, write_demo_catalog
@@ -347,6 +348,25 @@ async def test_the_worker_logs_one_json_object_a_line_at_the_configured_level(
         loops = [r["msg"] for r in records if r["msg"].startswith("faust agent running")]
         assert loops, records  # once per agent start (a rebalance restarts it)
         assert set(loops) == {"faust agent running on the uvloop event loop"}
+
+
+async def test_the_worker_slows_down_when_the_api_reports_slow_reads(rig: Rig) -> None:
+    """Every engine watches the API's slow-read counter (stream_engine/pressure.py): a
+    report sets the limit the worker exports, and it goes on applying events under it."""
+    port = free_port()
+    rig.start(metrics_port=port)
+    await rig.producer.send_and_wait(rig.topic, _event(0, "s1"), key=b"s1")
+    await rig.wait_applied(["s1"], 1)
+
+    async def reported() -> bool:
+        for command in report_commands(rig.keys.pressure):  # what an API sends
+            await rig.redis.execute_command(*command)  # type: ignore[no-untyped-call]
+        return _metric(port, "kairos_worker_pressure_reports_total", "") >= 1
+
+    await wait_for(reported, 20, "the worker to see the API's report", step=0.2)
+    assert _metric(port, "kairos_worker_apply_limit_events_per_second", "") >= 2000
+    await rig.producer.send_and_wait(rig.topic, _event(1, "s2"), key=b"s2")
+    await rig.wait_applied(["s2"], 1)
 
 
 async def test_two_workers_share_the_partitions(rig: Rig) -> None:
