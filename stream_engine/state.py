@@ -19,6 +19,8 @@ Cluster. Every key has a TTL. Vectors are raw little-endian float32.
     P:{agg}:meta   hash   L (landmark ms of forward decay)
     P:{agg}:cv:<item>     zset  next items, forward-decayed co-visitation scores
     P:{agg}:tr[:<node>]   zset  items, forward-decayed trending scores (global, per category)
+    P:{ops}:pressure      string  a counter the decision APIs increment when their reads are
+                          slow; workers catching up slow down (stream_engine/pressure.py)
 
 Every write checks its fence atomically with the write (compare-and-set): a redelivered or
 replayed event changes nothing, and a write based on a stale read is refused and retried.
