@@ -14,6 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 PRESSURE_EVERY_S = 0.1
+# The INCR goes on the background connection, behind whatever refresh holds it; a report
+# that arrives late still says "up" to a worker, one cut off drops that connection.
+PRESSURE_TIMEOUT_S = 1.0
 MIN_SLOW = 2
 SLOW_SHARE = 0.005
 PRESSURE_TTL_MS = 60_000  # the counter outlives a quiet minute only if reports go on

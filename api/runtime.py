@@ -45,7 +45,7 @@ from api.fallback import Breaker, FallbackReason, Limiter, LoopLag, Pauses
 from api.holdout import Group, assign, stable_id
 from api.items import ServingCatalog
 from api.metrics import ApiMetrics
-from api.pressure import PRESSURE_EVERY_S, SlowReads, report_commands
+from api.pressure import PRESSURE_EVERY_S, PRESSURE_TIMEOUT_S, SlowReads, report_commands
 from api.publisher import Publisher
 from api.report import Window, build_report, read_counters
 from api.scoring import Trending
@@ -383,7 +383,7 @@ class Runtime:
         if not self.slow_reads.take():
             return False
         self.metrics.pressure_reports.inc()
-        await self._background(report_commands(self.keys.pressure), timeout_s=PRESSURE_EVERY_S)
+        await self._background(report_commands(self.keys.pressure), timeout_s=PRESSURE_TIMEOUT_S)
         return True
 
     async def run_pressure_reporter(self) -> None:
