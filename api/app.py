@@ -36,7 +36,6 @@ from api.items import ServingCatalog
 from api.limits import BodyLimit
 from api.metrics import ApiMetrics
 from api.openapi import document
-from api.pressure import SlowReads
 from api.publisher import Publisher
 from api.runtime import STORE_ERRORS, ConfigSource, Runtime, initial_serving
 from api.session_state import StateReader
@@ -143,7 +142,6 @@ def build_runtime(settings: Settings, metrics: ApiMetrics) -> Runtime:
         background=background,
         background_batches=Batches(background),
         limiter=Limiter(0.010, max_cpu_share=settings.max_cpu_share),
-        slow_reads=SlowReads(settings.redis_timeout_ms / 3000),
     )
     metrics.config_version.labels(config.version).set(1)
     metrics.watch(

@@ -100,7 +100,10 @@ class Runtime:
     stopping: asyncio.Event = field(default_factory=asyncio.Event)  # ends background loops
     beacons_accepted: int = 0
     covis_warming: bool = False  # warm_covis is reading
-    slow_reads: SlowReads = field(default_factory=lambda: SlowReads(0.005))
+    slow_reads: SlowReads = field(init=False)  # a third of the read budget is slow
+
+    def __post_init__(self) -> None:
+        self.slow_reads = SlowReads(self.settings.redis_timeout_ms / 3000)
 
     # -- the decision path ---------------------------------------------------------------
 

@@ -25,6 +25,7 @@ and get the cold-start ladder (`no_signal`, not degradation).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import statistics
@@ -40,14 +41,20 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from loadtest.decisions import TOPICS, Step, measure, start_api, stop_api, wait_ready
+from loadtest.decisions import (
+    TOPICS,
+    Step,
+    measure,
+    run_environment,
+    start_api,
+    tear_down,
+    wait_ready,
+)
 from loadtest.http import Client, free_port
 from loadtest.ingest import (
     Bench,
-    _cleanup,
     _create_topics,
     discard_workdir,
-    environment,
     start_worker,
     stop_worker,
     warn_bystanders,
@@ -120,6 +127,7 @@ async def leg(
     bench, engine, rate = backlog.bench, args["engine"], args["rate"]
     extra = {"KAIROS_YIELD_TO_API": "false" if name == "no-yield" else "true"}
     worker: subprocess.Popen[bytes] | None = None
+    catching: asyncio.Task[float | None] | None = None
     pick = random.Random(len(backlog.sessions))
     try:
         if name == "idle":
@@ -131,7 +139,7 @@ async def leg(
         else:
             sids = await backlog.produce(args["backlog"])
             backlog.sessions = sids
-        ends = await backlog.ends()
+            ends = await backlog.ends()
 
         async def catch_up() -> float | None:
             """Starts the worker 2 s into the leg; seconds until it committed the backlog."""
@@ -140,7 +148,8 @@ async def leg(
             worker = start_worker(bench, engine, catalog, workdir, extra)
             return await backlog.wait_committed(ends, DRAIN_WITHIN_S)
 
-        catching = None if worker is not None else asyncio.create_task(catch_up())
+        if worker is None:
+            catching = asyncio.create_task(catch_up())
         step = await measure(
             client, "slots", rate, args["duration"], WARMUP_S,
             lambda i: f"/v1/slots/home_recs?session_id={sids[pick.randrange(len(sids))]}",
@@ -149,6 +158,10 @@ async def leg(
         drain_s = None if catching is None else await catching
         return _row(name, step, drain_s, args["backlog"] if name != "idle" else 0)
     finally:
+        if catching is not None and not catching.done():  # the leg failed: no late start
+            catching.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await catching
         if worker is not None:
             stop_worker(worker)
 
@@ -259,8 +272,7 @@ async def run(
                 _print_row(rep, row)
                 rows.append(row)
         summary = summarize(rows)
-        summary["environment"] = {**environment(await redis.info("server")),
-                                   "other_kairos_processes": strangers}  # fmt: skip
+        summary["environment"] = await run_environment(redis, strangers)
         summary["setup"] = {**args, "repeats": repeats, "items": items, "legs": legs,
                             "worker_after_s": WORKER_AFTER_S}  # fmt: skip
         path = _write(out_dir, summary, rows)
@@ -268,9 +280,4 @@ async def run(
         discard_workdir(workdir)
         return summary
     finally:
-        if client is not None:
-            await client.aclose()
-        if proc is not None:
-            stop_api(proc)
-        await _cleanup(bench, redis)
-        await redis.aclose()
+        await tear_down(bench, redis, client, proc)

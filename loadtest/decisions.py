@@ -300,8 +300,7 @@ async def run(
             )
         print(f"API resident memory (MiB) by catalog size: {summary['api_rss_mib']}")
         summary["redis_benchmark_rps"] = redis_benchmark(bench.redis_url)
-        summary["environment"] = {**environment(await redis.info("server")),
-                                   "other_kairos_processes": strangers}  # fmt: skip
+        summary["environment"] = await run_environment(redis, strangers)
         summary["setup"] = {"sessions": len(sids), "events_per_session": per_session,
                             "items": items, "duration_s": duration, "warmup_s": warmup,
                             "repeats": repeats}  # fmt: skip
@@ -310,12 +309,26 @@ async def run(
         discard_workdir(workdir)
         return summary
     finally:
-        if client is not None:
-            await client.aclose()
-        if proc is not None:
-            stop_api(proc)
-        await _cleanup(bench, redis)
-        await redis.aclose()
+        await tear_down(bench, redis, client, proc)
+
+
+async def run_environment(redis: aioredis.Redis, strangers: dict[int, str]) -> dict[str, Any]:
+    """What a reader needs to compare two result files, and who else was running."""
+    return {**environment(await redis.info("server")), "other_kairos_processes": strangers}
+
+
+async def tear_down(
+    bench: Bench, redis: aioredis.Redis, client: Client | None,
+    proc: subprocess.Popen[bytes] | None,
+) -> None:  # fmt: skip
+    """After a bench that served an API, finished or not: the client, the API, the
+    bench's topics and keys, the Redis client."""
+    if client is not None:
+        await client.aclose()
+    if proc is not None:
+        stop_api(proc)
+    await _cleanup(bench, redis)
+    await redis.aclose()
 
 
 def _row(step: Step) -> dict[str, Any]:
