@@ -25,6 +25,7 @@ import orjson
 import uvloop
 
 from loadtest import catchup, decisions, ingest, memory, simulate
+from loadtest.producer import PRODUCERS
 from loadtest.scenario import ScenarioError
 
 
@@ -46,7 +47,7 @@ async def run_suite(args: Any) -> int:
         except ValueError:
             raise ScenarioError(f"--slo {override!r}: expected KEY=NUMBER") from None
     scenario = dataclasses.replace(scenario, slo=slo)
-    runner = Runner(scenario, args.api, args.bootstrap, args.topic)
+    runner = Runner(scenario, args.api, args.bootstrap, args.topic, args.producer)
     steps = await runner.run()
     failures = verdict(scenario, steps)
     invalid = [f"step {i}: {s['invalid_because']}" for i, s in enumerate(steps, 1)
@@ -66,7 +67,7 @@ async def run_suite(args: Any) -> int:
         print(f"  step {i}: offered {s['offered_rate']:g}/s achieved {s['achieved_rate']}/s, "
               f"p50 {lat['p50'] or 0:.2f} p99 {lat['p99'] or 0:.2f} p99.9 {lat['p99.9'] or 0:.2f}"
               f" ms, errors {s['errors']}, degraded {s['degraded_share']:.2%}, freshness p99 "
-              f"{s['freshness_ms']['p99']} ms{_api_cpu(s)}")  # fmt: skip
+              f"{s['freshness_ms']['p99']} ms{_api_cpu(s)}{_undelivered(s)}")  # fmt: skip
     if args.compare:
         for line in results.compare(orjson.loads(json_path.read_bytes()), args.compare):
             print(f"REGRESSION {line}")
@@ -77,6 +78,11 @@ async def run_suite(args: Any) -> int:
         return 1
     print("VERDICT: PASS")
     return 0
+
+
+def _undelivered(step: dict[str, Any]) -> str:
+    n = step.get("events_failed", 0)
+    return f", {n} events not delivered" if n else ""
 
 
 def _api_cpu(step: dict[str, Any]) -> str:
@@ -131,6 +137,12 @@ def main(argv: list[str] | None = None) -> int:
     ing.add_argument("--duration", type=float, default=15.0)
     ing.add_argument("--repeats", type=int, default=3)
     ing.add_argument("--engines", default="faust,aiokafka,librdkafka")
+    ing.add_argument(
+        "--producer",
+        choices=PRODUCERS,
+        default="aiokafka",
+        help="the client of both the raw and the engines' legs",
+    )
     ing.add_argument("--out", type=Path, default=Path("artifacts"))
     mem = sub.add_parser("memory", help="Redis memory per session")
     mem.add_argument("--sessions", type=int, default=100_000)
@@ -162,6 +174,12 @@ def main(argv: list[str] | None = None) -> int:
         "--bootstrap", default=os.environ.get("KAIROS_KAFKA_BOOTSTRAP", "127.0.0.1:9092")
     )
     run.add_argument("--topic", default=os.environ.get("KAIROS_CLICKSTREAM_TOPIC", "clickstream"))
+    run.add_argument(
+        "--producer",
+        choices=PRODUCERS,
+        default="aiokafka",
+        help="the clickstream's client (loadtest/producer.py)",
+    )
     run.add_argument("--out", type=Path, default=Path("artifacts"))
     run.add_argument("--compare", type=Path)
     run.add_argument("--slo", action="append", default=[], help="override, e.g. p99_ms=10")
@@ -233,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rates = [int(r) for r in args.rates.split(",") if r.strip()]
     engines = [e for e in args.engines.split(",") if e.strip()]
-    uvloop.run(ingest.run(rates, args.duration, args.repeats, engines, args.out))
+    uvloop.run(ingest.run(rates, args.duration, args.repeats, engines, args.out, args.producer))
     return 0
 
 

@@ -38,11 +38,12 @@ from typing import Any
 import numpy as np
 import orjson
 import redis.asyncio as aioredis
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from loadtest.openloop import PacingStats, Percentiles, median_of, open_loop
+from loadtest.producer import make_producer
 from loadtest.traffic import TRACKED, Traffic
 from stream_engine.catalog import load_items
 from stream_engine.demo_catalog import write_demo_catalog
@@ -80,6 +81,9 @@ class Bench:
     redis_url: str
     partitions: int = 4
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
+    # The client every leg (raw and engines) sends with (loadtest/producer.py). aiokafka
+    # is the baseline's client; the same one in both legs keeps the comparison fair.
+    producer: str = "aiokafka"
 
     @property
     def prefix(self) -> str:
@@ -102,7 +106,7 @@ async def run_raw(bench: Bench, rate: int, duration: float) -> RunResult:
     tps = [TopicPartition(topic, p) for p in range(bench.partitions)]
     consumer.assign(tps)
     await consumer.seek_to_end(*tps)
-    producer = AIOKafkaProducer(bootstrap_servers=bench.bootstrap, linger_ms=0)
+    producer = make_producer(bench.producer, bench.bootstrap)
     await producer.start()
     pad = b"x" * 140  # about the size of a clickstream event
 
@@ -116,7 +120,7 @@ async def run_raw(bench: Bench, rate: int, duration: float) -> RunResult:
 
     async def send(i: int, t: float) -> None:
         intended[i] = t
-        await producer.send(topic, b"%d %s" % (i, pad), key=b"k%d" % (i % 997))
+        await producer.send(topic, b"%d %s" % (i, pad), b"k%d" % (i % 997))
 
     task = asyncio.create_task(consume())
     try:
@@ -230,7 +234,7 @@ async def run_kairos(
     vis = Visibility(redis, bench.prefix)
     watcher = asyncio.create_task(vis.watch(db))
     await asyncio.sleep(0.2)
-    producer = AIOKafkaProducer(bootstrap_servers=bench.bootstrap, linger_ms=0)
+    producer = make_producer(bench.producer, bench.bootstrap)
     await producer.start()
     topic = bench.topic("clickstream")
     backlog: list[tuple[float, int]] = []
@@ -239,7 +243,7 @@ async def run_kairos(
         sid, value, seq = traffic.next_event()
         if sid.startswith(TRACKED):
             vis.sent(sid, seq, t)
-        await producer.send(topic, value, key=sid.encode())
+        await producer.send(topic, value, sid.encode())
         if i % max(1, rate // 4) == 0:
             backlog.append((t, vis.outstanding))
 
@@ -525,16 +529,17 @@ class Lane:
 
 
 async def run(
-    rates: list[int], duration: float, repeats: int, engines: list[str], out_dir: Path
-) -> dict[str, Any]:
+    rates: list[int], duration: float, repeats: int, engines: list[str], out_dir: Path,
+    producer: str = "aiokafka",
+) -> dict[str, Any]:  # fmt: skip
     bootstrap = os.environ.get("KAIROS_KAFKA_BOOTSTRAP", "127.0.0.1:9092")
     redis_url = os.environ.get("KAIROS_REDIS_URL", "redis://127.0.0.1:6379/0")
-    raw = Bench(bootstrap, redis_url)
+    raw = Bench(bootstrap, redis_url, producer=producer)
     workdir = Path(tempfile.mkdtemp(prefix="kairos-ingest-"))
     catalog = write_demo_catalog(workdir / "catalog.jsonl", 10_000)
     items = load_items(catalog)
     lanes = [
-        Lane(e, Bench(bootstrap, redis_url, run_id=f"{raw.run_id}-{e}"),
+        Lane(e, Bench(bootstrap, redis_url, run_id=f"{raw.run_id}-{e}", producer=producer),
              Traffic(items, active_sessions=5000, seed=n + 1, tracked_share=TRACKED_SHARE))
         for n, e in enumerate(engines)
     ]  # fmt: skip
@@ -580,7 +585,8 @@ async def run(
         await redis.aclose()
     discard_workdir(workdir)
     report = summarize(results, rates, ["raw", *engines], store)
-    report["environment"] = {**environment(server), "other_kairos_processes": strangers}
+    report["environment"] = {**environment(server), "other_kairos_processes": strangers,
+                             "producer": producer}  # fmt: skip
     print(f"results: {write_report(out_dir, report, results)}")
     return report
 

@@ -30,13 +30,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaProducer
 from hdrh.histogram import HdrHistogram
 from prometheus_client.parser import text_string_to_metric_families
 
 from loadtest.http import Client, HttpError, free_port
 from loadtest.ingest import CpuMeter
 from loadtest.openloop import open_loop
+from loadtest.producer import EventProducer, make_producer
 from loadtest.scenario import Scenario, Step
 from loadtest.traffic import Traffic
 from stream_engine.catalog import load_items
@@ -171,8 +171,10 @@ class Visitors:
 
 
 class Runner:
-    def __init__(self, scenario: Scenario, api_url: str, bootstrap: str, topic: str) -> None:
+    def __init__(self, scenario: Scenario, api_url: str, bootstrap: str, topic: str,
+                 producer: str = "aiokafka") -> None:  # fmt: skip
         self.scenario = scenario
+        self.producer_kind = producer
         self.api = Client.for_url(api_url)
         self.bootstrap = bootstrap
         self.topic = topic
@@ -231,7 +233,7 @@ class Runner:
                 return
             await asyncio.sleep(0.005)
 
-    async def _events(self, producer: AIOKafkaProducer, step: Step, rec: StepRecorder | None,
+    async def _events(self, producer: EventProducer, step: Step, rec: StepRecorder | None,
                       seconds: float) -> None:  # fmt: skip
         if step.events <= 0:
             return
@@ -256,12 +258,13 @@ class Runner:
 
         await open_loop(step.rate, seconds, send)
 
-    async def run_step(self, producer: AIOKafkaProducer, step: Step, index: int,
+    async def run_step(self, producer: EventProducer, step: Step, index: int,
                        warmup: float) -> dict[str, Any]:  # fmt: skip
         if warmup > 0:
             await asyncio.gather(self._pages(step, None, warmup),
                                  self._events(producer, step, None, warmup))  # fmt: skip
         rec = StepRecorder()
+        failed_before = producer.failed
         api_cpu = await self._api_cpu()
         cpu = CpuMeter({"generator": os.getpid()})
         progress = asyncio.create_task(self._progress(rec, index, step))
@@ -278,6 +281,8 @@ class Runner:
         finally:
             progress.cancel()
         out = rec.summary(step, elapsed)
+        out["events_failed"] = producer.failed - failed_before  # not acknowledged by the broker
+        out["producer"] = self.producer_kind
         out["cpu"] = cpu.percent()
         if api_cpu is not None and (after := await self._api_cpu()) is not None:
             out["cpu"]["api"] = round(100 * (after[0] - api_cpu[0]) / (after[1] - api_cpu[1]), 1)
@@ -355,7 +360,7 @@ class Runner:
 
     async def run(self) -> list[dict[str, Any]]:
         self.baseline = await self.calibrate()
-        producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, linger_ms=0)
+        producer = make_producer(self.producer_kind, self.bootstrap)
         await producer.start()
         results = []
         try:
