@@ -16,6 +16,9 @@ FRESHNESS_BUCKETS = (
     0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0,
     2.5, 5.0, 10.0, 60.0,
 )  # fmt: skip
+APPLY_BUCKETS = (
+    0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0, 5.0,
+)  # fmt: skip
 
 
 class BatchHistogram(Collector):
@@ -85,6 +88,11 @@ class WorkerMetrics:
         self.batch_size = Histogram(
             "kairos_batch_size", "Events per micro-batch",
             buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000), registry=r,
+        )  # fmt: skip
+        self.apply_seconds = Histogram(
+            "kairos_batch_apply_seconds",
+            "Time a micro-batch took to apply once let through: plan, Redis writes, retries",
+            buckets=APPLY_BUCKETS, registry=r,
         )  # fmt: skip
         self.freshness_produced = BatchHistogram(
             "kairos_freshness_produced_seconds",

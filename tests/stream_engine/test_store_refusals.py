@@ -65,6 +65,11 @@ async def test_an_out_of_memory_redis_holds_the_batch_until_it_has_room(
         await ingest.aclose()
         await admin.aclose()
     assert (outcome.applied, outcome.blocked, outcome.dead) == (2, 0, [])
+    # Each batch's apply time is recorded once, the wait for room included.
+    sample = metrics.registry.get_sample_value
+    assert sample("kairos_batch_apply_seconds_count") == 2
+    assert (sample("kairos_batch_apply_seconds_sum") or 0) >= 1.0
+    assert sample("kairos_batch_apply_seconds_bucket", {"le": "0.25"}) == 1
     check = aioredis.Redis.from_url(url)
     try:
         assert await check.hget("oom:{s2}:s", "n") == b"1"
