@@ -11,14 +11,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import faust
 
 from stream_engine.catalog import Catalog
 from stream_engine.catalog_updates import CatalogFollower
-from stream_engine.faust_transport import KairosApp
+from stream_engine.faust_transport import KairosApp, KairosConsumer
 from stream_engine.heap import freeze_startup_heap
 from stream_engine.ingest import Ingest, dead_letter_body, redis_client
 from stream_engine.metrics import WorkerMetrics
@@ -60,17 +59,23 @@ def create_app(settings: Settings, catalog: Catalog, metrics: WorkerMetrics) -> 
         loop = type(asyncio.get_running_loop()).__module__.split(".")[0]
         log.info("faust agent running on the %s event loop", loop)
 
-        async def apply(lane: int, events: list[Any]) -> None:
-            records = [_record(e.message) for e in events]
+        consumer = cast(KairosConsumer, app.consumer)
+        # The clickstream skips faust's per-event streams (faust_transport.Handoff); a
+        # partition is held back from fetching once this many of its messages wait.
+        handoff = consumer.handoff(settings.clickstream_topic, app.conf.stream_buffer_maxsize)
+
+        async def apply(lane: int, messages: list[Any]) -> None:
+            records = [_record(m) for m in messages]
             outcome = await ingest.apply(records, lane)
             for d in outcome.dead:
                 await dlq.send(key=d.record.key, value=dead_letter_body(d))
             ingest.observe(outcome, records)
-            for event in events:  # committable once applied (and dead letters sent)
-                await stream.ack(event)
+            for message in messages:  # committable once applied (and dead letters sent)
+                consumer.ack(message)
 
-        async for events in take_batches(stream, settings.batch_max, within):
-            parts = split_batch(events, settings.lanes, settings.faust_split_from)
+        while True:
+            batch = await handoff.take(settings.batch_max, within)
+            parts = split_batch(batch, settings.lanes, settings.faust_split_from)
             if len(parts) == 1:
                 await apply(0, parts[0])
             else:
@@ -135,66 +140,9 @@ def make_worker(app: faust.App, settings: Settings) -> faust.Worker:
     return worker
 
 
-async def take_batches(stream: Any, max_: int, within: float) -> AsyncIterator[list[Any]]:
-    """Batches of a faust stream's events, at most `max_` each. When the worker is idle a
-    batch starts with its first event and takes what else arrives within `within` seconds
-    (0: what arrived by the next turn of the loop); when events came in while the previous
-    batch was being applied, they go at once. The caller acks each event (`stream.ack`)
-    once it is applied.
-
-    faust's own take_events(max_, within) differs twice. It wakes every `within` to look at
-    its buffer, busy or idle (1,000 wake-ups a second at the default 1 ms: ~10% of a core
-    for an idle worker). And it stops taking events while a batch is applied, so under a
-    backlog each batch held what faust's per-event pipeline delivered in one `within` (a
-    dozen events or so) and the worker waited on Redis with nothing to do. Here the next
-    batch fills while one is applied, so faust's per-event work overlaps the Redis round
-    trip. It uses the hooks take_events uses (the stream's processors, its passive drainer,
-    manual acks)."""
-    buffer: list[Any] = []
-    started = asyncio.Event()  # the buffer holds a batch's first event
-    full = asyncio.Event()
-    room = asyncio.Event()  # a full buffer was handed over
-
-    async def add_to_buffer(value: Any) -> Any:
-        event = stream.current_event
-        if event is None:
-            raise RuntimeError("take_batches found no current event")
-        buffer.append(event)
-        started.set()
-        if len(buffer) >= max_:
-            full.set()
-            room.clear()
-            await stream.wait(room)  # never more than max_ a batch
-        return value
-
-    acks = stream.enable_acks
-    stream.enable_acks = False
-    stream.add_processor(add_to_buffer)
-    stream._enable_passive(aiter(stream.channel))
-    try:
-        while not stream.should_stop:
-            if not buffer:
-                await stream.wait_for_stopped(started)
-                if not full.is_set():
-                    if within > 0:
-                        await stream.wait_for_stopped(full, timeout=within)
-                    else:
-                        await asyncio.sleep(0)  # the rest of the fetch, delivered this turn
-            if not buffer:
-                continue
-            batch, buffer = buffer, []
-            started.clear()
-            full.clear()
-            room.set()
-            yield batch
-    finally:
-        stream.enable_acks = acks
-        stream._processors.remove(add_to_buffer)
-
-
-def split_batch(events: list[Any], lanes: int, split_from: int) -> list[list[Any]]:
+def split_batch(messages: list[Any], lanes: int, split_from: int) -> list[list[Any]]:
     """A faust batch as the parts to apply at once: by partition (partition % lanes) when
-    it holds `split_from` events or more, else whole.
+    it holds `split_from` messages or more, else whole.
 
     Under a backlog a 500-event batch was planned, then written while the worker waited
     ~30 ms for Redis with its next batch already buffered and nothing else to do, and the
@@ -204,11 +152,11 @@ def split_batch(events: list[Any], lanes: int, split_from: int) -> list[list[Any
     applied before the next batch starts, so a session's events stay in order. A small
     batch stays whole: each part costs a round trip and the per-batch work (~0.3 ms of
     CPU), which at 1,000 events/s is most of what the worker does."""
-    if lanes == 1 or len(events) < split_from:
-        return [events]
+    if lanes == 1 or len(messages) < split_from:
+        return [messages]
     parts: dict[int, list[Any]] = {}
-    for event in events:
-        parts.setdefault(event.message.partition % lanes, []).append(event)
+    for message in messages:
+        parts.setdefault(message.partition % lanes, []).append(message)
     return list(parts.values())
 
 

@@ -15,6 +15,13 @@ two event waits and an `asyncio.wait` for every message) while the flow is not s
 and with every partition held back for a full buffer the consumer looks again as soon as
 one drains rather than a second later; see `KairosConsumer`.
 
+The clickstream itself skips faust's per-event delivery (`Handoff`): the drain loop hands
+its messages to the agent in batches, in fetch order, instead of through the conductor,
+the topic's channel queue and the stream (a decoded Event, a queue put and get, sensors
+and an ack each). At 10,000 events/s that path was ~16% of the worker's samples, and at
+1,000/s the worker used 8-14 points of a core more with it (loadtest/README.md, session
+20). faust still owns the group, the assignment, the fetching, the acks and the commits.
+
 These are faust-streaming 0.15 internals; pyproject.toml pins faust-streaming below 0.16
 so that a new minor release is checked before it is used.
 """
@@ -23,11 +30,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, cast
 
 import faust
 from faust.transport.drivers import aiokafka as faust_aiokafka
+from faust.types import TP
 from mode import Service
 from mode.utils.futures import maybe_async
 
@@ -73,10 +83,79 @@ class InLoopConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         await self.consumer.on_partitions_assigned(assigned, generation_id)
 
 
+class Handoff:
+    """One topic's messages, from the consumer's drain loop straight to its agent.
+
+    The agent takes them in batches (`take`) and acks each once applied
+    (`KairosConsumer.ack`: faust's commit bookkeeping, as a stream's ack would). A
+    partition whose messages fill the hand-off to `high` is held back from fetching
+    until the agent has taken it down to half (`on_buffer_full` / `on_buffer_drop`, as
+    faust does for a full stream buffer). A rebalance clears it with faust's stream
+    buffers (`app.flow_control.clear()`): the consumer then seeks every partition it keeps
+    back to its committed offset, so whatever was waiting here is fetched again."""
+
+    def __init__(self, consumer: KairosConsumer, topic: str, high: int) -> None:
+        self.consumer = consumer
+        self.topic = topic
+        self.high = high
+        self.queue: deque[Any] = deque()
+        self.ready = asyncio.Event()
+        self.held: set[Any] = set()
+        self.stream_seen = consumer.app.monitor.stream_inbound_time
+
+    def put(self, message: Any) -> None:
+        self.queue.append(message)
+        self.ready.set()
+        if len(self.queue) >= self.high:
+            # faust's own TP: a message's tp is aiokafka's, and faust asserts on the type
+            tp = TP(message.topic, message.partition)
+            if tp not in self.held:
+                self.held.add(tp)
+                self.consumer.on_buffer_full(tp)
+
+    async def take(self, max_: int, within: float) -> list[Any]:
+        """The messages waiting, at most max_; waits for the first, then up to `within`
+        seconds for more (0: none)."""
+        while not self.queue:
+            self.ready.clear()
+            await self.ready.wait()
+        if within > 0 and len(self.queue) < max_:
+            deadline = time.monotonic() + within
+            while len(self.queue) < max_ and (left := deadline - time.monotonic()) > 0:
+                self.ready.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.ready.wait(), left)
+        queue = self.queue
+        batch = [queue.popleft() for _ in range(min(max_, len(queue)))]
+        now = time.monotonic()
+        for partition in {m.partition for m in batch}:  # faust's "stream stalled" check
+            self.stream_seen[TP(self.topic, partition)] = now  # reads it (a sensor, before)
+        if self.held and len(queue) <= self.high // 2:
+            held, self.held = self.held, set()
+            for tp in held:
+                self.consumer.on_buffer_drop(tp)
+        return batch
+
+    def clear(self) -> None:
+        self.queue.clear()
+        held, self.held = self.held, set()
+        for tp in held:
+            self.consumer.on_buffer_drop(tp)
+
+
 class KairosConsumer(faust_aiokafka.Consumer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._buffer_dropped = asyncio.Event()
+        self.handoffs: dict[str, Handoff] = {}
+
+    def handoff(self, topic: str, high: int) -> Handoff:
+        """The topic's messages go to the returned Handoff, not through faust's streams."""
+        if (old := self.handoffs.get(topic)) is not None:  # the agent restarted
+            old.clear()
+        handoff = self.handoffs[topic] = Handoff(self, topic, high)
+        self.app.flow_control.manage_queue(handoff)  # type: ignore[arg-type]
+        return handoff
 
     def _new_consumer_thread(self) -> InLoopConsumerThread:
         return InLoopConsumerThread(self, loop=self.loop, beacon=self.beacon)
@@ -130,6 +209,7 @@ class KairosConsumer(faust_aiokafka.Consumer):
         commit_every = self._commit_every
         acks_enabled_for = self.app.topics.acks_enabled_for
         suspended = self.suspend_flow.is_set
+        handoffs = self.handoffs
         yield_every = 100
         since_yield = 0
         try:
@@ -153,7 +233,11 @@ class KairosConsumer(faust_aiokafka.Consumer):
                     if commit_every is not None and self._n_acked >= commit_every:
                         self._n_acked = 0
                         await self.commit()
-                    if suspended():
+                    handoff = handoffs.get(message.topic)
+                    if handoff is not None:
+                        if not suspended():  # else faust's way: dropped, fetched again
+                            handoff.put(message)
+                    elif suspended():
                         await self.wait_first(callback(message), self.suspend_flow.wait())
                     else:
                         await cast(Callable[[Any], Awaitable[None]], callback)(message)

@@ -107,30 +107,25 @@ class _Message:
         self.offset = offset
 
 
-class _Event:
-    def __init__(self, partition: int, offset: int) -> None:
-        self.message = _Message(partition, offset)
-
-
-def _faust_batch(n: int, partitions: int) -> list[_Event]:
-    return [_Event(k % partitions, k // partitions) for k in range(n)]
+def _faust_batch(n: int, partitions: int) -> list[_Message]:
+    return [_Message(k % partitions, k // partitions) for k in range(n)]
 
 
 def test_a_large_faust_batch_splits_by_partition_and_keeps_each_partitions_order() -> None:
-    events = _faust_batch(200, 6)
-    parts = split_batch(events, 4, 64)
+    messages = _faust_batch(200, 6)
+    parts = split_batch(messages, 4, 64)
     # partitions 0 and 4 share lane 0, 1 and 5 lane 1; 2 and 3 have lanes of their own
-    lanes = [sorted({e.message.partition for e in part}) for part in parts]
+    lanes = [sorted({m.partition for m in part}) for part in parts]
     assert sorted(lanes) == [[0, 4], [1, 5], [2], [3]]
-    assert sum(len(part) for part in parts) == len(events)
-    assert {id(e) for part in parts for e in part} == {id(e) for e in events}
+    assert sum(len(part) for part in parts) == len(messages)
+    assert {id(m) for part in parts for m in part} == {id(m) for m in messages}
     for part in parts:
-        for p in {e.message.partition for e in part}:
-            offsets = [e.message.offset for e in part if e.message.partition == p]
+        for p in {m.partition for m in part}:
+            offsets = [m.offset for m in part if m.partition == p]
             assert offsets == sorted(offsets) == list(range(len(offsets)))
 
 
 @pytest.mark.parametrize(("n", "lanes"), [(63, 4), (1, 4), (500, 1)])
 def test_a_small_faust_batch_or_one_lane_stays_whole(n: int, lanes: int) -> None:
-    events = _faust_batch(n, 4)
-    assert split_batch(events, lanes, 64) == [events]
+    messages = _faust_batch(n, 4)
+    assert split_batch(messages, lanes, 64) == [messages]
