@@ -19,7 +19,7 @@ The clickstream itself skips faust's per-event delivery (`Handoff`): the drain l
 its messages to the agent in batches, in fetch order, instead of through the conductor,
 the topic's channel queue and the stream (a decoded Event, a queue put and get, sensors
 and an ack each). At 10,000 events/s that path was ~16% of the worker's samples, and at
-1,000/s the worker used 8-14 points of a core more with it (loadtest/README.md, session
+1,000/s the worker used 5-14 points of a core more with it (loadtest/README.md, session
 20). faust still owns the group, the assignment, the fetching, the acks and the commits.
 
 These are faust-streaming 0.15 internals; pyproject.toml pins faust-streaming below 0.16
