@@ -36,7 +36,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import orjson
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
@@ -45,7 +44,7 @@ from loadtest.decisions import (
     TOPICS,
     Step,
     measure,
-    run_environment,
+    record_run,
     start_api,
     tear_down,
     wait_ready,
@@ -54,7 +53,6 @@ from loadtest.http import Client, free_port
 from loadtest.ingest import (
     Bench,
     _create_topics,
-    discard_workdir,
     start_worker,
     stop_worker,
     warn_bystanders,
@@ -227,13 +225,6 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
-def _write(out_dir: Path, summary: dict[str, Any], rows: list[dict[str, Any]]) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"catchup-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_bytes(orjson.dumps({"summary": summary, "legs": rows}, option=orjson.OPT_INDENT_2))
-    return path
-
-
 async def run(
     backlog_events: int, rate: int, duration: float, repeats: int, engine: str, items: int,
     out_dir: Path, legs: tuple[str, ...] = LEGS,
@@ -272,12 +263,10 @@ async def run(
                 _print_row(rep, row)
                 rows.append(row)
         summary = summarize(rows)
-        summary["environment"] = await run_environment(redis, strangers)
-        summary["setup"] = {**args, "repeats": repeats, "items": items, "legs": legs,
-                            "worker_after_s": WORKER_AFTER_S}  # fmt: skip
-        path = _write(out_dir, summary, rows)
-        print(f"results: {path}")
-        discard_workdir(workdir)
+        setup = {**args, "repeats": repeats, "items": items, "legs": legs,
+                 "worker_after_s": WORKER_AFTER_S}  # fmt: skip
+        await record_run(out_dir, "catchup", summary, {"legs": rows}, redis, strangers, setup,
+                         workdir)  # fmt: skip
         return summary
     finally:
         await tear_down(bench, redis, client, proc)

@@ -300,21 +300,14 @@ async def run(
             )
         print(f"API resident memory (MiB) by catalog size: {summary['api_rss_mib']}")
         summary["redis_benchmark_rps"] = redis_benchmark(bench.redis_url)
-        summary["environment"] = await run_environment(redis, strangers)
-        summary["setup"] = {"sessions": len(sids), "events_per_session": per_session,
-                            "items": items, "duration_s": duration, "warmup_s": warmup,
-                            "repeats": repeats}  # fmt: skip
-        path = _write(out_dir, summary, steps)
-        print(f"results: {path}")
-        discard_workdir(workdir)
+        setup = {"sessions": len(sids), "events_per_session": per_session, "items": items,
+                 "duration_s": duration, "warmup_s": warmup, "repeats": repeats}  # fmt: skip
+        details = {"steps": [{**asdict(s), "degraded_share": s.degraded_share} for s in steps]}
+        await record_run(out_dir, "decisions", summary, details, redis, strangers, setup,
+                         workdir)  # fmt: skip
         return summary
     finally:
         await tear_down(bench, redis, client, proc)
-
-
-async def run_environment(redis: aioredis.Redis, strangers: dict[int, str]) -> dict[str, Any]:
-    """What a reader needs to compare two result files, and who else was running."""
-    return {**environment(await redis.info("server")), "other_kairos_processes": strangers}
 
 
 async def tear_down(
@@ -416,10 +409,24 @@ def summarize(steps: list[Step], rates: list[int]) -> dict[str, Any]:
     return out
 
 
-def _write(out_dir: Path, summary: dict[str, Any], steps: list[Step]) -> Path:
+async def record_run(
+    out_dir: Path, kind: str, summary: dict[str, Any], details: dict[str, Any],
+    redis: aioredis.Redis, strangers: dict[int, str], setup: dict[str, Any], workdir: Path,
+) -> Path:  # fmt: skip
+    """The end of an API bench run (decisions, catchup): the environment and the setup go
+    into the summary, `artifacts/<kind>-<time>.json` is written with the details beside
+    it and named, and the scratch directory goes. The environment is what a reader needs
+    to compare two result files, and who else was running."""
+    server = await redis.info("server")
+    summary["environment"] = {**environment(server), "other_kairos_processes": strangers}
+    summary["setup"] = setup
+    return _write(out_dir, kind, {"summary": summary, **details}, workdir)
+
+
+def _write(out_dir: Path, kind: str, body: dict[str, Any], workdir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"decisions-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    body = {"summary": summary, "steps": [{**asdict(s), "degraded_share": s.degraded_share}
-                                          for s in steps]}  # fmt: skip
+    path = out_dir / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_bytes(orjson.dumps(body, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS))
+    print(f"results: {path}")
+    discard_workdir(workdir)
     return path
