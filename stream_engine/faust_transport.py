@@ -32,7 +32,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Container
 from typing import Any, cast
 
 import faust
@@ -86,58 +86,91 @@ class InLoopConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
 class Handoff:
     """One topic's messages, from the consumer's drain loop straight to its agent.
 
-    The agent takes them in batches (`take`) and acks each once applied
-    (`KairosConsumer.ack`: faust's commit bookkeeping, as a stream's ack would). A
-    partition whose messages fill the hand-off to `high` is held back from fetching
-    until the agent has taken it down to half (`on_buffer_full` / `on_buffer_drop`, as
-    faust does for a full stream buffer). A rebalance clears it with faust's stream
-    buffers (`app.flow_control.clear()`): the consumer then seeks every partition it keeps
-    back to its committed offset, so whatever was waiting here is fetched again."""
+    The agent takes them in batches (`take`), each partition's in fetch order, and acks
+    each once applied (`KairosConsumer.ack`: faust's commit bookkeeping, as a stream's ack
+    would). A take can pass over partitions the agent is still applying (`busy`), so that
+    a partition's batches are applied one after the other while other partitions' go
+    ahead. A partition whose messages fill the hand-off to `high` is held back from
+    fetching until the agent has taken it down to half (`on_buffer_full` /
+    `on_buffer_drop`, as faust does for a full stream buffer). A rebalance clears it with
+    faust's stream buffers (`app.flow_control.clear()`): the consumer then seeks every
+    partition it keeps back to its committed offset, so whatever was waiting here is
+    fetched again."""
 
     def __init__(self, consumer: KairosConsumer, topic: str, high: int) -> None:
         self.consumer = consumer
         self.topic = topic
         self.high = high
-        self.queue: deque[Any] = deque()
+        self.queues: dict[int, deque[Any]] = {}  # by partition, taken from in turn
+        self.count = 0
         self.ready = asyncio.Event()
         self.held: set[Any] = set()
         self.stream_seen = consumer.app.monitor.stream_inbound_time
 
     def put(self, message: Any) -> None:
-        self.queue.append(message)
+        queue = self.queues.get(message.partition)
+        if queue is None:
+            queue = self.queues[message.partition] = deque()
+        queue.append(message)
+        self.count += 1
         self.ready.set()
-        if len(self.queue) >= self.high:
+        if self.count >= self.high:
             # faust's own TP: a message's tp is aiokafka's, and faust asserts on the type
             tp = TP(message.topic, message.partition)
             if tp not in self.held:
                 self.held.add(tp)
                 self.consumer.on_buffer_full(tp)
 
-    async def take(self, max_: int, within: float) -> list[Any]:
-        """The messages waiting, at most max_; waits for the first, then up to `within`
-        seconds for more (0: none)."""
-        while not self.queue:
+    def waiting(self, busy: Container[int] = ()) -> int:
+        """How many messages wait in partitions not in `busy`."""
+        if not busy:
+            return self.count
+        return sum(len(q) for p, q in self.queues.items() if p not in busy)
+
+    def poke(self) -> None:
+        """Look again: what `busy` holds has changed."""
+        self.ready.set()
+
+    async def take(
+        self, max_: int, within: float, busy: Container[int] = (), least_while_busy: int = 1
+    ) -> list[Any]:
+        """At most max_ messages of partitions not in `busy`, each partition's in order.
+
+        Waits until there is one (or, while `busy` is not empty, `least_while_busy`;
+        re-checked on `poke`), then up to `within` seconds for more (0: none)."""
+        while self.waiting(busy) < (least_while_busy if busy else 1):
             self.ready.clear()
             await self.ready.wait()
-        if within > 0 and len(self.queue) < max_:
+        if within > 0 and self.waiting(busy) < max_:
             deadline = time.monotonic() + within
-            while len(self.queue) < max_ and (left := deadline - time.monotonic()) > 0:
+            while self.waiting(busy) < max_ and (left := deadline - time.monotonic()) > 0:
                 self.ready.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.ready.wait(), left)
-        queue = self.queue
-        batch = [queue.popleft() for _ in range(min(max_, len(queue)))]
+        batch: list[Any] = []
         now = time.monotonic()
-        for partition in {m.partition for m in batch}:  # faust's "stream stalled" check
-            self.stream_seen[TP(self.topic, partition)] = now  # reads it (a sensor, before)
-        if self.held and len(queue) <= self.high // 2:
+        queues = self.queues
+        for partition in list(queues):
+            if partition in busy:
+                continue
+            queue = queues.pop(partition)  # back in at the end: the next take starts after
+            n = min(max_ - len(batch), len(queue))
+            batch.extend(queue.popleft() for _ in range(n))
+            if queue:
+                queues[partition] = queue
+            self.stream_seen[TP(self.topic, partition)] = now  # faust's "stream stalled"
+            if len(batch) == max_:  # check reads it (a sensor, before)
+                break
+        self.count -= len(batch)
+        if self.held and self.count <= self.high // 2:
             held, self.held = self.held, set()
             for tp in held:
                 self.consumer.on_buffer_drop(tp)
         return batch
 
     def clear(self) -> None:
-        self.queue.clear()
+        self.queues.clear()
+        self.count = 0
         held, self.held = self.held, set()
         for tp in held:
             self.consumer.on_buffer_drop(tp)

@@ -10,7 +10,9 @@ from typing import Any, cast
 import pytest
 from faust.types import TP
 
+from stream_engine.app import PartitionLanes
 from stream_engine.faust_transport import Handoff, KairosConsumer
+from stream_engine.settings import Settings
 
 
 class _Message:
@@ -38,14 +40,63 @@ def _handoff(high: int = 10) -> tuple[Handoff, _Consumer]:
     return Handoff(cast(KairosConsumer, consumer), "clicks", high), consumer
 
 
-async def test_batches_come_in_fetch_order_at_most_max_each() -> None:
+def _by_partition(messages: list[Any]) -> dict[int, list[Any]]:
+    parts: dict[int, list[Any]] = {}
+    for m in messages:
+        parts.setdefault(m.partition, []).append(m)
+    return parts
+
+
+async def test_batches_keep_each_partitions_order_at_most_max_each() -> None:
     handoff, _ = _handoff(high=1000)
     sent = [_Message("clicks", k % 3, k // 3) for k in range(25)]
     for m in sent:
         handoff.put(m)
     got = [await handoff.take(10, 0.0) for _ in range(3)]
     assert [len(b) for b in got] == [10, 10, 5]
-    assert [m for b in got for m in b] == sent
+    assert _by_partition([m for b in got for m in b]) == _by_partition(sent)
+    assert handoff.count == 0
+
+
+async def test_a_full_take_goes_on_next_time_with_the_partitions_it_left() -> None:
+    handoff, _ = _handoff(high=1000)
+    for k in range(30):
+        handoff.put(_Message("clicks", k // 10, k % 10))  # 10 each in partitions 0, 1, 2
+    first = await handoff.take(15, 0.0)
+    assert {m.partition for m in first} == {0, 1}
+    second = await handoff.take(10, 0.0)  # partition 2 first: it was passed over
+    assert [m.partition for m in second] == [2] * 10
+
+
+async def test_take_passes_over_busy_partitions_and_waits_for_them_when_poked() -> None:
+    handoff, _ = _handoff(high=1000)
+    for k in range(6):
+        handoff.put(_Message("clicks", k % 2, k // 2))
+    busy = {0}
+    got = await handoff.take(10, 0.0, busy)
+    assert [(m.partition, m.offset) for m in got] == [(1, 0), (1, 1), (1, 2)]
+    assert handoff.waiting(busy) == 0
+    assert handoff.waiting() == 3
+    waiting = asyncio.create_task(handoff.take(10, 0.0, busy))
+    await asyncio.sleep(0.02)
+    assert not waiting.done()  # partition 0 is still being applied
+    busy.clear()
+    handoff.poke()
+    got = await asyncio.wait_for(waiting, 1)
+    assert [(m.partition, m.offset) for m in got] == [(0, 0), (0, 1), (0, 2)]
+
+
+async def test_while_busy_a_take_waits_for_least_while_busy_messages() -> None:
+    handoff, _ = _handoff(high=1000)
+    busy = {0}
+    for k in range(3):
+        handoff.put(_Message("clicks", 1, k))
+    waiting = asyncio.create_task(handoff.take(10, 0.0, busy, least_while_busy=5))
+    await asyncio.sleep(0.02)
+    assert not waiting.done()  # three are not worth a second lane's round trip
+    busy.clear()  # the busy lane is done: one is enough
+    handoff.poke()
+    assert len(await asyncio.wait_for(waiting, 1)) == 3
 
 
 async def test_take_waits_for_the_first_message_then_within_for_more() -> None:
@@ -82,7 +133,8 @@ async def test_a_rebalance_clears_it_and_lets_held_partitions_fetch_again() -> N
         handoff.put(_Message("clicks", 0, k))
     handoff.clear()
     assert consumer.dropped == [TP("clicks", 0)]
-    assert not handoff.queue
+    assert handoff.count == 0
+    assert not handoff.queues
     late = _Message("clicks", 0, 3)  # fetched again from the committed offset
     handoff.put(late)
     assert await handoff.take(10, 0.0) == [late]
@@ -103,4 +155,92 @@ async def test_every_message_put_is_taken_once(high: int) -> None:
         handoff.put(m)
         await asyncio.sleep(0)
     await asyncio.wait_for(task, 5)
-    assert got == sent
+    assert _by_partition(got) == _by_partition(sent)
+
+
+class _Applies:
+    """An apply that takes `slow[partition]` seconds for a part holding that partition and
+    records what it saw: every part, and whether a partition was ever in two at once."""
+
+    def __init__(self, slow: dict[int, float], fail_on: int | None = None, expect: int = 0) -> None:
+        self.slow = slow
+        self.expect = expect
+        self.all_applied = asyncio.Event()
+        self.fail_on = fail_on
+        self.parts: list[tuple[int, list[Any]]] = []
+        self.in_flight: set[int] = set()
+        self.overlaps = 0
+        self.most_at_once = 0
+        self.lanes_in_use: set[int] = set()
+
+    async def __call__(self, lane: int, part: list[Any]) -> None:
+        partitions = {m.partition for m in part}
+        if partitions & self.in_flight or lane in self.lanes_in_use:
+            self.overlaps += 1
+        self.in_flight |= partitions
+        self.lanes_in_use.add(lane)
+        self.most_at_once = max(self.most_at_once, len(self.lanes_in_use))
+        try:
+            await asyncio.sleep(max([self.slow.get(p, 0.001) for p in partitions]))
+            if self.fail_on in partitions:
+                raise RuntimeError("the DLQ send failed")
+            self.parts.append((lane, part))
+            if sum(len(p) for _, p in self.parts) >= self.expect:
+                self.all_applied.set()
+        finally:
+            self.in_flight -= partitions
+            self.lanes_in_use.discard(lane)
+
+
+def _lanes(handoff: Handoff, applies: _Applies, lanes: int = 4, split_from: int = 4) -> Any:
+    settings = Settings(lanes=lanes, faust_split_from=split_from, batch_max=50)
+    return PartitionLanes(handoff, settings, applies)
+
+
+async def test_partition_lanes_apply_everything_once_in_each_partitions_order() -> None:
+    handoff, _ = _handoff(high=10_000)
+    applies = _Applies(slow={0: 0.02}, expect=2_000)  # partition 0 is slow: others overtake
+    task = asyncio.create_task(_lanes(handoff, applies).run())
+    sent = [_Message("clicks", k % 4, k // 4) for k in range(2_000)]
+    for k, m in enumerate(sent):
+        handoff.put(m)
+        if k % 50 == 0:
+            await asyncio.sleep(0.001)
+    await asyncio.wait_for(applies.all_applied.wait(), 10)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    applied = [m for _, part in applies.parts for m in part]
+    assert _by_partition(applied) == _by_partition(sent)  # once each, in order
+    assert applies.overlaps == 0  # no partition (nor lane) in two applies at once
+    assert applies.most_at_once > 1
+    # while partition 0 was slow, the others went on: more parts without it than with it
+    with_0 = sum(1 for _, part in applies.parts if any(m.partition == 0 for m in part))
+    assert len(applies.parts) - with_0 > 2 * with_0
+
+
+async def test_partition_lanes_keep_a_trickle_on_one_lane() -> None:
+    handoff, _ = _handoff(high=10_000)
+    applies = _Applies(slow={p: 0.01 for p in range(4)}, expect=40)
+    task = asyncio.create_task(_lanes(handoff, applies, split_from=64).run())
+    for k in range(40):  # below faust_split_from while a lane is busy
+        handoff.put(_Message("clicks", k % 4, k // 4))
+        await asyncio.sleep(0.002)
+    await asyncio.wait_for(applies.all_applied.wait(), 10)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert applies.most_at_once == 1
+
+
+async def test_a_failed_apply_fails_the_lanes_and_nothing_after_it_is_applied() -> None:
+    handoff, _ = _handoff(high=10_000)
+    applies = _Applies(slow={1: 0.02}, fail_on=1)
+    lanes = _lanes(handoff, applies)
+    task = asyncio.create_task(lanes.run())
+    for k in range(40):
+        handoff.put(_Message("clicks", k % 2, k // 2))
+    with pytest.raises(RuntimeError, match="DLQ send failed"):
+        await asyncio.wait_for(task, 2)
+    assert all(m.partition == 0 for _, part in applies.parts for m in part)
+    assert not lanes.running  # the other lanes' applies were cancelled or done
