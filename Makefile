@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STACK := $(PY) deploy/stack.py
 
 .PHONY: help venv lock up down status logs demo test lint format typecheck check clean \
-	bench-ingest bench-memory bench-decisions bench-catchup loadtest
+	bench-ingest bench-memory bench-decisions bench-catchup bench-drain loadtest
 
 help:
 	@echo "make demo       start Kafka, Redis, worker and API locally and print the URLs"
@@ -15,7 +15,7 @@ help:
 	@echo "make check      lint + typecheck + test (what CI runs)"
 	@echo "make up|down|status|logs   the local stack (deploy/stack.py)"
 	@echo "make lock       re-pin constraints.txt from a fresh resolve"
-	@echo "make bench-ingest / bench-memory / bench-decisions / bench-catchup   benchmarks (loadtest/README.md)"
+	@echo "make bench-ingest / bench-memory / bench-decisions / bench-catchup / bench-drain   benchmarks (loadtest/README.md)"
 	@echo "make loadtest [SCENARIO=peak]   the peak-traffic suite: SLO verdict, JSON and HTML report"
 
 # api/_kernels.pyx: the compiled decision loops are built by the editable install.
@@ -78,6 +78,9 @@ bench-decisions: up
 
 bench-catchup: up
 	source .stack/stack.env && $(PY) -m loadtest catchup $(BENCH_ARGS)
+
+bench-drain: up
+	source .stack/stack.env && $(PY) -m loadtest drain $(BENCH_ARGS)
 
 # The peak-traffic suite on the local stack (started if needed): SCENARIO=smoke|peak|spike|
 # soak|overload or a .toml file; LOADTEST_ARGS="--api URL --bootstrap HOST:PORT --slo ..."

@@ -11,6 +11,8 @@ python -m loadtest ingest [--rates 1000,5000,10000] [--duration 15] [--repeats 3
                                  [--sessions 100000] [--items 10000] [--rss-items 100000]
     python -m loadtest catchup [--backlog 100000] [--rate 1000] [--duration 20] [--repeats 2]
                                [--engine faust] [--items 10000] [--legs idle,yield,no-yield]
+    python -m loadtest drain [--events 300000] [--repeats 3] [--engines faust,aiokafka]
+                             [--items 10000]
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any
 import orjson
 import uvloop
 
-from loadtest import catchup, decisions, ingest, memory, simulate
+from loadtest import catchup, decisions, drain, ingest, memory, simulate
 from loadtest.producer import PRODUCERS
 from loadtest.scenario import ScenarioError
 
@@ -167,6 +169,12 @@ def main(argv: list[str] | None = None) -> int:
     cat.add_argument("--items", type=int, default=10_000)
     cat.add_argument("--legs", default=",".join(catchup.LEGS))
     cat.add_argument("--out", type=Path, default=Path("artifacts"))
+    dra = sub.add_parser("drain", help="one worker's events/s on a backlog, beside a raw read")
+    dra.add_argument("--events", type=int, default=300_000)
+    dra.add_argument("--repeats", type=int, default=3)
+    dra.add_argument("--engines", default="faust")
+    dra.add_argument("--items", type=int, default=10_000)
+    dra.add_argument("--out", type=Path, default=Path("artifacts"))
     run = sub.add_parser("run", help="a scenario of the peak-traffic suite; exit 1 on SLO miss")
     run.add_argument("scenario", help="smoke, peak, spike, soak, overload or a .toml file")
     run.add_argument("--api", default=os.environ.get("KAIROS_API_URL", "http://127.0.0.1:8000"))
@@ -245,6 +253,14 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         uvloop.run(catchup.run(args.backlog, args.rate, args.duration, args.repeats,
                                args.engine, args.items, args.out, legs))  # fmt: skip
+        return 0
+    if args.command == "drain":
+        engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+        if args.events < 10 or args.repeats < 1 or not engines:
+            print("loadtest drain: --events at least 10, --repeats at least 1, an engine",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+        uvloop.run(drain.run(args.events, args.repeats, engines, args.out, args.items))
         return 0
     if args.command == "memory":
         uvloop.run(memory.run(args.sessions, args.events_per_session, args.engine))
