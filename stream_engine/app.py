@@ -142,7 +142,9 @@ class PartitionLanes:
     finishes takes its next part at once (events of one session stay ordered: a session
     lives in one partition). Before, a batch's parts were all applied before the next batch
     was taken, and at 10,000 events/s the worker fell behind with a third of its core idle
-    while the last part of each batch was written. While a lane is busy, another starts
+    while the last part of each batch was written: on a backlog with the machine to itself
+    it applied ~7,200 events/s at 79% of a core, and now ~13,300/s at 97% (`loadtest
+    drain`, loadtest/README.md, session 21). While a lane is busy, another starts
     only on `faust_split_from` messages or more: at 1,000 events/s a part of a few events
     would cost a round trip and the per-batch work for little (`split_batch`)."""
 
@@ -213,8 +215,9 @@ def split_batch(messages: list[Any], lanes: int, split_from: int) -> list[list[A
     ~30 ms for Redis with its next batch already buffered and nothing else to do, and the
     worker fell behind at 5,000 events/s with a third of its main thread idle. In parts,
     one part is planned while the part before it is written. Parts hold disjoint partitions,
-    hence disjoint sessions and per-partition aggregate fences, and a batch's parts are all
-    applied before the next batch starts, so a session's events stay in order. A small
+    hence disjoint sessions and per-partition aggregate fences, and none of their partitions
+    is taken again until its part is applied (PartitionLanes), so a session's events stay
+    in order. A small
     batch stays whole: each part costs a round trip and the per-batch work (~0.3 ms of
     CPU), which at 1,000 events/s is most of what the worker does."""
     if lanes == 1 or len(messages) < split_from:

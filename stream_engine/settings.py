@@ -77,8 +77,9 @@ class Settings:
     # engines take what a fetch returned, up to batch_max.
     batch_max: int = 500
     batch_within_ms: float = 0.0
-    # faust engine: a batch of this many events or more is applied in `lanes` parts by
-    # partition at once (app.split_batch); a smaller one whole.
+    # faust engine: a batch of this many events or more is applied in parts by partition
+    # at once (app.split_batch), a smaller one whole; and while one batch is applied,
+    # another starts only once this many events wait (app.PartitionLanes).
     faust_split_from: int = 64
     # plain engines: commit applied offsets at most this often (fences cover redelivery).
     commit_interval_ms: int = 200
@@ -90,9 +91,10 @@ class Settings:
     # partitions are applied in this many lanes at once (partition % lanes), each with its
     # own Redis connection, so one lane's Redis round trips overlap another's planning.
     # Plain engines: a partition stays in one lane, so events of a session stay in order.
-    # faust: a batch of faust_split_from events or more is applied in parts this way, each
-    # batch's parts before the next batch. More lanes than partitions assigned to the worker
-    # are idle; the default is one per partition.
+    # faust: up to this many batches run at once, each on a lane of its own and of
+    # partitions no other running batch holds, so a session's events stay in order
+    # (app.PartitionLanes). More lanes than partitions assigned to the worker are idle;
+    # the default is one per partition.
     lanes: int = 4
     session_half_life_s: float = 1800.0
     user_half_life_s: float = 14 * 86400.0

@@ -248,9 +248,10 @@ async def test_a_backlog_many_times_the_lanes_depth_arrives_whole_and_in_order(
 @pytest.mark.parametrize("engine", ["faust"])
 async def test_a_faust_backlog_applied_in_parts_keeps_every_sessions_order(rig: Rig) -> None:
     """With KAIROS_FAUST_SPLIT_FROM=2 every faust batch of two events or more is applied in
-    parts by partition, concurrently (app.split_batch): every event of a backlog lands once
-    and each session's items stay in the order they were published. (How big the batches
-    get depends on the machine: in one CI run all 755 were under 50 events.)"""
+    parts by partition, and batches of other partitions start while one runs
+    (app.split_batch, app.PartitionLanes): every event of a backlog lands once and each
+    session's items stay in the order they were published. (How big the batches get
+    depends on the machine: in one CI run all 755 were under 50 events.)"""
     rig.env.update(KAIROS_LANES="4", KAIROS_FAUST_SPLIT_FROM="2")
     sessions, sent, sizes = await _apply_backlog(rig, 16, 2400, 7)
     assert sizes['"500.0"'] == sizes['"+Inf"']  # no part above KAIROS_BATCH_MAX
