@@ -217,9 +217,8 @@ def split_batch(messages: list[Any], lanes: int, split_from: int) -> list[list[A
     one part is planned while the part before it is written. Parts hold disjoint partitions,
     hence disjoint sessions and per-partition aggregate fences, and none of their partitions
     is taken again until its part is applied (PartitionLanes), so a session's events stay
-    in order. A small
-    batch stays whole: each part costs a round trip and the per-batch work (~0.3 ms of
-    CPU), which at 1,000 events/s is most of what the worker does."""
+    in order. A small batch stays whole: each part costs a round trip and the per-batch
+    work (~0.3 ms of CPU), which at 1,000 events/s is most of what the worker does."""
     if lanes == 1 or len(messages) < split_from:
         return [messages]
     parts: dict[int, list[Any]] = {}

@@ -158,8 +158,9 @@ class Handoff:
             batch.extend(queue.popleft() for _ in range(n))
             if queue:
                 queues[partition] = queue
-            self.stream_seen[TP(self.topic, partition)] = now  # faust's "stream stalled"
-            if len(batch) == max_:  # check reads it (a sensor, before)
+            # faust's "stream stalled" check reads this (a sensor set it, before)
+            self.stream_seen[TP(self.topic, partition)] = now
+            if len(batch) == max_:
                 break
         self.count -= len(batch)
         if self.held and self.count <= self.high // 2:
