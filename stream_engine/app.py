@@ -73,7 +73,7 @@ def create_app(settings: Settings, catalog: Catalog, metrics: WorkerMetrics) -> 
             for message in messages:  # committable once applied (and dead letters sent)
                 consumer.ack(message)
 
-        await PartitionLanes(handoff, settings, apply).run()
+        await PartitionLanes(handoff, settings, apply, metrics).run()
 
     @app.timer(1.0)  # type: ignore[untyped-decorator]
     async def report_lag() -> None:
@@ -146,28 +146,31 @@ class PartitionLanes:
     it applied ~7,200 events/s at 79% of a core, and now ~13,300/s at 97% (`loadtest
     drain`, loadtest/README.md, session 21). While a lane is busy, another starts
     only on `faust_split_from` messages or more: at 1,000 events/s a part of a few events
-    would cost a round trip and the per-batch work for little (`split_batch`)."""
+    would cost a round trip and the per-batch work for little (`split_batch`). A part that
+    fails is retried in place (`_apply`)."""
 
     def __init__(
         self,
         handoff: Handoff,
         settings: Settings,
         apply: Callable[[int, list[Any]], Awaitable[None]],
+        metrics: WorkerMetrics,
+        retry_first_s: float = 0.1,
+        retry_max_s: float = 5.0,
     ) -> None:
         self.handoff = handoff
         self.settings = settings
         self.apply = apply
+        self.metrics = metrics
+        self.retry_first_s = retry_first_s
+        self.retry_max_s = retry_max_s
         self.free = list(range(settings.lanes))
         self.busy: set[int] = set()  # partitions being applied
         self.running: set[asyncio.Task[None]] = set()
         self.lane_done = asyncio.Event()
-        self.failed: list[BaseException] = []
-        self.agent: asyncio.Task[Any] | None = None
 
     async def run(self) -> None:
-        """Until cancelled, or until an apply fails: then with its exception, as an apply
-        inline would have failed the agent."""
-        self.agent = asyncio.current_task()
+        """Until cancelled (the worker stopping, or a rebalance restarting the agent)."""
         settings, free = self.settings, self.free
         within = settings.batch_within_ms / 1000
         try:
@@ -184,23 +187,30 @@ class PartitionLanes:
                     task = asyncio.create_task(self._apply(free.pop(), part, partitions))
                     self.running.add(task)
                     task.add_done_callback(self.running.discard)
-        except asyncio.CancelledError:
-            if self.failed:
-                raise self.failed[0] from None
-            raise
         finally:
             for task in self.running:
                 task.cancel()
             await asyncio.gather(*self.running, return_exceptions=True)
 
     async def _apply(self, lane: int, part: list[Any], partitions: set[int]) -> None:
-        try:
-            await self.apply(lane, part)
-        except Exception as exc:  # its partitions stay busy: nothing after it is applied
-            self.failed.append(exc)
-            assert self.agent is not None
-            self.agent.cancel()
-            return
+        """Apply a part, retrying it in place until it lands. Ingest absorbs Redis
+        outages itself; what else fails (the DLQ unreachable, a bug) is retried here, with
+        the part's partitions held busy, so nothing after it in them is applied first.
+        Failing the agent instead would have faust restart it with a new hand-off: later
+        events of the same sessions applied first, and the failed ones, replayed after a
+        restart, skipped by the fences as already applied."""
+        delay = self.retry_first_s
+        while True:
+            try:
+                await self.apply(lane, part)
+                break
+            except Exception:
+                self.metrics.apply_failures.inc()
+                log.exception("applying %d events of partition(s) %s failed; retrying in "
+                              "%.1f s, nothing after them in those partitions meanwhile",
+                              len(part), sorted(partitions), delay)  # fmt: skip
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.retry_max_s)
         self.busy.difference_update(partitions)
         self.free.append(lane)
         self.lane_done.set()

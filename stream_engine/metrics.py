@@ -110,6 +110,10 @@ class WorkerMetrics:
             "kairos_store_errors_total", "Redis failures while applying a batch (retried)",
             registry=r,
         )  # fmt: skip
+        self.apply_failures = Counter(
+            "kairos_apply_failures_total",
+            "Batch applies that failed other than on Redis (retried in place)", registry=r,
+        )  # fmt: skip
         self.catalog_updates = Counter(
             "kairos_catalog_updates_total", "Catalog topic messages, by outcome", ["outcome"],
             registry=r,

@@ -12,6 +12,7 @@ from faust.types import TP
 
 from stream_engine.app import PartitionLanes
 from stream_engine.faust_transport import Handoff, KairosConsumer
+from stream_engine.metrics import WorkerMetrics
 from stream_engine.settings import Settings
 
 
@@ -165,6 +166,7 @@ class _Applies:
     def __init__(self, slow: dict[int, float], fail_on: int | None = None, expect: int = 0) -> None:
         self.slow = slow
         self.expect = expect
+        self.failures_left = 1 if fail_on is not None else 0
         self.all_applied = asyncio.Event()
         self.fail_on = fail_on
         self.parts: list[tuple[int, list[Any]]] = []
@@ -182,7 +184,8 @@ class _Applies:
         self.most_at_once = max(self.most_at_once, len(self.lanes_in_use))
         try:
             await asyncio.sleep(max([self.slow.get(p, 0.001) for p in partitions]))
-            if self.fail_on in partitions:
+            if self.fail_on in partitions and self.failures_left > 0:
+                self.failures_left -= 1
                 raise RuntimeError("the DLQ send failed")
             self.parts.append((lane, part))
             if sum(len(p) for _, p in self.parts) >= self.expect:
@@ -194,7 +197,7 @@ class _Applies:
 
 def _lanes(handoff: Handoff, applies: _Applies, lanes: int = 4, split_from: int = 4) -> Any:
     settings = Settings(lanes=lanes, faust_split_from=split_from, batch_max=50)
-    return PartitionLanes(handoff, settings, applies)
+    return PartitionLanes(handoff, settings, applies, WorkerMetrics())
 
 
 async def test_partition_lanes_apply_everything_once_in_each_partitions_order() -> None:
@@ -233,14 +236,26 @@ async def test_partition_lanes_keep_a_trickle_on_one_lane() -> None:
     assert applies.most_at_once == 1
 
 
-async def test_a_failed_apply_fails_the_lanes_and_nothing_after_it_is_applied() -> None:
+async def test_a_failed_apply_is_retried_in_place_and_its_partitions_wait_for_it() -> None:
     handoff, _ = _handoff(high=10_000)
-    applies = _Applies(slow={1: 0.02}, fail_on=1)
-    lanes = _lanes(handoff, applies)
+    applies = _Applies(slow={}, fail_on=1, expect=40)
+    applies.failures_left = 3  # the DLQ unreachable three times, then back
+    metrics = WorkerMetrics()
+    lanes = PartitionLanes(handoff, Settings(lanes=4, faust_split_from=4, batch_max=50),
+                           applies, metrics, retry_first_s=0.01, retry_max_s=0.02)  # fmt: skip
     task = asyncio.create_task(lanes.run())
-    for k in range(40):
-        handoff.put(_Message("clicks", k % 2, k // 2))
-    with pytest.raises(RuntimeError, match="DLQ send failed"):
-        await asyncio.wait_for(task, 2)
-    assert all(m.partition == 0 for _, part in applies.parts for m in part)
-    assert not lanes.running  # the other lanes' applies were cancelled or done
+    sent = [_Message("clicks", k % 2, k // 2) for k in range(20)]
+    for m in sent:
+        handoff.put(m)
+    await asyncio.sleep(0.03)  # partition 1's first part is failing meanwhile
+    later = [_Message("clicks", k % 2, 10 + k // 2) for k in range(20)]
+    for m in later:
+        handoff.put(m)
+    await asyncio.wait_for(applies.all_applied.wait(), 5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    applied = [m for _, part in applies.parts for m in part]
+    assert _by_partition(applied) == _by_partition(sent + later)  # once each, in order
+    assert metrics.apply_failures._value.get() == 3
+    assert applies.overlaps == 0
