@@ -20,7 +20,7 @@ from stream_engine.catalog import Catalog
 from stream_engine.catalog_updates import CatalogFollower
 from stream_engine.faust_transport import Handoff, KairosApp, KairosConsumer
 from stream_engine.heap import freeze_startup_heap
-from stream_engine.ingest import Ingest, dead_letter_body, redis_client
+from stream_engine.ingest import MAX_BACKOFF_S, Ingest, dead_letter_body, redis_client
 from stream_engine.metrics import WorkerMetrics
 from stream_engine.processor import Record
 from stream_engine.settings import Settings
@@ -156,7 +156,7 @@ class PartitionLanes:
         apply: Callable[[int, list[Any]], Awaitable[None]],
         metrics: WorkerMetrics,
         retry_first_s: float = 0.1,
-        retry_max_s: float = 5.0,
+        retry_max_s: float = MAX_BACKOFF_S,
     ) -> None:
         self.handoff = handoff
         self.settings = settings

@@ -164,14 +164,16 @@ class Handoff:
                 break
         self.count -= len(batch)
         if self.held and self.count <= self.high // 2:
-            held, self.held = self.held, set()
-            for tp in held:
-                self.consumer.on_buffer_drop(tp)
+            self._release_held()
         return batch
 
     def clear(self) -> None:
         self.queues.clear()
         self.count = 0
+        self._release_held()
+
+    def _release_held(self) -> None:
+        """Let every partition held back for a full hand-off fetch again."""
         held, self.held = self.held, set()
         for tp in held:
             self.consumer.on_buffer_drop(tp)
