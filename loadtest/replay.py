@@ -185,7 +185,8 @@ class Replayer:
         redis = connect(p.redis_url, max_connections=2, timeout_s=30.0)
         try:
             model = await refresh(redis, p.key_prefix, LEARNED_DIMS, s.latent_max_items,
-                                  ttl_ms=s.aggregate_ttl_s * 1000)  # fmt: skip
+                                  ttl_ms=s.aggregate_ttl_s * 1000,
+                                  covisit_half_life_ms=s.covisit_half_life_s * 1000)  # fmt: skip
         finally:
             await redis.aclose()
         if model is None:

@@ -120,7 +120,8 @@ def cmd_latent(settings: Settings, once: bool) -> int:
         try:
             return await run_learner(
                 redis, settings.key_prefix, space.latent_dims, settings.latent_max_items,
-                settings.aggregate_ttl_s * 1000, settings.latent_refresh_s, once, stopping,
+                settings.aggregate_ttl_s * 1000, settings.covisit_half_life_s * 1000,
+                settings.latent_refresh_s, once, stopping,
             )  # fmt: skip
         finally:
             await redis.aclose()

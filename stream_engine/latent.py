@@ -207,21 +207,32 @@ def learn(
     return LatentModel(version, tuple(ids), vectors, neighbours, similarity, now_ms)
 
 
-async def read_covisitation(redis: aioredis.Redis, keys: Keys) -> dict[str, dict[str, float]]:
-    """Every co-visitation sorted set, as item -> next item -> score."""
+async def read_covisitation(
+    redis: aioredis.Redis, keys: Keys, half_life_ms: float
+) -> dict[str, dict[str, float]]:
+    """Every co-visitation sorted set, as item -> next item -> score, all relative to the
+    current landmark: a set not written since the landmark last moved still holds scores
+    relative to its own (state.py), and is scaled here as its next write would."""
     prefix = keys.covisit("")
     names: list[bytes] = []
     async for name in redis.scan_iter(match=prefix + "*", count=SCAN_COUNT):
         names.append(name if isinstance(name, bytes) else name.encode())
+    landmark = await redis.hget(keys.agg_meta, "L")
     out: dict[str, dict[str, float]] = {}
     for start in range(0, len(names), READ_CHUNK):
         chunk = names[start : start + READ_CHUNK]
         pipe = redis.pipeline(transaction=False)
         for name in chunk:
             pipe.zrange(name, 0, -1, withscores=True)
-        for name, members in zip(chunk, await pipe.execute(), strict=True):
+        pipe.hmget(keys.agg_landmarks, chunk)
+        *rows, marks = await pipe.execute()
+        for name, members, mark in zip(chunk, rows, marks, strict=True):
+            f = 1.0
+            if mark is not None and landmark is not None and mark != landmark:
+                f = 2.0 ** ((int(mark) - int(landmark)) / half_life_ms)
             src = name.decode()[len(prefix) :]
-            out[src] = {(m.decode() if isinstance(m, bytes) else m): float(s) for m, s in members}
+            out[src] = {(m.decode() if isinstance(m, bytes) else m): float(s) * f
+                        for m, s in members}  # fmt: skip
     return out
 
 
@@ -307,11 +318,12 @@ async def install_newer(
 
 
 async def refresh(
-    redis: aioredis.Redis, prefix: str, dims: int, max_items: int, ttl_ms: int
-) -> LatentModel | None:
+    redis: aioredis.Redis, prefix: str, dims: int, max_items: int, ttl_ms: int,
+    covisit_half_life_ms: float,
+) -> LatentModel | None:  # fmt: skip
     """Learn from the current co-visitation and publish; None if there is too little yet."""
     started = time.monotonic()
-    rows = await read_covisitation(redis, Keys(prefix))
+    rows = await read_covisitation(redis, Keys(prefix), covisit_half_life_ms)
     previous = await load(redis, prefix)
     version = int(await redis.incr(latent_seq_key(prefix)))
     await redis.pexpire(latent_seq_key(prefix), ttl_ms)
@@ -331,7 +343,8 @@ async def refresh(
 
 async def run_learner(
     redis: aioredis.Redis, prefix: str, dims: int, max_items: int, ttl_ms: int,
-    every_s: float, once: bool = False, stopping: asyncio.Event | None = None,
+    covisit_half_life_ms: float, every_s: float, once: bool = False,
+    stopping: asyncio.Event | None = None,
 ) -> int:  # fmt: skip
     """Refresh every `every_s` until stopped (or once); a Redis failure is logged, the next
     tick retries. Returns the last published version (0 = none)."""
@@ -339,7 +352,7 @@ async def run_learner(
     version = 0
     while not stopping.is_set():
         try:
-            model = await refresh(redis, prefix, dims, max_items, ttl_ms)
+            model = await refresh(redis, prefix, dims, max_items, ttl_ms, covisit_half_life_ms)
             version = model.version if model is not None else version
         except STORE_ERRORS as exc:
             if once:

@@ -45,8 +45,11 @@ from stream_engine.vectors import from_bytes, to_bytes
 log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 5
 MAX_USER_SESSIONS = 32
-# 2^256 is far inside a double's range and leaves the relative precision untouched.
-REBASE_AFTER_HALF_LIVES = 256
+# Aggregate scores are integers (state.AGG_UNIT), exact below 2^52. After 16 half-lives a
+# fresh event adds 2^16 * AGG_UNIT ~ 6.6e7 units, which leaves room for a member with
+# ~6.8e7 events' worth of decayed weight (an item viewed ~2,000 times a second for its
+# whole trending half-life). Past 2^52 scores are still right, only stored as text again.
+REBASE_AFTER_HALF_LIVES = 16
 # One deadline per round trip (the connection carries no per-reply timer).
 STORE_TIMEOUT_S = 5.0
 # A partition's events per aggregate write. Redis runs one script at a time: a 500-event
@@ -226,6 +229,8 @@ class BatchProcessor:
         self.ttls = ttls
         self.covisit_keep = covisit_keep
         self.trending_keep = trending_keep
+        self._covisit_half_life = str(tuning.covisit_half_life_ms)
+        self._trending_half_life = str(tuning.trending_half_life_ms)
         self._sha: dict[str, str] = {}
         self.cache = cache if cache is not None else OwnerCache(cache_size)
         self.upkeep = upkeep or AggregateUpkeep(ttls.aggregate_ms)
@@ -235,7 +240,7 @@ class BatchProcessor:
         """SCRIPT LOAD once; batches then call EVALSHA. Called again after a NOSCRIPT
         (Redis restarted or flushed its scripts)."""
         for name in ("APPLY_SESSION", "APPLY_USER", "APPLY_AGGREGATES", "BLOCK_USER",
-                     "UNBLOCK_USER", "REBASE_AGGREGATES"):  # fmt: skip
+                     "UNBLOCK_USER", "MOVE_LANDMARK"):  # fmt: skip
             self._sha[name] = await self.redis.script_load(getattr(state, name))
 
     async def aclose(self) -> None:
@@ -395,13 +400,10 @@ class BatchProcessor:
         new = newest_ms - newest_ms % 1000
         if new <= landmark:
             return landmark
-        prefix = f"{self.keys.prefix}:{{agg}}:"
-        log.info("rebasing aggregates from landmark %d to %d", landmark, new)
-        async with asyncio.timeout(STORE_TIMEOUT_S * 10):
-            await self.redis.evalsha(
-                self._sha["REBASE_AGGREGATES"], 1, self.keys.agg_meta, landmark, new, prefix,
-                self.tuning.trending_half_life_ms, self.tuning.covisit_half_life_ms,
-            )  # fmt: skip
+        log.info("moving the aggregates' landmark from %d to %d", landmark, new)
+        async with asyncio.timeout(STORE_TIMEOUT_S):
+            await self.redis.evalsha(self._sha["MOVE_LANDMARK"], 1, self.keys.agg_meta,
+                                     landmark, new)  # fmt: skip
         self.cache.drop_aggregates()
         stored = await self.redis.hget(self.keys.agg_meta, "L")
         return _int(stored)
@@ -544,21 +546,24 @@ class BatchProcessor:
     def _queue_aggregate(
         self, pipe: list[tuple[Any, ...]], agg: AggregateWrite, now_ms: int
     ) -> None:
-        keys = [self.keys.agg_fence, self.keys.agg_meta]
+        keys = [self.keys.agg_fence, self.keys.agg_meta, self.keys.agg_landmarks]
         args: list[Any] = [agg.partition, _fence(agg.expected_fence), agg.fence, agg.landmark,
                            self.ttls.aggregate_ms]  # fmt: skip
         prefix = f"{self.keys.prefix}:{{agg}}:"
         due = self.upkeep.due
+        unit = state.AGG_UNIT
         for suffix, members in agg.increments.items():
             key = prefix + suffix
             keys.append(key)
-            keep = self.covisit_keep if suffix.startswith("cv:") else self.trending_keep
+            if suffix.startswith("cv:"):
+                keep, half_life = self.covisit_keep, self._covisit_half_life
+            else:
+                keep, half_life = self.trending_keep, self._trending_half_life
             check, expire = due(key, keep, len(members), now_ms)
-            # 6 significant digits (relative error 5e-7, far below what separates two
-            # items): Redis parses every increment with strtod, and parsing and printing
-            # doubles was ~23% of its CPU at 10,000 events/s (perf) with 17-digit reprs.
-            args += [check, "1" if expire else "0",
-                     " ".join([f"{m} {inc:.6g}" for m, inc in members.items()])]  # fmt: skip
+            # Whole units (state.AGG_UNIT): what rounds to none counts nothing.
+            args += [check, "1" if expire else "0", half_life,
+                     " ".join([f"{m} {n}" for m, inc in members.items()
+                               if (n := int(inc * unit + 0.5))])]  # fmt: skip
         self._call(pipe, "APPLY_AGGREGATES", keys, args)
 
 

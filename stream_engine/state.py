@@ -17,6 +17,7 @@ Cluster. Every key has a TTL. Vectors are raw little-endian float32.
     P:{u:uid}:x    string "erased"
     P:{agg}:fence  hash   partition -> last offset applied to the aggregates
     P:{agg}:meta   hash   L (landmark ms of forward decay)
+    P:{agg}:lk     hash   aggregate key -> the landmark its scores are relative to
     P:{agg}:cv:<item>     zset  next items, forward-decayed co-visitation scores
     P:{agg}:tr[:<node>]   zset  items, forward-decayed trending scores (global, per category)
     P:{ops}:pressure      string  a counter the decision APIs increment when their reads are
@@ -25,11 +26,17 @@ Cluster. Every key has a TTL. Vectors are raw little-endian float32.
 Every write checks its fence atomically with the write (compare-and-set): a redelivered or
 replayed event changes nothing, and a write based on a stale read is refused and retried.
 
-Aggregate scores grow as 2^((t - L)/h) from the landmark L in {agg}:meta. Before they
-could leave the range of a double, a worker moves L forward and scales every aggregate
-sorted set down by the same factor (REBASE_AGGREGATES), in one script, so readers always
-see scores and landmark that agree. That script walks the {agg} keys with SCAN: fine on one
-Redis; on a cluster all of them share the {agg} slot, but they are not declared as KEYS.
+Aggregate scores grow as 2^((t - L)/h) from the landmark L in {agg}:meta, in integer units
+of 1/AGG_UNIT of an event's weight. Integers because Redis keeps small sorted sets as
+listpacks, where an integer score is stored as an integer and a fractional one as text that
+every insert parses again: ZINCRBY on a 50-member set ran 3x faster with integer scores, and
+a worker at 10,000 events/s left Redis a fifth of its CPU (loadtest/README.md, session 22).
+Integers stay exact below 2^52, so a worker moves L forward every REBASE_AFTER_HALF_LIVES of
+the shorter half-life (MOVE_LANDMARK, one HSET). Each sorted set records its own landmark
+in {agg}:lk and is scaled to the new one by the next write that touches it
+(APPLY_AGGREGATES), so no script ever walks every key. Readers need no landmark: the API
+divides each set by its best score; the latent model reads {agg}:lk to put rows written
+before the last move on the same footing (latent.read_covisitation).
 """
 
 from __future__ import annotations
@@ -70,6 +77,11 @@ class Keys:
     @property
     def agg_meta(self) -> str:
         return f"{self.prefix}:{{agg}}:meta"
+
+    @property
+    def agg_landmarks(self) -> str:
+        """Each aggregate sorted set's landmark (its full key -> ms)."""
+        return f"{self.prefix}:{{agg}}:lk"
 
     def covisit(self, item_id: str) -> str:
         return f"{self.prefix}:{{agg}}:cv:{item_id}"
@@ -186,12 +198,17 @@ end
 return 1
 """
 
-# KEYS: agg fence, agg meta, then the zsets to touch
+# Aggregate scores are integers in units of 1/AGG_UNIT of an event's weight (see above).
+AGG_UNIT = 1000
+
+# KEYS: agg fence, agg meta, agg landmarks, then the zsets to touch
 # ARGV: partition, expected fence, new fence, landmark used, ttl ms,
 #       then per zset: keep (max members; 0 = don't check the size this time),
-#       expire ("1" = refresh its TTL), "member increment member increment ..."
+#       expire ("1" = refresh its TTL), its half-life ms, "member increment member increment ..."
 # (ids never contain spaces; one packed argument per zset keeps client-side packing cheap;
 # which sets to trim and re-expire is the worker's AggregateUpkeep)
+# A set whose recorded landmark is older than L is first scaled to L, rounded to integers;
+# members that round to 0 go.
 # Returns 1 applied, 0 fence or landmark conflict.
 APPLY_AGGREGATES = """
 local cur = redis.call('HGET', KEYS[1], ARGV[1]) or ''
@@ -202,48 +219,52 @@ if not landmark then
 elseif landmark ~= ARGV[4] then
   return 0
 end
+local L = ARGV[4]
 local ttl = tonumber(ARGV[5])
 local i = 6
-for k = 3, #KEYS do
+for k = 4, #KEYS do
+  local key = KEYS[k]
+  local at = redis.call('HGET', KEYS[3], key)
+  local expire = ARGV[i + 1] == '1'
+  if at ~= L then
+    if at then
+      expire = true  -- scaled to nothing, the set is gone with its TTL
+      local f = 2 ^ ((tonumber(at) - tonumber(L)) / tonumber(ARGV[i + 2]))
+      local rows = redis.call('ZRANGE', key, 0, -1, 'WITHSCORES')
+      for j = 1, #rows, 2000 do
+        local args = {}
+        for m = j, math.min(j + 1999, #rows), 2 do
+          args[#args + 1] = math.floor(tonumber(rows[m + 1]) * f + 0.5)
+          args[#args + 1] = rows[m]
+        end
+        redis.call('ZADD', key, unpack(args))
+      end
+      redis.call('ZREMRANGEBYSCORE', key, '-inf', 0)
+    end
+    redis.call('HSET', KEYS[3], key, L)
+  end
   local keep = tonumber(ARGV[i])
-  for member, inc in string.gmatch(ARGV[i + 2], '(%S+) (%S+)') do
-    redis.call('ZINCRBY', KEYS[k], inc, member)
+  for member, inc in string.gmatch(ARGV[i + 3], '(%S+) (%S+)') do
+    redis.call('ZINCRBY', key, inc, member)
   end
-  if keep > 0 and redis.call('ZCARD', KEYS[k]) > keep then
-    redis.call('ZREMRANGEBYRANK', KEYS[k], 0, -keep - 1)
+  if keep > 0 and redis.call('ZCARD', key) > keep then
+    redis.call('ZREMRANGEBYRANK', key, 0, -keep - 1)
   end
-  if ARGV[i + 1] == '1' then redis.call('PEXPIRE', KEYS[k], ttl) end
-  i = i + 3
+  if expire then redis.call('PEXPIRE', key, ttl) end
+  i = i + 4
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
 redis.call('PEXPIRE', KEYS[1], ttl)
 redis.call('PEXPIRE', KEYS[2], ttl)
+redis.call('PEXPIRE', KEYS[3], ttl)
 return 1
 """
 
-# KEYS: agg meta; ARGV: landmark expected, new landmark, key prefix ("P:{agg}:"),
-#       trending half-life ms, co-visitation half-life ms.
-# Scales every aggregate sorted set by 2^(-(new - old)/h) and moves the landmark, keeping
-# each key's TTL (ZUNIONSTORE would drop it). Returns 1, or 0 if the landmark moved already.
-REBASE_AGGREGATES = """
+# KEYS: agg meta; ARGV: landmark expected, new landmark. Moves the landmark (compare-and-
+# set); every sorted set follows at its next write (APPLY_AGGREGATES). Returns 1, or 0 if
+# the landmark moved already.
+MOVE_LANDMARK = """
 if redis.call('HGET', KEYS[1], 'L') ~= ARGV[1] then return 0 end
-local dt = tonumber(ARGV[2]) - tonumber(ARGV[1])
-local f_tr = 2 ^ (-dt / tonumber(ARGV[4]))
-local f_cv = 2 ^ (-dt / tonumber(ARGV[5]))
-local cursor = '0'
-repeat
-  local res = redis.call('SCAN', cursor, 'MATCH', ARGV[3] .. '*', 'COUNT', 1000)
-  cursor = res[1]
-  for _, k in ipairs(res[2]) do
-    if redis.call('TYPE', k).ok == 'zset' then
-      local f = f_tr
-      if string.find(k, ARGV[3] .. 'cv:', 1, true) == 1 then f = f_cv end
-      local ttl = redis.call('PTTL', k)
-      redis.call('ZUNIONSTORE', k, 1, k, 'WEIGHTS', f)
-      if ttl > 0 then redis.call('PEXPIRE', k, ttl) end
-    end
-  end
-until cursor == '0'
 redis.call('HSET', KEYS[1], 'L', ARGV[2])
 return 1
 """

@@ -17,6 +17,7 @@ from stream_engine.catalog import Catalog
 from stream_engine.demo_catalog import generate
 from stream_engine.erasure import erase_user
 from stream_engine.events import Event, EventType, encode_event
+from stream_engine.latent import read_covisitation
 from stream_engine.planning import Tuning
 from stream_engine.processor import BatchProcessor, Record, Ttls
 from stream_engine.state import Keys
@@ -321,34 +322,55 @@ async def test_the_owner_cache_yields_to_what_redis_holds(
     assert s[b"r"] == ITEMS[1].encode()
 
 
-async def test_aggregates_are_rebased_before_their_scores_overflow(
+async def test_the_landmark_moves_and_each_aggregate_set_follows_it_at_its_next_write(
     redis_client: aioredis.Redis, key_prefix: str
 ) -> None:
-    """With 1 s half-lives, 300 s of events is 300 half-lives: the landmark moves, every
-    sorted set is scaled down with it, rankings and TTLs survive."""
+    """Scores are whole units. With 1 s half-lives, 300 s of events is 300 half-lives: the
+    landmark moves; a set the next batch writes is first scaled to it (what decays to less
+    than a unit goes), a set it does not write keeps its scores and its own landmark until
+    it is written, and the latent model's read puts it on the current landmark meanwhile."""
     fast = Tuning(1_800_000, 86_400_000, covisit_half_life_ms=2_000, trending_half_life_ms=1_000)
     processor = BatchProcessor(redis_client, Keys(key_prefix), CATALOG, fast, TTLS)
     keys = Keys(key_prefix)
     try:
         log = Log()
         log.t0 -= 600_000
-        first = [log(EventType.VIEW, "s1", item_id=ITEMS[0]),
-                 log(EventType.VIEW, "s1", item_id=ITEMS[1])]  # fmt: skip
-        await processor.process(first)
-        old_landmark = int(cast(bytes, await redis_client.hget(keys.agg_meta, "L")))
+        await processor.process([log(EventType.VIEW, "s1", item_id=ITEMS[0]),
+                                 log(EventType.VIEW, "s1", item_id=ITEMS[1])])  # fmt: skip
+        old = int(cast(bytes, await redis_client.hget(keys.agg_meta, "L")))
+        ((_, before),) = old_pair = await _zset(redis_client, keys.covisit(ITEMS[0]))
+        assert before == int(before) > 0
         log.t0 += 300_000
-        await processor.process([log(EventType.VIEW, "s2", item_id=ITEMS[2])])
+        await processor.process([log(EventType.VIEW, "s2", item_id=ITEMS[2]),
+                                 log(EventType.VIEW, "s2", item_id=ITEMS[3])])  # fmt: skip
         landmark = int(cast(bytes, await redis_client.hget(keys.agg_meta, "L")))
-        assert landmark > old_landmark + 250_000
+        assert landmark > old + 250_000
         trending = await _zset(redis_client, keys.trending(), desc=True)
-        assert trending[0][0] == ITEMS[2].encode()  # the recent view outranks the old ones
-        assert all(0 < score < 2**64 for _, score in trending), trending
-        # The old co-visitation pair was scaled with the same landmark move.
-        ((_, pair),) = await _zset(redis_client, keys.covisit(ITEMS[0]))
-        assert 0 < pair < 1e-30
+        # The old views were scaled by 2^-300: nothing left of them.
+        assert [m for m, _ in trending] == [ITEMS[3].encode(), ITEMS[2].encode()]
+        assert all(score == int(score) and 0 < score < 2**52 for _, score in trending)
         assert await redis_client.pttl(keys.trending()) > 0
+
+        # Not written since the move: as it was, on its own landmark ...
+        assert await _zset(redis_client, keys.covisit(ITEMS[0])) == old_pair
+        assert await _landmark_of(redis_client, keys, keys.covisit(ITEMS[0])) == old
+        rows = await read_covisitation(redis_client, keys, fast.covisit_half_life_ms)
+        scaled = before * 2.0 ** ((old - landmark) / fast.covisit_half_life_ms)
+        assert rows[ITEMS[0]][ITEMS[1]] == pytest.approx(scaled, rel=1e-9)
+        ((_, fresh),) = await _zset(redis_client, keys.covisit(ITEMS[2]))
+        assert rows[ITEMS[2]] == {ITEMS[3]: fresh}
+        # ... until a write touches it.
+        await processor.process([log(EventType.VIEW, "s3", item_id=ITEMS[0]),
+                                 log(EventType.VIEW, "s3", item_id=ITEMS[4])])  # fmt: skip
+        after = await _zset(redis_client, keys.covisit(ITEMS[0]))
+        assert [m for m, _ in after] == [ITEMS[4].encode()]
+        assert await _landmark_of(redis_client, keys, keys.covisit(ITEMS[0])) == landmark
     finally:
         await processor.aclose()
+
+
+async def _landmark_of(redis: aioredis.Redis, keys: Keys, key: str) -> int:
+    return int(cast(bytes, await redis.hget(keys.agg_landmarks, key)))
 
 
 async def _aggregates(redis: aioredis.Redis, prefix: str) -> dict[str, dict[str, float]]:
@@ -368,8 +390,8 @@ def _assert_same_aggregates(
     assert sorted(got) == sorted(want)
     for name, members in want.items():
         assert sorted(got[name]) == sorted(members), name
-        for m, score in members.items():  # each write rounds to 6 significant digits
-            assert got[name][m] == pytest.approx(score, rel=1e-5), (name, m)
+        for m, score in members.items():  # each write rounds to whole units: ±0.5 a write
+            assert got[name][m] == pytest.approx(score, abs=2.0), (name, m)
 
 
 def _shopping(log: Log, n: int) -> list[Record]:
