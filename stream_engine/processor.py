@@ -231,6 +231,16 @@ class BatchProcessor:
         self.trending_keep = trending_keep
         self._covisit_half_life = str(tuning.covisit_half_life_ms)
         self._trending_half_life = str(tuning.trending_half_life_ms)
+        # Aggregate sets (by suffix) a write of this processor that Redis applied touched at
+        # landmark _settled_at: they are on it, so a write at that landmark skips checking
+        # theirs (an HGET per set, ~4% of Redis's CPU at 10,000 events/s). Only an applied
+        # write counts, and the write's own landmark check (APPLY_AGGREGATES) refuses it if
+        # the landmark has moved since, so no set can be skipped while on an older one.
+        # Every aggregate write refreshes the TTL of {agg}:lk; past the upkeep's refresh
+        # interval without one this processor stops trusting what it knows.
+        self._settled: set[str] = set()
+        self._settled_at: int | None = None
+        self._settled_ms = 0
         self._sha: dict[str, str] = {}
         self.cache = cache if cache is not None else OwnerCache(cache_size)
         self.upkeep = upkeep or AggregateUpkeep(ttls.aggregate_ms)
@@ -511,7 +521,7 @@ class BatchProcessor:
             if kind == "session":
                 conflicts += self._after_session_write(write, res, out)
             elif kind == "agg":
-                conflicts += self._after_aggregate_write(write, res)
+                conflicts += self._after_aggregate_write(write, res, now_ms)
         return conflicts
 
     def _after_session_write(self, write: SessionWrite, res: int, out: Outcome) -> int:
@@ -534,13 +544,18 @@ class BatchProcessor:
             self.cache.drop(sid)
         return 0
 
-    def _after_aggregate_write(self, agg: AggregateWrite, res: int) -> int:
+    def _after_aggregate_write(self, agg: AggregateWrite, res: int, now_ms: int) -> int:
         if res == 0:
             self.cache.drop_aggregates()
             self.upkeep.forget()  # its schedule counted this write
             return 1
         self.cache.agg_fences[agg.partition] = agg.fence
         self.cache.landmark = agg.landmark
+        if agg.landmark != self._settled_at or len(self._settled) > AggregateUpkeep.MAX_KNOWN:
+            self._settled.clear()
+            self._settled_at = agg.landmark
+        self._settled.update(agg.increments)
+        self._settled_ms = now_ms
         return 0
 
     def _queue_aggregate(
@@ -552,6 +567,9 @@ class BatchProcessor:
         prefix = f"{self.keys.prefix}:{{agg}}:"
         due = self.upkeep.due
         unit = state.AGG_UNIT
+        settled: set[str] | frozenset[str] = frozenset()
+        if agg.landmark == self._settled_at and now_ms - self._settled_ms < self.upkeep.refresh_ms:
+            settled = self._settled
         for suffix, members in agg.increments.items():
             key = prefix + suffix
             keys.append(key)
@@ -561,7 +579,7 @@ class BatchProcessor:
                 keep, half_life = self.trending_keep, self._trending_half_life
             check, expire = due(key, keep, len(members), now_ms)
             # Whole units (state.AGG_UNIT): what rounds to none counts nothing.
-            args += [check, "1" if expire else "0", half_life,
+            args += [check, "1" if expire else "0", "" if suffix in settled else half_life,
                      " ".join([f"{m} {n}" for m, inc in members.items()
                                if (n := int(inc * unit + 0.5))])]  # fmt: skip
         self._call(pipe, "APPLY_AGGREGATES", keys, args)

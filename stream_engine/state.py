@@ -204,7 +204,8 @@ AGG_UNIT = 1000
 # KEYS: agg fence, agg meta, agg landmarks, then the zsets to touch
 # ARGV: partition, expected fence, new fence, landmark used, ttl ms,
 #       then per zset: keep (max members; 0 = don't check the size this time),
-#       expire ("1" = refresh its TTL), its half-life ms, "member increment member increment ..."
+#       expire ("1" = refresh its TTL), its half-life ms ("" = the worker knows the set is
+#       on this landmark: don't check), "member increment member increment ..."
 # (ids never contain spaces; one packed argument per zset keeps client-side packing cheap;
 # which sets to trim and re-expire is the worker's AggregateUpkeep)
 # A set whose recorded landmark is older than L is first scaled to L, rounded to integers;
@@ -224,8 +225,9 @@ local ttl = tonumber(ARGV[5])
 local i = 6
 for k = 4, #KEYS do
   local key = KEYS[k]
-  local at = redis.call('HGET', KEYS[3], key)
   local expire = ARGV[i + 1] == '1'
+  local at = L
+  if ARGV[i + 2] ~= '' then at = redis.call('HGET', KEYS[3], key) end
   if at ~= L then
     if at then
       expire = true  -- scaled to nothing, the set is gone with its TTL

@@ -369,6 +369,42 @@ async def test_the_landmark_moves_and_each_aggregate_set_follows_it_at_its_next_
         await processor.aclose()
 
 
+async def test_a_set_a_worker_wrote_is_still_scaled_when_another_worker_moved_the_landmark(
+    redis_client: aioredis.Redis, key_prefix: str
+) -> None:
+    """A worker skips checking the landmark of sets it wrote at the current one; when
+    another worker moved it meanwhile, its write is refused, and the retry checks and
+    scales the set."""
+    fast = Tuning(1_800_000, 86_400_000, covisit_half_life_ms=10_000, trending_half_life_ms=1_000)
+    keys = Keys(key_prefix)
+    mine = BatchProcessor(redis_client, keys, CATALOG, fast, TTLS)
+    other = BatchProcessor(redis_client, keys, CATALOG, fast, TTLS)
+    try:
+        log, theirs = Log(partition=0), Log(partition=1)
+        for _ in range(2):  # the second write of the set skips the check
+            await mine.process([log(EventType.VIEW, "s1", item_id=ITEMS[0]),
+                                log(EventType.VIEW, "s1", item_id=ITEMS[1]),
+                                log(EventType.VIEW, "s4", item_id=ITEMS[7])])  # fmt: skip
+        old = await _landmark_of(redis_client, keys, keys.covisit(ITEMS[0]))
+        ((_, before),) = await _zset(redis_client, keys.covisit(ITEMS[0]))
+        theirs.t0 = log.t0 + 25_000  # 25 trending half-lives on: the other worker moves it
+        await other.process([theirs(EventType.VIEW, "s2", item_id=ITEMS[5])])
+        landmark = int(cast(bytes, await redis_client.hget(keys.agg_meta, "L")))
+        assert landmark > old + 20_000
+        # s4, whose state this worker wrote (nothing to read first), 7 s after the old
+        # landmark: no reason to move it itself
+        out = await mine.process([log(EventType.VIEW, "s4", item_id=ITEMS[0])])
+        assert out.conflicts >= 1
+        after = dict(await _zset(redis_client, keys.covisit(ITEMS[0])))
+        scaled = before * 2.0 ** ((old - landmark) / fast.covisit_half_life_ms)
+        assert after[ITEMS[1].encode()] == pytest.approx(scaled, abs=0.5)
+        assert ITEMS[7].encode() in after
+        assert await _landmark_of(redis_client, keys, keys.covisit(ITEMS[0])) == landmark
+    finally:
+        await mine.aclose()
+        await other.aclose()
+
+
 async def _landmark_of(redis: aioredis.Redis, keys: Keys, key: str) -> int:
     return int(cast(bytes, await redis.hget(keys.agg_landmarks, key)))
 
