@@ -38,7 +38,7 @@ import redis.asyncio as aioredis
 
 from stream_engine.catalog import Catalog, Matrix
 from stream_engine.ingest import STORE_ERRORS
-from stream_engine.state import Keys
+from stream_engine.state import AGG_UNIT, Keys
 
 log = logging.getLogger("kairos.latent")
 
@@ -212,7 +212,8 @@ async def read_covisitation(
 ) -> dict[str, dict[str, float]]:
     """Every co-visitation sorted set, as item -> next item -> score, all relative to the
     current landmark: a set not written since the landmark last moved still holds scores
-    relative to its own (state.py), and is scaled here as its next write would."""
+    relative to its own (state.py), and is scaled here as its next write would scale it,
+    as is one written before whole units."""
     prefix = keys.covisit("")
     names: list[bytes] = []
     async for name in redis.scan_iter(match=prefix + "*", count=SCAN_COUNT):
@@ -228,7 +229,9 @@ async def read_covisitation(
         *rows, marks = await pipe.execute()
         for name, members, mark in zip(chunk, rows, marks, strict=True):
             f = 1.0
-            if mark is not None and landmark is not None and mark != landmark:
+            if mark is None:  # written before whole units, on the current landmark
+                f = AGG_UNIT
+            elif landmark is not None and mark != landmark:
                 f = 2.0 ** ((int(mark) - int(landmark)) / half_life_ms)
             src = name.decode()[len(prefix) :]
             out[src] = {(m.decode() if isinstance(m, bytes) else m): float(s) * f

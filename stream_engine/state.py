@@ -209,7 +209,9 @@ AGG_UNIT = 1000
 # (ids never contain spaces; one packed argument per zset keeps client-side packing cheap;
 # which sets to trim and re-expire is the worker's AggregateUpkeep)
 # A set whose recorded landmark is older than L is first scaled to L, rounded to integers;
-# members that round to 0 go.
+# members that round to 0 go. A set with none recorded that exists was written before
+# whole units (by a worker of an earlier version, on the current landmark): it is scaled
+# to units.
 # Returns 1 applied, 0 fence or landmark conflict.
 APPLY_AGGREGATES = """
 local cur = redis.call('HGET', KEYS[1], ARGV[1]) or ''
@@ -229,9 +231,14 @@ for k = 4, #KEYS do
   local at = L
   if ARGV[i + 2] ~= '' then at = redis.call('HGET', KEYS[3], key) end
   if at ~= L then
+    local f = nil
     if at then
+      f = 2 ^ ((tonumber(at) - tonumber(L)) / tonumber(ARGV[i + 2]))
+    elseif redis.call('EXISTS', key) == 1 then
+      f = AGG_UNIT  -- written before whole units: scores in event weights, on this landmark
+    end
+    if f then
       expire = true  -- scaled to nothing, the set is gone with its TTL
-      local f = 2 ^ ((tonumber(at) - tonumber(L)) / tonumber(ARGV[i + 2]))
       local rows = redis.call('ZRANGE', key, 0, -1, 'WITHSCORES')
       for j = 1, #rows, 2000 do
         local args = {}
@@ -260,7 +267,7 @@ redis.call('PEXPIRE', KEYS[1], ttl)
 redis.call('PEXPIRE', KEYS[2], ttl)
 redis.call('PEXPIRE', KEYS[3], ttl)
 return 1
-"""
+""".replace("AGG_UNIT", str(AGG_UNIT))
 
 # KEYS: agg meta; ARGV: landmark expected, new landmark. Moves the landmark (compare-and-
 # set); every sorted set follows at its next write (APPLY_AGGREGATES). Returns 1, or 0 if

@@ -405,6 +405,28 @@ async def test_a_set_a_worker_wrote_is_still_scaled_when_another_worker_moved_th
         await other.aclose()
 
 
+async def test_a_set_written_before_whole_units_is_scaled_to_them_by_its_next_write(
+    processor: BatchProcessor, redis_client: aioredis.Redis, key_prefix: str
+) -> None:
+    """An earlier version stored scores in event weights and recorded no landmark per set:
+    the latent read and the next write both take such a set as on the current landmark,
+    in weights, so it keeps its share instead of counting a thousandth as much."""
+    keys = Keys(key_prefix)
+    log = Log()
+    await processor.process([log(EventType.VIEW, "s0", item_id=ITEMS[9])])  # sets L
+    await redis_client.zadd(keys.covisit(ITEMS[0]), {ITEMS[1]: 2.5, ITEMS[2]: 0.25})
+    rows = await read_covisitation(redis_client, keys, TUNING.covisit_half_life_ms)
+    assert rows[ITEMS[0]] == {ITEMS[1]: 2500.0, ITEMS[2]: 250.0}
+    await processor.process([log(EventType.VIEW, "s1", item_id=ITEMS[0]),
+                             log(EventType.VIEW, "s1", item_id=ITEMS[3])])  # fmt: skip
+    after = dict(await _zset(redis_client, keys.covisit(ITEMS[0])))
+    assert after[ITEMS[1].encode()] == 2500.0
+    assert after[ITEMS[2].encode()] == 250.0
+    assert 900 < after[ITEMS[3].encode()] < 1100  # one forward co-visit, about now
+    landmark = int(cast(bytes, await redis_client.hget(keys.agg_meta, "L")))
+    assert await _landmark_of(redis_client, keys, keys.covisit(ITEMS[0])) == landmark
+
+
 async def _landmark_of(redis: aioredis.Redis, keys: Keys, key: str) -> int:
     return int(cast(bytes, await redis.hget(keys.agg_landmarks, key)))
 
