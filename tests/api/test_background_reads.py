@@ -19,7 +19,7 @@ from api.settings import Settings
 from stream_engine.catalog import Catalog
 from stream_engine.catalog_updates import catalog_items_key, catalog_version_key
 from stream_engine.events import EventType
-from stream_engine.state import AGG_UNIT, Keys
+from stream_engine.state import Keys
 from tests.api.conftest import client_for
 
 pytestmark = pytest.mark.integration
@@ -166,8 +166,7 @@ async def test_a_starting_api_reads_co_visitation_before_decisions_ask_for_it(
         assert r.json()["strategy"] == "personalized"
         assert rt.metrics.covis_reads._value.get() == 0  # a was warmed
 
-        # the worker, since the start: one co-visit (its weight 1, in the worker's units)
-        await redis_client.zadd(keys.covisit(d), {e: float(AGG_UNIT)})
+        await redis_client.zadd(keys.covisit(d), {e: 1.0})  # the worker, since the start
         await clicks(sid, (EventType.CLICK, d))
         r = await client.get(f"/v1/slots/home_recs?session_id={sid}")
         assert rt.metrics.covis_reads._value.get() == 1  # d: read on first ask
