@@ -420,10 +420,11 @@ async def record_run(
     server = await redis.info("server")
     summary["environment"] = {**environment(server), "other_kairos_processes": strangers}
     summary["setup"] = setup
-    return _write(out_dir, kind, {"summary": summary, **details}, workdir)
+    return write_results(out_dir, kind, {"summary": summary, **details}, workdir)
 
 
-def _write(out_dir: Path, kind: str, body: dict[str, Any], workdir: Path) -> Path:
+def write_results(out_dir: Path, kind: str, body: dict[str, Any], workdir: Path) -> Path:
+    """`out_dir/<kind>-<time>.json`, printed; the bench's work directory goes."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_bytes(orjson.dumps(body, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS))

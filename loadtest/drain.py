@@ -29,18 +29,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import orjson
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from loadtest.catchup import Backlog
+from loadtest.decisions import write_results
 from loadtest.http import free_port
 from loadtest.ingest import (
     Bench,
     CpuMeter,
     _cleanup,
     _create_topics,
-    discard_workdir,
     environment,
     stack_pids,
     start_worker,
@@ -189,19 +188,11 @@ async def run(
         for bench in benches:
             await _cleanup(bench, redis)
         await redis.aclose()
-    discard_workdir(workdir)
     summary = summarize(legs, ["raw", *engines])
     env = {**environment(server), "other_kairos_processes": strangers}
     body = {"summary": summary, "legs": [asdict(leg) for leg in legs], "environment": env}
-    print(f"results: {_write(out_dir, body)}")
+    write_results(out_dir, "drain", body, workdir)
     return summary
-
-
-def _write(out_dir: Path, body: dict[str, Any]) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"drain-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_bytes(orjson.dumps(body, option=orjson.OPT_INDENT_2))
-    return path
 
 
 def _line(leg: Leg) -> str:
