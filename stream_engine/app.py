@@ -62,7 +62,8 @@ def create_app(settings: Settings, catalog: Catalog, metrics: WorkerMetrics) -> 
         consumer = cast(KairosConsumer, app.consumer)
         # The clickstream skips faust's per-event streams (faust_transport.Handoff); a
         # partition is held back from fetching once this many of its messages wait.
-        handoff = consumer.handoff(settings.clickstream_topic, app.conf.stream_buffer_maxsize)
+        handoff = consumer.handoff(settings.clickstream_topic, app.conf.stream_buffer_maxsize,
+                                   metrics.handoff_wait.observe_many)  # fmt: skip
 
         async def apply(lane: int, messages: list[Any]) -> None:
             records = [_record(m) for m in messages]

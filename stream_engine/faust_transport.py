@@ -97,11 +97,23 @@ class Handoff:
     partition it keeps back to its committed offset, so whatever was waiting here is
     fetched again."""
 
-    def __init__(self, consumer: KairosConsumer, topic: str, high: int) -> None:
+    def __init__(
+        self,
+        consumer: KairosConsumer,
+        topic: str,
+        high: int,
+        observe_wait: Callable[[list[float]], None] | None = None,
+    ) -> None:
         self.consumer = consumer
         self.topic = topic
         self.high = high
         self.queues: dict[int, deque[Any]] = {}  # by partition, taken from in turn
+        # when each queued message was handed over (self.clock), in the same order
+        self.arrived: dict[int, deque[float]] = {}
+        # Gets each take's waits (taken - handed over, seconds): the part of freshness
+        # spent behind the batches before (kairos_handoff_wait_seconds).
+        self.observe_wait = observe_wait
+        self.clock = time.monotonic
         self.count = 0
         self.ready = asyncio.Event()
         self.held: set[Any] = set()
@@ -111,7 +123,9 @@ class Handoff:
         queue = self.queues.get(message.partition)
         if queue is None:
             queue = self.queues[message.partition] = deque()
+            self.arrived[message.partition] = deque()
         queue.append(message)
+        self.arrived[message.partition].append(self.clock())
         self.count += 1
         self.ready.set()
         if self.count >= self.high:
@@ -148,16 +162,20 @@ class Handoff:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.ready.wait(), left)
         batch: list[Any] = []
-        now = time.monotonic()
-        queues = self.queues
+        waits: list[float] = []
+        now = self.clock()
+        queues, arrived = self.queues, self.arrived
         for partition in list(queues):
             if partition in busy:
                 continue
             queue = queues.pop(partition)  # back in at the end: the next take starts after
+            times = arrived.pop(partition)
             n = min(max_ - len(batch), len(queue))
             batch.extend(queue.popleft() for _ in range(n))
+            waits.extend(now - times.popleft() for _ in range(n))
             if queue:
                 queues[partition] = queue
+                arrived[partition] = times
             # faust's "stream stalled" check reads this (a sensor set it, before)
             self.stream_seen[TP(self.topic, partition)] = now
             if len(batch) == max_:
@@ -165,10 +183,13 @@ class Handoff:
         self.count -= len(batch)
         if self.held and self.count <= self.high // 2:
             self._release_held()
+        if self.observe_wait is not None:
+            self.observe_wait(waits)
         return batch
 
     def clear(self) -> None:
         self.queues.clear()
+        self.arrived.clear()
         self.count = 0
         self._release_held()
 
@@ -185,11 +206,13 @@ class KairosConsumer(faust_aiokafka.Consumer):
         self._buffer_dropped = asyncio.Event()
         self.handoffs: dict[str, Handoff] = {}
 
-    def handoff(self, topic: str, high: int) -> Handoff:
+    def handoff(
+        self, topic: str, high: int, observe_wait: Callable[[list[float]], None] | None = None
+    ) -> Handoff:
         """The topic's messages go to the returned Handoff, not through faust's streams."""
         if (old := self.handoffs.get(topic)) is not None:  # the agent restarted
             old.clear()
-        handoff = self.handoffs[topic] = Handoff(self, topic, high)
+        handoff = self.handoffs[topic] = Handoff(self, topic, high, observe_wait)
         self.app.flow_control.manage_queue(handoff)  # type: ignore[arg-type]
         return handoff
 

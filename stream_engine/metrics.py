@@ -99,6 +99,12 @@ class WorkerMetrics:
             "Kafka record timestamp (produced) to state written in Redis",
             buckets=FRESHNESS_BUCKETS, registry=r,
         )  # fmt: skip
+        self.handoff_wait = BatchHistogram(
+            "kairos_handoff_wait_seconds",
+            "Clickstream message fetched to taken into a micro-batch (faust engine): the wait "
+            "behind the batches before",
+            buckets=FRESHNESS_BUCKETS, registry=r,
+        )  # fmt: skip
         self.freshness_event = BatchHistogram(
             "kairos_freshness_event_seconds", "Event time (ts) to state written in Redis",
             buckets=FRESHNESS_BUCKETS, registry=r,

@@ -259,3 +259,37 @@ async def test_a_failed_apply_is_retried_in_place_and_its_partitions_wait_for_it
     assert _by_partition(applied) == _by_partition(sent + later)  # once each, in order
     assert metrics.apply_failures._value.get() == 3
     assert applies.overlaps == 0
+
+
+async def test_each_take_reports_how_long_its_messages_waited_in_the_hand_off() -> None:
+    waits: list[list[float]] = []
+    handoff = Handoff(cast(KairosConsumer, _Consumer()), "clicks", 1000, waits.append)
+    now = [100.0]
+    handoff.clock = lambda: now[0]
+    handoff.put(_Message("clicks", 0, 0))
+    handoff.put(_Message("clicks", 1, 0))
+    now[0] = 100.5
+    handoff.put(_Message("clicks", 0, 1))
+    handoff.put(_Message("clicks", 1, 1))
+    now[0] = 101.0
+    first = await handoff.take(10, 0.0, busy={1})  # partition 1 stays: not observed yet
+    assert [(m.partition, m.offset) for m in first] == [(0, 0), (0, 1)]
+    assert waits == [[1.0, 0.5]]
+    now[0] = 103.0
+    handoff.put(_Message("clicks", 0, 2))
+    second = await handoff.take(10, 0.0)
+    assert sorted((m.partition, m.offset) for m in second) == [(0, 2), (1, 0), (1, 1)]
+    assert sorted(waits[1]) == [0.0, 2.5, 3.0]
+    handoff.clear()  # a rebalance: what waited is fetched again, never observed
+    handoff.put(_Message("clicks", 2, 0))
+    assert [m.offset for m in await handoff.take(10, 0.0)] == [0]
+    assert waits[2] == [0.0]
+
+
+def test_the_worker_exports_hand_off_waits_as_a_histogram() -> None:
+    metrics = WorkerMetrics()
+    metrics.handoff_wait.observe_many([0.0005, 0.004, 0.2])
+    sample = metrics.registry.get_sample_value
+    assert sample("kairos_handoff_wait_seconds_count") == 3
+    assert sample("kairos_handoff_wait_seconds_bucket", {"le": "0.005"}) == 2
+    assert sample("kairos_handoff_wait_seconds_bucket", {"le": "0.1"}) == 2

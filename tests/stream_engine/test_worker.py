@@ -393,6 +393,10 @@ async def _pair_shares(rig: Rig, second_engine: str | None) -> None:
     per_worker = [_metric(port, "kairos_events_total{", 'outcome="ok"') for port in ports]
     assert all(n > 0 for n in per_worker), per_worker
     assert sum(per_worker) == 320
+    if rig.env["KAIROS_ENGINE"] == "faust" and second_engine is None:
+        # every event waited in a faust worker's hand-off, and was timed there
+        waited = [_metric(port, "kairos_handoff_wait_seconds_count", "") for port in ports]
+        assert sum(waited) >= 320, waited
     # Each reports lag for the partitions it owns; together all four, and nothing left.
     await asyncio.sleep(2.5)
     lags = [_samples(port, "kairos_consumer_lag{") for port in ports]
