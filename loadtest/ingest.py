@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from collections import defaultdict, deque
 from collections.abc import Callable
@@ -42,6 +43,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from loadtest.http import free_port
 from loadtest.openloop import PacingStats, Percentiles, median_of, open_loop
 from loadtest.producer import make_producer
 from loadtest.traffic import TRACKED, Traffic
@@ -73,6 +75,9 @@ class RunResult:  # kind: "raw" or the engine name
     # far behind it runs; a worker that falls behind shows (rate - its throughput) here.
     backlog_growth: float = 0.0
     p50_by_third: list[float] = field(default_factory=list)  # freshness p50 per third, ms
+    # The worker's own means over the run, from its metrics (WorkerSplit): produced ->
+    # written, the part of it waiting in the faust hand-off, a batch's apply time and size.
+    worker: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -526,6 +531,7 @@ class Lane:
     bench: Bench
     traffic: Traffic  # its own shoppers: a session's sequence numbers must match its lane
     proc: subprocess.Popen[bytes] | None = None
+    metrics_port: int = 0
 
 
 async def run(
@@ -559,7 +565,9 @@ async def run(
         for lane in lanes:
             names = ("clickstream", "dlq", "catalog", "decisions")
             await _create_topics(lane.bench, [lane.bench.topic(n) for n in names])
-            lane.proc = start_worker(lane.bench, lane.engine, catalog, workdir)
+            lane.metrics_port = free_port()
+            lane.proc = start_worker(lane.bench, lane.engine, catalog, workdir,
+                                     {"KAIROS_METRICS_PORT": str(lane.metrics_port)})  # fmt: skip
             print(f"warming up {lane.engine} (log: {workdir}/worker-{lane.engine}.log)", flush=True)
             await run_kairos(lane.bench, lane.traffic, redis, 200, 5.0, db)
             for rep in range(repeats):
@@ -567,8 +575,11 @@ async def run(
                     results.append(await run_raw(raw, rate, duration))
                     _print_run(rep, results[-1])
                     meter = CpuMeter({"generator": os.getpid(), "worker": lane.proc.pid, **others})
+                    before = await asyncio.to_thread(worker_sums, lane.metrics_port)
                     r = await run_kairos(lane.bench, lane.traffic, redis, rate, duration, db)
                     r.cpu = meter.percent()
+                    after = await asyncio.to_thread(worker_sums, lane.metrics_port)
+                    r.worker = worker_means(before, after)
                     r.kind = lane.engine
                     r.catch_up_s = await caught_up(lane.bench, lane.engine)
                     results.append(r)
@@ -599,8 +610,63 @@ def _print_run(rep: int, r: RunResult) -> None:
           + "".join(f"  cpu {k} {v:.0f}%" for k, v in r.cpu.items())
           + (f"  catch-up {r.catch_up_s:.1f}s" if r.catch_up_s else "")
           + (f"  backlog growth {r.backlog_growth:+.0f}/s  p50 by third "
-             + " / ".join(f"{v:.1f}" for v in r.p50_by_third) if r.p50_by_third else ""),
-          flush=True)  # fmt: skip
+             + " / ".join(f"{v:.1f}" for v in r.p50_by_third) if r.p50_by_third else "")
+          + _worker_line(r.worker), flush=True)  # fmt: skip
+
+
+def _worker_line(w: dict[str, float]) -> str:
+    if "fresh_ms" not in w:
+        return ""
+    wait = f" (waiting {w['wait_ms']:.1f})" if "wait_ms" in w else ""
+    return (f"  worker means: produced->written {w['fresh_ms']:.1f} ms{wait},"
+            f" batches of {w['batch_events']:.0f} applied in {w['apply_ms']:.1f} ms")  # fmt: skip
+
+
+# (sum, count) of each histogram the split reads, as the worker exports them
+WORKER_SERIES = {
+    "fresh": "kairos_freshness_produced_seconds",
+    "wait": "kairos_handoff_wait_seconds",
+    "apply": "kairos_batch_apply_seconds",
+    "batch": "kairos_batch_size",
+}
+
+
+MEANS = (("fresh", "fresh_ms", 1000.0), ("wait", "wait_ms", 1000.0),
+         ("apply", "apply_ms", 1000.0), ("batch", "batch_events", 1.0))  # fmt: skip
+
+
+def worker_sums(port: int) -> dict[str, tuple[float, float]]:
+    """The worker's histogram sums and counts now ({} if its metrics don't answer)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+            return parse_sums(r.read().decode())
+    except OSError:
+        return {}
+
+
+def parse_sums(text: str) -> dict[str, tuple[float, float]]:
+    found: dict[str, list[float]] = {}
+    by_name = {name: key for key, name in WORKER_SERIES.items()}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        for suffix, slot in (("_sum", 0), ("_count", 1)):
+            if name.endswith(suffix) and (key := by_name.get(name[: -len(suffix)])):
+                found.setdefault(key, [0.0, 0.0])[slot] = float(value)
+    return {key: (v[0], v[1]) for key, v in found.items()}
+
+
+def worker_means(before: dict[str, tuple[float, float]],
+                 after: dict[str, tuple[float, float]]) -> dict[str, float]:  # fmt: skip
+    """Means over the run: per event for freshness and the hand-off wait (ms), per batch
+    for the apply time (ms) and size (events). A series with nothing new is left out
+    (the hand-off wait exists in the faust engine only)."""
+    means: dict[str, float] = {}
+    for key, out, scale in MEANS:
+        total, count = after.get(key, (0.0, 0.0))
+        total0, count0 = before.get(key, (0.0, 0.0))
+        if count > count0:
+            means[out] = round(scale * (total - total0) / (count - count0), 3)
+    return means
 
 
 def environment(redis_info: dict[str, Any]) -> dict[str, Any]:

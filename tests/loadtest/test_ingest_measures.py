@@ -11,18 +11,23 @@ import time
 
 import pytest
 import redis.asyncio as aioredis
+from prometheus_client import generate_latest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from loadtest.ingest import (
     CpuMeter,
     Visibility,
     _report_dead_watcher,
+    _worker_line,
     bystanders,
     p50_by_third,
+    parse_sums,
     slope,
     stack_pids,
+    worker_means,
 )
 from loadtest.traffic import TRACKED
+from stream_engine.metrics import WorkerMetrics
 from stream_engine.store import connect
 from tests.conftest import wait_for
 
@@ -157,3 +162,37 @@ async def test_an_event_is_visible_once_a_notified_count_covers_it_and_not_befor
     finally:
         watcher.cancel()
         await redis.aclose()
+
+
+def test_the_worker_split_is_the_runs_means_from_the_workers_own_metrics() -> None:
+    metrics = WorkerMetrics()
+
+    def exported() -> dict[str, tuple[float, float]]:
+        return parse_sums(generate_latest(metrics.registry).decode())
+
+    metrics.freshness_produced.observe_many([1.0] * 10)  # before the run: left out
+    metrics.handoff_wait.observe_many([1.0] * 10)
+    before = exported()
+    metrics.freshness_produced.observe_many([0.010, 0.020, 0.030])
+    metrics.handoff_wait.observe_many([0.001, 0.002, 0.006])
+    for size, seconds in ((2, 0.004), (1, 0.002)):
+        metrics.batch_size.observe(size)
+        metrics.apply_seconds.observe(seconds)
+    means = worker_means(before, exported())
+    assert means == pytest.approx(
+        {"fresh_ms": 20.0, "wait_ms": 3.0, "apply_ms": 3.0, "batch_events": 1.5}
+    )
+    assert "(waiting 3.0)" in _worker_line(means)
+
+
+def test_an_engine_without_a_hand_off_has_no_wait_and_a_silent_worker_no_split() -> None:
+    metrics = WorkerMetrics()
+    before = parse_sums(generate_latest(metrics.registry).decode())
+    metrics.freshness_produced.observe_many([0.004])
+    metrics.batch_size.observe(1)
+    metrics.apply_seconds.observe(0.001)
+    means = worker_means(before, parse_sums(generate_latest(metrics.registry).decode()))
+    assert set(means) == {"fresh_ms", "apply_ms", "batch_events"}
+    assert "waiting" not in _worker_line(means)
+    assert worker_means({}, {}) == {}
+    assert _worker_line({}) == ""
