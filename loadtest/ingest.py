@@ -75,7 +75,7 @@ class RunResult:  # kind: "raw" or the engine name
     # far behind it runs; a worker that falls behind shows (rate - its throughput) here.
     backlog_growth: float = 0.0
     p50_by_third: list[float] = field(default_factory=list)  # freshness p50 per third, ms
-    # The worker's own means over the run, from its metrics (WorkerSplit): produced ->
+    # The worker's own means over the run, from its metrics (worker_means): produced ->
     # written, the part of it waiting in the faust hand-off, a batch's apply time and size.
     worker: dict[str, float] = field(default_factory=dict)
 
@@ -622,17 +622,13 @@ def _worker_line(w: dict[str, float]) -> str:
             f" batches of {w['batch_events']:.0f} applied in {w['apply_ms']:.1f} ms")  # fmt: skip
 
 
-# (sum, count) of each histogram the split reads, as the worker exports them
-WORKER_SERIES = {
-    "fresh": "kairos_freshness_produced_seconds",
-    "wait": "kairos_handoff_wait_seconds",
-    "apply": "kairos_batch_apply_seconds",
-    "batch": "kairos_batch_size",
-}
-
-
-MEANS = (("fresh", "fresh_ms", 1000.0), ("wait", "wait_ms", 1000.0),
-         ("apply", "apply_ms", 1000.0), ("batch", "batch_events", 1.0))  # fmt: skip
+# The worker's histograms the split reads: (metric, mean's name in RunResult.worker, scale)
+WORKER_MEANS = (
+    ("kairos_freshness_produced_seconds", "fresh_ms", 1000.0),
+    ("kairos_handoff_wait_seconds", "wait_ms", 1000.0),
+    ("kairos_batch_apply_seconds", "apply_ms", 1000.0),
+    ("kairos_batch_size", "batch_events", 1.0),
+)
 
 
 def worker_sums(port: int) -> dict[str, tuple[float, float]]:
@@ -645,14 +641,15 @@ def worker_sums(port: int) -> dict[str, tuple[float, float]]:
 
 
 def parse_sums(text: str) -> dict[str, tuple[float, float]]:
+    """(sum, count) of each WORKER_MEANS histogram in a Prometheus exposition."""
+    names = {metric for metric, _, _ in WORKER_MEANS}
     found: dict[str, list[float]] = {}
-    by_name = {name: key for key, name in WORKER_SERIES.items()}
     for line in text.splitlines():
         name, _, value = line.partition(" ")
         for suffix, slot in (("_sum", 0), ("_count", 1)):
-            if name.endswith(suffix) and (key := by_name.get(name[: -len(suffix)])):
-                found.setdefault(key, [0.0, 0.0])[slot] = float(value)
-    return {key: (v[0], v[1]) for key, v in found.items()}
+            if name.endswith(suffix) and (metric := name[: -len(suffix)]) in names:
+                found.setdefault(metric, [0.0, 0.0])[slot] = float(value)
+    return {metric: (v[0], v[1]) for metric, v in found.items()}
 
 
 def worker_means(before: dict[str, tuple[float, float]],
@@ -661,9 +658,9 @@ def worker_means(before: dict[str, tuple[float, float]],
     for the apply time (ms) and size (events). A series with nothing new is left out
     (the hand-off wait exists in the faust engine only)."""
     means: dict[str, float] = {}
-    for key, out, scale in MEANS:
-        total, count = after.get(key, (0.0, 0.0))
-        total0, count0 = before.get(key, (0.0, 0.0))
+    for metric, out, scale in WORKER_MEANS:
+        total, count = after.get(metric, (0.0, 0.0))
+        total0, count0 = before.get(metric, (0.0, 0.0))
         if count > count0:
             means[out] = round(scale * (total - total0) / (count - count0), 3)
     return means
