@@ -18,8 +18,9 @@ help:
 	@echo "make bench-ingest / bench-memory / bench-decisions / bench-catchup / bench-drain   benchmarks (loadtest/README.md)"
 	@echo "make loadtest [SCENARIO=peak]   the peak-traffic suite: SLO verdict, JSON and HTML report"
 
-# api/_kernels.pyx: the compiled decision loops are built by the editable install.
-$(VENV)/.installed: pyproject.toml constraints.txt api/_kernels.pyx
+# api/_kernels.pyx (the compiled decision loops) and stream_engine/_resp.pyx (the Redis
+# command packer) are built by the editable install.
+$(VENV)/.installed: pyproject.toml constraints.txt api/_kernels.pyx stream_engine/_resp.pyx
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
@@ -90,4 +91,5 @@ loadtest: venv
 	source .stack/stack.env && $(PY) -m loadtest run $(SCENARIO) $(LOADTEST_ARGS)
 
 clean: down
-	rm -rf $(VENV) .stack .mypy_cache .ruff_cache .pytest_cache api/_kernels.c api/_kernels.*.so
+	rm -rf $(VENV) .stack .mypy_cache .ruff_cache .pytest_cache api/_kernels.c api/_kernels.*.so \
+		stream_engine/_resp.c stream_engine/_resp.*.so

@@ -1,0 +1,79 @@
+"""The compiled command packer: hiredis's bytes for every argument type, and the same refusals."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import hiredis
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from stream_engine._resp import pack_commands
+
+
+def _hiredis(commands: list[tuple[Any, ...]]) -> bytes:
+    return b"".join([hiredis.pack_command(c) for c in commands])
+
+
+def _one(*args: Any) -> bytes:
+    packed: bytes = hiredis.pack_command(args)
+    return packed
+
+
+ARGS = st.one_of(
+    st.text(st.characters(exclude_categories=["Cs"])),  # lone surrogates: UTF-8 refuses them
+    st.binary(),
+    st.integers(),  # beyond 64 bits too (the slow path)
+    st.floats(allow_nan=True, allow_infinity=True),
+)
+COMMAND = st.tuples(st.sampled_from(["EVALSHA", "HSET", "GET"]), st.lists(ARGS, max_size=12))
+COMMANDS = st.lists(COMMAND.map(lambda c: (c[0], *c[1])), max_size=8)
+
+
+@given(COMMANDS)
+def test_the_bytes_are_hiredis_s(commands: list[tuple[Any, ...]]) -> None:
+    assert pack_commands(commands) == _hiredis(commands)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [0, 9, 10, 99, 100, -1, -10, 2**63 - 1, -(2**63), 2**63, -(2**63) - 1, 2**70,
+     "", "é", "naïve 東京", b"", b"\x00\r\n", memoryview(b"ab"), 1.5, 1e20, -0.0],
+)  # fmt: skip
+def test_edge_values_pack_as_hiredis_packs_them(value: Any) -> None:
+    assert pack_commands([("SET", "k", value)]) == _one("SET", "k", value)
+
+
+def test_subclasses_of_str_and_int_pack_as_their_values() -> None:
+    class Name(str):
+        def __str__(self) -> str:
+            return "not this"
+
+    class Count(int):
+        pass
+
+    assert pack_commands([("SET", Name("k"), Count(5))]) == _one("SET", "k", 5)
+
+
+@pytest.mark.parametrize("value", [True, None, np.int64(5), bytearray(b"x"), object(), [1]])
+def test_types_hiredis_refuses_are_refused(value: Any) -> None:
+    with pytest.raises(TypeError):
+        _one("SET", "k", value)
+    with pytest.raises(TypeError):
+        pack_commands([("SET", "k", "fine"), ("SET", "k", value)])
+
+
+def test_a_lone_surrogate_is_refused_as_utf_8_refuses_it() -> None:
+    with pytest.raises(UnicodeEncodeError):
+        _one("SET", "k", "\ud800")
+    with pytest.raises(UnicodeEncodeError):
+        pack_commands([("SET", "k", "\ud800")])
+
+
+def test_a_command_without_a_name_is_refused_and_no_commands_are_no_bytes() -> None:
+    with pytest.raises(ValueError, match="needs at least its name"):
+        pack_commands([("GET", "k"), ()])
+    assert pack_commands([]) == b""
+    assert pack_commands([["GET", "k"]]) == _one("GET", "k")
