@@ -96,7 +96,12 @@ class Ttls:
     erasure_ms: int
 
 
-Row = tuple[bytes | None, ...]  # a session hash as read: values of SESSION_FIELDS
+# A session as this worker last wrote it: SessionSnapshot's fields in order, the vector
+# as its stored bytes and the item lists as tuples (see OwnerCache).
+Entry = tuple[
+    int | None, int | None, bytes | None, int | None, int, str | None,
+    tuple[str, ...], tuple[str, ...], tuple[str, ...], int, str | None,
+]  # fmt: skip
 
 
 class OwnerCache:
@@ -107,27 +112,30 @@ class OwnerCache:
     fence it expects: if anyone else wrote meanwhile (rebalance, erasure, TTL expiry, a
     flushed Redis), the write is refused, the entry dropped and the state read again.
 
-    Entries are the rows as Redis would return them, tuples of bytes: the garbage collector
-    stops tracking such tuples, so a full cache doesn't lengthen its pauses (a cache of
-    snapshot objects raised the worker's p99 at 5,000 events/s from ~22 ms to ~110 ms).
+    Entries are tuples of ints, strings, bytes and tuples of strings (`Entry`): the garbage
+    collector stops tracking such tuples, so a full cache doesn't lengthen its pauses (a
+    cache of snapshot objects raised the worker's p99 at 5,000 events/s from ~22 ms to
+    ~110 ms). They hold the values as the planner uses them, not as Redis returns them:
+    turning each write into bytes and each next batch's snapshot back from them was ~7%
+    of a batch's CPU (loadtest/README.md, session 24).
     """
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self.sessions: OrderedDict[str, tuple[Row, bytes | None]] = OrderedDict()
+        self.sessions: OrderedDict[str, Entry] = OrderedDict()
         self.agg_fences: dict[int, int | None] = {}
         self.landmark: int | None = None
 
-    def get(self, sid: str) -> tuple[Row, bytes | None] | None:
+    def get(self, sid: str) -> Entry | None:
         entry = self.sessions.get(sid)
         if entry is not None:
             self.sessions.move_to_end(sid)
         return entry
 
-    def put(self, sid: str, row: Row, block: bytes | None = None) -> None:
+    def put(self, sid: str, entry: Entry) -> None:
         if self.size <= 0:
             return
-        self.sessions[sid] = (row, block)
+        self.sessions[sid] = entry
         self.sessions.move_to_end(sid)
         while len(self.sessions) > self.size:
             self.sessions.popitem(last=False)
@@ -195,17 +203,28 @@ class AggregateUpkeep:
         self._expired_at.clear()
 
 
-def _b(value: bytes | str | int | None) -> bytes | None:
-    if value is None or isinstance(value, bytes):
-        return value
-    return str(value).encode()
-
-
-def row_after(write: SessionWrite) -> Row:
-    """The session hash as it is once `write` has been applied."""
+def entry_after(write: SessionWrite) -> Entry:
+    """The session as it is once `write` has been applied (plan_session's fields)."""
     f = write.fields
-    values = {**f, "o": write.fence, "p": write.partition}
-    return tuple(_b(values.get(name)) for name in state.SESSION_FIELDS)
+    vector, user = f.get("v"), f.get("u")
+    return (
+        write.fence,
+        write.partition,
+        None if vector is None else bytes(vector),  # type: ignore[arg-type]
+        None if vector is None else int(f["t"]),
+        int(f["n"]),
+        None if user is None else str(user),
+        tuple(str(f["r"]).split()),
+        tuple(str(f["c"]).split()),
+        tuple(str(f["b"]).split()),
+        int(f["lt"]),
+        None,
+    )
+
+
+def _fence_only(write: SessionWrite) -> Entry:
+    """A session whose consent was withdrawn: only its fence is kept."""
+    return (write.fence, write.partition, None, None, 0, None, (), (), (), 0, "consent")
 
 
 class BatchProcessor:
@@ -313,9 +332,12 @@ class BatchProcessor:
     ) -> tuple[dict[str, SessionSnapshot], dict[int, int | None], int | None]:
         """State as of now: from the owner cache where we hold it, else one pipelined read."""
         snaps: dict[str, SessionSnapshot] = {}
+        dims = self.catalog.space.dims
         for sid in sessions:
             if (entry := self.cache.get(sid)) is not None:
-                snaps[sid] = self._session_snapshot(list(entry[0]), entry[1])
+                fence, part, v, t, n, u, r, c, b, lt, block = entry
+                snaps[sid] = SessionSnapshot(fence, part, from_bytes(v, dims), t, n, u,
+                                             list(r), list(c), list(b), lt, block)  # fmt: skip
         missing = [sid for sid in sessions if sid not in snaps]
         fences = {p: self.cache.agg_fences[p] for p in partitions if p in self.cache.agg_fences}
         landmark = self.cache.landmark
@@ -532,14 +554,14 @@ class BatchProcessor:
         if res == 1:
             out.applied += write.applied
             if "B" in write.flags:  # consent withdrawn in this batch: only the fence is left
-                self.cache.put(sid, _fence_only(write), b"consent")
+                self.cache.put(sid, _fence_only(write))
             else:
-                self.cache.put(sid, row_after(write))
+                self.cache.put(sid, entry_after(write))
             return 0
         # -1 erased, -2 consent withdrawn: counted, never stored
         out.blocked += write.applied
         if res == -2:
-            self.cache.put(sid, _fence_only(write), b"consent")
+            self.cache.put(sid, _fence_only(write))
         else:
             self.cache.drop(sid)
         return 0
@@ -583,11 +605,6 @@ class BatchProcessor:
                      " ".join([f"{m} {n}" for m, inc in members.items()
                                if (n := int(inc * unit + 0.5))])]  # fmt: skip
         self._call(pipe, "APPLY_AGGREGATES", keys, args)
-
-
-def _fence_only(write: SessionWrite) -> Row:
-    values = {"o": write.fence, "p": write.partition}
-    return tuple(_b(values.get(name)) for name in state.SESSION_FIELDS)
 
 
 def _int(raw: bytes | str | None) -> int | None:

@@ -322,6 +322,43 @@ async def test_the_owner_cache_yields_to_what_redis_holds(
     assert s[b"r"] == ITEMS[1].encode()
 
 
+async def test_what_the_owner_cache_holds_is_what_a_read_of_redis_gives(
+    processor: BatchProcessor, second: BatchProcessor
+) -> None:
+    """The cache keeps each session as the planner uses it, not as Redis returns it: for
+    every kind of session (a vector, a cart, purchases, a user, no item events, consent
+    withdrawn), the snapshot a batch starts from is the same from either."""
+    log = Log()
+    sessions = {
+        "viewer": [(EventType.VIEW, ITEMS[0]), (EventType.CLICK, ITEMS[1])],
+        "buyer": [(EventType.ADD_TO_CART, ITEMS[2]), (EventType.ADD_TO_CART, ITEMS[3]),
+                  (EventType.ADD_TO_CART, ITEMS[5]), (EventType.REMOVE_FROM_CART, ITEMS[3]),
+                  (EventType.PURCHASE, ITEMS[2])],
+        "searcher": [(EventType.SEARCH, None)],
+        "withdrawn": [(EventType.VIEW, ITEMS[4])],
+    }  # fmt: skip
+    records = [log(t, sid, item_id=item) for sid, seq in sessions.items() for t, item in seq]
+    records.append(log(EventType.IDENTIFY, "viewer", user_id="u1"))
+    records.append(log(EventType.CONSENT, "withdrawn", consent=False))
+    out = await processor.process(records)
+    assert (out.applied, out.blocked) == (len(records) - 2, 2)  # the withdrawn session's two
+    names = list(sessions)
+    cached, _, _ = await processor._read(names, [0])
+    second.cache.clear()
+    read, _, _ = await second._read(names, [0])
+    for sid in names:
+        assert processor.cache.get(sid) is not None, sid
+        a, b = cached[sid], read[sid]
+        assert (a.vector is None) == (b.vector is None), sid
+        if a.vector is not None and b.vector is not None:
+            assert np.array_equal(a.vector, b.vector), sid
+        a.vector = b.vector = None
+        assert a == b, sid
+    assert (read["buyer"].cart, read["buyer"].bought) == ([ITEMS[5]], [ITEMS[2]])
+    assert (read["viewer"].user, read["viewer"].recent) == ("u1", [ITEMS[1], ITEMS[0]])
+    assert read["withdrawn"].block == "consent"
+
+
 async def test_the_landmark_moves_and_each_aggregate_set_follows_it_at_its_next_write(
     redis_client: aioredis.Redis, key_prefix: str
 ) -> None:
