@@ -151,3 +151,52 @@ def pack_commands(commands):
     if p != end:
         raise AssertionError("RESP packing miscounted its buffer")
     return out
+
+
+def join_increments(dict members, double unit):
+    """An aggregate write's "member units member units ..." argument (state.APPLY_AGGREGATES)
+    as bytes: each increment in whole units, int(increment * unit + 0.5), and members that
+    round to none left out. The same text as joining f"{member} {units}" in Python, which
+    was ~4% of a batch's CPU."""
+    cdef Py_ssize_t total = 0, n, k
+    cdef double x
+    cdef long long units
+    cdef const char* data
+    cdef list todo = []
+    for member, inc in members.items():
+        x = inc * unit + 0.5
+        if x != x:
+            raise ValueError(f"an aggregate increment is not a number: {inc!r}")
+        if -1.0 < x < 1.0:  # rounds to none (int() truncates toward zero)
+            continue
+        if not -9.0e18 < x < 9.0e18:
+            raise OverflowError(f"an aggregate increment too large to count: {inc!r}")
+        units = <long long>x
+        data = PyUnicode_AsUTF8AndSize(member, &n)
+        todo.append((member, units))
+        total += n + 1 + _int_size(units) + 1
+    if not todo:
+        return b""
+    out = PyBytes_FromStringAndSize(NULL, total - 1)
+    cdef char* p = PyBytes_AS_STRING(out)
+    cdef bint first = True
+    for member, units_obj in todo:
+        if not first:
+            p[0] = 32
+            p += 1
+        first = False
+        data = PyUnicode_AsUTF8AndSize(member, &n)
+        memcpy(p, data, n)
+        p[n] = 32
+        p += n + 1
+        units = units_obj
+        k = _int_size(units)
+        if units < 0:
+            p[0] = 45  # -
+            _put_uint(p + 1, <unsigned long long>(-(units + 1)) + 1, k - 1)
+        else:
+            _put_uint(p, <unsigned long long>units, k)
+        p += k
+    if p != PyBytes_AS_STRING(out) + total - 1:
+        raise AssertionError("increments miscounted their buffer")
+    return out

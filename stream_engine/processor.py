@@ -21,6 +21,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
 from stream_engine import state
+from stream_engine._resp import join_increments
 from stream_engine.catalog import Catalog
 from stream_engine.events import InvalidEvent, parse_event
 from stream_engine.planning import (
@@ -602,8 +603,7 @@ class BatchProcessor:
             check, expire = due(key, keep, len(members), now_ms)
             # Whole units (state.AGG_UNIT): what rounds to none counts nothing.
             args += [check, "1" if expire else "0", "" if suffix in settled else half_life,
-                     " ".join([f"{m} {n}" for m, inc in members.items()
-                               if (n := int(inc * unit + 0.5))])]  # fmt: skip
+                     join_increments(members, unit)]  # fmt: skip
         self._call(pipe, "APPLY_AGGREGATES", keys, args)
 
 

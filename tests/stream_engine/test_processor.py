@@ -329,7 +329,7 @@ async def test_what_the_owner_cache_holds_is_what_a_read_of_redis_gives(
     every kind of session (a vector, a cart, purchases, a user, no item events, consent
     withdrawn), the snapshot a batch starts from is the same from either."""
     log = Log()
-    sessions = {
+    sessions: dict[str, list[tuple[EventType, str | None]]] = {
         "viewer": [(EventType.VIEW, ITEMS[0]), (EventType.CLICK, ITEMS[1])],
         "buyer": [(EventType.ADD_TO_CART, ITEMS[2]), (EventType.ADD_TO_CART, ITEMS[3]),
                   (EventType.ADD_TO_CART, ITEMS[5]), (EventType.REMOVE_FROM_CART, ITEMS[3]),

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from stream_engine._resp import pack_commands
+from stream_engine._resp import join_increments, pack_commands
 
 
 def _hiredis(commands: list[tuple[Any, ...]]) -> bytes:
@@ -77,3 +77,29 @@ def test_a_command_without_a_name_is_refused_and_no_commands_are_no_bytes() -> N
         pack_commands([("GET", "k"), ()])
     assert pack_commands([]) == b""
     assert pack_commands([["GET", "k"]]) == _one("GET", "k")
+
+
+def _joined(members: dict[str, float], unit: float) -> bytes:
+    """What join_increments replaced (processor._queue_aggregate), encoded."""
+    text = " ".join([f"{m} {n}" for m, inc in members.items() if (n := int(inc * unit + 0.5))])
+    return text.encode()
+
+
+MEMBER = st.text(st.characters(exclude_categories=["Cs", "Zs", "Cc"]), min_size=1, max_size=12)
+
+
+@given(st.dictionaries(MEMBER, st.floats(-1e9, 1e12, allow_nan=False)), st.sampled_from([1, 1000]))
+def test_increments_are_joined_in_whole_units_as_python_rounds_them(
+    members: dict[str, float], unit: int
+) -> None:
+    assert join_increments(members, unit) == _joined(members, unit)
+
+
+def test_increments_that_round_to_none_are_left_out_and_bad_ones_refused() -> None:
+    members = {"a": 0.0004, "b": 0.0005, "c": 1.2345, "d": -0.0004, "e": -0.0016}
+    assert join_increments(members, 1000) == b"b 1 c 1235 e -1"
+    assert join_increments({"a": 0.0001}, 1000) == b""
+    with pytest.raises(ValueError, match="not a number"):
+        join_increments({"a": float("nan")}, 1000)
+    with pytest.raises(OverflowError):
+        join_increments({"a": float("inf")}, 1000)
