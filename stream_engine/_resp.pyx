@@ -1,5 +1,8 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
-"""Redis commands packed as RESP in one pass over their arguments.
+"""The worker's Redis writes built in C: commands packed as RESP in one pass over their
+arguments (`pack_commands`), and an aggregate write's per-set arguments (`aggregate_args`,
+with AggregateUpkeep's schedule, `upkeep_due`, and the joined increments,
+`join_increments`).
 
 A worker batch is ~40 commands and ~1,900 arguments (an aggregate write is one EVALSHA of
 ~90), and hiredis's `pack_command` takes 75-175 ns an argument (an int is formatted
@@ -154,6 +157,11 @@ def pack_commands(commands):
 
 
 def join_increments(dict members, double unit):
+    """See _join_increments."""
+    return _join_increments(members, unit)
+
+
+cdef bytes _join_increments(dict members, double unit):
     """An aggregate write's "member units member units ..." argument (state.APPLY_AGGREGATES)
     as bytes: each increment in whole units, int(increment * unit + 0.5), and members that
     round to none left out. The same text as joining f"{member} {units}" in Python, which
@@ -200,3 +208,66 @@ def join_increments(dict members, double unit):
     if p != PyBytes_AS_STRING(out) + total - 1:
         raise AssertionError("increments miscounted their buffer")
     return out
+
+
+cdef long _due(dict since, dict expired_at, str key, long keep, long increments,
+               long long now_ms, long long refresh_ms, Py_ssize_t max_known,
+               bint* expire) except -1:
+    """AggregateUpkeep's schedule for one set (see its docstring): the keep to check now
+    (0: not now), and in `expire` whether to refresh its TTL now, both recorded as done."""
+    cdef long check, threshold = keep >> 2
+    if threshold == 0:
+        threshold = 1
+    pending = since.get(key)
+    if pending is None and len(since) >= max_known:
+        since.clear()  # past this many sets, start over
+        expired_at.clear()
+    if pending is None or <long>pending + increments >= threshold:
+        since[key] = 0
+        check = keep
+    else:
+        since[key] = <long>pending + increments
+        check = 0
+    last = expired_at.get(key)
+    if last is None or now_ms - <long long>last >= refresh_ms:
+        expired_at[key] = now_ms
+        expire[0] = True
+    else:
+        expire[0] = False
+    return check
+
+
+def upkeep_due(dict since, dict expired_at, str key, long keep, long increments,
+               long long now_ms, long long refresh_ms, Py_ssize_t max_known):
+    """(keep to check now, or 0; whether to refresh the TTL now): AggregateUpkeep.due."""
+    cdef bint expire
+    check = _due(since, expired_at, key, keep, increments, now_ms, refresh_ms, max_known,
+                 &expire)
+    return check, bool(expire)
+
+
+def aggregate_args(list keys, list args, dict increments, str prefix, settled,
+                   dict since, dict expired_at, long long now_ms, long long refresh_ms,
+                   Py_ssize_t max_known, long covisit_keep, str covisit_half_life,
+                   long trending_keep, str trending_half_life, double unit):
+    """Appends each set of `increments` (suffix -> member -> increment) to an aggregate
+    write: its key to `keys`, and to `args` its four arguments of state.APPLY_AGGREGATES
+    (the keep to check, "1" to refresh its TTL, its half-life or "" when it is in
+    `settled`, the joined increments), scheduled as AggregateUpkeep.due schedules them.
+    The per-set loop of BatchProcessor._queue_aggregate, ~5% of the worker's CPU in
+    Python (loadtest/README.md, session 24)."""
+    cdef bint expire
+    cdef long keep
+    for suffix, members in increments.items():
+        key = prefix + suffix
+        keys.append(key)
+        if (<str>suffix).startswith("cv:"):
+            keep, half_life = covisit_keep, covisit_half_life
+        else:
+            keep, half_life = trending_keep, trending_half_life
+        check = _due(since, expired_at, key, keep, len(members), now_ms, refresh_ms,
+                     max_known, &expire)
+        args.append(check)
+        args.append("1" if expire else "0")
+        args.append("" if suffix in settled else half_life)
+        args.append(_join_increments(members, unit))

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict, defaultdict
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
 from stream_engine import state
-from stream_engine._resp import join_increments
+from stream_engine._resp import aggregate_args, upkeep_due
 from stream_engine.catalog import Catalog
 from stream_engine.events import InvalidEvent, parse_event
 from stream_engine.planning import (
@@ -182,22 +182,28 @@ class AggregateUpkeep:
 
     def due(self, key: str, keep: int, increments: int, now_ms: int) -> tuple[int, bool]:
         """(keep to check now, or 0; whether to refresh the TTL now), recorded as done: if
-        the write carrying them is not applied, call forget()."""
-        since = self._since_check
-        pending = since.get(key)
-        if pending is None and len(since) >= self.MAX_KNOWN:
-            self.forget()
-        if pending is None or pending + increments >= (keep >> 2 or 1):
-            since[key] = 0
-            check = keep
-        else:
-            since[key] = pending + increments
-            check = 0
-        last = self._expired_at.get(key)
-        if last is None or now_ms - last >= self.refresh_ms:
-            self._expired_at[key] = now_ms
-            return check, True
-        return check, False
+        the write carrying them is not applied, call forget(). Compiled (_resp.pyx), as
+        is `queue`, its loop over a write's sets."""
+        return upkeep_due(self._since_check, self._expired_at, key, keep, increments, now_ms,
+                          self.refresh_ms, self.MAX_KNOWN)  # fmt: skip
+
+    def queue(
+        self,
+        keys: list[str],
+        args: list[Any],
+        increments: dict[str, dict[str, float]],
+        prefix: str,
+        settled: Container[str],
+        now_ms: int,
+        covisit: tuple[int, str],
+        trending: tuple[int, str],
+    ) -> None:
+        """Each set of an aggregate write: its key, and its arguments of
+        state.APPLY_AGGREGATES, scheduled as `due` schedules one (covisit and trending:
+        (keep, half-life) of the "cv:" sets and of the others)."""
+        aggregate_args(keys, args, increments, prefix, settled, self._since_check,
+                       self._expired_at, now_ms, self.refresh_ms, self.MAX_KNOWN, *covisit,
+                       *trending, state.AGG_UNIT)  # fmt: skip
 
     def forget(self) -> None:
         self._since_check.clear()
@@ -587,23 +593,14 @@ class BatchProcessor:
         keys = [self.keys.agg_fence, self.keys.agg_meta, self.keys.agg_landmarks]
         args: list[Any] = [agg.partition, _fence(agg.expected_fence), agg.fence, agg.landmark,
                            self.ttls.aggregate_ms]  # fmt: skip
-        prefix = f"{self.keys.prefix}:{{agg}}:"
-        due = self.upkeep.due
-        unit = state.AGG_UNIT
         settled: set[str] | frozenset[str] = frozenset()
         if agg.landmark == self._settled_at and now_ms - self._settled_ms < self.upkeep.refresh_ms:
             settled = self._settled
-        for suffix, members in agg.increments.items():
-            key = prefix + suffix
-            keys.append(key)
-            if suffix.startswith("cv:"):
-                keep, half_life = self.covisit_keep, self._covisit_half_life
-            else:
-                keep, half_life = self.trending_keep, self._trending_half_life
-            check, expire = due(key, keep, len(members), now_ms)
-            # Whole units (state.AGG_UNIT): what rounds to none counts nothing.
-            args += [check, "1" if expire else "0", "" if suffix in settled else half_life,
-                     join_increments(members, unit)]  # fmt: skip
+        # Per set: its key, and (keep, expire, half-life, increments in whole units of
+        # state.AGG_UNIT: what rounds to none counts nothing).
+        self.upkeep.queue(keys, args, agg.increments, f"{self.keys.prefix}:{{agg}}:", settled,
+                          now_ms, (self.covisit_keep, self._covisit_half_life),
+                          (self.trending_keep, self._trending_half_life))  # fmt: skip
         self._call(pipe, "APPLY_AGGREGATES", keys, args)
 
 

@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from stream_engine._resp import join_increments, pack_commands
+from stream_engine.processor import AggregateUpkeep
 
 
 def _hiredis(commands: list[tuple[Any, ...]]) -> bytes:
@@ -103,3 +104,33 @@ def test_increments_that_round_to_none_are_left_out_and_bad_ones_refused() -> No
         join_increments({"a": float("nan")}, 1000)
     with pytest.raises(OverflowError):
         join_increments({"a": float("inf")}, 1000)
+
+
+SUFFIX = st.one_of(st.builds(lambda m: f"cv:{m}", MEMBER), st.sampled_from(["tr", "tr:Home"]))
+
+
+@given(
+    st.lists(st.dictionaries(SUFFIX, st.dictionaries(MEMBER, st.floats(0, 1e6), min_size=1)),
+             min_size=1, max_size=4),
+    st.sets(SUFFIX, max_size=3),
+)  # fmt: skip
+def test_an_aggregate_write_s_arguments_are_the_python_loop_s(
+    writes: list[dict[str, dict[str, float]]], settled: set[str]
+) -> None:
+    """The compiled per-set loop against the loop it replaced, write after write (the
+    schedule carries over), on two schedules started alike."""
+    fast, slow = AggregateUpkeep(86_400_000, 1_000), AggregateUpkeep(86_400_000, 1_000)
+    for n, increments in enumerate(writes):
+        now = 700 * n
+        keys: list[str] = []
+        args: list[Any] = []
+        fast.queue(keys, args, increments, "P:{agg}:", settled, now, (50, "60000"), (1000, "9"))
+        want_keys: list[str] = []
+        want_args: list[Any] = []
+        for suffix, members in increments.items():
+            want_keys.append("P:{agg}:" + suffix)
+            keep, half = (50, "60000") if suffix.startswith("cv:") else (1000, "9")
+            check, expire = slow.due(want_keys[-1], keep, len(members), now)
+            want_args += [check, "1" if expire else "0", "" if suffix in settled else half,
+                          _joined(members, 1000)]  # fmt: skip
+        assert (keys, args) == (want_keys, want_args)
