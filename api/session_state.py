@@ -108,8 +108,12 @@ class StateReader:
         """Raises TimeoutError or a Redis/OS error."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        async with asyncio.timeout_at(deadline):
-            conn = await self._free.get()
+        free = self._free
+        if free.empty():
+            async with asyncio.timeout_at(deadline):
+                conn = await free.get()
+        else:  # the usual case: no timer to arm and cancel
+            conn = free.get_nowait()
         try:
             try:
                 return await conn.execute(commands, deadline - loop.time())

@@ -14,6 +14,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from api.fallback import Limiter
+from api.session_state import StateReader
 from api.settings import Settings
 from stream_engine.catalog import Catalog
 from stream_engine.events import EventType
@@ -185,3 +186,27 @@ async def test_pausing_a_slot_or_everything(
     assert len(served) == len(set(served)) == 58  # the paused default shares the page
     assert everything["fallback_reason"] == "paused"
     assert resumed["strategy"] == "personalized"
+
+
+async def test_a_read_that_waits_for_a_pooled_connection_past_its_budget_times_out(
+    redis_client: aioredis.Redis, key_prefix: str
+) -> None:
+    """The pool of held connections bounds reads in flight (api/session_state.py): a read
+    finding none free waits within its budget, then gets a TimeoutError; one finding a
+    free connection takes it at once."""
+    reader = StateReader(redis_client, Keys(key_prefix), dims=8, user_half_life_ms=1e9, size=1)
+    try:
+        assert (await reader.read("s1", None, 0, 1.0)).events == 0  # an unknown session
+        held = reader._free.get_nowait()  # the only connection, busy elsewhere
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(TimeoutError):
+            await reader.read("s1", None, 0, 0.05)
+        assert 0.04 <= loop.time() - started < 1.0
+        waiting = asyncio.create_task(reader.read("s1", None, 0, 2.0))
+        await asyncio.sleep(0.02)
+        assert not waiting.done()
+        reader._free.put_nowait(held)  # handed back: the waiting read goes on
+        assert (await asyncio.wait_for(waiting, 2.0)).session_id == "s1"
+    finally:
+        await reader.aclose()
