@@ -20,7 +20,7 @@ from redis.exceptions import RedisError
 
 from api.app import DEMO_CONFIG, create_app
 from api.config import load_config
-from api.server import OneWriteHttpToolsProtocol
+from api.server import SERVER_OPTIONS
 from api.settings import Settings
 from stream_engine.demo_catalog import resolve_catalog_path
 from stream_engine.exceptions import KairosError
@@ -77,18 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     configure(settings.log_format, settings.log_level)
     uvicorn.run(
-        create_app(settings),
-        host=settings.api_host,
-        port=settings.api_port,
-        loop="uvloop",
-        http=OneWriteHttpToolsProtocol,  # httptools, one write per response (api/server.py)
-        access_log=False,
-        log_level="warning",
-        # Work per request that nobody here reads: X-Forwarded-* rewriting (no proxy in
-        # front by default) and the Server and Date headers.
-        proxy_headers=False,
-        server_header=False,
-        date_header=False,
+        create_app(settings), host=settings.api_host, port=settings.api_port, **SERVER_OPTIONS
     )
     return 0
 

@@ -31,7 +31,7 @@ from api.config import load_config
 from api.endpoints import JSON, page_decisions, runtime, slot_decision, static_baseline
 from api.exceptions import BadRequest
 from api.fallback import Limiter
-from api.fastpath import FastSlots
+from api.fastpath import FastSlots, SlotRoute
 from api.items import ServingCatalog
 from api.limits import BodyLimit
 from api.metrics import ApiMetrics
@@ -233,7 +233,7 @@ def create_app(
     ]
     if settings.bench_static:
         routes.append(Route("/bench/static", static_baseline))
-    return Starlette(
+    app = Starlette(
         routes=routes,
         middleware=[
             *([Middleware(FastSlots, static=settings.bench_static)] if fast_path else []),
@@ -242,3 +242,6 @@ def create_app(
         exception_handlers={HTTPException: http_error, BadRequest: bad_request},
         lifespan=lifespan,
     )
+    # what KairosHttpProtocol (api/server.py) answers before ASGI, on the same code
+    app.state.slot_route = SlotRoute(settings.bench_static) if fast_path else None
+    return app

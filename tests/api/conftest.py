@@ -1,8 +1,11 @@
 """API fixtures: a demo catalog file shared with an in-process stream processor, settings
-pointing at the real stack with this test's key prefix, and an in-process HTTP client."""
+pointing at the real stack with this test's key prefix, an in-process HTTP client, and the
+app served by a real uvicorn on loopback."""
 
 from __future__ import annotations
 
+import asyncio
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -12,9 +15,11 @@ from pathlib import Path
 import httpx
 import pytest
 import redis.asyncio as aioredis
+import uvicorn
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from api.app import create_app
+from api.server import SERVER_OPTIONS
 from api.settings import Settings
 from stream_engine.catalog import Catalog
 from stream_engine.events import Event, EventType, encode_event
@@ -64,6 +69,29 @@ async def client_for(
         async with httpx.AsyncClient(transport=transport, base_url="http://kairos") as client:
             client.app = app  # type: ignore[attr-defined]
             yield client
+
+
+@asynccontextmanager
+async def served(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """The app as `python -m api` serves it (uvicorn, KairosHttpProtocol, its lifespan), on
+    a free loopback port, behind an HTTP client; `client.app` is the app."""
+    app = create_app(settings)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, **SERVER_OPTIONS))
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        await wait_for(lambda: server.started or task.done(), 30, "uvicorn start")
+        if task.done():
+            task.result()  # raises what stopped it
+        await wait_for(lambda: not app.state.runtime.covis_warming, 10, "co-visitation warm-up")
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            client.app = app  # type: ignore[attr-defined]
+            yield client
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 20)
 
 
 def with_(settings: Settings, **changes: object) -> Settings:

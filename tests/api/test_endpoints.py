@@ -8,16 +8,19 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import orjson
 import pytest
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer
 
 from api.app import DEMO_CONFIG
+from api.fastpath import Answer, SlotRoute
+from api.runtime import Runtime
 from api.settings import Settings
 from stream_engine.events import EventType
 from stream_engine.state import Keys
-from tests.api.conftest import ADMIN_TOKEN, Clicks, client_for, with_
+from tests.api.conftest import ADMIN_TOKEN, Clicks, client_for, served, with_
 from tests.conftest import Stack
 
 pytestmark = pytest.mark.integration
@@ -226,22 +229,48 @@ async def test_openapi_and_metrics(settings: Settings) -> None:
         "n=3",  # no session: 400
     ],
 )
-async def test_the_slot_fast_path_answers_like_the_starlette_route(
+async def test_the_slot_fast_paths_answer_like_the_starlette_route(
     settings: Settings, query: str
 ) -> None:
-    """FastSlots (api/fastpath.py) answers GET /v1/slots ahead of Starlette; the route it
-    bypasses must give the same status, headers and body (decision ids and timings aside)."""
-    async with client_for(settings) as client, client_for(settings, fast_path=False) as direct:
+    """GET /v1/slots is answered ahead of Starlette twice over: by the server's protocol
+    without ASGI (api/server.py, the served app) and by FastSlots (api/fastpath.py, what
+    an in-process client reaches). The route they bypass must give the same status,
+    headers and body (decision ids and timings aside)."""
+    async with (
+        served(settings) as server,
+        client_for(settings) as client,
+        client_for(settings, fast_path=False) as direct,
+    ):
+        counting = CountingRoute()
+        server.app.state.slot_route = counting  # type: ignore[attr-defined]
+        protocol = await server.get(f"/v1/slots/home_recs?{query}")
         fast = await client.get(f"/v1/slots/home_recs?{query}")
         routed = await direct.get(f"/v1/slots/home_recs?{query}")
-    assert fast.status_code == routed.status_code
+    assert counting.answers == 1  # the served one went the protocol's way
+    a, b, c = (_comparable(r) for r in (protocol, fast, routed))
+    assert a == c
+    assert b == c
+
+
+class CountingRoute(SlotRoute):
+    __slots__ = ("answers",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.answers = 0
+
+    async def answer(self, rt: Runtime, target: str, query: bytes, started: float) -> Answer:
+        self.answers += 1
+        return await super().answer(rt, target, query, started)
+
+
+def _comparable(response: httpx.Response) -> tuple[int, dict[str, str], Any]:
     # content-length aside: served_in_ms is a number of varying width
-    assert {**fast.headers, "content-length": ""} == {**routed.headers, "content-length": ""}
-    a, b = fast.json(), routed.json()
+    headers = {**response.headers, "content-length": ""}
+    body = response.json()
     for volatile in ("decision_id", "served_in_ms"):
-        a.pop(volatile, None)
-        b.pop(volatile, None)
-    assert a == b
+        body.pop(volatile, None)
+    return response.status_code, headers, body
 
 
 async def test_paths_the_fast_path_does_not_know_go_on_to_starlette(settings: Settings) -> None:

@@ -1,6 +1,8 @@
-"""One write per response (api/server.py): the bytes and their order are uvicorn's; only
-the number of writes changes. No services involved: a stub transport, then a real uvicorn
-on loopback serving a small Starlette app through the protocol."""
+"""api/server.py: one write per response (the bytes and their order are uvicorn's; only the
+number of writes changes), and the slot endpoint answered from the protocol's callbacks
+without ASGI. No services involved: a stub transport, then a real uvicorn on loopback
+serving a small Starlette app through the protocol, with a stub in place of the decision
+(tests/api/test_endpoints.py compares the real decision's answers)."""
 
 from __future__ import annotations
 
@@ -10,13 +12,16 @@ import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
+import orjson
+import pytest
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from api.server import OneWrite, OneWriteHttpToolsProtocol
+from api.fastpath import Answer, SlotRoute
+from api.server import KairosHttpProtocol, OneWrite
 
 
 class Recorder:
@@ -93,12 +98,13 @@ APP = Starlette(
 
 
 @contextlib.asynccontextmanager
-async def _server() -> AsyncIterator[int]:
+async def _server(app: Starlette = APP) -> AsyncIterator[int]:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(APP, http=OneWriteHttpToolsProtocol, log_level="warning",
-                            lifespan="off")  # fmt: skip
+    # as api/__main__.py runs it: no proxy-headers middleware around the app
+    config = uvicorn.Config(app, http=KairosHttpProtocol, log_level="warning",
+                            lifespan="off", proxy_headers=False)  # fmt: skip
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     for _ in range(500):
@@ -162,3 +168,175 @@ async def test_a_real_server_answers_every_kind_of_response_on_one_connection() 
             assert (first["body"], second["body"]) == (b'{"n":2}', b'{"n":3}')
         finally:
             writer.close()
+
+
+class StubRoute(SlotRoute):
+    """SlotRoute with a stub decision: echoes the slot and query, after `delay_s`; the slot
+    `boom` raises."""
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        super().__init__(static=False)
+        self.delay_s = delay_s
+        self.answered: list[str] = []
+
+    async def answer(self, rt: Any, target: str, query: bytes, started: float) -> Answer:
+        assert rt == "runtime"
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        if target == "boom":
+            raise RuntimeError("the decision failed")
+        self.answered.append(target)
+        body = orjson.dumps({"slot": target, "query": query.decode()})
+        return 200, body, {"x-kairos-config-version": "v7"}
+
+
+async def _routed(request: Request) -> Response:
+    return JSONResponse({"routed": request.method, "slot": request.path_params["slot"]})
+
+
+def _fast_app(route: SlotRoute, started: bool = True) -> Starlette:
+    app = Starlette(routes=[Route("/v1/slots/{slot}", _routed, methods=["GET", "HEAD", "POST"])])
+    app.state.slot_route = route
+    if started:
+        app.state.runtime = "runtime"
+    return app
+
+
+def _get(path: str, *headers: str, version: str = "1.1") -> bytes:
+    lines = [f"GET {path} HTTP/{version}", "host: t", *headers, "", ""]
+    return "\r\n".join(lines).encode()
+
+
+async def test_a_slot_get_is_answered_by_the_route_and_everything_else_by_the_app() -> None:
+    route = StubRoute()
+    async with _server(_fast_app(route)) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(_get("/v1/slots/home_recs?session_id=s1&n=3"))
+            r = await asyncio.wait_for(_read_response(reader), 5)
+            assert r["status"] == "200"
+            assert orjson.loads(r["body"]) == {"slot": "home_recs", "query": "session_id=s1&n=3"}
+            assert r["headers"].pop("server") == "uvicorn"  # uvicorn's default headers too
+            assert r["headers"].pop("date")
+            assert r["headers"] == {
+                "content-length": str(len(r["body"])),
+                "content-type": "application/json",
+                "x-kairos-config-version": "v7",
+            }
+            writer.write(_get("/v1/slots/home%5Frecs"))  # decoded first, as uvicorn does
+            r = await asyncio.wait_for(_read_response(reader), 5)
+            assert orjson.loads(r["body"]) == {"slot": "home_recs", "query": ""}
+
+            writer.write(b"POST /v1/slots/home_recs HTTP/1.1\r\nhost: t\r\n"
+                         b"content-length: 2\r\n\r\n{}")  # fmt: skip
+            r = await asyncio.wait_for(_read_response(reader), 5)
+            assert orjson.loads(r["body"]) == {"routed": "POST", "slot": "home_recs"}
+            writer.write(b"HEAD /v1/slots/home_recs HTTP/1.1\r\nhost: t\r\n\r\n")
+            r = await asyncio.wait_for(_read_response(reader, head_only=True), 5)
+            assert r["status"] == "200"
+            writer.write(_get("/v1/slots/home_recs", "expect: 100-continue"))
+            r = await asyncio.wait_for(_read_response(reader), 5)
+            assert orjson.loads(r["body"])["routed"] == "GET"
+            writer.write(_get("/v1/slots/a/b"))  # not a slot path: the app's 404
+            r = await asyncio.wait_for(_read_response(reader), 5)
+            assert r["status"] == "404"
+        finally:
+            writer.close()
+    assert route.answered == ["home_recs", "home_recs"]
+
+
+async def test_requests_pipelined_behind_a_slow_answer_come_back_in_order() -> None:
+    """The second and third requests arrive while the first is being decided: they wait
+    their turn (uvicorn's pipeline), whichever path answers them."""
+    route = StubRoute(delay_s=0.05)
+    async with _server(_fast_app(route)) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(_get("/v1/slots/first") + _get("/v1/slots/second")
+                         + b"POST /v1/slots/third HTTP/1.1\r\nhost: t\r\ncontent-length: 0\r\n\r\n"
+                         + _get("/v1/slots/fourth"))  # fmt: skip
+            bodies = [
+                orjson.loads((await asyncio.wait_for(_read_response(reader), 5))["body"])
+                for _ in range(4)
+            ]
+        finally:
+            writer.close()
+    assert [b["slot"] for b in bodies] == ["first", "second", "third", "fourth"]
+    assert "routed" in bodies[2]
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "why"),
+    [
+        (_get("/v1/slots/s", "connection: close"), "the client asked to close"),
+        (_get("/v1/slots/s", version="1.0"), "HTTP/1.0"),
+    ],
+)
+async def test_a_connection_that_should_not_be_kept_is_closed_after_the_answer(
+    request_bytes: bytes, why: str
+) -> None:
+    async with _server(_fast_app(StubRoute())) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(request_bytes)
+            r = await asyncio.wait_for(_read_response(reader), 5)
+            assert r["status"] == "200", why
+            assert r["headers"]["connection"] == "close", why
+            assert await asyncio.wait_for(reader.read(), 5) == b"", why
+        finally:
+            writer.close()
+
+
+async def test_a_failed_decision_is_a_500_that_closes_the_connection(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    async with _server(_fast_app(StubRoute())) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(_get("/v1/slots/boom"))
+            r = await asyncio.wait_for(_read_response(reader), 5)
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+        finally:
+            writer.close()
+        # the server goes on
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(_get("/v1/slots/after"))
+            after = await asyncio.wait_for(_read_response(reader), 5)
+        finally:
+            writer.close()
+    assert (r["status"], r["body"]) == ("500", b"Internal Server Error")
+    assert r["headers"]["connection"] == "close"
+    assert "the decision failed" in capsys.readouterr().err  # uvicorn's error log
+    assert orjson.loads(after["body"])["slot"] == "after"
+
+
+async def test_a_client_gone_before_its_answer_costs_nothing_else() -> None:
+    route = StubRoute(delay_s=0.1)
+    async with _server(_fast_app(route)) as port:
+        _, gone = await asyncio.open_connection("127.0.0.1", port)
+        gone.write(_get("/v1/slots/never-read"))
+        await gone.drain()
+        gone.close()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(_get("/v1/slots/next"))
+            r = await asyncio.wait_for(_read_response(reader), 5)
+        finally:
+            writer.close()
+        await asyncio.sleep(0.15)  # the first decision finishes after its client left
+    assert orjson.loads(r["body"])["slot"] == "next"
+    assert sorted(route.answered) == ["never-read", "next"]
+
+
+async def test_before_the_app_has_started_the_app_answers() -> None:
+    route = StubRoute()
+    async with _server(_fast_app(route, started=False)) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(_get("/v1/slots/home_recs"))
+            r = await asyncio.wait_for(_read_response(reader), 5)
+        finally:
+            writer.close()
+    assert orjson.loads(r["body"]) == {"routed": "GET", "slot": "home_recs"}
+    assert route.answered == []
