@@ -1,5 +1,5 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False, cdivision=True
-"""Compiled loops of a decision (and of the publisher's partitioning).
+"""Compiled loops of a decision.
 
 Each replaced a handful of numpy calls on a few hundred candidates, where numpy's per-call
 cost (argument checks, temporaries, dtype dispatch) was most of the time. The arithmetic is
@@ -14,7 +14,7 @@ import numpy as np
 from cpython.bytes cimport PyBytes_AS_STRING
 from libc.math cimport sqrt
 from libc.stdlib cimport strtod
-from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t
 
 # Work arrays with an entry per catalog row, zero between calls: a call writes the few
 # hundred rows it touches and sets them back before it returns, instead of allocating a
@@ -386,34 +386,6 @@ def parts_at(const float[:, ::1] table, list positions):
             raise IndexError(f"candidate {i} of {n}")
         out.append([table[1, i], table[2, i], table[3, i], table[4, i]])
     return out
-
-
-def murmur2(const uint8_t[::1] data):
-    """Kafka's murmur2 of a key (the Java client's, as aiokafka's DefaultPartitioner has it in
-    pure Python at ~2 µs a key), as an unsigned 32-bit int."""
-    cdef Py_ssize_t length = data.shape[0], i, i4
-    cdef uint32_t m = 0x5BD1E995, h = 0x9747B28C ^ <uint32_t>length, k
-    cdef int r = 24
-    for i in range(length // 4):
-        i4 = i * 4
-        k = data[i4] | (<uint32_t>data[i4 + 1] << 8) | (<uint32_t>data[i4 + 2] << 16) | (<uint32_t>data[i4 + 3] << 24)
-        k *= m
-        k ^= k >> r
-        k *= m
-        h *= m
-        h ^= k
-    i = length & ~3
-    if length % 4 >= 3:
-        h ^= <uint32_t>data[i + 2] << 16
-    if length % 4 >= 2:
-        h ^= <uint32_t>data[i + 1] << 8
-    if length % 4 >= 1:
-        h ^= data[i]
-        h *= m
-    h ^= h >> 13
-    h *= m
-    h ^= h >> 15
-    return h
 
 
 cdef double _text_float(bytes text) except? -1.0:

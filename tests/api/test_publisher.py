@@ -1,28 +1,85 @@
-"""The publisher's partitioning: a session's events and exposures go where aiokafka's (and the
-Java client's) default partitioner puts them, whoever produced them. No services involved."""
+"""The publisher (api/publisher.py) on the real broker: keyed messages land where the Java
+client's (and aiokafka's) default partitioner puts them, so a session's beacon events go
+to its tracker's partition; without Kafka an offer neither blocks nor loses count."""
 
 from __future__ import annotations
 
-from aiokafka.partitioner import DefaultPartitioner, murmur2
-from hypothesis import given
-from hypothesis import strategies as st
+import asyncio
+import time
+from collections.abc import AsyncIterator
 
-from api import _kernels
-from api.publisher import partition_of
+import pytest
+from aiokafka import AIOKafkaConsumer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.partitioner import DefaultPartitioner
 
+from api.publisher import Publisher
+from tests.conftest import Stack, free_port, wait_for
 
-@given(st.binary(max_size=80))
-def test_compiled_murmur2_is_kafkas(key: bytes) -> None:
-    assert _kernels.murmur2(key) == murmur2(key)
+pytestmark = pytest.mark.integration
 
-
-@given(st.binary(min_size=1, max_size=40) | st.text(max_size=30).map(str.encode),
-       st.integers(1, 64))  # fmt: skip
-def test_keys_go_to_the_default_partitioners_partition(key: bytes, count: int) -> None:
-    partitions = list(range(count))
-    assert partition_of(key, partitions) == DefaultPartitioner()(key, partitions, partitions)
+Drops = list[tuple[str, str, int]]
 
 
-def test_a_key_without_bytes_still_gets_a_partition() -> None:
-    assert partition_of(None, [0, 1, 2]) in (0, 1, 2)
-    assert partition_of(b"", [3]) == 3
+@pytest.fixture
+async def topic(kafka_admin: AIOKafkaAdminClient, unique: str) -> AsyncIterator[str]:
+    name = f"publisher.{unique}"
+    await kafka_admin.create_topics([NewTopic(name, num_partitions=6, replication_factor=1)])
+    yield name
+    await kafka_admin.delete_topics([name])
+
+
+async def test_keyed_messages_go_to_the_default_partitioners_partition(
+    stack: Stack, topic: str
+) -> None:
+    drops: Drops = []
+    publisher = Publisher(stack.kafka_bootstrap, 1000, lambda *d: drops.append(d), linger_ms=5)
+    publisher.start()
+    keys = [f"session-{i}".encode() for i in range(60)] + [b"", "sé".encode()]
+    try:
+        for i, key in enumerate(keys):
+            assert publisher.offer(topic, key, b'{"n": %d}' % i)
+        await wait_for(lambda: publisher.connected, 10, "the publisher's statistics")
+    finally:
+        await publisher.stop()
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=stack.kafka_bootstrap, auto_offset_reset="earliest"
+    )
+    await consumer.start()
+    got: dict[bytes, int] = {}
+    try:
+        async with asyncio.timeout(20):
+            while len(got) < len(keys):
+                for tp, msgs in (await consumer.getmany(timeout_ms=200)).items():
+                    got.update((m.key, tp.partition) for m in msgs)
+    finally:
+        await consumer.stop()
+    partitions = list(range(6))
+    expected = {k: DefaultPartitioner()(k, partitions, partitions) for k in keys}
+    assert got == expected
+    assert len(set(got.values())) == 6  # the keys spread: the check above means something
+    assert drops == []
+
+
+async def test_without_kafka_offers_return_at_once_and_every_loss_is_counted() -> None:
+    drops: Drops = []
+    dead = f"127.0.0.1:{free_port()}"
+    publisher = Publisher(dead, 3, lambda *d: drops.append(d), linger_ms=0,
+                          delivery_timeout_ms=500)  # fmt: skip
+    publisher.start()
+    try:
+        started = time.perf_counter()
+        offered = [publisher.offer("nowhere", b"k", b"v") for _ in range(5)]
+        assert time.perf_counter() - started < 0.05  # never waits on Kafka
+        assert offered == [True, True, True, False, False]  # a queue of 3
+        assert publisher.room() == 0
+        assert drops == [("nowhere", "queue_full", 1)] * 2
+        # the three queued are given up after their delivery timeout, and counted
+        await wait_for(lambda: len(drops) == 5, 10, "delivery failures reported")
+        assert drops[2:] == [("nowhere", "kafka_error", 1)] * 3
+        assert not publisher.connected
+        assert publisher.room() == 3
+    finally:
+        started = time.perf_counter()
+        await publisher.stop(grace_s=1.0)
+    assert time.perf_counter() - started < 3.0
