@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from api.settings import Settings
 from tests.api.conftest import client_for, with_
 from tests.conftest import free_port
@@ -39,3 +41,29 @@ async def test_unknown_paths_answer_json(settings: Settings) -> None:
         response = await client.get("/nope")
     assert response.status_code == 404
     assert response.json() == {"error": "Not Found", "status": 404}
+
+
+async def test_without_kafka_decisions_and_beacons_are_answered_and_the_loss_counted(
+    settings: Settings,
+) -> None:
+    """Kafka is reported, not required: decisions are served, beacons accepted (queued for
+    librdkafka), /readyz ready with kafka disconnected, and the app stops in bounded time."""
+    no_kafka = with_(settings, kafka_bootstrap=f"127.0.0.1:{free_port()}", publish_queue=2)
+    started = time.monotonic()
+    async with client_for(no_kafka) as client:
+        decision = await client.get("/v1/slots/home_recs?session_id=k1")
+        ready = await client.get("/readyz")
+        events = [{"type": "view", "session_id": "k1", "item_id": "sku-000001"}]
+        first = await client.post("/v1/events", json={"events": events})
+        second = await client.post("/v1/events", json={"events": events * 2})
+        metrics = (await client.get("/metrics")).text
+    assert decision.status_code == 200
+    assert decision.json()["decision_id"]
+    assert decision.elapsed.total_seconds() < 1
+    assert ready.status_code == 200
+    assert ready.json()["kafka"] == "disconnected"
+    assert first.status_code == 202
+    # the queue (2) holds the first beacon and the decision's exposure: no room for two more
+    assert second.status_code == 503
+    assert 'kairos_api_beacon_events_total{outcome="dropped"} 2.0' in metrics
+    assert time.monotonic() - started < 30  # start, six requests, a bounded flush at stop
