@@ -73,22 +73,28 @@ class Publisher:
         except BufferError:
             self.on_drop(topic, "queue_full", 1)
             return False
+        except RuntimeError:  # closed: the app is stopping
+            self.on_drop(topic, "stopped", 1)
+            return False
         return True
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="kairos-publisher")
 
     async def stop(self, grace_s: float = 3.0) -> None:
-        """Send what is queued (while Kafka answers, up to grace_s), then stop."""
-        if self._task is None:
-            return
+        """Send what is queued (while Kafka answers, up to grace_s), count the rest as
+        dropped, and close the producer: its threads end (a producer left open keeps them,
+        and a close with messages left waits for their delivery timeout)."""
         self._stopping.set()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
         left = await asyncio.to_thread(self._producer.flush, grace_s)
-        self._producer.poll(0)  # the reports of what failed meanwhile
         if left:
-            log.warning("stopped with %d messages for Kafka not sent", left)
+            log.warning("stopping with %d messages for Kafka not sent; dropped", left)
+            self._producer.purge()  # each fails with a delivery report: counted
+        self._producer.poll(0)  # the reports of what failed meanwhile
+        await asyncio.to_thread(self._producer.close)
 
     async def _run(self) -> None:
         while not self._stopping.is_set():
@@ -101,9 +107,13 @@ class Publisher:
             self.on_drop(msg.topic(), "kafka_error", 1)
 
     def _error(self, err: Any) -> None:
-        if err.code() == confluent_kafka.KafkaError._ALL_BROKERS_DOWN:
+        code = err.code()
+        if code == confluent_kafka.KafkaError._ALL_BROKERS_DOWN:
+            if self.connected:
+                log.warning("kafka unavailable for publishing (%s); messages queue", err)
             self.connected = False
-        log.warning("kafka: %s", err)
+        elif code != confluent_kafka.KafkaError._TRANSPORT:  # each reconnect: librdkafka logs
+            log.warning("kafka: %s", err)
 
     def _statistics(self, raw: str) -> None:
         brokers = orjson.loads(raw).get("brokers", {})
