@@ -99,7 +99,7 @@ def test_select_orders_like_a_stable_descending_sort(values: list[float]) -> Non
     order the candidates as a stable argsort of -scores does."""
     scores = np.asarray(values, np.float32)
     rows = np.asarray(IN_STOCK[: scores.size], np.int64)
-    config = parse_config(_config([], max_per_category=len(rows) + 1), "test.yaml")
+    config = parse_config(_config([], max_per_category=0), "test.yaml")  # 0: no cap
     compiled = compile_rules(config, CATALOG, NOW)["recs"]
     picks = select(config.slots["recs"], rows.size, rows, scores, CATALOG, compiled, set())
     assert [p.at for p in picks] == np.argsort(-scores, kind="stable").tolist()
