@@ -112,6 +112,12 @@ class RdkafkaEvents:
             await asyncio.sleep(0.002)
 
     async def stop(self) -> None:
+        """Flush (up to flush_timeout_s), count what never arrived, close: librdkafka's
+        threads end (an open producer keeps them, and keeps reconnecting)."""
         await self.flush()
-        self.failed += self._unreported  # never delivered
+        if self._unreported:
+            self._producer.purge()  # each fails its delivery report now: counted there
+            self._producer.poll(0)
+        self.failed += self._unreported  # anything still unreported: never delivered
         self._unreported = 0
+        await asyncio.to_thread(self._producer.close)

@@ -4,6 +4,8 @@ lands on the partition aiokafka would put it on, and what never arrives is count
 from __future__ import annotations
 
 import asyncio
+import time
+from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -55,12 +57,21 @@ async def test_every_send_arrives_and_keys_partition_like_aiokafka(
     assert len({p for parts in got.values() for p in parts}) > 1  # and keys do spread
 
 
+def _rdkafka_threads() -> int:
+    tasks = Path("/proc/self/task")
+    return sum((t / "comm").read_text().startswith("rdk:") for t in tasks.iterdir())
+
+
 async def test_sends_that_never_arrive_are_counted() -> None:
+    threads = _rdkafka_threads()
     producer = RdkafkaEvents("127.0.0.1:1", flush_timeout_s=0.3)  # nothing listens there
     for i in range(5):
         await producer.send("clickstream", b"event %d" % i, b"k")
+    started = time.monotonic()
     await producer.stop()
     assert producer.failed == 5
+    assert time.monotonic() - started < 3  # the flush's bound, then a close that waits for nothing
+    assert _rdkafka_threads() == threads  # closed: no thread left reconnecting
 
 
 def test_an_unknown_producer_is_named() -> None:
