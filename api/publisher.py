@@ -63,7 +63,9 @@ class Publisher:
         })  # fmt: skip
 
     def room(self) -> int:
-        """How many more messages the queue takes now."""
+        """How many more messages the queue takes now, at least: librdkafka's own requests
+        and events waiting (metadata while no broker answers, log lines until the next
+        poll) count against it too, so it errs low."""
         return max(0, self.capacity - len(self._producer))
 
     def offer(self, topic: str, key: bytes, value: bytes) -> bool:
