@@ -209,6 +209,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def rdkafka_threads() -> int:
+    """librdkafka's threads in this process (rdk:main, rdk:broker…): a closed producer
+    leaves none."""
+    tasks = Path("/proc/self/task")
+    return sum((t / "comm").read_text().startswith("rdk:") for t in tasks.iterdir())
+
+
 def spawn_group(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     """A child process in its own process group, output to `log` (its folder is the cwd)."""
     with log.open("wb") as out:

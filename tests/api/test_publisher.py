@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaConsumer
@@ -15,7 +14,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.partitioner import DefaultPartitioner
 
 from api.publisher import Publisher
-from tests.conftest import Stack, free_port, wait_for
+from tests.conftest import Stack, free_port, rdkafka_threads, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -62,16 +61,10 @@ async def test_keyed_messages_go_to_the_default_partitioners_partition(
     assert drops == []
 
 
-def _threads() -> int:
-    """librdkafka's threads in this process (named rdk:main, rdk:broker…)."""
-    tasks = Path("/proc/self/task")
-    return sum((t / "comm").read_text().startswith("rdk:") for t in tasks.iterdir())
-
-
 async def test_without_kafka_offers_return_at_once_and_every_loss_is_counted() -> None:
     drops: Drops = []
     dead = f"127.0.0.1:{free_port()}"
-    threads = _threads()
+    threads = rdkafka_threads()
     publisher = Publisher(dead, 3, lambda *d: drops.append(d), linger_ms=0,
                           delivery_timeout_ms=500)  # fmt: skip
     publisher.start()
@@ -91,14 +84,14 @@ async def test_without_kafka_offers_return_at_once_and_every_loss_is_counted() -
         started = time.perf_counter()
         await publisher.stop(grace_s=1.0)
     assert time.perf_counter() - started < 3.0
-    assert _threads() == threads  # librdkafka's threads ended with the producer
+    assert rdkafka_threads() == threads  # librdkafka's threads ended with the producer
     assert not publisher.offer("nowhere", b"k", b"v")
     assert drops[-1] == ("nowhere", "stopped", 1)
 
 
 async def test_stopping_with_messages_kafka_never_took_drops_them_in_bounded_time() -> None:
     drops: Drops = []
-    threads = _threads()
+    threads = rdkafka_threads()
     publisher = Publisher(f"127.0.0.1:{free_port()}", 100, lambda *d: drops.append(d))
     publisher.start()  # the default delivery timeout: 30 s, longer than the grace
     for i in range(5):
@@ -107,4 +100,4 @@ async def test_stopping_with_messages_kafka_never_took_drops_them_in_bounded_tim
     await publisher.stop(grace_s=0.5)
     assert time.perf_counter() - started < 3.0
     assert drops == [("nowhere", "kafka_error", 1)] * 5
-    assert _threads() == threads
+    assert rdkafka_threads() == threads

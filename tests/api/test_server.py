@@ -207,6 +207,16 @@ def _get(path: str, *headers: str, version: str = "1.1") -> bytes:
     return "\r\n".join(lines).encode()
 
 
+async def _one(port: int, request: bytes) -> dict[str, Any]:
+    """One request on a connection of its own: its response."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        return await asyncio.wait_for(_read_response(reader), 5)
+    finally:
+        writer.close()
+
+
 async def test_a_slot_get_is_answered_by_the_route_and_everything_else_by_the_app() -> None:
     route = StubRoute()
     async with _server(_fast_app(route)) as port:
@@ -298,13 +308,7 @@ async def test_a_failed_decision_is_a_500_that_closes_the_connection(
             assert await asyncio.wait_for(reader.read(), 5) == b""
         finally:
             writer.close()
-        # the server goes on
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        try:
-            writer.write(_get("/v1/slots/after"))
-            after = await asyncio.wait_for(_read_response(reader), 5)
-        finally:
-            writer.close()
+        after = await _one(port, _get("/v1/slots/after"))  # the server goes on
     assert (r["status"], r["body"]) == ("500", b"Internal Server Error")
     assert r["headers"]["connection"] == "close"
     assert "the decision failed" in capsys.readouterr().err  # uvicorn's error log
@@ -318,12 +322,7 @@ async def test_a_client_gone_before_its_answer_costs_nothing_else() -> None:
         gone.write(_get("/v1/slots/never-read"))
         await gone.drain()
         gone.close()
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        try:
-            writer.write(_get("/v1/slots/next"))
-            r = await asyncio.wait_for(_read_response(reader), 5)
-        finally:
-            writer.close()
+        r = await _one(port, _get("/v1/slots/next"))
         await asyncio.sleep(0.15)  # the first decision finishes after its client left
     assert orjson.loads(r["body"])["slot"] == "next"
     assert sorted(route.answered) == ["never-read", "next"]
@@ -332,11 +331,6 @@ async def test_a_client_gone_before_its_answer_costs_nothing_else() -> None:
 async def test_before_the_app_has_started_the_app_answers() -> None:
     route = StubRoute()
     async with _server(_fast_app(route, started=False)) as port:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        try:
-            writer.write(_get("/v1/slots/home_recs"))
-            r = await asyncio.wait_for(_read_response(reader), 5)
-        finally:
-            writer.close()
+        r = await _one(port, _get("/v1/slots/home_recs"))
     assert orjson.loads(r["body"]) == {"routed": "GET", "slot": "home_recs"}
     assert route.answered == []

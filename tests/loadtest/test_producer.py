@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from loadtest.producer import PRODUCERS, RdkafkaEvents, make_producer
-from tests.conftest import Stack, TopicFactory
+from tests.conftest import Stack, TopicFactory, rdkafka_threads
 
 
 async def _read_all(bootstrap: str, topic: str, partitions: int, n: int) -> dict[bytes, set[int]]:
@@ -57,13 +56,8 @@ async def test_every_send_arrives_and_keys_partition_like_aiokafka(
     assert len({p for parts in got.values() for p in parts}) > 1  # and keys do spread
 
 
-def _rdkafka_threads() -> int:
-    tasks = Path("/proc/self/task")
-    return sum((t / "comm").read_text().startswith("rdk:") for t in tasks.iterdir())
-
-
 async def test_sends_that_never_arrive_are_counted() -> None:
-    threads = _rdkafka_threads()
+    threads = rdkafka_threads()
     producer = RdkafkaEvents("127.0.0.1:1", flush_timeout_s=0.3)  # nothing listens there
     for i in range(5):
         await producer.send("clickstream", b"event %d" % i, b"k")
@@ -71,7 +65,7 @@ async def test_sends_that_never_arrive_are_counted() -> None:
     await producer.stop()
     assert producer.failed == 5
     assert time.monotonic() - started < 3  # the flush's bound, then a close that waits for nothing
-    assert _rdkafka_threads() == threads  # closed: no thread left reconnecting
+    assert rdkafka_threads() == threads  # closed: no thread left reconnecting
 
 
 def test_an_unknown_producer_is_named() -> None:
