@@ -11,6 +11,7 @@ python -m loadtest ingest [--rates 1000,5000,10000] [--duration 15] [--repeats 3
                                  [--sessions 100000] [--items 10000] [--rss-items 100000]
     python -m loadtest catchup [--backlog 100000] [--rate 1000] [--duration 20] [--repeats 2]
                                [--engine faust] [--items 10000] [--legs idle,yield,no-yield]
+    python -m loadtest cost [--sessions 30000] [--decisions 2000] [--rounds 8] [--items 10000]
     python -m loadtest drain [--events 300000] [--repeats 3] [--engines faust,aiokafka]
                              [--items 10000]
 """
@@ -26,7 +27,7 @@ from typing import Any
 import orjson
 import uvloop
 
-from loadtest import catchup, decisions, drain, ingest, memory, simulate
+from loadtest import catchup, cost, decisions, drain, ingest, memory, simulate
 from loadtest.producer import PRODUCERS
 from loadtest.scenario import ScenarioError
 
@@ -79,6 +80,15 @@ async def run_suite(args: Any) -> int:
             print(f"  - {f}")
         return 1
     print("VERDICT: PASS")
+    return 0
+
+
+def run_cost(args: Any) -> int:
+    if args.sessions < 1 or args.decisions < 1 or args.rounds < 1 or args.items < 100:
+        print("loadtest cost: --sessions, --decisions and --rounds at least 1, --items at "
+              "least 100", file=sys.stderr)  # fmt: skip
+        return 2
+    uvloop.run(cost.run(args.sessions, args.decisions, args.rounds, args.items, args.out))
     return 0
 
 
@@ -169,6 +179,12 @@ def main(argv: list[str] | None = None) -> int:
     cat.add_argument("--items", type=int, default=10_000)
     cat.add_argument("--legs", default=",".join(catchup.LEGS))
     cat.add_argument("--out", type=Path, default=Path("artifacts"))
+    cst = sub.add_parser("cost", help="CPU per decision in process, beside a Redis round trip")
+    cst.add_argument("--sessions", type=int, default=30_000)
+    cst.add_argument("--decisions", type=int, default=2_000)
+    cst.add_argument("--rounds", type=int, default=8)
+    cst.add_argument("--items", type=int, default=10_000)
+    cst.add_argument("--out", type=Path, default=Path("artifacts"))
     dra = sub.add_parser("drain", help="one worker's events/s on a backlog, beside a raw read")
     dra.add_argument("--events", type=int, default=300_000)
     dra.add_argument("--repeats", type=int, default=3)
@@ -254,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
         uvloop.run(catchup.run(args.backlog, args.rate, args.duration, args.repeats,
                                args.engine, args.items, args.out, legs))  # fmt: skip
         return 0
+    if args.command == "cost":
+        return run_cost(args)
     if args.command == "drain":
         engines = [e.strip() for e in args.engines.split(",") if e.strip()]
         if args.events < 10 or args.repeats < 1 or not engines:
