@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+
+import redis.asyncio as aioredis
 
 from api.settings import Settings
 from tests.api.conftest import client_for, with_
@@ -27,6 +30,38 @@ async def test_readyz_is_ready_with_the_real_redis(settings: Settings) -> None:
     body = response.json()
     assert body["redis"] == "ok"
     assert body["config"] == {"version": "demo-2026-11-22.1", "reload_error": None}
+
+
+# Holds the (real) Redis busy for ~60 ms: every other client's command waits behind it.
+_BUSY_60_MS = """
+local t = redis.call('TIME')
+local start = t[1] * 1000000 + t[2]
+repeat t = redis.call('TIME') until t[1] * 1000000 + t[2] - start > 60000
+return 1
+"""
+
+
+async def test_readyz_stays_ready_when_a_ping_outlasts_the_decisions_read_budget(
+    settings: Settings,
+) -> None:
+    """Readiness is "Redis reachable": a busy Redis slows the ping past a decision's 2 ms
+    budget, and the API stays in rotation (its decisions fall back on their own)."""
+    tight = with_(settings, redis_timeout_ms=2.0, deadline_ms=4.0)
+    blocker = aioredis.Redis.from_url(settings.redis_url)
+    try:
+        async with client_for(tight) as client:
+            await blocker.ping()  # connected before the clock starts
+            busy = asyncio.ensure_future(blocker.eval(_BUSY_60_MS, 0))
+            await asyncio.sleep(0.005)  # the script is running
+            started = time.perf_counter()
+            response = await client.get("/readyz")
+            waited = time.perf_counter() - started
+            await busy
+    finally:
+        await blocker.aclose()
+    assert response.status_code == 200, response.text
+    assert response.json()["redis"] == "ok"
+    assert waited > 0.02  # the ping did wait for the script
 
 
 async def test_readyz_says_why_when_redis_is_down(settings: Settings) -> None:
