@@ -54,6 +54,9 @@ class Serving:
     size: int  # catalog rows when built; newer rows wait for the next snapshot
     catalog_version: int
     compiled_at: dt.datetime
+    # the first start or end of a rule's or banner's window after compiled_at (None: none
+    # ahead), when the compiled rules and banners go stale without any change to the config
+    recompile_at: dt.datetime | None = None
 
 
 def _category_rows(catalog: ServingCatalog) -> dict[str, Rows]:
@@ -142,7 +145,23 @@ def _default_picks(
     return SlotDefault(tuple(picks), reason)
 
 
-RECOMPILE_EVERY = dt.timedelta(seconds=60)
+def next_window_change(config: DecisionConfig, after: dt.datetime) -> dt.datetime | None:
+    """The first start or end of any rule's or banner's window later than `after`."""
+    windows = [r.window for r in config.rules] + [b.window for b in config.banners]
+    ahead = [t for w in windows for t in (w.start, w.end) if t is not None and t > after]
+    return min(ahead, default=None)
+
+
+def _still_compiled(previous: Serving, config: DecisionConfig, catalog: ServingCatalog,
+                    now: dt.datetime) -> bool:  # fmt: skip
+    """Whether the previous snapshot's rules, banners and category rows are still right:
+    same config, same catalog, no window boundary crossed (nor the clock set back)."""
+    return (
+        previous.config is config
+        and previous.catalog_version == catalog.version
+        and previous.compiled_at <= now
+        and (previous.recompile_at is None or now < previous.recompile_at)
+    )
 
 
 def build_serving(
@@ -153,23 +172,20 @@ def build_serving(
     previous: Serving | None = None,
 ) -> Serving:
     """A new snapshot. Rules, banners and category rows are recompiled only when the config
-    or the catalog changed, or a minute passed (so start/end windows take effect within a
-    minute); the defaults follow trending every time."""
-    if (
-        previous is not None
-        and previous.config is config
-        and previous.catalog_version == catalog.version
-        and now - previous.compiled_at < RECOMPILE_EVERY
-    ):
+    or the catalog changed, or when a rule's or banner's start or end has come (so a window
+    takes effect on the first refresh after its boundary); the defaults follow trending
+    every time. A recompile holds the event loop: 8 ms with 10k items, ~55 ms with 100k,
+    which is why it no longer runs every minute whether anything changed or not."""
+    if previous is not None and _still_compiled(previous, config, catalog, now):
         rules, banners = previous.rules, previous.banners
         category_rows, sensitive = previous.category_rows, previous.sensitive
-        compiled_at = previous.compiled_at
+        compiled_at, recompile_at = previous.compiled_at, previous.recompile_at
     else:
         rules = compile_rules(config, catalog, now)
         banners = _banner_sets(config, catalog, now)
         category_rows = _category_rows(catalog)
         sensitive = sensitive_mask(config, catalog)
-        compiled_at = now
+        compiled_at, recompile_at = now, next_window_change(config, now)
     defaults = {
         s.name: _default_picks(s, catalog, rules[s.name], trending)
         for s in config.slots.values()
@@ -187,4 +203,5 @@ def build_serving(
         size=len(catalog),
         catalog_version=catalog.version,
         compiled_at=compiled_at,
+        recompile_at=recompile_at,
     )
