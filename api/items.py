@@ -44,19 +44,48 @@ class ServingCatalog:
         self._rebuild()
 
     def _rebuild(self) -> None:
+        """Every per-row array from the items, in one pass over them (100k items: ~50 ms,
+        on the event loop; apply_updates avoids it when it can)."""
         items = self.catalog.items
         self._json: dict[int, tuple[dict[str, Any], str | None]] = {}
-        self.in_stock: Mask = np.fromiter((it.available for it in items), bool, len(items))
-        leaves = sorted({it.category_path for it in items})  # "" (no category) sorts first
+        paths = [it.category_path for it in items]
+        leaves = sorted(set(paths))  # "" (no category) sorts first
         self.leaf_names = leaves
-        leaf_index = {name: i for i, name in enumerate(leaves)}
-        self.no_leaf = leaf_index.get("", -1)
-        self.leaf: Rows = np.fromiter(
-            (leaf_index[it.category_path] for it in items), np.int64, len(items)
+        self._leaf_index = {name: i for i, name in enumerate(leaves)}
+        self.no_leaf = self._leaf_index.get("", -1)
+        self.leaf: Rows = np.fromiter(map(self._leaf_index.__getitem__, paths), np.int64,
+                                      len(items))  # fmt: skip
+        self.in_stock: Mask = np.fromiter((it.available for it in items), bool, len(items))
+        self._brand_index: dict[str, int] = {}
+        brand_of = self._brand_index.setdefault
+        self.brand: Rows = np.fromiter(
+            (brand_of(it.brand, len(self._brand_index)) for it in items), np.int64, len(items)
         )
         if self.model is not None:
             self._map_similar(self.model)
         self.version += 1
+
+    def _update_rows(self, rows: list[int]) -> bool:
+        """The per-row arrays of changed items, in place; False when a change needs the
+        whole rebuild (a new item, or a category or brand no item had before)."""
+        items = self.catalog.items
+        if len(items) != self.leaf.shape[0]:
+            return False
+        updates = []
+        for row in rows:
+            it = items[row]
+            leaf = self._leaf_index.get(it.category_path)
+            brand = self._brand_index.get(it.brand)
+            if leaf is None or brand is None:
+                return False
+            updates.append((row, leaf, brand, it.available))
+        for row, leaf, brand, available in updates:
+            self.leaf[row] = leaf
+            self.brand[row] = brand
+            self.in_stock[row] = available
+            self._json.pop(row, None)
+        self.version += 1
+        return True
 
     def install_latent(self, model: LatentModel) -> int:
         """Learned embeddings into the item vectors, and each item's similar items as rows."""
@@ -139,12 +168,18 @@ class ServingCatalog:
         return np.isin(self.leaf, np.asarray(hits, dtype=np.int64))
 
     def brand_mask(self, brands: Iterable[str]) -> Mask:
-        wanted = set(brands)
-        return np.fromiter((it.brand in wanted for it in self.catalog.items), bool, len(self))
+        """Rows whose brand is one of `brands`."""
+        wanted = [i for b in brands if (i := self._brand_index.get(b)) is not None]
+        if not wanted:
+            return np.zeros(len(self), dtype=bool)
+        return np.isin(self.brand, np.asarray(wanted, dtype=np.int64))
 
     def apply_updates(self, raw_items: Iterable[tuple[str, bytes]]) -> int:
-        """Apply mirrored items (id, JSON); returns how many changed. Bad rows are skipped."""
+        """Apply mirrored items (id, JSON); returns how many changed. Bad rows are skipped.
+        Changes to known items (stock, price, title, a known category or brand) update
+        their rows in place; anything else rebuilds every per-row array."""
         changed = 0
+        rows: list[int] = []
         for item_id, raw in raw_items:
             try:
                 obj = orjson.loads(raw)
@@ -154,7 +189,8 @@ class ServingCatalog:
                 continue
             if self.catalog.get(item.item_id) != item:
                 self.catalog.upsert(item)
+                rows.append(self.catalog.row[item.item_id])
                 changed += 1
-        if changed:
+        if changed and not self._update_rows(rows):
             self._rebuild()
         return changed
