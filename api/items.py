@@ -39,6 +39,10 @@ class ServingCatalog:
         self.catalog = catalog
         self.space = catalog.space
         self.version = 0  # bumps on every applied change; compiled configs check it
+        # bumps on changes other than stock, title and image (category, brand, price, a
+        # new item, learned vectors): those change rule masks and banner vectors, and need
+        # a whole compile; a stock change needs only the stock-dependent parts
+        self.layout_version = 0
         self.model: LatentModel | None = None
         self.similar: Rows = np.full((0, NEIGHBOURS), -1, np.int64)
         self._rebuild()
@@ -64,8 +68,9 @@ class ServingCatalog:
         if self.model is not None:
             self._map_similar(self.model)
         self.version += 1
+        self.layout_version += 1
 
-    def _update_rows(self, rows: list[int]) -> bool:
+    def _update_rows(self, rows: list[int], layout: bool) -> bool:
         """The per-row arrays of changed items, in place; False when a change needs the
         whole rebuild (a new item, or a category or brand no item had before)."""
         items = self.catalog.items
@@ -85,6 +90,8 @@ class ServingCatalog:
             self.in_stock[row] = available
             self._json.pop(row, None)
         self.version += 1
+        if layout:
+            self.layout_version += 1
         return True
 
     def install_latent(self, model: LatentModel) -> int:
@@ -93,6 +100,7 @@ class ServingCatalog:
         self.model = model
         self._map_similar(model)
         self.version += 1
+        self.layout_version += 1
         return known
 
     def _map_similar(self, model: LatentModel) -> None:
@@ -180,6 +188,7 @@ class ServingCatalog:
         their rows in place; anything else rebuilds every per-row array."""
         changed = 0
         rows: list[int] = []
+        layout = False
         for item_id, raw in raw_items:
             try:
                 obj = orjson.loads(raw)
@@ -187,10 +196,18 @@ class ServingCatalog:
             except (orjson.JSONDecodeError, CatalogError, TypeError, AttributeError) as exc:
                 log.warning("catalog mirror: skipped %s: %s", item_id, exc)
                 continue
-            if self.catalog.get(item.item_id) != item:
+            old = self.catalog.get(item.item_id)
+            if old != item:
+                layout = layout or old is None or _layout_of(old) != _layout_of(item)
                 self.catalog.upsert(item)
                 rows.append(self.catalog.row[item.item_id])
                 changed += 1
-        if changed and not self._update_rows(rows):
+        if changed and not self._update_rows(rows, layout):
             self._rebuild()
         return changed
+
+
+def _layout_of(item: Item) -> tuple[object, ...]:
+    """What of an item compiled rules, banners and vectors depend on (all but its stock,
+    title and image)."""
+    return item.category, item.brand, item.price, item.embedding

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -54,6 +54,7 @@ class Serving:
     size: int  # catalog rows when built; newer rows wait for the next snapshot
     catalog_version: int
     compiled_at: dt.datetime
+    layout_version: int = 0  # the catalog's layout_version the rules and banners were compiled on
     # the first start or end of a rule's or banner's window after compiled_at (None: none
     # ahead), when the compiled rules and banners go stale without any change to the config
     recompile_at: dt.datetime | None = None
@@ -154,14 +155,25 @@ def next_window_change(config: DecisionConfig, after: dt.datetime) -> dt.datetim
 
 def _still_compiled(previous: Serving, config: DecisionConfig, catalog: ServingCatalog,
                     now: dt.datetime) -> bool:  # fmt: skip
-    """Whether the previous snapshot's rules, banners and category rows are still right:
-    same config, same catalog, no window boundary crossed (nor the clock set back)."""
+    """Whether the previous snapshot's rules and banners are still right but for stock:
+    same config, no catalog change but stock (and titles), no window boundary crossed (nor
+    the clock set back)."""
     return (
         previous.config is config
-        and previous.catalog_version == catalog.version
+        and previous.layout_version == catalog.layout_version
         and previous.compiled_at <= now
         and (previous.recompile_at is None or now < previous.recompile_at)
     )
+
+
+def _restocked(previous: Serving, catalog: ServingCatalog) -> tuple[dict[str, SlotRules],
+                                                                   dict[str, Rows]]:  # fmt: skip
+    """The stock-dependent parts of a compile, after stock changes only: each slot's
+    in-stock-and-allowed rows and the in-stock rows per category (~8 ms with 100k items,
+    against ~40 for the whole compile)."""
+    rules = {name: replace(r, allowed=catalog.in_stock[: r.exclude.size] & ~r.exclude)
+             for name, r in previous.rules.items()}  # fmt: skip
+    return rules, _category_rows(catalog)
 
 
 def build_serving(
@@ -171,15 +183,18 @@ def build_serving(
     now: dt.datetime,
     previous: Serving | None = None,
 ) -> Serving:
-    """A new snapshot. Rules, banners and category rows are recompiled only when the config
-    or the catalog changed, or when a rule's or banner's start or end has come (so a window
-    takes effect on the first refresh after its boundary); the defaults follow trending
-    every time. A recompile holds the event loop: 8 ms with 10k items, ~55 ms with 100k,
-    which is why it no longer runs every minute whether anything changed or not."""
+    """A new snapshot. Rules, banners and category rows are compiled again only when the
+    config changed, the catalog changed other than in stock (or titles), or a rule's or
+    banner's start or end has come (a window takes effect on the first refresh after its
+    boundary); after stock changes alone only their stock-dependent parts are; the defaults
+    follow trending every time. A compile holds the event loop, ~40 ms with 100k items
+    (8 ms with 10k), which is why it no longer runs every minute, nor on every purchase."""
     if previous is not None and _still_compiled(previous, config, catalog, now):
         rules, banners = previous.rules, previous.banners
         category_rows, sensitive = previous.category_rows, previous.sensitive
         compiled_at, recompile_at = previous.compiled_at, previous.recompile_at
+        if previous.catalog_version != catalog.version:
+            rules, category_rows = _restocked(previous, catalog)
     else:
         rules = compile_rules(config, catalog, now)
         banners = _banner_sets(config, catalog, now)
@@ -204,4 +219,5 @@ def build_serving(
         catalog_version=catalog.version,
         compiled_at=compiled_at,
         recompile_at=recompile_at,
+        layout_version=catalog.layout_version,
     )

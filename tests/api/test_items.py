@@ -39,12 +39,19 @@ def test_a_stock_price_or_title_change_updates_its_row_in_place() -> None:
     old = cat.catalog.items[row]
     cat.item_json(row, "x")  # cached
     leaf, version = cat.leaf, cat.version
-    sold_out = dataclasses.replace(old, stock=0, title="Renamed", price=old.price + 1)
+    sold_out = dataclasses.replace(old, stock=0, title="Renamed")
+    layout = cat.layout_version
     assert cat.apply_updates(_mirror(sold_out)) == 1
     assert cat.leaf is leaf  # in place: no rebuild
+    assert cat.layout_version == layout  # stock and title: nothing a compile depends on
     assert cat.version == version + 1
     assert not cat.in_stock[row]
     assert cat.item_json(row, "x")["title"] == "Renamed"  # its cached JSON dropped
+    _as_rebuilt(cat)
+    repriced = dataclasses.replace(sold_out, price=old.price + 100)
+    assert cat.apply_updates(_mirror(repriced)) == 1
+    assert cat.leaf is leaf  # still in place, but rules and banners must compile again
+    assert cat.layout_version == layout + 1
     _as_rebuilt(cat)
 
 

@@ -3,7 +3,10 @@ opens or closes, and not otherwise (a recompile holds the event loop)."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+
+import orjson
 
 from api.config import parse_config
 from api.items import ServingCatalog
@@ -91,3 +94,30 @@ def test_a_new_config_a_changed_catalog_or_a_clock_set_back_recompile() -> None:
     catalog = ServingCatalog(Catalog(generate(300)))
     catalog.version += 1  # as applied catalog updates leave it
     assert build_serving(config, catalog, Trending(), NOW, first).rules is not first.rules
+
+
+def test_stock_changes_alone_update_the_stock_dependent_parts_only() -> None:
+    catalog = ServingCatalog(Catalog(generate(300)))
+    config = parse_config(_config(windowed=False), "t.yaml")
+    first = build_serving(config, catalog, Trending(), NOW)
+    items = catalog.catalog.items
+    row = next(i for i, it in enumerate(items)
+               if it.available and it.category and it.item_id != EXCLUDED)  # fmt: skip
+    item = items[row]
+    sold_out = dataclasses.replace(item, stock=0)
+    catalog.apply_updates([(item.item_id, orjson.dumps(sold_out.to_json()))])
+    after = build_serving(config, catalog, Trending(), NOW + dt.timedelta(seconds=1), first)
+    assert after.banners is first.banners  # nothing compiled but stock
+    assert after.rules["recs"].exclude is first.rules["recs"].exclude
+    allowed = after.rules["recs"].allowed
+    assert allowed is not None
+    assert not allowed[row]
+    assert first.rules["recs"].allowed is not None
+    assert first.rules["recs"].allowed[row]  # the old snapshot is left as it was
+    assert row not in after.category_rows[item.category_path]
+    assert row in first.category_rows[item.category_path]
+    # a price change moves the item's vector: a whole compile
+    repriced = dataclasses.replace(sold_out, price=sold_out.price * 3 + 1)
+    catalog.apply_updates([(item.item_id, orjson.dumps(repriced.to_json()))])
+    again = build_serving(config, catalog, Trending(), NOW + dt.timedelta(seconds=2), after)
+    assert again.banners is not first.banners
