@@ -52,7 +52,11 @@ from api.scoring import Trending
 from api.serving import Serving, build_serving
 from api.session_state import SessionView, StateReader
 from api.settings import Settings
-from stream_engine.catalog_updates import catalog_items_key, catalog_version_key
+from stream_engine.catalog_updates import (
+    catalog_items_key,
+    catalog_version_key,
+    changed_since,
+)
 from stream_engine.latent import install_newer, latent_key
 from stream_engine.state import Keys
 from stream_engine.store import Batches, raise_error_reply
@@ -283,17 +287,30 @@ class Runtime:
         cmds += trending_commands(self.keys, names)
         replies = await self._background(cmds, timeout_s=BACKGROUND_READ_S)
         if replies[0] is not None and replies[0] != self.catalog_version:
-            mirror = await self.background.hgetall(catalog_items_key(prefix))
-            self.catalog.apply_updates(
-                (_text(k), v if isinstance(v, bytes) else v.encode()) for k, v in mirror.items()
-            )
-            self.catalog_version = replies[0]
+            await self._follow_catalog(replies[0])
         if replies[1] is not None and int(replies[1]) != self.latent_seen:
             await self._install_latent(int(replies[1]))
         trending = parse_trending(names, replies[2:], self.catalog)
         self.serving = build_serving(
             self.serving.config, self.catalog, trending, _now(), previous=self.serving
         )
+
+    async def _follow_catalog(self, version: bytes) -> None:
+        """Apply the catalog mirror's changes up to `version`: the items changed since the
+        version applied last, or the whole mirror at start, after a reset (the version
+        went back) or when the change index cannot say."""
+        prefix = self.settings.key_prefix
+        since, upto = _version(self.catalog_version), _version(version)
+        changed = None
+        if since is not None and upto is not None and upto > since:
+            async with asyncio.timeout(BACKGROUND_READ_S):
+                changed = await changed_since(self.background, prefix, since, upto)
+        if changed is None:
+            mirror = await self.background.hgetall(catalog_items_key(prefix))
+            changed = [(_text(k), v if isinstance(v, bytes) else v.encode())
+                       for k, v in mirror.items()]  # fmt: skip
+        self.catalog.apply_updates(changed)
+        self.catalog_version = version
 
     async def refresh_covis(self, limit: int = COVIS_REFRESH_MAX) -> int:
         """Read stale co-visitation entries again (those decisions asked for), a chunk per
@@ -425,6 +442,13 @@ class Runtime:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.stopping.wait(), every_s)
         return not self.stopping.is_set()
+
+
+def _version(raw: bytes | None) -> int | None:
+    try:
+        return None if raw is None else int(raw)
+    except ValueError:
+        return None
 
 
 def _text(raw: bytes | str) -> str:

@@ -10,6 +10,11 @@ for the decision API:
 
     P:{catalog}:items    hash   item_id -> item JSON (the catalog file's format)
     P:{catalog}:version  string incremented on every applied change
+    P:{catalog}:changed  zset   item_id -> the version its last change made
+
+so the API, which knows the version it applied, reads only the items changed since
+(`changed_since`) instead of the whole mirror: on a live catalog every purchase changes
+stock, and the mirror grows to every item ever changed.
 
 The same loop installs newer learned embeddings (stream_engine/latent.py) every
 `latent_poll_s`.
@@ -20,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import redis.asyncio as aioredis
@@ -41,6 +46,51 @@ def catalog_items_key(prefix: str) -> str:
 
 def catalog_version_key(prefix: str) -> str:
     return f"{prefix}:{{catalog}}:version"
+
+
+def catalog_changed_key(prefix: str) -> str:
+    return f"{prefix}:{{catalog}}:changed"
+
+
+# KEYS: items, version, changed (one hash slot); ARGV: ttl_ms, then item_id, JSON pairs. One
+# script, so that a reader never sees the version before the items and their index.
+MIRROR = """
+local v = redis.call('INCRBY', KEYS[2], (#ARGV - 1) / 2)
+for i = 2, #ARGV, 2 do
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  redis.call('ZADD', KEYS[3], v, ARGV[i])
+end
+for k = 1, 3 do redis.call('PEXPIRE', KEYS[k], ARGV[1]) end
+return v
+"""
+
+
+async def mirror(redis: aioredis.Redis, prefix: str, items: list[Item], ttl_ms: int) -> int:
+    """Writes merged items to the mirror and its change index; returns the new version."""
+    args: list[Any] = [ttl_ms]
+    for it in items:
+        args += [it.item_id, orjson.dumps(it.to_json())]
+    keys = (catalog_items_key(prefix), catalog_version_key(prefix), catalog_changed_key(prefix))
+    return int(await redis.eval(MIRROR, 3, *keys, *args))
+
+
+async def changed_since(
+    redis: aioredis.Redis, prefix: str, since: int, upto: int
+) -> list[tuple[str, bytes]] | None:
+    """The mirrored items whose last change made a version in (since, upto], as (item_id,
+    JSON); None when the change index cannot say (it names none, as with a mirror written
+    before the index existed): the caller reads the whole mirror."""
+    key = catalog_changed_key(prefix)
+    found = cast(list[bytes | str], await redis.zrangebyscore(key, f"({since}", upto))
+    if not found:
+        return None
+    values = await redis.hmget(catalog_items_key(prefix), found)
+    return [(_text(i), v if isinstance(v, bytes) else v.encode())
+            for i, v in zip(found, values, strict=True) if v is not None]  # fmt: skip
+
+
+def _text(raw: bytes | str) -> str:
+    return raw.decode() if isinstance(raw, bytes) else raw
 
 
 def merge_update(catalog: Catalog, raw: bytes, where: str) -> Item:
@@ -137,16 +187,7 @@ class CatalogFollower:
             return 0
         for item in items:
             self.catalog.upsert(item)
-        prefix = self.settings.key_prefix
-        ttl = self.settings.aggregate_ttl_s * 1000
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(
-            catalog_items_key(prefix),
-            mapping={it.item_id: orjson.dumps(it.to_json()) for it in items},
-        )
-        pipe.pexpire(catalog_items_key(prefix), ttl)
-        pipe.incrby(catalog_version_key(prefix), len(items))
-        pipe.pexpire(catalog_version_key(prefix), ttl)
-        await pipe.execute()
+        await mirror(self.redis, self.settings.key_prefix, items,
+                     int(self.settings.aggregate_ttl_s * 1000))  # fmt: skip
         self.metrics.catalog_updates.labels("applied").inc(len(items))
         return len(items)

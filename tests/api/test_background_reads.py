@@ -17,7 +17,7 @@ from api.holdout import Group, assign
 from api.runtime import Runtime
 from api.settings import Settings
 from stream_engine.catalog import Catalog
-from stream_engine.catalog_updates import catalog_items_key, catalog_version_key
+from stream_engine.catalog_updates import catalog_items_key, catalog_version_key, mirror
 from stream_engine.events import EventType
 from stream_engine.state import Keys
 from tests.api.conftest import client_for
@@ -44,6 +44,51 @@ async def test_a_catalog_mirror_of_megabytes_is_applied_by_the_refresh(
         first = catalog.items[0].item_id
         assert rt.catalog_version == b"7"
         assert rt.catalog.item(rt.catalog.row(first)).title == long_title
+
+
+async def _calls(redis: aioredis.Redis, command: str) -> int:
+    stats = await redis.info("commandstats")
+    return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
+
+
+async def test_after_the_first_read_a_refresh_reads_only_the_items_changed_since(
+    settings: Settings, catalog: Catalog, redis_client: aioredis.Redis
+) -> None:
+    """A live catalog changes stock with every purchase and its mirror grows to every item
+    ever changed: a refresh reads the changed items (HMGET), not the whole mirror (HGETALL),
+    and reads the whole mirror again only when the version went back (a reset Redis)."""
+    prefix, ttl = settings.key_prefix, 3_600_000
+    await mirror(redis_client, prefix, list(catalog.items), ttl)
+    a, b, c = catalog.items[0], catalog.items[1], catalog.items[2]
+    async with client_for(settings) as client:
+        rt = client.app.state.runtime  # type: ignore[attr-defined]
+        await rt.refresh()  # the whole mirror, once
+        first = rt.catalog_version
+        full, some = await _calls(redis_client, "hgetall"), await _calls(redis_client, "hmget")
+        await mirror(
+            redis_client,
+            prefix,
+            [
+                dataclasses.replace(a, title="Changed A", stock=0),
+                dataclasses.replace(b, title="Changed B"),
+            ],
+            ttl,
+        )
+        await rt.refresh()
+        assert int(rt.catalog_version) == int(first) + 2
+        assert rt.catalog.item(rt.catalog.row(a.item_id)).title == "Changed A"
+        assert not rt.catalog.in_stock[rt.catalog.row(a.item_id)]
+        assert rt.catalog.item(rt.catalog.row(b.item_id)).title == "Changed B"
+        assert await _calls(redis_client, "hgetall") == full  # not the whole mirror
+        assert await _calls(redis_client, "hmget") > some
+        # Redis reset under the API: a lower version, a change without its index entry
+        await redis_client.set(catalog_version_key(prefix), 1)
+        changed = dataclasses.replace(c, title="Changed C").to_json()
+        await redis_client.hset(catalog_items_key(prefix), c.item_id, orjson.dumps(changed))
+        await rt.refresh()
+        assert rt.catalog.item(rt.catalog.row(c.item_id)).title == "Changed C"
+        assert await _calls(redis_client, "hgetall") > full
+        assert rt.catalog_version == b"1"
 
 
 async def test_a_background_loop_that_survives_its_cancel_still_stops_with_the_api(

@@ -23,7 +23,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from api.pressure import report_commands
 from stream_engine.catalog import Catalog
-from stream_engine.catalog_updates import catalog_items_key
+from stream_engine.catalog_updates import catalog_changed_key, catalog_items_key
 from stream_engine.demo_catalog import generate, write_demo_catalog
 from stream_engine.processor import STORE_TIMEOUT_S
 from stream_engine.settings import Settings
@@ -448,6 +448,11 @@ async def test_catalog_updates_take_effect_within_seconds(rig: Rig) -> None:
     await wait_for(mirrored, 30, "every valid catalog update mirrored into Redis")
     stored = orjson.loads(cast(bytes, await redis_client.hget(items_key, ITEMS[0])))
     assert stored["stock"] == 0
+    # each mirrored item indexed by the version its change made, for the API to read
+    # only what changed since its last read
+    changed = await redis_client.zrange(catalog_changed_key(keys.prefix), 0, -1)
+    valid = [str(body["item_id"]).encode() for body in bodies if "item_id" in body]
+    assert sorted(changed) == sorted(valid)
     assert stored["title"] == catalog.items[0].title  # untouched fields kept
     # The worker knows the new item: a click on it moves the session into its category.
     click = orjson.dumps({"event_id": "c1", "type": "click", "session_id": "s1",
