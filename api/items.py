@@ -15,13 +15,21 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import orjson
 
-from stream_engine.catalog import CATEGORY_SEP, Catalog, CatalogError, Item, item_from_mapping
+from stream_engine.catalog import (
+    CATEGORY_SEP,
+    Catalog,
+    CatalogError,
+    Item,
+    LatentUpdate,
+    item_from_mapping,
+)
 from stream_engine.latent import NEIGHBOURS, LatentModel
 
 log = logging.getLogger("kairos.api.items")
@@ -96,21 +104,34 @@ class ServingCatalog:
 
     def install_latent(self, model: LatentModel) -> int:
         """Learned embeddings into the item vectors, and each item's similar items as rows."""
-        known = self.catalog.set_latent(model.ids, model.vectors, model.version)
-        self.model = model
-        self._map_similar(model)
+        return self.adopt_latent(self.prepare_latent(model))
+
+    def prepare_latent(self, model: LatentModel) -> PreparedLatent:
+        """install_latent's work, written nowhere (a thread may run it: see Runtime)."""
+        update = self.catalog.latent_update(model.ids, model.vectors, model.version)
+        return PreparedLatent(model, update, self._similar_rows(model), len(self))
+
+    def adopt_latent(self, prepared: PreparedLatent) -> int:
+        """Swaps a prepared model in; maps its neighbours again if the catalog grew since."""
+        known = self.catalog.adopt_latent(prepared.update)
+        self.model = prepared.model
+        grew = prepared.rows != len(self)
+        self.similar = self._similar_rows(prepared.model) if grew else prepared.similar
         self.version += 1
         self.layout_version += 1
         return known
 
     def _map_similar(self, model: LatentModel) -> None:
+        self.similar = self._similar_rows(model)
+
+    def _similar_rows(self, model: LatentModel) -> Rows:
         get = self.catalog.row.get
         row_of = np.fromiter((get(i, -1) for i in model.ids), np.int64, len(model.ids))
         similar = np.full((len(self), NEIGHBOURS), -1, np.int64)
         known = row_of >= 0
         mapped = np.where(model.neighbours[known] >= 0, row_of[model.neighbours[known]], -1)
         similar[row_of[known]] = mapped
-        self.similar = similar
+        return similar
 
     def similar_to(self, rows: list[int]) -> Rows:
         """The learned most-similar items of `rows`, as catalog rows."""
@@ -205,6 +226,14 @@ class ServingCatalog:
         if changed and not self._update_rows(rows, layout):
             self._rebuild()
         return changed
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedLatent:
+    model: LatentModel
+    update: LatentUpdate
+    similar: Rows
+    rows: int  # catalog rows when prepared
 
 
 def _layout_of(item: Item) -> tuple[object, ...]:

@@ -57,7 +57,7 @@ from stream_engine.catalog_updates import (
     catalog_version_key,
     changed_since,
 )
-from stream_engine.latent import install_newer, latent_key
+from stream_engine.latent import latent_key, newer_model
 from stream_engine.state import Keys
 from stream_engine.store import Batches, raise_error_reply
 
@@ -366,12 +366,20 @@ class Runtime:
         return done
 
     async def _install_latent(self, version: int) -> None:
-        self.latent_seen, model = await install_newer(
+        """A newer learned model: its vectors are computed in a thread (~100-250 ms of
+        numpy with 100k items, which let go of the GIL for most of it) while decisions go on
+        with the vectors in use, then swapped in."""
+        self.latent_seen, model = await newer_model(
             self.background, self.settings.key_prefix, self.catalog.catalog, self.latent_seen,
-            self.catalog.install_latent, version,
+            version,
         )  # fmt: skip
-        if model is not None:
-            self.metrics.latent_version.set(model.version)
+        if model is None:
+            return
+        prepared = await asyncio.to_thread(self.catalog.prepare_latent, model)
+        known = self.catalog.adopt_latent(prepared)
+        log.info("latent model %d installed: %d of %d items in the catalog", model.version,
+                 known, len(model.ids))  # fmt: skip
+        self.metrics.latent_version.set(model.version)
 
     async def refresh_report(self, minutes: int = 15) -> dict[str, Any]:
         window = Window(minutes, int(time.time() * 1000))

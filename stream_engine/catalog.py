@@ -251,6 +251,7 @@ class Catalog:
         self._matrix = np.zeros((max(len(items), 16), self.space.dims), dtype=np.float32)
         # each row's norm before normalization: the raw vector is matrix[row] * norm[row]
         self._norm = np.zeros(self._matrix.shape[0], dtype=np.float32)
+        self._writes = 0  # upserts so far: a latent update computed before one is stale
         self._learned: Mapping[str, Vector] = {}
         self.latent_version = 0
         for it in items:
@@ -285,6 +286,7 @@ class Catalog:
             self.items[row] = item
         v = self.space.raw_vector(item, self._learned.get(item.item_id))
         norm = np.float32(np.linalg.norm(v))
+        self._writes += 1
         self._norm[row] = norm
         self._matrix[row] = v / norm if norm > 0 else v
 
@@ -292,6 +294,12 @@ class Catalog:
         """Install learned embeddings (row i of `vectors` is item ids[i]) in every item's
         latent block, renormalizing in one numpy pass; returns how many catalog items got
         one. CatalogError if the space has no learned block of that width."""
+        return self.adopt_latent(self.latent_update(ids, vectors, version))
+
+    def latent_update(self, ids: Sequence[str], vectors: Matrix, version: int) -> LatentUpdate:
+        """set_latent's work, written nowhere: new item vectors to `adopt_latent`. Reads the
+        catalog and changes nothing, so the API runs it in a thread (~100-250 ms of numpy
+        with 100k items) while its event loop serves decisions on the vectors in use."""
         space = self.space
         if not space.learned or vectors.shape != (len(ids), space.latent_dims):
             raise CatalogError(
@@ -301,19 +309,44 @@ class Catalog:
             )
         lengths = np.linalg.norm(vectors, axis=1, keepdims=True)
         unit_rows = np.divide(vectors, lengths, out=np.zeros_like(vectors), where=lengths > 0)
-        self._learned = {item_id: unit_rows[i] for i, item_id in enumerate(ids)}
-        n, start = len(self.items), space.latent_start
+        learned = {item_id: unit_rows[i] for i, item_id in enumerate(ids)}
+        n, start, writes = len(self.items), space.latent_start, self._writes
         raw = self._matrix[:n] * self._norm[:n, None]
         raw[:, start:] = 0.0
         model_rows = np.fromiter((self.row.get(i, -1) for i in ids), np.int64, len(ids))
         known = model_rows >= 0
         raw[model_rows[known], start:] = unit_rows[known]
         norms = np.linalg.norm(raw, axis=1).astype(np.float32)
-        self._norm[:n] = norms
-        self._matrix[:n] = np.divide(raw, norms[:, None], out=np.zeros_like(raw),
-                                     where=norms[:, None] > 0)  # fmt: skip
-        self.latent_version = version
-        return int(known.sum())
+        matrix = np.zeros_like(self._matrix)
+        norm = np.zeros_like(self._norm)
+        norm[:n] = norms
+        np.divide(raw, norms[:, None], out=matrix[:n], where=norms[:, None] > 0)
+        return LatentUpdate(ids, vectors, version, learned, matrix, norm, int(known.sum()),
+                            writes)  # fmt: skip
+
+    def adopt_latent(self, update: LatentUpdate) -> int:
+        """Puts a latent_update in place (one swap of the vectors); computes it again here
+        if an item was added or changed since it was computed."""
+        if update.writes != self._writes:
+            update = self.latent_update(update.ids, update.vectors, update.version)
+        self._learned = update.learned
+        self._matrix, self._norm = update.matrix, update.norm
+        self.latent_version = update.version
+        return update.known
+
+
+@dataclass(frozen=True, slots=True)
+class LatentUpdate:
+    """Item vectors with a model's embeddings, computed apart from the catalog."""
+
+    ids: Sequence[str]
+    vectors: Matrix
+    version: int
+    learned: dict[str, Vector]
+    matrix: Matrix  # the whole buffer (the catalog's capacity), rows beyond the items zero
+    norm: Vector
+    known: int  # catalog items the model has
+    writes: int  # the catalog's upsert count it was computed on
 
 
 def write_jsonl(items: Iterable[Item], path: Path) -> None:

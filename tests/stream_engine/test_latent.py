@@ -139,6 +139,35 @@ def test_catalog_installs_learned_vectors_for_items_with_and_without_metadata() 
         catalog.set_latent(["shoe"], np.ones((1, 3), np.float32), version=8)
 
 
+def test_a_latent_update_is_computed_apart_and_swapped_in_or_redone_if_stale() -> None:
+    """The API computes a model's vectors in a thread while decisions read the catalog:
+    computing writes nothing, adopting swaps the result in, and an item changed in
+    between makes the adoption compute again rather than drop that change."""
+    items = [Item("shoe", "Shoe", ("Sports", "Running"), price=50.0), Item("bare", "bare"),
+             Item("other", "O", ("Home",), price=5.0)]  # fmt: skip
+    latent = np.zeros((2, LEARNED_DIMS), np.float32)
+    latent[0, 0], latent[1, 1] = 1.0, 1.0
+    ids = ["bare", "other"]
+    catalog, twin = Catalog(items), Catalog(items)
+    before = catalog.matrix.copy()
+    update = catalog.latent_update(ids, latent, version=5)
+    np.testing.assert_array_equal(catalog.matrix, before)  # nothing written yet
+    assert catalog.latent_version == 0
+    assert catalog.adopt_latent(update) == twin.set_latent(ids, latent, version=5) == 2
+    np.testing.assert_array_equal(catalog.matrix, twin.matrix)
+    assert catalog.latent_version == 5
+    # stale: an item moves between the computing and the swap
+    update = catalog.latent_update(ids, latent[::-1].copy(), version=6)
+    moved = Item("other", "O", ("Sports", "Running"), price=5.0)
+    catalog.upsert(moved)
+    twin.upsert(moved)
+    catalog.adopt_latent(update)
+    twin.set_latent(ids, latent[::-1].copy(), version=6)
+    np.testing.assert_array_equal(catalog.matrix, twin.matrix)
+    other = catalog.matrix[catalog.row["other"]]
+    assert other[catalog.space.index["cat:Sports > Running"]] > 0  # the move kept
+
+
 @pytest.mark.integration
 async def test_workers_install_a_published_model_once_and_read_a_misfit_once(
     redis_client: aioredis.Redis, key_prefix: str, monkeypatch: pytest.MonkeyPatch
