@@ -11,6 +11,7 @@ python -m loadtest ingest [--rates 1000,5000,10000] [--duration 15] [--repeats 3
                                  [--sessions 100000] [--items 10000] [--rss-items 100000]
     python -m loadtest catchup [--backlog 100000] [--rate 1000] [--duration 20] [--repeats 2]
                                [--engine faust] [--items 10000] [--legs idle,yield,no-yield]
+    python -m loadtest stalls [--items 100000] [--changes 100] [--repeats 3]
     python -m loadtest cost [--sessions 30000] [--decisions 2000] [--rounds 8] [--items 10000]
     python -m loadtest drain [--events 300000] [--repeats 3] [--engines faust,aiokafka]
                              [--items 10000]
@@ -27,7 +28,7 @@ from typing import Any
 import orjson
 import uvloop
 
-from loadtest import catchup, cost, decisions, drain, ingest, memory, simulate
+from loadtest import catchup, cost, decisions, drain, ingest, memory, simulate, stalls
 from loadtest.producer import PRODUCERS
 from loadtest.scenario import ScenarioError
 
@@ -90,6 +91,22 @@ def run_cost(args: Any) -> int:
         return 2
     uvloop.run(cost.run(args.sessions, args.decisions, args.rounds, args.items, args.out))
     return 0
+
+
+def run_stalls(args: Any) -> int:
+    if args.items < 100 or args.changes < 1 or args.repeats < 1:
+        print("loadtest stalls: --items at least 100, --changes and --repeats at least 1",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    if args.changes * args.repeats > args.items:
+        print("loadtest stalls: --changes x --repeats must not exceed --items", file=sys.stderr)
+        return 2
+    uvloop.run(stalls.run(args.items, args.changes, args.repeats))
+    return 0
+
+
+# the commands that measure the API in this process
+IN_PROCESS = {"cost": run_cost, "stalls": run_stalls}
 
 
 def _undelivered(step: dict[str, Any]) -> str:
@@ -185,6 +202,10 @@ def main(argv: list[str] | None = None) -> int:
     cst.add_argument("--rounds", type=int, default=8)
     cst.add_argument("--items", type=int, default=10_000)
     cst.add_argument("--out", type=Path, default=Path("artifacts"))
+    stl = sub.add_parser("stalls", help="how long the API's background work holds its loop")
+    stl.add_argument("--items", type=int, default=100_000)
+    stl.add_argument("--changes", type=int, default=100)
+    stl.add_argument("--repeats", type=int, default=3)
     dra = sub.add_parser("drain", help="one worker's events/s on a backlog, beside a raw read")
     dra.add_argument("--events", type=int, default=300_000)
     dra.add_argument("--repeats", type=int, default=3)
@@ -270,8 +291,8 @@ def main(argv: list[str] | None = None) -> int:
         uvloop.run(catchup.run(args.backlog, args.rate, args.duration, args.repeats,
                                args.engine, args.items, args.out, legs))  # fmt: skip
         return 0
-    if args.command == "cost":
-        return run_cost(args)
+    if args.command in IN_PROCESS:
+        return IN_PROCESS[args.command](args)
     if args.command == "drain":
         engines = [e.strip() for e in args.engines.split(",") if e.strip()]
         if args.events < 10 or args.repeats < 1 or not engines:
