@@ -49,7 +49,7 @@ from api.pressure import PRESSURE_EVERY_S, PRESSURE_TIMEOUT_S, SlowReads, report
 from api.publisher import Publisher
 from api.report import Window, build_report, read_counters
 from api.scoring import Trending
-from api.serving import Serving, build_serving
+from api.serving import Serving, build_serving, compile_for, needs_compile
 from api.session_state import SessionView, StateReader
 from api.settings import Settings
 from stream_engine.catalog_updates import (
@@ -291,9 +291,17 @@ class Runtime:
         if replies[1] is not None and int(replies[1]) != self.latent_seen:
             await self._install_latent(int(replies[1]))
         trending = parse_trending(names, replies[2:], self.catalog)
-        self.serving = build_serving(
-            self.serving.config, self.catalog, trending, _now(), previous=self.serving
-        )
+        previous, now = self.serving, _now()
+        compiled = None
+        if needs_compile(previous, previous.config, self.catalog, now):
+            # in a thread: the catalog's only writer is this refresh, which waits for it
+            compiled = await asyncio.to_thread(
+                compile_for, previous.config, self.catalog, now, previous
+            )
+            if self.serving is not previous:  # an admin reload meanwhile: it stands
+                return
+        self.serving = build_serving(previous.config, self.catalog, trending, now, previous,
+                                     compiled)  # fmt: skip
 
     async def _follow_catalog(self, version: bytes) -> None:
         """Apply the catalog mirror's changes up to `version`: the items changed since the

@@ -12,7 +12,9 @@ the way the worker mirrors it:
   idle        nothing but the background loops: the same-run baseline;
   catalog     a refresh after --changes stock changes reach the mirror (every purchase
               changes stock on a live catalog);
-  compile     a config reload (rules, banners and category rows compiled again);
+  compile     a refresh after one price change (a price moves an item's vector: rules,
+              banners and category rows compiled again, as on a new learned model or a
+              window's start or end);
   latent      a refresh that installs a newer learned model (the learner publishes one a
               minute).
 
@@ -140,10 +142,13 @@ async def run(items: int, changes: int, repeats: int) -> dict[str, Any]:
                 if rt.catalog.item(rt.catalog.row(last.item_id)).stock != last.stock:
                     raise RuntimeError("the refresh did not apply the catalog changes")
 
-                async def reload() -> None:
-                    rt.reload_config(force=True)
-
-                rounds["compile"].append(await ticker.around(reload))
+                item = changed[0]
+                await mirror(redis, prefix, [dataclasses.replace(item, price=item.price + 1)],
+                             TTL_MS)  # fmt: skip
+                compiled = rt.serving.compiled_at
+                rounds["compile"].append(await ticker.around(rt.refresh))
+                if rt.serving.compiled_at == compiled:
+                    raise RuntimeError("the refresh after a price change did not compile")
                 await publish(redis, prefix, random_model(catalog, r + 1, rng), TTL_MS)
                 rounds["latent"].append(await ticker.around(rt.refresh))
                 if rt.catalog.latent_version != r + 1:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import threading
 from typing import Any
 
 import numpy as np
@@ -12,9 +13,11 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
+import api.runtime
 from api.aggregates import CovisCache
 from api.holdout import Group, assign
 from api.runtime import Runtime
+from api.serving import compile_for
 from api.settings import Settings
 from stream_engine.catalog import Catalog
 from stream_engine.catalog_updates import catalog_items_key, catalog_version_key, mirror
@@ -89,6 +92,40 @@ async def test_after_the_first_read_a_refresh_reads_only_the_items_changed_since
         assert rt.catalog.item(rt.catalog.row(c.item_id)).title == "Changed C"
         assert await _calls(redis_client, "hgetall") > full
         assert rt.catalog_version == b"1"
+
+
+async def test_a_refresh_compiles_in_a_thread_and_an_admin_reload_meanwhile_stands(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The refresh compiles off the event loop; a config reload (the admin's) that lands
+    while it does is not overwritten by the refresh's older config."""
+    async with client_for(settings) as client:
+        rt = client.app.state.runtime  # type: ignore[attr-defined]
+        compiling, go_on = threading.Event(), threading.Event()
+        threads: list[str] = []
+        real = compile_for
+
+        def held(*args: Any) -> Any:
+            threads.append(threading.current_thread().name)
+            compiling.set()
+            go_on.wait(10)
+            return real(*args)
+
+        monkeypatch.setattr(api.runtime, "compile_for", held)
+        before = rt.serving
+        rt.catalog.layout_version += 1  # as a price change leaves it: a whole compile due
+        refresh = asyncio.create_task(rt.refresh())
+        assert await asyncio.to_thread(compiling.wait, 10)
+        assert threading.current_thread().name not in threads  # not the event loop's
+        assert (await client.get("/healthz")).status_code == 200  # the loop answers meanwhile
+        rt.reload_config(force=True)
+        reloaded = rt.serving
+        go_on.set()
+        await refresh
+        assert rt.serving is reloaded
+        await rt.refresh()  # the next refresh: nothing left to compile
+        assert rt.serving.compiled_at == reloaded.compiled_at
+        assert rt.serving is not before
 
 
 async def test_a_background_loop_that_survives_its_cancel_still_stops_with_the_api(
