@@ -56,8 +56,8 @@ class ServingCatalog:
         self._rebuild()
 
     def _rebuild(self) -> None:
-        """Every per-row array from the items, in one pass over them (100k items: ~50 ms,
-        on the event loop; apply_updates avoids it when it can)."""
+        """Every per-row array from all the items (~50 ms with 100k, on the event loop;
+        apply_updates avoids it when it can)."""
         items = self.catalog.items
         self._json: dict[int, tuple[dict[str, Any], str | None]] = {}
         paths = [it.category_path for it in items]
