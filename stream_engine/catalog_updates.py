@@ -155,9 +155,8 @@ class CatalogFollower:
         self._latent_due = now + self.settings.latent_poll_s
         try:
             self._latent_seen, model = await install_newer(
-                self.redis, self.settings.key_prefix, self.catalog, self._latent_seen,
-                lambda m: self.catalog.set_latent(m.ids, m.vectors, m.version),
-            )  # fmt: skip
+                self.redis, self.settings.key_prefix, self.catalog, self._latent_seen
+            )
         except STORE_ERRORS as exc:
             log.warning("could not read the latent model (%s); keeping the one in use", exc)
             return

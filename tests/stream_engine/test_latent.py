@@ -14,6 +14,7 @@ from stream_engine.latent import (
     NEIGHBOURS,
     LatentModel,
     align,
+    install_newer,
     learn,
     nearest,
     newer_model,
@@ -192,3 +193,24 @@ async def test_workers_install_a_published_model_once_and_read_a_misfit_once(
     monkeypatch.setattr(latent, "load", lambda *a: reads.append(a))
     assert await newer_model(redis_client, key_prefix, catalog, seen=4) == (4, None)
     assert reads == []
+
+
+@pytest.mark.integration
+async def test_a_worker_installs_a_published_model_into_its_catalog(
+    redis_client: aioredis.Redis, key_prefix: str
+) -> None:
+    """The worker's install: computed in a thread, swapped into its catalog, the same
+    vectors set_latent gives; nothing more to install at the next poll."""
+    items = [Item(f"c{c}-{i}", "x", ("Cat",), price=1.0)
+             for c in range(CLUSTERS) for i in range(PER_CLUSTER)]  # fmt: skip
+    catalog, twin = Catalog(items), Catalog(items)
+    model = learn(planted(2), LEARNED_DIMS, 10_000, None, version=5, now_ms=0)
+    assert model is not None
+    await publish(redis_client, key_prefix, model, ttl_ms=60_000)
+    seen, got = await install_newer(redis_client, key_prefix, catalog, seen=0)
+    assert seen == 5
+    assert got is not None
+    assert catalog.latent_version == 5
+    twin.set_latent(model.ids, model.vectors, model.version)
+    np.testing.assert_allclose(catalog.matrix, twin.matrix, rtol=1e-6, atol=1e-7)
+    assert await install_newer(redis_client, key_prefix, catalog, seen=5) == (5, None)
