@@ -7,7 +7,8 @@ PY := $(VENV)/bin/python
 STACK := $(PY) deploy/stack.py
 
 .PHONY: help venv lock up down status logs demo test lint format typecheck check clean \
-	bench-ingest bench-memory bench-decisions bench-catchup bench-drain loadtest
+	bench-ingest bench-memory bench-decisions bench-catchup bench-drain bench-cost bench-stalls \
+	loadtest
 
 help:
 	@echo "make demo       start Kafka, Redis, worker and API locally and print the URLs"
@@ -16,6 +17,7 @@ help:
 	@echo "make up|down|status|logs   the local stack (deploy/stack.py)"
 	@echo "make lock       re-pin constraints.txt from a fresh resolve"
 	@echo "make bench-ingest / bench-memory / bench-decisions / bench-catchup / bench-drain   benchmarks (loadtest/README.md)"
+	@echo "make bench-cost / bench-stalls   a decision's CPU in process; the API loop's stalls by catalog size"
 	@echo "make loadtest [SCENARIO=peak]   the peak-traffic suite: SLO verdict, JSON and HTML report"
 
 # api/_kernels.pyx (the compiled decision loops) and stream_engine/_resp.pyx (the Redis
@@ -82,6 +84,12 @@ bench-catchup: up
 
 bench-drain: up
 	source .stack/stack.env && $(PY) -m loadtest drain $(BENCH_ARGS)
+
+bench-cost: up
+	source .stack/stack.env && $(PY) -m loadtest cost $(BENCH_ARGS)
+
+bench-stalls: up
+	source .stack/stack.env && $(PY) -m loadtest stalls $(BENCH_ARGS)
 
 # The peak-traffic suite on the local stack (started if needed): SCENARIO=smoke|peak|spike|
 # soak|overload or a .toml file; LOADTEST_ARGS="--api URL --bootstrap HOST:PORT --slo ..."
