@@ -42,22 +42,46 @@ class SlotDefault:
 
 
 @dataclass(frozen=True, slots=True)
+class Compiled:
+    """What a snapshot compiles from the config, the catalog and the clock (not trending),
+    and what it was compiled on."""
+
+    rules: Mapping[str, SlotRules]
+    banners: Mapping[str, BannerSet]
+    category_rows: Mapping[str, Rows]
+    sensitive: Mask | None
+    compiled_at: dt.datetime
+    # the first start or end of a rule's or banner's window after compiled_at (None: none
+    # ahead), when the compiled rules and banners go stale without any change to the config
+    recompile_at: dt.datetime | None
+    layout_version: int  # the catalog's layout_version the rules and banners were compiled on
+    catalog_version: int  # the catalog's version the stock-dependent parts were computed on
+
+
+@dataclass(frozen=True, slots=True)
 class Serving:
     config: DecisionConfig
     catalog: ServingCatalog
     trending: Trending
-    rules: Mapping[str, SlotRules]
-    banners: Mapping[str, BannerSet]
-    category_rows: Mapping[str, Rows]
+    compiled: Compiled
     defaults: Mapping[str, SlotDefault]
-    sensitive: Mask | None
     size: int  # catalog rows when built; newer rows wait for the next snapshot
-    catalog_version: int
-    compiled_at: dt.datetime
-    layout_version: int = 0  # the catalog's layout_version the rules and banners were compiled on
-    # the first start or end of a rule's or banner's window after compiled_at (None: none
-    # ahead), when the compiled rules and banners go stale without any change to the config
-    recompile_at: dt.datetime | None = None
+
+    @property
+    def rules(self) -> Mapping[str, SlotRules]:
+        return self.compiled.rules
+
+    @property
+    def banners(self) -> Mapping[str, BannerSet]:
+        return self.compiled.banners
+
+    @property
+    def category_rows(self) -> Mapping[str, Rows]:
+        return self.compiled.category_rows
+
+    @property
+    def sensitive(self) -> Mask | None:
+        return self.compiled.sensitive
 
 
 def _category_rows(catalog: ServingCatalog) -> dict[str, Rows]:
@@ -158,36 +182,23 @@ def _still_compiled(previous: Serving, config: DecisionConfig, catalog: ServingC
     """Whether the previous snapshot's rules and banners are still right but for stock:
     same config, no catalog change but stock (and titles), no window boundary crossed (nor
     the clock set back)."""
+    done = previous.compiled
     return (
         previous.config is config
-        and previous.layout_version == catalog.layout_version
-        and previous.compiled_at <= now
-        and (previous.recompile_at is None or now < previous.recompile_at)
+        and done.layout_version == catalog.layout_version
+        and done.compiled_at <= now
+        and (done.recompile_at is None or now < done.recompile_at)
     )
 
 
-def _restocked(previous: Serving, catalog: ServingCatalog) -> tuple[dict[str, SlotRules],
-                                                                   dict[str, Rows]]:  # fmt: skip
-    """The stock-dependent parts of a compile, after stock changes only: each slot's
-    in-stock-and-allowed rows and the in-stock rows per category (~8 ms with 100k items,
-    against ~40 for the whole compile)."""
+def _restocked(done: Compiled, catalog: ServingCatalog) -> Compiled:
+    """A compile with its stock-dependent parts worked out again, after stock changes only:
+    each slot's in-stock-and-allowed rows and the in-stock rows per category (~8 ms with
+    100k items, against ~40 for the whole compile)."""
     rules = {name: replace(r, allowed=catalog.in_stock[: r.exclude.size] & ~r.exclude)
-             for name, r in previous.rules.items()}  # fmt: skip
-    return rules, _category_rows(catalog)
-
-
-@dataclass(frozen=True, slots=True)
-class Compiled:
-    """What a snapshot compiles from the config, the catalog and the clock (not trending)."""
-
-    rules: Mapping[str, SlotRules]
-    banners: Mapping[str, BannerSet]
-    category_rows: Mapping[str, Rows]
-    sensitive: Mask | None
-    compiled_at: dt.datetime
-    recompile_at: dt.datetime | None
-    layout_version: int
-    catalog_version: int
+             for name, r in done.rules.items()}  # fmt: skip
+    return replace(done, rules=rules, category_rows=_category_rows(catalog),
+                   catalog_version=catalog.version)  # fmt: skip
 
 
 def needs_compile(previous: Serving | None, config: DecisionConfig, catalog: ServingCatalog,
@@ -195,7 +206,7 @@ def needs_compile(previous: Serving | None, config: DecisionConfig, catalog: Ser
     """Whether compile_for has work to do (else it returns the previous snapshot's)."""
     return (
         previous is None
-        or previous.catalog_version != catalog.version
+        or previous.compiled.catalog_version != catalog.version
         or not _still_compiled(previous, config, catalog, now)
     )
 
@@ -209,12 +220,8 @@ def compile_for(config: DecisionConfig, catalog: ServingCatalog, now: dt.datetim
     catalog and writes neither, so the API runs it in a thread (~40 ms of work with 100k
     items, 8 with 10k) while the event loop serves decisions on the snapshot in force."""
     if previous is not None and _still_compiled(previous, config, catalog, now):
-        rules, category_rows = previous.rules, previous.category_rows
-        if previous.catalog_version != catalog.version:
-            rules, category_rows = _restocked(previous, catalog)
-        return Compiled(rules, previous.banners, category_rows, previous.sensitive,
-                        previous.compiled_at, previous.recompile_at, previous.layout_version,
-                        catalog.version)  # fmt: skip
+        done = previous.compiled
+        return done if done.catalog_version == catalog.version else _restocked(done, catalog)
     return Compiled(
         compile_rules(config, catalog, now), _banner_sets(config, catalog, now),
         _category_rows(catalog), sensitive_mask(config, catalog), now,
@@ -239,18 +246,4 @@ def build_serving(
         for s in config.slots.values()
         if s.kind is SlotKind.ITEMS
     }
-    return Serving(
-        config=config,
-        catalog=catalog,
-        trending=trending,
-        rules=compiled.rules,
-        banners=compiled.banners,
-        category_rows=compiled.category_rows,
-        defaults=defaults,
-        sensitive=compiled.sensitive,
-        size=len(catalog),
-        catalog_version=compiled.catalog_version,
-        compiled_at=compiled.compiled_at,
-        recompile_at=compiled.recompile_at,
-        layout_version=compiled.layout_version,
-    )
+    return Serving(config, catalog, trending, compiled, defaults, len(catalog))

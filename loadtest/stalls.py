@@ -145,9 +145,9 @@ async def run(items: int, changes: int, repeats: int) -> dict[str, Any]:
                 item = changed[0]
                 await mirror(redis, prefix, [dataclasses.replace(item, price=item.price + 1)],
                              TTL_MS)  # fmt: skip
-                compiled = rt.serving.compiled_at
+                compiled = rt.serving.compiled
                 rounds["compile"].append(await ticker.around(rt.refresh))
-                if rt.serving.compiled_at == compiled:
+                if rt.serving.compiled.compiled_at == compiled.compiled_at:
                     raise RuntimeError("the refresh after a price change did not compile")
                 await publish(redis, prefix, random_model(catalog, r + 1, rng), TTL_MS)
                 rounds["latent"].append(await ticker.around(rt.refresh))

@@ -124,7 +124,7 @@ async def test_a_refresh_compiles_in_a_thread_and_an_admin_reload_meanwhile_stan
         await refresh
         assert rt.serving is reloaded
         await rt.refresh()  # the next refresh: nothing left to compile
-        assert rt.serving.compiled_at == reloaded.compiled_at
+        assert rt.serving.compiled is reloaded.compiled
         assert rt.serving is not before
 
 

@@ -58,7 +58,7 @@ def test_nothing_recompiles_until_a_window_opens_and_then_it_takes_effect() -> N
     config = parse_config(_config(), "t.yaml")
     first = build_serving(config, CATALOG, Trending(), NOW)
     assert not _excluded(first)
-    assert first.recompile_at == SALE_START
+    assert first.compiled.recompile_at == SALE_START
     # an hour on, nothing changed: the same compiled rules (no recompile)
     later = build_serving(config, CATALOG, Trending(), NOW + dt.timedelta(hours=1), first)
     assert later.rules is first.rules
@@ -67,7 +67,7 @@ def test_nothing_recompiles_until_a_window_opens_and_then_it_takes_effect() -> N
     opened = build_serving(config, CATALOG, Trending(), SALE_START, later)
     assert opened.rules is not first.rules
     assert _excluded(opened)
-    assert opened.recompile_at == SALE_END
+    assert opened.compiled.recompile_at == SALE_END
     closed = build_serving(config, CATALOG, Trending(), SALE_END + dt.timedelta(seconds=1),
                            opened)  # fmt: skip
     assert not _excluded(closed)
