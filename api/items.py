@@ -4,8 +4,8 @@ The API builds the same vector space as the worker from the same catalog file, s
 vectors written by the worker read back with the same meaning. Stock, price and new items
 arrive through the worker's Redis mirror of the `catalog` topic (`{catalog}:items`), polled
 in the background by `follow_mirror`. Learned embeddings (stream_engine/latent.py) arrive
-the same way: `install_latent` puts them in the item vectors and keeps each item's most
-similar items (`similar`, rows, -1 = none) as candidates.
+the same way: `prepare_latent` and `adopt_latent` put them in the item vectors and keep
+each item's most similar items (`similar`, rows, -1 = none) as candidates.
 
 Items without metadata have no category: their leaf is NO_LEAF's, which counts for nothing
 in leaf affinity and diversity.
@@ -74,7 +74,7 @@ class ServingCatalog:
             (brand_of(it.brand, len(self._brand_index)) for it in items), np.int64, len(items)
         )
         if self.model is not None:
-            self._map_similar(self.model)
+            self.similar = self._similar_rows(self.model)
         self.version += 1
         self.layout_version += 1
 
@@ -102,12 +102,9 @@ class ServingCatalog:
             self.layout_version += 1
         return True
 
-    def install_latent(self, model: LatentModel) -> int:
-        """Learned embeddings into the item vectors, and each item's similar items as rows."""
-        return self.adopt_latent(self.prepare_latent(model))
-
     def prepare_latent(self, model: LatentModel) -> PreparedLatent:
-        """install_latent's work, written nowhere (a thread may run it: see Runtime)."""
+        """A model's item vectors and similar-item rows, written nowhere: adopt_latent puts
+        them in place (the API prepares in a thread: stream_engine/latent.py, install_newer)."""
         update = self.catalog.latent_update(model.ids, model.vectors, model.version)
         return PreparedLatent(model, update, self._similar_rows(model), len(self))
 
@@ -120,9 +117,6 @@ class ServingCatalog:
         self.version += 1
         self.layout_version += 1
         return known
-
-    def _map_similar(self, model: LatentModel) -> None:
-        self.similar = self._similar_rows(model)
 
     def _similar_rows(self, model: LatentModel) -> Rows:
         get = self.catalog.row.get

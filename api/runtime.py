@@ -52,12 +52,8 @@ from api.scoring import Trending
 from api.serving import Serving, build_serving, compile_for, needs_compile
 from api.session_state import SessionView, StateReader
 from api.settings import Settings
-from stream_engine.catalog_updates import (
-    catalog_items_key,
-    catalog_version_key,
-    changed_since,
-)
-from stream_engine.latent import latent_key, newer_model
+from stream_engine.catalog_updates import catalog_version_key, changed_since, mirrored
+from stream_engine.latent import install_newer, latent_key
 from stream_engine.state import Keys
 from stream_engine.store import Batches, raise_error_reply
 
@@ -314,9 +310,7 @@ class Runtime:
             async with asyncio.timeout(BACKGROUND_READ_S):
                 changed = await changed_since(self.background, prefix, since, upto)
         if changed is None:
-            mirror = await self.background.hgetall(catalog_items_key(prefix))
-            changed = [(_text(k), v if isinstance(v, bytes) else v.encode())
-                       for k, v in mirror.items()]  # fmt: skip
+            changed = await mirrored(self.background, prefix)
         self.catalog.apply_updates(changed)
         self.catalog_version = version
 
@@ -374,20 +368,14 @@ class Runtime:
         return done
 
     async def _install_latent(self, version: int) -> None:
-        """A newer learned model: its vectors are computed in a thread (~100-250 ms of
-        numpy with 100k items, which let go of the GIL for most of it) while decisions go on
-        with the vectors in use, then swapped in."""
-        self.latent_seen, model = await newer_model(
+        """A newer learned model, prepared in a thread while decisions go on with the
+        vectors in use, then swapped in (stream_engine/latent.py, install_newer)."""
+        self.latent_seen, model = await install_newer(
             self.background, self.settings.key_prefix, self.catalog.catalog, self.latent_seen,
-            version,
+            self.catalog.prepare_latent, self.catalog.adopt_latent, version,
         )  # fmt: skip
-        if model is None:
-            return
-        prepared = await asyncio.to_thread(self.catalog.prepare_latent, model)
-        known = self.catalog.adopt_latent(prepared)
-        log.info("latent model %d installed: %d of %d items in the catalog", model.version,
-                 known, len(model.ids))  # fmt: skip
-        self.metrics.latent_version.set(model.version)
+        if model is not None:
+            self.metrics.latent_version.set(model.version)
 
     async def refresh_report(self, minutes: int = 15) -> dict[str, Any]:
         window = Window(minutes, int(time.time() * 1000))
@@ -465,10 +453,6 @@ def _version(raw: bytes | None) -> int | None:
         return None if raw is None else int(raw)
     except ValueError:
         return None
-
-
-def _text(raw: bytes | str) -> str:
-    return raw.decode() if isinstance(raw, bytes) else raw
 
 
 def _now() -> dt.datetime:

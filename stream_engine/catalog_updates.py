@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Iterable
 from typing import Any, cast
 
 import orjson
@@ -85,12 +86,18 @@ async def changed_since(
     if not found:
         return None
     values = await redis.hmget(catalog_items_key(prefix), found)
-    return [(_text(i), v if isinstance(v, bytes) else v.encode())
-            for i, v in zip(found, values, strict=True) if v is not None]  # fmt: skip
+    return _pairs((i, v) for i, v in zip(found, values, strict=True) if v is not None)
 
 
-def _text(raw: bytes | str) -> str:
-    return raw.decode() if isinstance(raw, bytes) else raw
+async def mirrored(redis: aioredis.Redis, prefix: str) -> list[tuple[str, bytes]]:
+    """Every mirrored item, as (item_id, JSON)."""
+    return _pairs((await redis.hgetall(catalog_items_key(prefix))).items())
+
+
+def _pairs(raw: Iterable[tuple[bytes | str, bytes | str]]) -> list[tuple[str, bytes]]:
+    """(item_id, JSON) from a client that may decode replies or not."""
+    return [(i.decode() if isinstance(i, bytes) else i, v if isinstance(v, bytes) else v.encode())
+            for i, v in raw]  # fmt: skip
 
 
 def merge_update(catalog: Catalog, raw: bytes, where: str) -> Item:
@@ -154,9 +161,12 @@ class CatalogFollower:
             return
         self._latent_due = now + self.settings.latent_poll_s
         try:
+            catalog = self.catalog
             self._latent_seen, model = await install_newer(
-                self.redis, self.settings.key_prefix, self.catalog, self._latent_seen
-            )
+                self.redis, self.settings.key_prefix, catalog, self._latent_seen,
+                lambda m: catalog.latent_update(m.ids, m.vectors, m.version),
+                catalog.adopt_latent,
+            )  # fmt: skip
         except STORE_ERRORS as exc:
             log.warning("could not read the latent model (%s); keeping the one in use", exc)
             return

@@ -28,8 +28,9 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -302,18 +303,26 @@ async def newer_model(
     return (model.version if model is not None else version), model
 
 
+Prepared = TypeVar("Prepared")  # a model made ready to install (each caller's own)
+
+
 async def install_newer(
-    redis: aioredis.Redis, prefix: str, catalog: Catalog, seen: int
+    redis: aioredis.Redis,
+    prefix: str,
+    catalog: Catalog,
+    seen: int,
+    prepare: Callable[[LatentModel], Prepared],
+    adopt: Callable[[Prepared], int],
+    version: int | None = None,
 ) -> tuple[int, LatentModel | None]:
-    """newer_model, installed in `catalog` (a worker's): the new item vectors are computed
-    in a thread (57-243 ms of numpy with 100k items, which lets go of the GIL) while the
-    event loop goes on applying events with the vectors in use, then swapped in. The API
-    installs its own way (api/runtime.py), with its similar-items map."""
-    seen, model = await newer_model(redis, prefix, catalog, seen)
+    """newer_model, installed by the caller's `prepare` (run in a thread: the new item
+    vectors are 57-243 ms of numpy with 100k items, which lets go of the GIL, while the
+    event loop goes on with the vectors in use) and `adopt` (swaps them in on the loop;
+    returns how many of the model's items the catalog has). The worker and the API both
+    install this way."""
+    seen, model = await newer_model(redis, prefix, catalog, seen, version)
     if model is not None:
-        update = await asyncio.to_thread(catalog.latent_update, model.ids, model.vectors,
-                                         model.version)  # fmt: skip
-        known = catalog.adopt_latent(update)
+        known = adopt(await asyncio.to_thread(prepare, model))
         log.info("latent model %d installed: %d of %d items in the catalog", model.version,
                  known, len(model.ids))  # fmt: skip
     return seen, model

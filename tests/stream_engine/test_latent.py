@@ -9,7 +9,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from stream_engine import latent
-from stream_engine.catalog import LEARNED_DIMS, Catalog, CatalogError, Item
+from stream_engine.catalog import LEARNED_DIMS, Catalog, CatalogError, Item, LatentUpdate
 from stream_engine.latent import (
     NEIGHBOURS,
     LatentModel,
@@ -207,10 +207,17 @@ async def test_a_worker_installs_a_published_model_into_its_catalog(
     model = learn(planted(2), LEARNED_DIMS, 10_000, None, version=5, now_ms=0)
     assert model is not None
     await publish(redis_client, key_prefix, model, ttl_ms=60_000)
-    seen, got = await install_newer(redis_client, key_prefix, catalog, seen=0)
+
+    def prepare(m: LatentModel) -> LatentUpdate:
+        return catalog.latent_update(m.ids, m.vectors, m.version)
+
+    seen, got = await install_newer(redis_client, key_prefix, catalog, 0, prepare,
+                                    catalog.adopt_latent)  # fmt: skip
     assert seen == 5
     assert got is not None
     assert catalog.latent_version == 5
     twin.set_latent(model.ids, model.vectors, model.version)
     np.testing.assert_allclose(catalog.matrix, twin.matrix, rtol=1e-6, atol=1e-7)
-    assert await install_newer(redis_client, key_prefix, catalog, seen=5) == (5, None)
+    again = await install_newer(redis_client, key_prefix, catalog, 5, prepare,
+                                catalog.adopt_latent)  # fmt: skip
+    assert again == (5, None)
