@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import random
 import statistics
 import subprocess
@@ -229,10 +228,7 @@ async def run(
     backlog_events: int, rate: int, duration: float, repeats: int, engine: str, items: int,
     out_dir: Path, legs: tuple[str, ...] = LEGS,
 ) -> dict[str, Any]:  # fmt: skip
-    bench = Bench(
-        os.environ.get("KAIROS_KAFKA_BOOTSTRAP", "127.0.0.1:9092"),
-        os.environ.get("KAIROS_REDIS_URL", "redis://127.0.0.1:6379/0"),
-    )
+    bench = Bench.from_env()
     args = {"backlog": backlog_events, "rate": rate, "duration": duration, "engine": engine}
     workdir = Path(tempfile.mkdtemp(prefix="kairos-catchup-"))
     catalog = write_demo_catalog(workdir / "catalog.jsonl", items)

@@ -39,7 +39,7 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 
-from loadtest.decisions import TOPICS, seed, write_results
+from loadtest.decisions import TOPICS, api_env, seed, write_results
 from loadtest.ingest import Bench, _cleanup, _create_topics, environment
 from stream_engine.demo_catalog import write_demo_catalog
 
@@ -86,13 +86,7 @@ async def cpu_per_call(n: int, call: Callable[[int], Awaitable[object]]) -> floa
 async def measure(bench: Bench, catalog: Path, workdir: Path, sids: list[str], decisions: int,
                   rounds: int) -> dict[str, list[float]]:  # fmt: skip
     """The rounds, in this process, on an API app of its own against the seeded state."""
-    os.environ.update({
-        "KAIROS_KAFKA_BOOTSTRAP": bench.bootstrap, "KAIROS_REDIS_URL": bench.redis_url,
-        "KAIROS_KEY_PREFIX": bench.prefix, "KAIROS_CATALOG_PATH": str(catalog),
-        "KAIROS_STACK_DIR": str(workdir),
-        "KAIROS_CLICKSTREAM_TOPIC": bench.topic("clickstream"),
-        "KAIROS_DECISIONS_TOPIC": bench.topic("decisions"),
-    })  # fmt: skip
+    os.environ.update(api_env(bench, catalog, workdir))
     # the API's modules only now: they read nothing at import, but loadtest must not need
     # them to start
     from api.app import create_app
@@ -159,10 +153,7 @@ async def measure(bench: Bench, catalog: Path, workdir: Path, sids: list[str], d
 
 async def run(sessions: int, decisions: int, rounds: int, items: int,
               out_dir: Path) -> dict[str, Any]:  # fmt: skip
-    bench = Bench(
-        os.environ.get("KAIROS_KAFKA_BOOTSTRAP", "127.0.0.1:9092"),
-        os.environ.get("KAIROS_REDIS_URL", "redis://127.0.0.1:6379/0"),
-    )
+    bench = Bench.from_env()
     workdir = Path(tempfile.mkdtemp(prefix="kairos-cost-"))
     catalog = write_demo_catalog(workdir / "catalog.jsonl", items)
     redis = aioredis.Redis.from_url(bench.redis_url)

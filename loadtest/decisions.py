@@ -181,9 +181,9 @@ async def seed(bench: Bench, catalog: Path, workdir: Path, sessions: int, per: i
     return sids
 
 
-def start_api(bench: Bench, catalog: Path, workdir: Path, port: int) -> subprocess.Popen[bytes]:
-    env = {
-        **os.environ,
+def api_env(bench: Bench, catalog: Path, workdir: Path) -> dict[str, str]:
+    """An API's settings on the bench's stack, keys, topics and catalog."""
+    return {
         "KAIROS_KAFKA_BOOTSTRAP": bench.bootstrap,
         "KAIROS_REDIS_URL": bench.redis_url,
         "KAIROS_KEY_PREFIX": bench.prefix,
@@ -191,9 +191,12 @@ def start_api(bench: Bench, catalog: Path, workdir: Path, port: int) -> subproce
         "KAIROS_STACK_DIR": str(workdir),
         "KAIROS_CLICKSTREAM_TOPIC": bench.topic("clickstream"),
         "KAIROS_DECISIONS_TOPIC": bench.topic("decisions"),
-        "KAIROS_API_PORT": str(port),
-        "KAIROS_BENCH_STATIC": "true",
     }
+
+
+def start_api(bench: Bench, catalog: Path, workdir: Path, port: int) -> subprocess.Popen[bytes]:
+    env = {**os.environ, **api_env(bench, catalog, workdir), "KAIROS_API_PORT": str(port),
+           "KAIROS_BENCH_STATIC": "true"}  # fmt: skip
     with (workdir / f"api-{port}.log").open("wb") as log:
         return subprocess.Popen(
             [sys.executable, "-m", "api"], env=env, cwd=workdir,
@@ -249,10 +252,7 @@ async def run(
     rates: list[int], duration: float, warmup: float, repeats: int, sessions: int,
     per_session: int, items: int, rss_items: int, out_dir: Path,
 ) -> dict[str, Any]:  # fmt: skip
-    bench = Bench(
-        os.environ.get("KAIROS_KAFKA_BOOTSTRAP", "127.0.0.1:9092"),
-        os.environ.get("KAIROS_REDIS_URL", "redis://127.0.0.1:6379/0"),
-    )
+    bench = Bench.from_env()
     workdir = Path(tempfile.mkdtemp(prefix="kairos-decisions-"))
     catalog = write_demo_catalog(workdir / "catalog.jsonl", items)
     redis = aioredis.Redis.from_url(bench.redis_url)

@@ -90,6 +90,14 @@ class Bench:
     # is the baseline's client; the same one in both legs keeps the comparison fair.
     producer: str = "aiokafka"
 
+    @classmethod
+    def from_env(cls) -> Bench:
+        """On the stack the environment names (the local stack's ports by default)."""
+        return cls(
+            os.environ.get("KAIROS_KAFKA_BOOTSTRAP", "127.0.0.1:9092"),
+            os.environ.get("KAIROS_REDIS_URL", "redis://127.0.0.1:6379/0"),
+        )
+
     @property
     def prefix(self) -> str:
         return f"bench-{self.run_id}"

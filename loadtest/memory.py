@@ -11,7 +11,6 @@ MEMORY USAGE of a sample of session keys (hash + impressions).
 from __future__ import annotations
 
 import asyncio
-import os
 import statistics
 import tempfile
 import time
@@ -52,10 +51,7 @@ async def _applied(redis: aioredis.Redis, prefix: str, sids: list[str]) -> int:
 
 
 async def run(sessions: int, per_session: int, engine: str) -> dict[str, Any]:
-    bench = Bench(
-        os.environ.get("KAIROS_KAFKA_BOOTSTRAP", "127.0.0.1:9092"),
-        os.environ.get("KAIROS_REDIS_URL", "redis://127.0.0.1:6379/0"),
-    )
+    bench = Bench.from_env()
     redis = aioredis.Redis.from_url(bench.redis_url)
     workdir = Path(tempfile.mkdtemp(prefix="kairos-memory-"))
     catalog = write_demo_catalog(workdir / "catalog.jsonl", 10_000)
