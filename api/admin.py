@@ -87,7 +87,7 @@ async def reload(request: Request) -> Response:
     _authorize(request)
     rt = runtime(request)
     try:
-        rt.reload_config(force=True)
+        await rt.reload_config(force=True)
     except ConfigFileError as exc:
         body = {"error": str(exc), "status": 422, "in_force": rt.serving.config.version}
         return JSON(body, 422)

@@ -11,7 +11,7 @@ python -m loadtest ingest [--rates 1000,5000,10000] [--duration 15] [--repeats 3
                                  [--sessions 100000] [--items 10000] [--rss-items 100000]
     python -m loadtest catchup [--backlog 100000] [--rate 1000] [--duration 20] [--repeats 2]
                                [--engine faust] [--items 10000] [--legs idle,yield,no-yield]
-    python -m loadtest stalls [--items 100000] [--changes 100] [--repeats 3]
+    python -m loadtest stalls [--items 100000] [--changes 100] [--new 10] [--repeats 3]
     python -m loadtest cost [--sessions 30000] [--decisions 2000] [--rounds 8] [--items 10000]
     python -m loadtest drain [--events 300000] [--repeats 3] [--engines faust,aiokafka]
                              [--items 10000]
@@ -94,14 +94,14 @@ def run_cost(args: Any) -> int:
 
 
 def run_stalls(args: Any) -> int:
-    if args.items < 100 or args.changes < 1 or args.repeats < 1:
-        print("loadtest stalls: --items at least 100, --changes and --repeats at least 1",
-              file=sys.stderr)  # fmt: skip
+    if args.items < 100 or min(args.changes, args.repeats, args.new) < 1:
+        print("loadtest stalls: --items at least 100, --changes, --new and --repeats at "
+              "least 1", file=sys.stderr)  # fmt: skip
         return 2
     if args.changes * args.repeats > args.items:
         print("loadtest stalls: --changes x --repeats must not exceed --items", file=sys.stderr)
         return 2
-    uvloop.run(stalls.run(args.items, args.changes, args.repeats))
+    uvloop.run(stalls.run(args.items, args.changes, args.repeats, args.new))
     return 0
 
 
@@ -206,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     stl.add_argument("--items", type=int, default=100_000)
     stl.add_argument("--changes", type=int, default=100)
     stl.add_argument("--repeats", type=int, default=3)
+    stl.add_argument("--new", type=int, default=10)
     dra = sub.add_parser("drain", help="one worker's events/s on a backlog, beside a raw read")
     dra.add_argument("--events", type=int, default=300_000)
     dra.add_argument("--repeats", type=int, default=3)

@@ -1,6 +1,6 @@
 """How long the API's background work holds its event loop, by catalog size.
 
-    python -m loadtest stalls [--items 100000] [--changes 100] [--repeats 3]
+    python -m loadtest stalls [--items 100000] [--changes 100] [--new 10] [--repeats 3]
 
 Every decision of an API process waits while its event loop runs something else. The
 background work (catalog changes, a compile of the rules and banners, a new learned model)
@@ -16,7 +16,10 @@ the way the worker mirrors it:
               banners and category rows compiled again, as on a new learned model or a
               window's start or end);
   latent      a refresh that installs a newer learned model (the learner publishes one a
-              minute).
+              minute);
+  new         a refresh after --new new items reach the mirror, one of them in a leaf
+              category no item had before (merchandisers add items all day);
+  reload      an admin reload of the decision config (rules and banners compiled again).
 
 A ticker sleeps 1 ms at a time; the figure is the longest it waited beyond that while the
 work ran (ms), beside the work's CPU on the loop's thread. Medians over --repeats.
@@ -39,12 +42,12 @@ import numpy as np
 import redis.asyncio as aioredis
 
 from loadtest.ingest import discard_workdir
-from stream_engine.catalog import Catalog
+from stream_engine.catalog import Catalog, Item
 from stream_engine.catalog_updates import mirror
 from stream_engine.demo_catalog import write_demo_catalog
 from stream_engine.latent import NEIGHBOURS, LatentModel, publish
 
-MEASURES = ("idle", "catalog", "compile", "latent")
+MEASURES = ("idle", "catalog", "compile", "latent", "new", "reload")
 TTL_MS = 600_000
 MODEL_ITEMS = 20_000  # the learner's default KAIROS_LATENT_MAX_ITEMS
 
@@ -103,7 +106,20 @@ def summarize(rounds: dict[str, list[tuple[float, float]]]) -> dict[str, dict[st
     return out
 
 
-async def run(items: int, changes: int, repeats: int) -> dict[str, Any]:
+def new_items(catalog: Catalog, round_: int, count: int) -> list[Item]:
+    """`count` items no catalog had, like existing ones; the first in a new leaf category."""
+    out = []
+    for i in range(count):
+        like = catalog.items[(round_ * count + i) * 7 % len(catalog.items)]
+        category = like.category
+        if i == 0 and category:
+            category = (*category[:-1], f"{category[-1]} New {round_}")
+        out.append(dataclasses.replace(like, item_id=f"new-{round_}-{i}", category=category,
+                                       title=f"New {like.title}"))  # fmt: skip
+    return out
+
+
+async def run(items: int, changes: int, repeats: int, new: int = 10) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="kairos-stalls-"))
     path = write_demo_catalog(workdir / "catalog.jsonl", items)
     prefix = f"stalls-{uuid.uuid4().hex[:8]}"
@@ -153,6 +169,17 @@ async def run(items: int, changes: int, repeats: int) -> dict[str, Any]:
                 rounds["latent"].append(await ticker.around(rt.refresh))
                 if rt.catalog.latent_version != r + 1:
                     raise RuntimeError("the refresh did not install the learned model")
+                added = new_items(catalog, r, new)
+                await mirror(redis, prefix, added, TTL_MS)
+                rounds["new"].append(await ticker.around(rt.refresh))
+                if rt.catalog.row(added[-1].item_id) is None or rt.serving.size != (
+                    len(catalog.items) + (r + 1) * new
+                ):
+                    raise RuntimeError("the refresh did not add the new items")
+                compiled = rt.serving.compiled
+                rounds["reload"].append(await ticker.around(lambda: rt.reload_config(force=True)))
+                if rt.serving.compiled.compiled_at == compiled.compiled_at:
+                    raise RuntimeError("the admin reload did not compile")
                 print(f"  round {r + 1}  " + "  ".join(
                     f"{name} {rounds[name][-1][0]:.1f} ms (cpu {rounds[name][-1][1]:.1f})"
                     for name in MEASURES), flush=True)  # fmt: skip

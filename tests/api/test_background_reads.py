@@ -94,11 +94,12 @@ async def test_after_the_first_read_a_refresh_reads_only_the_items_changed_since
         assert rt.catalog_version == b"1"
 
 
-async def test_a_refresh_compiles_in_a_thread_and_an_admin_reload_meanwhile_stands(
+async def test_a_refresh_and_a_reload_compile_in_threads_one_after_the_other(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The refresh compiles off the event loop; a config reload (the admin's) that lands
-    while it does is not overwritten by the refresh's older config."""
+    """The refresh compiles off the event loop; a config reload (the admin's) asked for
+    meanwhile compiles off it too, after the refresh (both read the catalog the refresh
+    writes), and its config is the one in force afterwards."""
     async with client_for(settings) as client:
         rt = client.app.state.runtime  # type: ignore[attr-defined]
         compiling, go_on = threading.Event(), threading.Event()
@@ -116,13 +117,19 @@ async def test_a_refresh_compiles_in_a_thread_and_an_admin_reload_meanwhile_stan
         rt.catalog.layout_version += 1  # as a price change leaves it: a whole compile due
         refresh = asyncio.create_task(rt.refresh())
         assert await asyncio.to_thread(compiling.wait, 10)
-        assert threading.current_thread().name not in threads  # not the event loop's
         assert (await client.get("/healthz")).status_code == 200  # the loop answers meanwhile
-        rt.reload_config(force=True)
-        reloaded = rt.serving
+        reload = asyncio.create_task(rt.reload_config(force=True))
+        await asyncio.sleep(0.05)
+        assert not reload.done()  # waits for the refresh in progress
+        assert len(threads) == 1
         go_on.set()
         await refresh
-        assert rt.serving is reloaded
+        config = await reload
+        assert config is not None
+        assert rt.serving.config is config
+        assert len(threads) == 2
+        assert threading.current_thread().name not in threads  # never the event loop's
+        reloaded = rt.serving
         await rt.refresh()  # the next refresh: nothing left to compile
         assert rt.serving.compiled is reloaded.compiled
         assert rt.serving is not before
