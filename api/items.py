@@ -53,6 +53,7 @@ class ServingCatalog:
         self.layout_version = 0
         self.model: LatentModel | None = None
         self.similar: Rows = np.full((0, NEIGHBOURS), -1, np.int64)
+        self._mapped = Mapped({}, np.zeros(0, np.int64))  # the model's items -> rows
         self._rebuild()
 
     def _rebuild(self) -> None:
@@ -75,7 +76,7 @@ class ServingCatalog:
             (brand_of(it.brand, len(self._brand_index)) for it in items), np.int64, len(items)
         )
         if self.model is not None:
-            self.similar = self._similar_rows(self.model)
+            self.similar, self._mapped = self._similar_rows(self.model)
         self.version += 1
         self.layout_version += 1
 
@@ -107,8 +108,7 @@ class ServingCatalog:
             self.in_stock[row] = it.available
             self._json.pop(row, None)
         if len(items) > known and self.model is not None:
-            # a new item the model knows: its neighbours, and as others' neighbour
-            self.similar = self._similar_rows(self.model)
+            self._map_new_items(range(known, len(items)))
         self.version += 1
         if layout:
             self.layout_version += 1
@@ -117,26 +117,50 @@ class ServingCatalog:
         """A model's item vectors and similar-item rows, written nowhere: adopt_latent puts
         them in place (the API prepares in a thread: stream_engine/latent.py, install_newer)."""
         update = self.catalog.latent_update(model.ids, model.vectors, model.version)
-        return PreparedLatent(model, update, self._similar_rows(model), len(self))
+        similar, mapped = self._similar_rows(model)
+        return PreparedLatent(model, update, similar, mapped, len(self))
 
     def adopt_latent(self, prepared: PreparedLatent) -> int:
         """Swaps a prepared model in; maps its neighbours again if the catalog grew since."""
         known = self.catalog.adopt_latent(prepared.update)
         self.model = prepared.model
-        grew = prepared.rows != len(self)
-        self.similar = self._similar_rows(prepared.model) if grew else prepared.similar
+        if prepared.rows != len(self):
+            self.similar, self._mapped = self._similar_rows(prepared.model)
+        else:
+            self.similar, self._mapped = prepared.similar, prepared.mapped
         self.version += 1
         self.layout_version += 1
         return known
 
-    def _similar_rows(self, model: LatentModel) -> Rows:
+    def _similar_rows(self, model: LatentModel) -> tuple[Rows, Mapped]:
         get = self.catalog.row.get
         row_of = np.fromiter((get(i, -1) for i in model.ids), np.int64, len(model.ids))
         similar = np.full((len(self), NEIGHBOURS), -1, np.int64)
         known = row_of >= 0
         mapped = np.where(model.neighbours[known] >= 0, row_of[model.neighbours[known]], -1)
         similar[row_of[known]] = mapped
-        return similar
+        return similar, Mapped({item_id: i for i, item_id in enumerate(model.ids)}, row_of)
+
+    def _map_new_items(self, rows: Iterable[int]) -> None:
+        """New items the model knows: their neighbours, and they as others' neighbours
+        (mapping the whole model again was ~10 ms on the event loop with 100k items)."""
+        model, mapped, items = self.model, self._mapped, self.catalog.items
+        fresh = [(row, at) for row in rows
+                 if (at := mapped.index.get(items[row].item_id)) is not None]  # fmt: skip
+        if model is None or not fresh:
+            return  # similar_to reads rows past the array's end as having none
+        row_of = mapped.row_of
+        known = np.fromiter((a for _, a in fresh), np.int64, len(fresh))
+        row_of[known] = np.fromiter((r for r, _ in fresh), np.int64, len(fresh))
+        similar = np.full((len(self), NEIGHBOURS), -1, np.int64)
+        similar[: self.similar.shape[0]] = self.similar
+        own = model.neighbours[known]
+        similar[row_of[known]] = np.where(own >= 0, row_of[own], -1)
+        src, col = np.nonzero(np.isin(model.neighbours, known))
+        src_rows = row_of[src]
+        ok = src_rows >= 0
+        similar[src_rows[ok], col[ok]] = row_of[model.neighbours[src[ok], col[ok]]]
+        self.similar = similar
 
     def similar_to(self, rows: list[int]) -> Rows:
         """The learned most-similar items of `rows`, as catalog rows."""
@@ -239,10 +263,20 @@ class ServingCatalog:
 
 
 @dataclass(frozen=True, slots=True)
+class Mapped:
+    """A learned model's items as catalog rows: index (item id -> the model's position)
+    and row_of (the model's position -> catalog row, -1 = not in the catalog)."""
+
+    index: dict[str, int]
+    row_of: Rows
+
+
+@dataclass(frozen=True, slots=True)
 class PreparedLatent:
     model: LatentModel
     update: LatentUpdate
     similar: Rows
+    mapped: Mapped
     rows: int  # catalog rows when prepared
 
 

@@ -12,6 +12,7 @@ import orjson
 from api.items import ServingCatalog
 from stream_engine.catalog import GROW_ROWS, Catalog, Item
 from stream_engine.demo_catalog import generate
+from stream_engine.latent import NEIGHBOURS, LatentModel
 
 
 def _fresh() -> ServingCatalog:
@@ -139,3 +140,24 @@ def test_an_unchanged_or_unreadable_item_changes_nothing() -> None:
     same = _mirror(cat.catalog.items[5])
     assert cat.apply_updates([*same, ("broken", b"{not json")]) == 0
     assert cat.version == version
+
+
+def test_new_items_a_learned_model_knows_get_its_neighbours_as_a_whole_mapping_would() -> None:
+    items = generate(200)
+    cat = ServingCatalog(Catalog(items[:180]))
+    rng = np.random.default_rng(27)
+    model = LatentModel(
+        1, tuple(it.item_id for it in items),
+        rng.standard_normal((200, cat.space.latent_dims)).astype(np.float32),
+        rng.integers(-1, 200, (200, NEIGHBOURS)).astype(np.int32),
+        np.ones((200, NEIGHBOURS), np.float32), 0,
+    )  # fmt: skip
+    cat.adopt_latent(cat.prepare_latent(model))
+    assert (cat.similar >= 180).sum() == 0  # neighbours not in the catalog yet: none
+    unknown = dataclasses.replace(items[0], item_id="not-in-the-model")
+    cat.apply_updates(_mirror(unknown, *items[180:190]))
+    cat.apply_updates(_mirror(*items[190:]))
+    whole, _ = cat._similar_rows(model)
+    assert np.array_equal(cat.similar, whole)
+    assert (cat.similar >= 180).sum() > 0
+    assert cat.similar_to([cat.catalog.row["not-in-the-model"]]).size == 0

@@ -6,12 +6,14 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 
+import numpy as np
 import orjson
+import pytest
 
 from api.config import parse_config
 from api.items import ServingCatalog
 from api.scoring import Trending
-from api.serving import build_serving, next_window_change
+from api.serving import _banner_vectors, build_serving, next_window_change
 from stream_engine.catalog import Catalog
 from stream_engine.demo_catalog import generate
 
@@ -121,3 +123,33 @@ def test_stock_changes_alone_update_the_stock_dependent_parts_only() -> None:
     catalog.apply_updates([(item.item_id, orjson.dumps(repriced.to_json()))])
     again = build_serving(config, catalog, Trending(), NOW + dt.timedelta(seconds=2), after)
     assert again.banners is not first.banners
+
+
+def test_banner_vectors_are_the_normalized_sum_of_their_category_and_item_means() -> None:
+    banners = parse_config({
+        "version": "v", "slots": {"hero": {"kind": "banner", "default_banner": "plain"}},
+        "banners": [
+            {"id": "plain", "slots": ["hero"], "title": "Hello"},
+            {"id": "two", "slots": ["hero"], "title": "Two",
+             "targeting": {"categories": ["Books", "Sports > Running"]}},
+            {"id": "items", "slots": ["hero"], "title": "Items",
+             "targeting": {"categories": ["Books"], "items": [EXCLUDED]}},
+            {"id": "empty", "slots": ["hero"], "title": "None",
+             "targeting": {"categories": ["No > Such"]}},
+        ],
+    }, "t").banners  # fmt: skip
+    got = _banner_vectors(tuple(banners), CATALOG)
+    for banner, vector in zip(banners, got, strict=True):
+        want = np.zeros(CATALOG.space.dims, np.float32)
+        for cat in banner.categories:
+            rows = [i for i, it in enumerate(CATALOG.catalog.items)
+                    if (it.category_path + " >").startswith(cat + " >")]  # fmt: skip
+            if rows:
+                want += CATALOG.matrix[rows].mean(axis=0)
+        if banner.items:
+            want += CATALOG.matrix[CATALOG.rows(banner.items)].mean(axis=0)
+        norm = np.linalg.norm(want)
+        np.testing.assert_allclose(vector, want / norm if norm else want, atol=1e-5)
+    assert np.linalg.norm(got[1]) == pytest.approx(1.0, abs=1e-5)
+    assert not got[0].any()
+    assert not got[3].any()
