@@ -41,7 +41,7 @@ from api.aggregates import (
 from api.config import DecisionConfig, load_config
 from api.decisions import PageAsk, SlotDecision, covis_sources, decide_page, default_decision
 from api.exceptions import ConfigFileError
-from api.fallback import Breaker, FallbackReason, Limiter, LoopLag, Pauses
+from api.fallback import Breaker, FallbackReason, Limiter, Pauses
 from api.holdout import Group, assign, stable_id
 from api.items import ServingCatalog
 from api.metrics import ApiMetrics
@@ -54,6 +54,7 @@ from api.session_state import SessionView, StateReader
 from api.settings import Settings
 from stream_engine.catalog_updates import catalog_version_key, changed_since, mirrored
 from stream_engine.latent import install_newer, latent_key
+from stream_engine.looplag import LoopLag
 from stream_engine.state import Keys
 from stream_engine.store import Batches, raise_error_reply
 

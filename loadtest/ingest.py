@@ -626,8 +626,11 @@ def _worker_line(w: dict[str, float]) -> str:
     if "fresh_ms" not in w:
         return ""
     wait = f" (waiting {w['wait_ms']:.1f})" if "wait_ms" in w else ""
+    loop = (f"; loop late >{LATE_TICK_S * 1000:.0f} ms {w['late_ticks']:.0f} times,"
+            f" worst <= {w['loop_worst_ms']:.0f} ms" if "late_ticks" in w else "")  # fmt: skip
     return (f"  worker means: produced->written {w['fresh_ms']:.1f} ms{wait},"
-            f" batches of {w['batch_events']:.0f} applied in {w['apply_ms']:.1f} ms")  # fmt: skip
+            f" batches of {w['batch_events']:.0f} applied in {w['apply_ms']:.1f} ms"
+            + loop)  # fmt: skip
 
 
 # The worker's histograms the split reads: (metric, mean's name in RunResult.worker, scale)
@@ -648,16 +651,46 @@ def worker_sums(port: int) -> dict[str, tuple[float, float]]:
         return {}
 
 
+# The worker's loop-lag histogram: the run's ticks later than LATE_TICK_S, and the bucket
+# its latest tick of all fell in.
+LOOP_LAG = "kairos_worker_loop_lag_seconds"
+LATE_TICK_S = 0.01
+
+
 def parse_sums(text: str) -> dict[str, tuple[float, float]]:
-    """(sum, count) of each WORKER_MEANS histogram in a Prometheus exposition."""
-    names = {metric for metric, _, _ in WORKER_MEANS}
+    """(sum, count) of each WORKER_MEANS histogram and of the loop-lag histogram in a
+    Prometheus exposition, and the loop lag's cumulative buckets as `LOOP_LAG@le` ->
+    (count, 0)."""
+    names = {metric for metric, _, _ in WORKER_MEANS} | {LOOP_LAG}
     found: dict[str, list[float]] = {}
     for line in text.splitlines():
-        name, _, value = line.partition(" ")
+        if line.startswith("#"):
+            continue
+        name, _, value = line.rpartition(" ")
+        if name.startswith(LOOP_LAG + '_bucket{le="'):
+            found[f"{LOOP_LAG}@{name.split(chr(34))[1]}"] = [float(value), 0.0]
+            continue
         for suffix, slot in (("_sum", 0), ("_count", 1)):
             if name.endswith(suffix) and (metric := name[: -len(suffix)]) in names:
                 found.setdefault(metric, [0.0, 0.0])[slot] = float(value)
     return {metric: (v[0], v[1]) for metric, v in found.items()}
+
+
+def loop_lag(before: dict[str, tuple[float, float]],
+             after: dict[str, tuple[float, float]]) -> dict[str, float]:  # fmt: skip
+    """The run's loop ticks later than LATE_TICK_S, and the upper bound of the latest of
+    all (ms: the bucket that holds every tick, inf if only +Inf does); {} without ticks."""
+
+    def count(key: str) -> float:
+        return after.get(key, (0.0, 0.0))[0] - before.get(key, (0.0, 0.0))[0]
+
+    ticks = after.get(LOOP_LAG, (0.0, 0.0))[1] - before.get(LOOP_LAG, (0.0, 0.0))[1]
+    if ticks <= 0:
+        return {}
+    bounds = sorted(float(k.split("@")[1]) for k in after if k.startswith(LOOP_LAG + "@"))
+    on_time = count(f"{LOOP_LAG}@{LATE_TICK_S}")
+    worst = next((b for b in bounds if count(f"{LOOP_LAG}@{b}") >= ticks), float("inf"))
+    return {"late_ticks": ticks - on_time, "loop_worst_ms": 1000 * worst}
 
 
 def worker_means(before: dict[str, tuple[float, float]],
@@ -671,7 +704,7 @@ def worker_means(before: dict[str, tuple[float, float]],
         total0, count0 = before.get(metric, (0.0, 0.0))
         if count > count0:
             means[out] = round(scale * (total - total0) / (count - count0), 3)
-    return means
+    return {**means, **loop_lag(before, after)}
 
 
 def environment(redis_info: dict[str, Any]) -> dict[str, Any]:

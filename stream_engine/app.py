@@ -21,6 +21,7 @@ from stream_engine.catalog_updates import CatalogFollower
 from stream_engine.faust_transport import Handoff, KairosApp, KairosConsumer
 from stream_engine.heap import freeze_startup_heap
 from stream_engine.ingest import MAX_BACKOFF_S, Ingest, dead_letter_body, redis_client
+from stream_engine.looplag import LoopLag
 from stream_engine.metrics import WorkerMetrics
 from stream_engine.processor import Record
 from stream_engine.settings import Settings
@@ -91,6 +92,10 @@ def create_app(settings: Settings, catalog: Catalog, metrics: WorkerMetrics) -> 
         # the full collections' way (stream_engine/heap.py). Frozen before they were, each
         # full collection walked them: two of ~12 ms in a 20 s run at 1,000 events/s.
         freeze_startup_heap()
+
+    @app.task  # type: ignore[untyped-decorator]
+    async def watch_loop() -> None:
+        await LoopLag(observe=metrics.loop_lag.observe).run()  # until the worker stops
 
     @app.task  # type: ignore[untyped-decorator]
     async def watch_pressure() -> None:

@@ -27,6 +27,7 @@ from stream_engine.catalog import Catalog
 from stream_engine.catalog_updates import CatalogFollower
 from stream_engine.ingest import Ingest, redis_client
 from stream_engine.lanes import Lanes
+from stream_engine.looplag import LoopLag
 from stream_engine.metrics import WorkerMetrics
 from stream_engine.processor import Record
 from stream_engine.settings import Settings
@@ -191,10 +192,11 @@ def run_forever(
         follower = CatalogFollower(settings, catalog, redis, metrics)
         follow = asyncio.create_task(follower.run(consumer.stopping))
         watch = asyncio.create_task(consumer.ingest.watch_pressure(redis, consumer.stopping))
+        lag = asyncio.create_task(LoopLag(observe=metrics.loop_lag.observe).run())
         try:
             await consumer.run()
         finally:
-            for task in (follow, watch):
+            for task in (follow, watch, lag):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task

@@ -21,6 +21,11 @@ APPLY_BUCKETS = (
 )  # fmt: skip
 
 
+# How late the worker's loop ran a 5 ms tick: a few ms is a batch being planned; tens of
+# ms held every batch behind it.
+LOOP_LAG_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
 class BatchHistogram(Collector):
     """A Prometheus histogram fed a batch of values at a time, for per-event series.
 
@@ -93,6 +98,12 @@ class WorkerMetrics:
             "kairos_batch_apply_seconds",
             "Time a micro-batch took to apply once let through: plan, Redis writes, retries",
             buckets=APPLY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.loop_lag = Histogram(
+            "kairos_worker_loop_lag_seconds",
+            "How much later than due the worker's event loop ran a 5 ms tick: batches and "
+            "background work hold it, and every event waiting meanwhile",
+            buckets=LOOP_LAG_BUCKETS, registry=r,
         )  # fmt: skip
         self.freshness_produced = BatchHistogram(
             "kairos_freshness_produced_seconds",

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from api.fallback import Breaker, Limiter, LoopLag, Pauses
+from api.fallback import Breaker, Limiter, Pauses
+from stream_engine.looplag import LoopLag
 
 
 class Clock:

@@ -10,8 +10,8 @@ import pytest
 
 from api.config import SlotKind
 from api.decisions import PageAsk, SlotAsk
-from api.fallback import LoopLag
 from api.settings import Settings
+from stream_engine.looplag import LoopLag
 from tests.api.conftest import client_for
 
 

@@ -196,3 +196,18 @@ def test_an_engine_without_a_hand_off_has_no_wait_and_a_silent_worker_no_split()
     assert "waiting" not in _worker_line(means)
     assert worker_means({}, {}) == {}
     assert _worker_line({}) == ""
+
+
+def test_the_runs_late_loop_ticks_come_from_the_workers_loop_lag_histogram() -> None:
+    metrics = WorkerMetrics()
+    for lag in (0.0001, 0.3):  # before the run: left out
+        metrics.loop_lag.observe(lag)
+    before = parse_sums(generate_latest(metrics.registry).decode())
+    for lag in (0.0002, 0.0003, 0.004, 0.015, 0.04):
+        metrics.loop_lag.observe(lag)
+    means = worker_means(before, parse_sums(generate_latest(metrics.registry).decode()))
+    assert means == {"late_ticks": 2.0, "loop_worst_ms": 50.0}
+    metrics.loop_lag.observe(9.0)  # beyond the last finite bucket
+    assert worker_means(before, parse_sums(generate_latest(metrics.registry).decode()))[
+        "loop_worst_ms"
+    ] == float("inf")

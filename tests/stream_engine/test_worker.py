@@ -393,6 +393,8 @@ async def _pair_shares(rig: Rig, second_engine: str | None) -> None:
     per_worker = [_metric(port, "kairos_events_total{", 'outcome="ok"') for port in ports]
     assert all(n > 0 for n in per_worker), per_worker
     assert sum(per_worker) == 320
+    ticks = [_metric(port, "kairos_worker_loop_lag_seconds_count", "") for port in ports]
+    assert all(n >= 200 for n in ticks), ticks  # every engine times its loop (5 ms ticks)
     if rig.env["KAIROS_ENGINE"] == "faust" and second_engine is None:
         # every event waited in a faust worker's hand-off, and was timed there
         waited = [_metric(port, "kairos_handoff_wait_seconds_count", "") for port in ports]
