@@ -23,7 +23,7 @@ from stream_engine.catalog import Catalog
 from stream_engine.catalog_updates import catalog_items_key, catalog_version_key, mirror
 from stream_engine.events import EventType
 from stream_engine.state import Keys
-from tests.api.conftest import client_for
+from tests.api.conftest import Clicks, client_for
 
 pytestmark = pytest.mark.integration
 
@@ -92,6 +92,45 @@ async def test_after_the_first_read_a_refresh_reads_only_the_items_changed_since
         assert rt.catalog.item(rt.catalog.row(c.item_id)).title == "Changed C"
         assert await _calls(redis_client, "hgetall") > full
         assert rt.catalog_version == b"1"
+
+
+async def test_new_items_from_the_mirror_are_served_after_the_next_refresh(
+    settings: Settings, catalog: Catalog, clicks: Clicks, redis_client: aioredis.Redis
+) -> None:
+    """New items, one in a leaf category no item had, one without a category: after a
+    refresh they are candidates of their categories, every compiled array covers them,
+    and a personalized decision is still answered."""
+    prefix, ttl = settings.key_prefix, 3_600_000
+    await mirror(redis_client, prefix, list(catalog.items), ttl)
+    like = next(it for it in catalog.items if len(it.category) >= 2 and it.available)
+    fresh = [
+        dataclasses.replace(like, item_id="new-in-a-known-leaf", stock=5),
+        dataclasses.replace(like, item_id="new-in-a-new-leaf", stock=5,
+                            category=(*like.category[:-1], "Brand New Leaf")),
+        dataclasses.replace(like, item_id="new-without-a-category", stock=5, category=()),
+    ]  # fmt: skip
+    await clicks("newcomer", *[(EventType.CLICK, like.item_id)] * 3)
+    async with client_for(settings) as client:
+        rt = client.app.state.runtime  # type: ignore[attr-defined]
+        await rt.refresh()
+        before = rt.serving.size
+        leaf_ids = rt.catalog.leaf.copy()
+        await mirror(redis_client, prefix, fresh, ttl)
+        await rt.refresh()
+        serving = rt.serving
+        answer = await client.get("/v1/slots/home_recs?session_id=newcomer")
+    assert serving.size == before + 3
+    rows = [rt.catalog.row(it.item_id) for it in fresh]
+    assert rows == [before, before + 1, before + 2]
+    assert np.array_equal(rt.catalog.leaf[:before], leaf_ids)  # no leaf renumbered
+    assert before in serving.category_rows[like.category_path]
+    assert serving.category_rows[f"{like.category_path.rsplit(' > ', 1)[0]} > Brand New Leaf"
+                                 ].tolist() == [before + 1]  # fmt: skip
+    assert before + 1 in serving.category_rows[like.category[0]]
+    for rules in serving.rules.values():
+        assert rules.allowed.size == serving.size
+    assert answer.status_code == 200
+    assert answer.json()["strategy"] == "personalized"
 
 
 async def test_a_refresh_and_a_reload_compile_in_threads_one_after_the_other(
