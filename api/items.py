@@ -75,8 +75,6 @@ class ServingCatalog:
         self.brand: Rows = np.fromiter(
             (brand_of(it.brand, len(self._brand_index)) for it in items), np.int64, len(items)
         )
-        if self.model is not None:
-            self.similar, self._mapped = self._similar_rows(self.model)
         self.version += 1
         self.layout_version += 1
 
@@ -220,10 +218,9 @@ class ServingCatalog:
 
     def category_mask(self, categories: Iterable[str]) -> Mask:
         """Rows whose category path is one of `categories` or below one of them."""
-        hits = self.leaves_under(categories)
-        if not hits:
-            return np.zeros(len(self), dtype=bool)
-        return np.isin(self.leaf, np.asarray(hits, dtype=np.int64))
+        under = np.zeros(len(self.leaf_names), dtype=bool)
+        under[self.leaves_under(categories)] = True
+        return under[self.leaf]
 
     def brand_mask(self, brands: Iterable[str]) -> Mask:
         """Rows whose brand is one of `brands`."""
@@ -231,12 +228,6 @@ class ServingCatalog:
         if not wanted:
             return np.zeros(len(self), dtype=bool)
         return np.isin(self.brand, np.asarray(wanted, dtype=np.int64))
-
-    def reserve_for(self, raw_items: Iterable[tuple[str, bytes]]) -> None:
-        """Room in the item matrix for the new items among mirrored ones, made before
-        apply_updates adds them; the API calls it in a thread (Catalog.reserve)."""
-        get = self.catalog.row.get
-        self.catalog.reserve(sum(1 for item_id, _ in raw_items if get(item_id) is None))
 
     def apply_updates(self, raw_items: Iterable[tuple[str, bytes]]) -> int:
         """Apply mirrored items (id, JSON); returns how many changed. Bad rows are skipped.

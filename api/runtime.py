@@ -328,7 +328,7 @@ class Runtime:
                 changed = await changed_since(self.background, prefix, since, upto)
         if changed is None:
             changed = await mirrored(self.background, prefix)
-        await asyncio.to_thread(self.catalog.reserve_for, changed)
+        await asyncio.to_thread(self.catalog.catalog.reserve_for, [i for i, _ in changed])
         self.catalog.apply_updates(changed)
         self.catalog_version = version
 

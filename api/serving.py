@@ -116,12 +116,9 @@ def _banner_vectors(banners: tuple[Banner, ...], catalog: ServingCatalog) -> Mat
     out = np.zeros((len(banners), dims), np.float32)
     cats = sorted({c for b in banners for c in b.categories})
     if cats:
-        n_leaves = len(catalog.leaf_names)
         weights = np.zeros((len(cats), len(catalog)), np.float32)
         for i, cat in enumerate(cats):
-            under = np.zeros(n_leaves, bool)
-            under[catalog.leaves_under([cat])] = True
-            weights[i] = under[catalog.leaf]
+            weights[i] = catalog.category_mask([cat])
         counts = weights.sum(axis=1)
         means = (weights @ catalog.matrix) / np.maximum(counts, 1.0)[:, None]
         mean_of = dict(zip(cats, means, strict=True))

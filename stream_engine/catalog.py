@@ -310,6 +310,10 @@ class Catalog:
         norm[:rows] = self._norm
         self._matrix, self._norm = matrix, norm
 
+    def reserve_for(self, item_ids: Iterable[str]) -> None:
+        """`reserve` for the items among `item_ids` the catalog does not have yet."""
+        self.reserve(sum(1 for item_id in item_ids if item_id not in self.row))
+
     def set_latent(self, ids: Sequence[str], vectors: Matrix, version: int) -> int:
         """Install learned embeddings (row i of `vectors` is item ids[i]) in every item's
         latent block, renormalizing in one numpy pass; returns how many catalog items got

@@ -195,9 +195,7 @@ class CatalogFollower:
         if not items:
             return 0
         # room for the new ones grown in a thread (the processor reads the catalog meanwhile)
-        known = self.catalog.row
-        await asyncio.to_thread(self.catalog.reserve,
-                                sum(1 for it in items if it.item_id not in known))  # fmt: skip
+        await asyncio.to_thread(self.catalog.reserve_for, [it.item_id for it in items])
         for item in items:
             self.catalog.upsert(item)
         await mirror(self.redis, self.settings.key_prefix, items,

@@ -122,7 +122,7 @@ def test_the_item_matrix_grows_by_an_eighth_and_can_be_grown_ahead() -> None:
     before = catalog.matrix.copy()
     like = catalog.items[0]
     first = [dataclasses.replace(like, item_id=f"g-{i}") for i in range(3)]
-    cat.reserve_for(_mirror(*first, catalog.items[1]))  # one known item: no room needed
+    catalog.reserve_for([*(it.item_id for it in first), catalog.items[1].item_id])  # 1 known
     room = catalog._matrix  # the storage, not the rows in use
     assert room.shape[0] == rows + GROW_ROWS  # an eighth of 200 rows is less than that
     assert np.array_equal(catalog.matrix, before)  # the rows in use, copied before the swap
