@@ -169,7 +169,9 @@ class Runtime:
             self.slow_reads.failed()
             self.breaker.failure()
             return None, FallbackReason.STORE_UNAVAILABLE
-        self.slow_reads.read(time.perf_counter() - sent)
+        elapsed = time.perf_counter() - sent
+        self.slow_reads.read(elapsed)
+        self.metrics.state_read.observe(elapsed)
         self.breaker.success()
         return view, None
 

@@ -55,6 +55,14 @@ async def _until(client: httpx.AsyncClient, strategy: str, within_s: float) -> d
         await asyncio.sleep(0.1)
 
 
+async def _reads(client: httpx.AsyncClient) -> float:
+    """kairos_api_state_read_seconds_count: the state reads that answered."""
+    metrics = (await client.get("/metrics")).text
+    (count,) = [float(line.split()[1]) for line in metrics.splitlines()
+                if line.startswith("kairos_api_state_read_seconds_count")]  # fmt: skip
+    return count
+
+
 async def test_a_frozen_redis_gets_defaults_in_budget_then_personalization_resumes(
     settings: Settings, private: tuple[str, subprocess.Popen[bytes], Clicks], items_in: Picker
 ) -> None:
@@ -62,12 +70,19 @@ async def test_a_frozen_redis_gets_defaults_in_budget_then_personalization_resum
     await clicks("shopper", *[(EventType.CLICK, i) for i in items_in("Home > Kitchen")[:3]])
     async with client_for(with_(settings, redis_url=url)) as client:
         assert (await _get(client))["strategy"] == "personalized"
+        reads_before = await _reads(client)
         proc.send_signal(signal.SIGSTOP)
         try:
             answers = [await _get(client) for _ in range(8)]
+            reads_frozen = await _reads(client)
         finally:
             proc.send_signal(signal.SIGCONT)
         back = await _until(client, "personalized", within_s=5)
+        reads_after = await _reads(client)
+    # the read-time histogram holds reads that answered: none while Redis was frozen
+    assert reads_before >= 1
+    assert reads_frozen == reads_before
+    assert reads_after > reads_before
     reasons = [a["fallback_reason"] for a in answers]
     assert reasons[0] == "timeout"
     assert "store_unavailable" in reasons  # the breaker opened: no more waiting on Redis

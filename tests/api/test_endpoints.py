@@ -215,6 +215,8 @@ async def test_openapi_and_metrics(settings: Settings) -> None:
     # the handler-time histogram counts each decision request under its endpoint
     assert 'kairos_api_request_seconds_count{endpoint="slots"} 2.0' in metrics
     assert 'kairos_api_request_seconds_count{endpoint="decisions"} 1.0' in metrics
+    # each of them read the session's state once (unknown sessions are read too)
+    assert "kairos_api_state_read_seconds_count 3.0" in metrics
     assert 'kairos_api_config_info{version="demo-2026-11-22.1"} 1.0' in metrics
 
 
