@@ -52,6 +52,7 @@ from loadtest.ingest import (
 )
 from loadtest.openloop import PacingStats, Percentiles, collector_paused, median_of, open_loop
 from loadtest.probe import SpeedProbe
+from loadtest.promhist import buckets, quantile
 from loadtest.traffic import Traffic
 from stream_engine.catalog import load_items
 from stream_engine.demo_catalog import write_demo_catalog
@@ -75,6 +76,9 @@ class Step:
     fallbacks: dict[str, int] = field(default_factory=dict)
     cpu: dict[str, float] = field(default_factory=dict)
     probe_ms: float | None = None  # the machine's speed over the step (loadtest/probe.py)
+    # The API's own view of the step, from its histograms (api_split): its handler time and
+    # its session-state read, p50 and p99 in ms, warm-up included
+    inside: dict[str, float | None] = field(default_factory=dict)
 
     @property
     def degraded(self) -> int:
@@ -124,8 +128,10 @@ async def measure(
         task.add_done_callback(tasks.discard)
 
     probe = SpeedProbe()
+    endpoint = "slots" if kind == "slots" else None
     try:
         with collector_paused():  # until the last answer is in
+            before = await _scrape(client)
             cpu = CpuMeter({"api": pid, "generator": os.getpid(), **(others or {})})
             pacing = await open_loop(rate, warmup + duration, send)
             if tasks:
@@ -134,10 +140,38 @@ async def measure(
                 for t in pending:
                     t.cancel()
             used = cpu.percent()
+            inside = api_split(before, await _scrape(client), endpoint)
     finally:
         probe_ms = probe.stop()
     return Step(kind, rate, Percentiles.of_ms(latencies), pacing, len(latencies), errors,
-                dict(reasons), used, probe_ms)  # fmt: skip
+                dict(reasons), used, probe_ms, inside)  # fmt: skip
+
+
+async def _scrape(client: Client) -> str:
+    response = await client.request("GET", "/metrics")
+    if response.status != 200:
+        raise HttpError(f"/metrics answered {response.status}")
+    return response.body.decode()
+
+
+def api_split(before: str, after: str, endpoint: str | None) -> dict[str, float | None]:
+    """Where a step's time went inside the API, from its histograms between two scrapes
+    (ms, interpolated within buckets): the handler time of `endpoint` and the
+    session-state read (one Redis round trip, ~50 µs of the API's CPU; the rest of it is
+    waiting: for Redis, then for the API's event loop to come back from other requests'
+    work). {} for the static baseline."""
+    if endpoint is None:
+        return {}
+    out: dict[str, float | None] = {}
+    for name, metric, labels in (
+        ("handler", "kairos_api_request_seconds", f'endpoint="{endpoint}",'),
+        ("read", "kairos_api_state_read_seconds", ""),
+    ):  # fmt: skip
+        b, a = buckets(before, metric, labels), buckets(after, metric, labels)
+        for q, tag in ((0.5, "p50"), (0.99, "p99")):
+            value = quantile(b, a, q)
+            out[f"{name}_{tag}_ms"] = None if value is None else round(value * 1000, 3)
+    return out
 
 
 # ----------------------------------------------------------------------------- setup
@@ -335,6 +369,7 @@ def _row(step: Step) -> dict[str, Any]:
         "cpu": step.cpu,
         "api_cpu_us_per_request": round(step.api_us_per_request),
         "probe_ms": step.probe_ms,
+        "inside": step.inside,
     }
 
 
@@ -345,8 +380,26 @@ def _print_step(rep: int, s: Step) -> None:
           f"answered {s.answered}  errors {s.errors}  degraded {100 * s.degraded_share:.2f}%  "
           f"gen-late p99 {s.pacing.late_p99_ms:.1f} ms  "
           + "  ".join(f"cpu {k} {v:.0f}%" for k, v in s.cpu.items())
-          + f"  api {s.api_us_per_request:.0f} µs/request  probe {_ms(s.probe_ms)} ms",
-          flush=True)  # fmt: skip
+          + f"  api {s.api_us_per_request:.0f} µs/request  probe {_ms(s.probe_ms)} ms"
+          + _inside(s.inside), flush=True)  # fmt: skip
+
+
+def _inside(split: dict[str, float | None]) -> str:
+    if not split:
+        return ""
+    return (f"  in the API: handler p50/p99 {_ms(split.get('handler_p50_ms'))}/"
+            f"{_ms(split.get('handler_p99_ms'))} ms, state read {_ms(split.get('read_p50_ms'))}/"
+            f"{_ms(split.get('read_p99_ms'))} ms")  # fmt: skip
+
+
+def _median_inside(runs: list[Step]) -> dict[str, float | None]:
+    """Each of the steps' api_split figures, the median over the repeats that had it."""
+    keys = {k for s in runs for k in s.inside}
+    out: dict[str, float | None] = {}
+    for k in sorted(keys):
+        values = [v for s in runs if (v := s.inside.get(k)) is not None]
+        out[k] = round(statistics.median(values), 3) if values else None
+    return out
 
 
 def _median_probe(runs: list[Step]) -> float | None:
@@ -383,7 +436,8 @@ def summarize(steps: list[Step], rates: list[int]) -> dict[str, Any]:
                                                     for s in runs)),
                          "api_cpu_us_per_request": round(statistics.median(
                              s.api_us_per_request for s in runs)),
-                         "probe_ms": _median_probe(runs)}  # fmt: skip
+                         "probe_ms": _median_probe(runs),
+                         "inside": _median_inside(runs)}  # fmt: skip
             if lat.p99 <= SLO_P99_MS and errors == 0 and degraded <= SLO_DEGRADED:
                 held[kind] = max(held[kind], rate)
         ratio = row["slots"]["p99"] / row["static"]["p99"]
@@ -402,6 +456,9 @@ def summarize(steps: list[Step], rates: list[int]) -> dict[str, Any]:
             f"{'':>7} a decision costs the API {row['decision_cpu_us']} µs of CPU more than "
             "the static payload (medians)"
         )
+        if inside := row["slots"]["inside"]:
+            print(f"{'':>7} of the slots' p99, inside the API (medians):"
+                  + _inside(inside).removeprefix("  in the API:"))  # fmt: skip
     out["highest_rate_p99_within_slo"] = held
     print(f"highest rate holding p99 <= {SLO_P99_MS:.0f} ms with no errors and at most "
           f"{100 * SLO_DEGRADED:.0f}% degraded: "

@@ -48,3 +48,35 @@ def test_the_machine_speed_probe_is_the_median_over_the_repeats_that_have_one() 
     out = summarize(steps, [1000])["rates"]["1000"]
     assert out["static"]["probe_ms"] == 0.9  # 0.8 and 1.0 (None: no sample)
     assert out["slots"]["probe_ms"] == 1.1  # 1.3, 0.9, 1.1
+
+
+def test_the_split_inside_the_api_reads_the_apis_own_histograms() -> None:
+    from prometheus_client import generate_latest
+
+    from api.metrics import ApiMetrics
+    from loadtest.decisions import api_split
+
+    m = ApiMetrics()
+    m.handled("slots", 0.050)  # before the step: not counted
+    before = generate_latest(m.registry).decode()
+    for _ in range(99):
+        m.handled("slots", 0.0009)
+        m.handled("decisions", 0.040)  # another endpoint
+        m.state_read.observe(0.0004)
+    m.handled("slots", 0.009)
+    m.state_read.observe(0.004)
+    split = api_split(before, generate_latest(m.registry).decode(), "slots")
+    # in the bucket of what the step observed, not of the slow request before it
+    assert 0.5 < (split["handler_p50_ms"] or 0) <= 1.0
+    assert 0.5 < (split["handler_p99_ms"] or 0) <= 1.0
+    assert 0.25 < (split["read_p50_ms"] or 0) <= 0.5
+    assert api_split(before, before, "slots")["read_p99_ms"] is None  # nothing observed
+    assert api_split(before, before, None) == {}  # the static baseline has none
+
+    steps = [_step("static", 1000, 2.0, 10.0)]
+    for read_p99 in (1.0, None, 3.0):
+        s = _step("slots", 1000, 5.0, 50.0)
+        s.inside.update({"read_p99_ms": read_p99, "handler_p99_ms": 2.0})
+        steps.append(s)
+    inside = summarize(steps, [1000])["rates"]["1000"]["slots"]["inside"]
+    assert inside == {"handler_p99_ms": 2.0, "read_p99_ms": 2.0}  # the repeats that had it
