@@ -101,10 +101,12 @@ class Runtime:
     stopping: asyncio.Event = field(default_factory=asyncio.Event)  # ends background loops
     beacons_accepted: int = 0
     covis_warming: bool = False  # warm_covis is reading
-    # Held by the refresh and by a config reload: each compiles in a thread, which reads
-    # the catalog, and the refresh writes the catalog (one at a time; a reload waits for
-    # the refresh in progress, at most its reads' timeout)
+    # Held by a config reload and by the part of a refresh that writes the catalog or
+    # compiles: each compiles in a thread, which reads the catalog, and the refresh writes
+    # it. Not over the refresh's Redis reads, which can take their whole timeout (2 s)
+    # while Redis is slow: a reload waits for a compile in progress, never for Redis.
     changing: asyncio.Lock = field(default_factory=asyncio.Lock)
+    refreshing: asyncio.Lock = field(default_factory=asyncio.Lock)  # one refresh at a time
     slow_reads: SlowReads = field(init=False)  # a third of the read budget is slow
 
     def __post_init__(self) -> None:
@@ -288,14 +290,18 @@ class Runtime:
 
     async def refresh(self) -> None:
         """One background tick; a failure keeps the last snapshot and is counted."""
-        async with self.changing:
+        async with self.refreshing:
             await self._refresh()
 
     async def _refresh(self) -> None:
-        try:
-            await self._reload(force=False)
-        except ConfigFileError as exc:
-            log.error("config reload refused, keeping %s: %s", self.serving.config.version, exc)
+        async with self.changing:
+            try:
+                await self._reload(force=False)
+            except ConfigFileError as exc:
+                log.error("config reload refused, keeping %s: %s",
+                          self.serving.config.version, exc)  # fmt: skip
+        # Redis first, outside `changing`: only this task writes the catalog, and a
+        # reload only reads it
         names = trending_keys(self.catalog)
         prefix = self.settings.key_prefix
         cmds: list[tuple[Any, ...]] = [
@@ -303,36 +309,41 @@ class Runtime:
         ]  # fmt: skip
         cmds += trending_commands(self.keys, names)
         replies = await self._background(cmds, timeout_s=BACKGROUND_READ_S)
-        if replies[0] is not None and replies[0] != self.catalog_version:
-            await self._follow_catalog(replies[0])
-        if replies[1] is not None and int(replies[1]) != self.latent_seen:
-            await self._install_latent(int(replies[1]))
-        trending = parse_trending(names, replies[2:], self.catalog)
-        previous, now = self.serving, _now()
-        compiled = None
-        if needs_compile(previous, previous.config, self.catalog, now):
-            # in a thread: nothing writes the catalog meanwhile (self.changing)
-            compiled = await asyncio.to_thread(
-                compile_for, previous.config, self.catalog, now, previous
-            )
-        self.serving = build_serving(previous.config, self.catalog, trending, now, previous,
-                                     compiled)  # fmt: skip
+        version, changed = replies[0], None
+        if version is not None and version != self.catalog_version:
+            changed = await self._catalog_changes(version)
+        async with self.changing:
+            if changed is not None:
+                await asyncio.to_thread(self.catalog.catalog.reserve_for,
+                                        [i for i, _ in changed])  # fmt: skip
+                self.catalog.apply_updates(changed)
+                self.catalog_version = version
+            if replies[1] is not None and int(replies[1]) != self.latent_seen:
+                # reads the model and swaps it in: rare, and a swap must not meet a compile
+                await self._install_latent(int(replies[1]))
+            trending = parse_trending(names, replies[2:], self.catalog)
+            previous, now = self.serving, _now()
+            compiled = None
+            if needs_compile(previous, previous.config, self.catalog, now):
+                # in a thread: nothing writes the catalog meanwhile (self.changing)
+                compiled = await asyncio.to_thread(
+                    compile_for, previous.config, self.catalog, now, previous
+                )
+            self.serving = build_serving(previous.config, self.catalog, trending, now,
+                                         previous, compiled)  # fmt: skip
 
-    async def _follow_catalog(self, version: bytes) -> None:
-        """Apply the catalog mirror's changes up to `version`: the items changed since the
+    async def _catalog_changes(self, version: bytes) -> list[tuple[str, bytes]]:
+        """The catalog mirror's changes up to `version`: the items changed since the
         version applied last, or the whole mirror at start, after a reset (the version
         went back) or when the change index cannot say."""
         prefix = self.settings.key_prefix
         since, upto = _version(self.catalog_version), _version(version)
-        changed = None
         if since is not None and upto is not None and upto > since:
             async with asyncio.timeout(BACKGROUND_READ_S):
                 changed = await changed_since(self.background, prefix, since, upto)
-        if changed is None:
-            changed = await mirrored(self.background, prefix)
-        await asyncio.to_thread(self.catalog.catalog.reserve_for, [i for i, _ in changed])
-        self.catalog.apply_updates(changed)
-        self.catalog_version = version
+            if changed is not None:
+                return changed
+        return await mirrored(self.background, prefix)
 
     async def refresh_covis(self, limit: int = COVIS_REFRESH_MAX) -> int:
         """Read stale co-visitation entries again (those decisions asked for), a chunk per

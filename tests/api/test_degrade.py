@@ -4,6 +4,7 @@ budget, with the reason, and personalization comes back by itself."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import subprocess
 from collections.abc import AsyncIterator, Callable
@@ -14,6 +15,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from api.fallback import Limiter
+from api.runtime import STORE_ERRORS
 from api.session_state import StateReader
 from api.settings import Settings
 from stream_engine.catalog import Catalog
@@ -225,3 +227,32 @@ async def test_a_read_that_waits_for_a_pooled_connection_past_its_budget_times_o
         assert (await asyncio.wait_for(waiting, 2.0)).session_id == "s1"
     finally:
         await reader.aclose()
+
+
+async def test_an_admin_reload_does_not_wait_for_a_refresh_stuck_on_a_frozen_redis(
+    settings: Settings, private: tuple[str, subprocess.Popen[bytes], Clicks]
+) -> None:
+    """The refresh's Redis reads may take their whole timeout (2 s) while Redis is slow;
+    the admin's reload only waits for a refresh's catalog writes and compile."""
+    url, proc, _clicks = private
+    async with client_for(with_(settings, redis_url=url)) as client:
+        rt = client.app.state.runtime  # type: ignore[attr-defined]
+        await rt.refresh()  # connected, nothing left to apply
+        proc.send_signal(signal.SIGSTOP)
+        try:
+            refresh = asyncio.create_task(rt.refresh())
+            await asyncio.sleep(0.2)
+            assert not refresh.done()  # waiting on the frozen Redis
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            reloaded = await client.post(
+                "/admin/reload", headers={"authorization": f"Bearer {ADMIN_TOKEN}"}
+            )
+            took = loop.time() - started
+            assert not refresh.done()  # still waiting: the reload did not wait for it
+        finally:
+            proc.send_signal(signal.SIGCONT)
+        with contextlib.suppress(TimeoutError, *STORE_ERRORS):
+            await refresh  # done once Redis is back, or timed out (run_refresher goes on)
+    assert reloaded.status_code == 200
+    assert took < 1.0, f"the reload took {took:.2f} s"
