@@ -10,8 +10,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Proc
 LATENCY_BUCKETS = (
     0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 1.0,
 )  # fmt: skip
-# A session-state read is one loopback round trip: ~0.2 ms at the median on this machine,
-# and its tail is how long Redis and then the API waited for a core.
+# A session-state read is one loopback round trip: ~0.2 ms at the median on this machine;
+# its tail is waiting, for Redis and then for this process's loop to reach the reply.
 READ_BUCKETS = (
     0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02,
     0.05,
