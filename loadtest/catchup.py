@@ -42,6 +42,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from loadtest.decisions import (
     TOPICS,
     Step,
+    inside_text,
     measure,
     record_run,
     start_api,
@@ -173,6 +174,7 @@ def _row(name: str, step: Step, drain_s: float | None, events: int) -> dict[str,
         "degraded_share": step.degraded_share,
         "fallbacks": step.fallbacks,
         "cpu": step.cpu,
+        "inside": step.inside,  # the API's handler and state-read p50/p99 (api_split)
         "drain_s": None if drain_s is None else round(drain_s, 1),
         "applied_per_s": round(events / drain_s) if drain_s else None,
     }
@@ -186,7 +188,8 @@ def _print_row(rep: int, r: dict[str, Any]) -> None:
     print(f"  repeat {rep + 1} {r['leg']:<8} p50 {r['p50']:6.2f}  p99 {r['p99']:7.2f}  "
           f"p99.9 {r['p999']:7.2f} ms  answered {r['answered']}  errors {r['errors']}  "
           f"degraded {r['degraded']} ({100 * r['degraded_share']:.2f}%){drain}  "
-          + "  ".join(f"cpu {k} {v:.0f}%" for k, v in r["cpu"].items()), flush=True)  # fmt: skip
+          + "  ".join(f"cpu {k} {v:.0f}%" for k, v in r["cpu"].items())
+          + inside_text(r.get("inside", {})), flush=True)  # fmt: skip
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:

@@ -381,10 +381,11 @@ def _print_step(rep: int, s: Step) -> None:
           f"gen-late p99 {s.pacing.late_p99_ms:.1f} ms  "
           + "  ".join(f"cpu {k} {v:.0f}%" for k, v in s.cpu.items())
           + f"  api {s.api_us_per_request:.0f} µs/request  probe {_ms(s.probe_ms)} ms"
-          + _inside(s.inside), flush=True)  # fmt: skip
+          + inside_text(s.inside), flush=True)  # fmt: skip
 
 
-def _inside(split: dict[str, float | None]) -> str:
+def inside_text(split: dict[str, float | None]) -> str:
+    """api_split's figures as printed after a step; "" without them."""
     if not split:
         return ""
     return (f"  in the API: handler p50/p99 {_ms(split.get('handler_p50_ms'))}/"
@@ -458,7 +459,7 @@ def summarize(steps: list[Step], rates: list[int]) -> dict[str, Any]:
         )
         if inside := row["slots"]["inside"]:
             print(f"{'':>7} of the slots' p99, inside the API (medians):"
-                  + _inside(inside).removeprefix("  in the API:"))  # fmt: skip
+                  + inside_text(inside).removeprefix("  in the API:"))  # fmt: skip
     out["highest_rate_p99_within_slo"] = held
     print(f"highest rate holding p99 <= {SLO_P99_MS:.0f} ms with no errors and at most "
           f"{100 * SLO_DEGRADED:.0f}% degraded: "
