@@ -46,6 +46,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from loadtest.http import free_port
 from loadtest.openloop import PacingStats, Percentiles, median_of, open_loop
 from loadtest.producer import make_producer
+from loadtest.promhist import buckets
 from loadtest.traffic import TRACKED, Traffic
 from stream_engine.catalog import load_items
 from stream_engine.demo_catalog import write_demo_catalog
@@ -667,13 +668,11 @@ def parse_sums(text: str) -> dict[str, tuple[float, float]]:
         if line.startswith("#"):
             continue
         name, _, value = line.rpartition(" ")
-        if name.startswith(LOOP_LAG + '_bucket{le="'):
-            found[f"{LOOP_LAG}@{name.split(chr(34))[1]}"] = [float(value), 0.0]
-            continue
         for suffix, slot in (("_sum", 0), ("_count", 1)):
             if name.endswith(suffix) and (metric := name[: -len(suffix)]) in names:
                 found.setdefault(metric, [0.0, 0.0])[slot] = float(value)
-    return {metric: (v[0], v[1]) for metric, v in found.items()}
+    lag = {f"{LOOP_LAG}@{le}": (n, 0.0) for le, n in buckets(text, LOOP_LAG).items()}
+    return {**{metric: (v[0], v[1]) for metric, v in found.items()}, **lag}
 
 
 def loop_lag(before: dict[str, tuple[float, float]],

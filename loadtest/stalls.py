@@ -46,6 +46,7 @@ from stream_engine.catalog import Catalog, Item
 from stream_engine.catalog_updates import mirror
 from stream_engine.demo_catalog import write_demo_catalog
 from stream_engine.latent import NEIGHBOURS, LatentModel, publish
+from stream_engine.looplag import LoopLag
 
 MEASURES = ("idle", "catalog", "compile", "latent", "new", "reload")
 TTL_MS = 600_000
@@ -53,21 +54,19 @@ MODEL_ITEMS = 20_000  # the learner's default KAIROS_LATENT_MAX_ITEMS
 
 
 class Ticker:
-    """The event loop's waits: a task that sleeps 1 ms at a time and records how late it
-    woke up."""
+    """The event loop's waits: a LoopLag ticking every 1 ms, and the latest tick since
+    `around` began."""
 
     def __init__(self) -> None:
         self.longest = 0.0
+        self._lag = LoopLag(tick_s=0.001, observe=self._seen)
         self._task: asyncio.Task[None] | None = None
 
-    async def _run(self) -> None:
-        while True:
-            started = time.perf_counter()
-            await asyncio.sleep(0.001)
-            self.longest = max(self.longest, time.perf_counter() - started - 0.001)
+    def _seen(self, lag_s: float) -> None:
+        self.longest = max(self.longest, lag_s)
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run())
+        self._task = asyncio.create_task(self._lag.run())
 
     async def stop(self) -> None:
         if self._task is not None:
