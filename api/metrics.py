@@ -116,6 +116,11 @@ class ApiMetrics:
             "kairos_api_covis_errors_total", "Co-visitation reads that failed or ran late",
             registry=r,
         )  # fmt: skip
+        self.refused = Counter(
+            "kairos_api_refused_total", "Requests refused by the HTTP protocol before any "
+            "endpoint saw them (api/server.py): head_too_large (431), target_too_long (414), "
+            "head_timeout (408, or closed when nothing came)", ["reason"], registry=r,
+        )  # fmt: skip
         self.covis_reads = Counter(
             "kairos_api_covis_reads_total", "Decisions that read co-visitation from Redis on "
             "the request path (a second round trip: their items were not cached yet)",

@@ -15,7 +15,23 @@ with its Event, no two send() messages checked header by header, no Starlette; o
 that decides and writes the whole response at once. Only when nothing else is in flight on
 the connection (a request pipelined behind another takes uvicorn's path, which keeps them
 in order), for GET without `Expect:` or an upgrade, and only once the app has started.
-Everything else is uvicorn's, byte for byte.
+Everything else is uvicorn's, byte for byte, but for the limits on a request's head.
+
+**The head's limits.** httptools and uvicorn take a request's head as it comes, for as
+long as it takes: a client could send a 100 MB header (held in memory, and put together
+by repeated concatenation: it held the event loop, every other request with it, for 3.4 s
+on this machine), or keep a connection open with half a head, or with nothing, for ever.
+`KairosHttpProtocol` refuses, with a JSON error and `connection: close`:
+
+* a request target (path and query) over `MAX_TARGET_BYTES`: 414;
+* header names and values over `MAX_HEADER_BYTES` in all: 431; a head still incomplete
+  after `MAX_PENDING_BYTES` on the wire is refused as soon as that much has arrived;
+* a head not complete `HEAD_TIMEOUT_S` after the connection opened, or after its first
+  bytes: 408 (a connection that sent nothing is just closed).
+
+Each is counted in `kairos_api_refused_total{reason}`. A request that arrives whole pays
+a few counters and two length checks for them; the timer is armed only when a head is
+split across reads (and once per connection, for its first).
 """
 
 from __future__ import annotations
@@ -26,9 +42,24 @@ import urllib.parse
 from typing import Any
 
 import httptools
+import orjson
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from api.fastpath import SlotRoute
+
+# A request's head (api/server.py's docstring). Node.js allows 16 KiB of headers, nginx an
+# 8 KiB request line. Names and values are counted as the parser hands them over; the
+# pending bound is on the wire (with the shortest header lines, "n:\r\n", a head within
+# both limits takes at most ~4x their sum).
+MAX_TARGET_BYTES = 8 * 1024
+MAX_HEADER_BYTES = 16 * 1024
+MAX_PENDING_BYTES = 4 * (MAX_TARGET_BYTES + MAX_HEADER_BYTES)
+HEAD_TIMEOUT_S = 10.0
+# After a refusal, what the client still sends is read and dropped, up to this long and this
+# much, before the connection closes: closed with unread bytes, the kernel would reset it,
+# and a reset loses the refusal on its way to the client ("lingering close", as nginx does).
+LINGER_S = 2.0
+LINGER_BYTES = 1024 * 1024
 
 
 class OneWrite:
@@ -115,6 +146,10 @@ class FastCycle:
         self.body = bytearray()
 
 
+class _Refused(Exception):
+    """Raised from a parser callback after the refusal is written: stops the parser."""
+
+
 _JSON_HEAD = b"content-type: application/json\r\n"
 _CLOSE = b"connection: close\r\n"
 
@@ -125,12 +160,134 @@ class KairosHttpProtocol(HttpToolsProtocol):
 
     transport: OneWrite  # type: ignore[assignment]
 
+    # The head being received: whether one has begun and not ended, the bytes of its
+    # headers so far, the bytes on the wire bounding it while it stays incomplete, the
+    # messages begun (to tell whether a read began a new one), and its timer.
+    _in_head = False
+    _header_bytes = 0
+    _pending = 0
+    _begun = 0
+    _head_timer: asyncio.TimerHandle | None = None
+    _refused = False
+
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(OneWrite(transport, self.loop))  # type: ignore[arg-type]
+        self._head_timer = self.loop.call_later(HEAD_TIMEOUT_S, self._head_timed_out)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_head_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:  # answered: what follows is dropped until the connection closes
+            self._pending += len(data)
+            if self._pending > LINGER_BYTES:
+                self.transport.close()
+            return
+        begun, was_in_head = self._begun, self._in_head
+        # uvicorn's data_received, but for a refusal's _Refused (not an invalid request)
+        self._unset_keepalive_if_required()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            if not self._refused:
+                msg = "Invalid HTTP request received."
+                self.logger.warning(msg)
+                self.send_400_response(msg)
+            return
+        except httptools.HttpParserUpgrade:
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._unsupported_upgrade_warning()
+            return
+        if not self._in_head or self.transport.is_closing():
+            return
+        if was_in_head and begun == self._begun:  # all of it more of the same head
+            self._pending += len(data)
+        else:  # the head began in this read: at most this read is held beyond the count
+            self._pending = 0
+        if len(self.url) > MAX_TARGET_BYTES:
+            self._refuse(414, "target_too_long", f"request target over {MAX_TARGET_BYTES} bytes")
+        elif self._pending > MAX_PENDING_BYTES:
+            self._refuse(431, "head_too_large", f"request head over {MAX_PENDING_BYTES} bytes")
+        elif self._head_timer is None:  # split across reads: it has HEAD_TIMEOUT_S
+            self._head_timer = self.loop.call_later(HEAD_TIMEOUT_S, self._head_timed_out)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_head = True
+        self._header_bytes = 0
+        self._begun += 1
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_bytes += len(name) + len(value)
+        super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._pending = 0
+        if self._head_timer is not None:
+            self._cancel_head_timer()
+        if len(self.url) > MAX_TARGET_BYTES:
+            self._refuse(414, "target_too_long", f"request target over {MAX_TARGET_BYTES} bytes")
+            raise _Refused  # stops the parser: nothing after this head is read
+        if self._header_bytes > MAX_HEADER_BYTES:
+            self._refuse(431, "head_too_large", f"request headers over {MAX_HEADER_BYTES} bytes")
+            raise _Refused
         if not self._answer_fast():
             super().on_headers_complete()
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.transport.is_closing():
+            return
+        if self._answer_due():  # the client is still being answered: another period
+            self._head_timer = self.loop.call_later(HEAD_TIMEOUT_S, self._head_timed_out)
+        elif self._in_head:
+            self._refuse(408, "head_timeout",
+                         f"request head not complete within {HEAD_TIMEOUT_S:g} s")  # fmt: skip
+        elif self._begun == 0:  # nothing came since the connection opened
+            self._refused = True
+            self._count("head_timeout")
+            self.transport.close()
+
+    def _answer_due(self) -> bool:
+        """Whether an earlier request of this connection is still to be answered."""
+        return bool(self.pipeline) or (self.cycle is not None and not self.cycle.response_complete)
+
+    def _refuse(self, status: int, reason: str, message: str) -> None:
+        """Answer `status` with a JSON error and close the connection. Behind answers still
+        due (pipelined requests), the refusal cannot go first: nothing more is read, and
+        the connection closes after the last of them (what comes meanwhile is dropped)."""
+        self._refused = True
+        self._cancel_head_timer()
+        self._count(reason)
+        if self._answer_due():
+            self.cycle.keep_alive = False  # the latest request's cycle is answered last
+            return
+        body = orjson.dumps({"error": message, "status": status})
+        head = [STATUS_LINE[status]]
+        head += [b"%s: %s\r\n" % nv for nv in self.server_state.default_headers]
+        head += [b"content-length: %d\r\n" % len(body), _JSON_HEAD, _CLOSE, b"\r\n", body]
+        self.transport.write_all(b"".join(head))
+        self._pending = 0
+        if self.transport.can_write_eof():
+            self.transport.write_eof()  # the answer, then our end: the client reads both
+            self.loop.call_later(LINGER_S, self.transport.close)
+        else:
+            self.transport.close()
+
+    def _count(self, reason: str) -> None:
+        runtime = getattr(getattr(self.app, "state", None), "runtime", None)
+        metrics = getattr(runtime, "metrics", None)
+        if metrics is not None:
+            metrics.refused.labels(reason).inc()
 
     def _answer_fast(self) -> bool:
         """Start the fast answer of this request if it can have one; False leaves it to

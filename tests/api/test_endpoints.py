@@ -220,6 +220,25 @@ async def test_openapi_and_metrics(settings: Settings) -> None:
     assert 'kairos_api_config_info{version="demo-2026-11-22.1"} 1.0' in metrics
 
 
+async def test_a_head_over_the_limit_is_refused_and_counted(settings: Settings) -> None:
+    """The served app (api/server.py's protocol): a cookie jar past the head's limit gets a
+    431 that says why, and /metrics counts it by reason."""
+    async with served(settings) as client:
+        url = httpx.URL(str(client.base_url))
+        reader, writer = await asyncio.open_connection(url.host, url.port)
+        try:
+            writer.write(b"GET /v1/slots/home_recs?session_id=c1 HTTP/1.1\r\nhost: t\r\n"
+                         + b"cookie: " + b"k=v; " * 4000 + b"\r\n\r\n")  # fmt: skip
+            answer = await asyncio.wait_for(reader.read(), 10)  # to the connection's end
+        finally:
+            writer.close()
+        metrics = (await client.get("/metrics")).text
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 431 ")
+    assert orjson.loads(body) == {"error": "request headers over 16384 bytes", "status": 431}
+    assert 'kairos_api_refused_total{reason="head_too_large"} 1.0' in metrics
+
+
 @pytest.mark.parametrize(
     "query",
     [

@@ -20,8 +20,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from api import server as server_module
 from api.fastpath import Answer, SlotRoute
-from api.server import KairosHttpProtocol, OneWrite
+from api.server import (
+    MAX_HEADER_BYTES,
+    MAX_PENDING_BYTES,
+    MAX_TARGET_BYTES,
+    KairosHttpProtocol,
+    OneWrite,
+)
 
 
 class Recorder:
@@ -334,3 +341,163 @@ async def test_before_the_app_has_started_the_app_answers() -> None:
         r = await _one(port, _get("/v1/slots/home_recs"))
     assert orjson.loads(r["body"]) == {"routed": "GET", "slot": "home_recs"}
     assert route.answered == []
+
+
+# -- the head's limits ------------------------------------------------------------------
+
+
+async def _refusal(reader: asyncio.StreamReader) -> tuple[str, dict[str, Any]]:
+    """A refusal's status and JSON body, then the connection's end."""
+    r = await asyncio.wait_for(_read_response(reader), 5)
+    assert r["headers"]["connection"] == "close"
+    assert r["headers"]["content-type"] == "application/json"
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    return r["status"], orjson.loads(r["body"])
+
+
+async def _answered(port: int, fast: bool = True) -> bool:
+    """The server still answers a plain request on a new connection."""
+    if not fast:
+        return bool((await _one(port, _get("/json?n=5")))["body"] == b'{"n":5}')
+    r = await _one(port, _get("/v1/slots/after"))
+    return bool(orjson.loads(r["body"])["slot"] == "after")
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["slot path", "app path"])
+async def test_headers_over_the_limit_get_431_and_the_connection_closes(fast: bool) -> None:
+    path = "/v1/slots/s" if fast else "/json"
+    async with _server(_fast_app(StubRoute()) if fast else APP) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:  # one header over the limit, and many that are not, arriving whole
+            writer.write(_get(path, "x-big: " + "a" * (MAX_HEADER_BYTES + 1)))
+            status, body = await _refusal(reader)
+        finally:
+            writer.close()
+        many = [f"x-h{i}: {'b' * 100}" for i in range(MAX_HEADER_BYTES // 100)]
+        r = await _one(port, _get(path, *many))
+        assert await _answered(port, fast)
+    assert status == "431"
+    assert body == {"error": f"request headers over {MAX_HEADER_BYTES} bytes", "status": 431}
+    assert r["status"] == "431"
+    within = await _limits_hold_at(path, MAX_HEADER_BYTES - len("host") - len("t") - 10, fast)
+    assert within == "200"
+
+
+async def _limits_hold_at(path: str, header_bytes: int, fast: bool) -> str:
+    """The status of a request whose headers are just `header_bytes` long."""
+    async with _server(_fast_app(StubRoute()) if fast else APP) as port:
+        r = await _one(port, _get(path, "x-fill: " + "c" * (header_bytes - len("x-fill"))))
+    return str(r["status"])
+
+
+async def test_a_head_that_never_ends_is_refused_once_it_passes_the_bound() -> None:
+    """A header streamed on and on (a client could send 100 MB: uvicorn held it all, and
+    put it together by concatenation for seconds of the event loop): refused when the
+    bytes of the incomplete head pass MAX_PENDING_BYTES, long before it would end."""
+    async with _server(_fast_app(StubRoute())) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        refusal = asyncio.create_task(_refusal(reader))
+        writer.write(b"GET /v1/slots/s HTTP/1.1\r\nhost: t\r\nx-big: ")
+        sent = 0
+        try:  # the client goes on sending until it sees the answer
+            while sent < 20 * MAX_PENDING_BYTES and not refusal.done():
+                writer.write(b"a" * 16384)
+                await writer.drain()
+                sent += 16384
+                await asyncio.sleep(0.001)
+            status, body = await asyncio.wait_for(refusal, 5)
+        finally:
+            writer.close()
+        assert await _answered(port)
+    assert status == "431"
+    assert body["error"] == f"request head over {MAX_PENDING_BYTES} bytes"
+    assert sent < 2 * MAX_PENDING_BYTES  # refused while it was still coming
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["whole", "streamed"])
+async def test_a_target_over_the_limit_gets_414(split: bool) -> None:
+    target = "/v1/slots/s?session_id=" + "q" * MAX_TARGET_BYTES
+    async with _server(_fast_app(StubRoute())) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            request = _get(target)
+            if split:  # the request line alone, in pieces, without its end
+                for start in range(0, len(target), 1024):
+                    writer.write(request[start : start + 1024])
+                    await writer.drain()
+                    await asyncio.sleep(0.001)
+            else:
+                writer.write(request)
+            status, body = await _refusal(reader)
+        finally:
+            writer.close()
+        ok = await _one(port, _get("/v1/slots/s?session_id=" + "q" * (MAX_TARGET_BYTES - 100)))
+    assert status == "414"
+    assert body == {"error": f"request target over {MAX_TARGET_BYTES} bytes", "status": 414}
+    assert ok["status"] == "200"
+
+
+@pytest.fixture
+def short_head_timeout(monkeypatch: pytest.MonkeyPatch) -> float:
+    monkeypatch.setattr(server_module, "HEAD_TIMEOUT_S", 0.3)
+    return 0.3
+
+
+async def test_a_head_not_complete_in_time_gets_408_and_silence_is_closed(
+    short_head_timeout: float,
+) -> None:
+    async with _server(_fast_app(StubRoute())) as port:
+        slow_r, slow_w = await asyncio.open_connection("127.0.0.1", port)
+        silent_r, silent_w = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            slow_w.write(b"GET /v1/slots/s HTTP/1.1\r\nhost")  # and no more
+            status, body = await _refusal(slow_r)
+            # a connection that sent nothing is closed without an answer
+            assert await asyncio.wait_for(silent_r.read(), 5) == b""
+        finally:
+            slow_w.close()
+            silent_w.close()
+        assert await _answered(port)
+    assert status == "408"
+    assert body == {"error": "request head not complete within 0.3 s", "status": 408}
+
+
+async def test_a_head_in_pieces_within_the_timeout_and_a_kept_connection_are_answered(
+    short_head_timeout: float,
+) -> None:
+    route = StubRoute()
+    async with _server(_fast_app(route)) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            for piece in (b"GET /v1/slots/pieces", b" HTTP/1.1\r\nho", b"st: t\r\n", b"\r\n"):
+                writer.write(piece)
+                await asyncio.sleep(short_head_timeout / 8)
+            first = await asyncio.wait_for(_read_response(reader), 5)
+            # idle on the kept connection for longer than the head timeout: that is
+            # uvicorn's keep-alive timeout (5 s), not a head's
+            await asyncio.sleep(short_head_timeout * 2)
+            writer.write(_get("/v1/slots/kept"))
+            second = await asyncio.wait_for(_read_response(reader), 5)
+        finally:
+            writer.close()
+    assert [orjson.loads(r["body"])["slot"] for r in (first, second)] == ["pieces", "kept"]
+
+
+async def test_a_refused_head_behind_a_pipelined_request_comes_after_its_answer() -> None:
+    """The refusal cannot go before the answer still due: that answer closes the
+    connection instead, and nothing after it is read."""
+    route = StubRoute(delay_s=0.05)
+    async with _server(_fast_app(route)) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(_get("/v1/slots/first")
+                         + _get("/v1/slots/second", "x-big: " + "a" * (MAX_HEADER_BYTES + 1))
+                         + _get("/v1/slots/third"))  # fmt: skip
+            r = await asyncio.wait_for(_read_response(reader), 5)
+            rest = await asyncio.wait_for(reader.read(), 5)
+        finally:
+            writer.close()
+    assert orjson.loads(r["body"])["slot"] == "first"
+    assert r["headers"]["connection"] == "close"
+    assert rest == b""
+    assert route.answered == ["first"]
