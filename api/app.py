@@ -110,7 +110,10 @@ async def http_error(request: Request, exc: Exception) -> Response:
 
 async def bad_request(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, BadRequest)
-    return JSON({"error": exc.detail, "status": exc.status}, exc.status)
+    # a body late (408): the connection closes after the answer, or what is left of the body
+    # would be read as the next request
+    headers = {"connection": "close"} if exc.status == 408 else None
+    return JSON({"error": exc.detail, "status": exc.status}, exc.status, headers=headers)
 
 
 def build_runtime(settings: Settings, metrics: ApiMetrics) -> Runtime:

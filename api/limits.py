@@ -1,7 +1,8 @@
-"""Input limits: request body size (Starlette has none) and id validation."""
+"""Input limits: request body size and time (Starlette has neither) and id validation."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import orjson
@@ -28,13 +29,22 @@ def json_body(raw: bytes) -> Any:
         raise BadRequest(f"body is not JSON: {exc}") from None
 
 
+# The whole body within this long of the endpoint's first read of it. Without a bound, a
+# client that trickles its body, or promises more than it sends, holds a connection and a
+# task for ever (the head has its own bound: api/server.py).
+BODY_TIMEOUT_S = 10.0
+
+
 class BodyLimit:
     """Refuses bodies over `max_bytes` with 413: by Content-Length before reading, or while
-    reading (BadRequest, mapped to 413 by the app's error handler)."""
+    reading (BadRequest, mapped to 413 by the app's error handler); and bodies not complete
+    `timeout_s` after the first read with 408, which closes the connection (kept, the rest
+    of a late body would be read as the next request)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = BODY_TIMEOUT_S if timeout_s is None else timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -45,14 +55,27 @@ class BodyLimit:
                 await self._refuse(send)
                 return
         seen = 0
+        deadline: float | None = None
+        done = False  # the whole body came: what follows (a disconnect) has no deadline
 
         async def limited_receive() -> Message:
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, deadline, done
+            if done:
+                return await receive()
+            if deadline is None:
+                deadline = asyncio.get_running_loop().time() + self.timeout_s
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                raise BadRequest(f"body not complete within {self.timeout_s:g} s", 408) from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
                     raise BadRequest(f"body over {self.max_bytes} bytes", 413)
+                done = not message.get("more_body", False)
+            else:
+                done = True
             return message
 
         await self.app(scope, limited_receive, send)

@@ -14,6 +14,7 @@ import pytest
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer
 
+from api import limits
 from api.app import DEMO_CONFIG
 from api.fastpath import Answer, SlotRoute
 from api.runtime import Runtime
@@ -237,6 +238,30 @@ async def test_a_head_over_the_limit_is_refused_and_counted(settings: Settings) 
     assert head.startswith(b"HTTP/1.1 431 ")
     assert orjson.loads(body) == {"error": "request headers over 16384 bytes", "status": 431}
     assert 'kairos_api_refused_total{reason="head_too_large"} 1.0' in metrics
+
+
+async def test_a_body_that_does_not_come_in_time_gets_408_and_the_connection_closes(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A beacon that promises 100 bytes and sends 10: answered 408 when the body's time is
+    up (api/limits.py), not held for ever; a whole one on a new connection goes through."""
+    monkeypatch.setattr(limits, "BODY_TIMEOUT_S", 0.5)
+    async with served(settings) as client:
+        url = httpx.URL(str(client.base_url))
+        reader, writer = await asyncio.open_connection(url.host, url.port)
+        try:
+            writer.write(b"POST /v1/events HTTP/1.1\r\nhost: t\r\ncontent-type: application/json"
+                         b"\r\ncontent-length: 100\r\n\r\n[{\"type\": ")  # fmt: skip
+            answer = await asyncio.wait_for(reader.read(), 10)  # to the connection's end
+        finally:
+            writer.close()
+        ok = await client.post("/v1/events", json=[{"type": "view", "session_id": "b1",
+                                                    "item_id": "sku-000001"}])  # fmt: skip
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 ")
+    assert b"connection: close" in head.lower()
+    assert orjson.loads(body) == {"error": "body not complete within 0.5 s", "status": 408}
+    assert ok.status_code == 202
 
 
 @pytest.mark.parametrize(
