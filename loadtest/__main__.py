@@ -9,6 +9,7 @@ python -m loadtest ingest [--rates 1000,5000,10000] [--duration 15] [--repeats 3
     python -m loadtest replay --test LOG.csv [--train LOG.csv] [--k 10] | --generate LOG.csv
     python -m loadtest decisions [--rates 500,1000,2000,3000] [--duration 10] [--repeats 3]
                                  [--sessions 100000] [--items 10000] [--rss-items 100000]
+                                 [--find-max [--search-from 1000] [--max-rate 32000]]
     python -m loadtest catchup [--backlog 100000] [--rate 1000] [--duration 20] [--repeats 2]
                                [--engine faust] [--items 10000] [--legs idle,yield,no-yield]
     python -m loadtest stalls [--items 100000] [--changes 100] [--new 10] [--repeats 3]
@@ -158,6 +159,22 @@ async def run_replay(args: Any) -> int:
     return 0
 
 
+def _decisions(args: argparse.Namespace) -> int:
+    if args.find_max and not 1 <= args.search_from <= args.max_rate:
+        print("loadtest decisions: --search-from must be at least 1 and at most --max-rate",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    uvloop.run(
+        decisions.run(
+            [int(r) for r in args.rates.split(",") if r.strip()], args.duration,
+            args.warmup, args.repeats, args.sessions, args.events_per_session, args.items,
+            args.rss_items, args.out,
+            (args.search_from, args.max_rate) if args.find_max else None,
+        )
+    )  # fmt: skip
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtest")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -186,6 +203,11 @@ def main(argv: list[str] | None = None) -> int:
     dec.add_argument("--events-per-session", type=int, default=3)
     dec.add_argument("--items", type=int, default=10_000)
     dec.add_argument("--rss-items", type=int, default=100_000)
+    dec.add_argument("--find-max", action="store_true",
+                     help="also search each endpoint's highest rate held (#4: slots at least "
+                          "half the baseline's)")  # fmt: skip
+    dec.add_argument("--search-from", type=int, default=1000)
+    dec.add_argument("--max-rate", type=int, default=32_000)
     dec.add_argument("--out", type=Path, default=Path("artifacts"))
     cat = sub.add_parser("catchup", help="decisions while a worker catches up a backlog")
     cat.add_argument("--backlog", type=int, default=100_000)
@@ -270,14 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         uvloop.run(simulate.run(args.rate, args.sessions, args.duration))
         return 0
     if args.command == "decisions":
-        uvloop.run(
-            decisions.run(
-                [int(r) for r in args.rates.split(",") if r.strip()], args.duration,
-                args.warmup, args.repeats, args.sessions, args.events_per_session, args.items,
-                args.rss_items, args.out,
-            )
-        )  # fmt: skip
-        return 0
+        return _decisions(args)
     if args.command == "catchup":
         legs = tuple(leg.strip() for leg in args.legs.split(",") if leg.strip())
         unknown = sorted(set(legs) - set(catchup.LEGS))

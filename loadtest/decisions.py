@@ -13,7 +13,11 @@
    sessions. Reports medians over repeats of p50/p99/p99.9, achieved rate, errors and the
    share of answers that degraded (timeout, overload, store_unavailable).
 4. Overload: 3x the highest rate that held p99 <= 10 ms with at most 1% degraded, once.
-5. The API's resident memory with this catalog, and with a --rss-items catalog.
+5. With --find-max: each endpoint's highest rate held, searched upwards from
+   --search-from in steps of a quarter (to --max-rate); a step that misses runs once
+   more before the search stops there. #4 asks the slot endpoint to hold at least half
+   the baseline's rate, which the rates of step 3 alone cannot say.
+6. The API's resident memory with this catalog, and with a --rss-items catalog.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,6 +66,9 @@ SLO_P99_MS = 10.0
 # slowing down, so a p99 within the SLO alone says nothing about how much was personalized.
 SLO_DEGRADED = 0.01
 DEGRADED = frozenset({b"timeout", b"overload", b"store_unavailable"})
+# --find-max: rates a quarter apart, in multiples of SEARCH_GRAIN
+SEARCH_FACTOR = 1.25
+SEARCH_GRAIN = 250
 TOPICS = ("clickstream", "dlq", "catalog", "decisions")
 
 
@@ -145,6 +152,64 @@ async def measure(
         probe_ms = probe.stop()
     return Step(kind, rate, Percentiles.of_ms(latencies), pacing, len(latencies), errors,
                 dict(reasons), used, probe_ms, inside)  # fmt: skip
+
+
+def misses(step: Step) -> str | None:
+    """Why one step does not hold its rate (the SLO of the summary's "highest rate"), or
+    None when it holds."""
+    if step.errors:
+        return f"{step.errors} errors"
+    if step.latency.p99 > SLO_P99_MS:
+        late = step.pacing.late_p99_ms
+        # the generator's own lateness is in the latency (open loop): say when it was large
+        tail = f" (the generator {late:.1f} ms late at p99)" if late > SLO_P99_MS / 2 else ""
+        return f"p99 {step.latency.p99:.2f} ms{tail}"
+    if step.degraded_share > SLO_DEGRADED:
+        return f"{100 * step.degraded_share:.2f}% degraded"
+    return None
+
+
+def next_rate(rate: int) -> int:
+    """The search's next rate: a quarter more, in multiples of SEARCH_GRAIN."""
+    return max(rate + SEARCH_GRAIN, round(rate * SEARCH_FACTOR / SEARCH_GRAIN) * SEARCH_GRAIN)
+
+
+@dataclass
+class Search:
+    kind: str
+    held: int  # the highest rate held; 0 if the first missed
+    stopped: str  # why the search stopped there
+    steps: list[Step] = field(default_factory=list)
+
+
+async def find_max(
+    measure_at: Callable[[str, int], Awaitable[Step]], kind: str, start: int, cap: int
+) -> Search:
+    """The highest rate `kind` holds, from `start` upwards (next_rate) to `cap`. A step that
+    misses is measured once more, and the search stops only if that misses too: on this
+    shared machine one noisy step is not the endpoint's limit."""
+    search = Search(kind, 0, f"reached --max-rate {cap}/s")
+    rate = start
+    while rate <= cap:
+        step = await measure_at(kind, rate)
+        search.steps.append(step)
+        if (why := misses(step)) is not None:
+            again = await measure_at(kind, rate)
+            search.steps.append(again)
+            if (why_again := misses(again)) is not None:
+                search.stopped = f"{rate}/s missed twice: {why}; {why_again}"
+                return search
+        search.held = rate
+        rate = next_rate(rate)
+    return search
+
+
+def search_text(static: Search, slots: Search) -> str:
+    share = f"{slots.held / static.held:.2f}" if static.held else "-"
+    return (f"highest rate held, searched (p99 <= {SLO_P99_MS:.0f} ms, no errors, at most "
+            f"{100 * SLO_DEGRADED:.0f}% degraded): baseline {static.held}/s (stopped: "
+            f"{static.stopped}), /v1/slots {slots.held}/s (stopped: {slots.stopped}); "
+            f"slots / baseline {share} (#4: at least 0.5)")  # fmt: skip
 
 
 async def _scrape(client: Client) -> str:
@@ -285,7 +350,9 @@ async def rss_with_catalog(bench: Bench, workdir: Path, items: int, sids: list[s
 async def run(
     rates: list[int], duration: float, warmup: float, repeats: int, sessions: int,
     per_session: int, items: int, rss_items: int, out_dir: Path,
+    search: tuple[int, int] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
+    """`search`: (from, to) for --find-max."""
     bench = Bench.from_env()
     workdir = Path(tempfile.mkdtemp(prefix="kairos-decisions-"))
     catalog = write_demo_catalog(workdir / "catalog.jsonl", items)
@@ -316,6 +383,19 @@ async def run(
                     _print_step(rep, step)
                     steps.append(step)
         summary = summarize(steps, rates)
+        if search is not None:
+            api_client, api_pid = client, proc.pid
+
+            async def measure_at(kind: str, rate: int) -> Step:
+                step = await measure(api_client, kind, rate, duration, warmup, paths[kind],
+                                     api_pid, others)  # fmt: skip
+                _print_step(-2, step)
+                return step
+
+            found = [await find_max(measure_at, kind, *search) for kind in ("static", "slots")]
+            print(search_text(*found))
+            summary["search"] = {f.kind: {"held": f.held, "stopped": f.stopped} for f in found}
+            steps += [step for f in found for step in f.steps]
         knee = summary["highest_rate_p99_within_slo"]["slots"]
         if knee:
             over = await measure(client, "slots", 3 * knee, duration, warmup, paths["slots"],
@@ -374,7 +454,7 @@ def _row(step: Step) -> dict[str, Any]:
 
 
 def _print_step(rep: int, s: Step) -> None:
-    label = "overload" if rep < 0 else f"repeat {rep + 1}"
+    label = {-1: "overload", -2: "search"}.get(rep, f"repeat {rep + 1}")
     print(f"  {label:<9} {s.kind:<7} {s.rate:>6}/s  p50 {s.latency.p50:7.2f}  "
           f"p99 {s.latency.p99:7.2f}  p99.9 {s.latency.p999:7.2f} ms  "
           f"answered {s.answered}  errors {s.errors}  degraded {100 * s.degraded_share:.2f}%  "

@@ -80,3 +80,54 @@ def test_the_split_inside_the_api_reads_the_apis_own_histograms() -> None:
         steps.append(s)
     inside = summarize(steps, [1000])["rates"]["1000"]["slots"]["inside"]
     assert inside == {"handler_p99_ms": 2.0, "read_p99_ms": 2.0}  # the repeats that had it
+
+
+def test_the_search_climbs_a_quarter_at_a_time_in_steps_of_250() -> None:
+    from loadtest.decisions import next_rate
+
+    ladder = [1000]
+    while ladder[-1] < 6000:
+        ladder.append(next_rate(ladder[-1]))
+    assert ladder == [1000, 1250, 1500, 2000, 2500, 3000, 3750, 4750, 6000]
+    assert next_rate(250) == 500  # never less than one grain up
+
+
+def test_a_step_misses_on_errors_latency_or_degradation_and_says_which() -> None:
+    from loadtest.decisions import misses
+
+    assert misses(_step("slots", 1000, 9.9, 50.0)) is None
+    assert misses(_step("slots", 1000, 10.5, 50.0)) == "p99 10.50 ms"
+    assert misses(_step("slots", 1000, 5.0, 50.0, degraded=200)) == "2.00% degraded"
+    late = _step("static", 8000, 30.0, 50.0)
+    late.pacing = PacingStats(late.answered, 10.0, 12.0)
+    assert misses(late) == "p99 30.00 ms (the generator 12.0 ms late at p99)"
+    failed = _step("slots", 1000, 2.0, 50.0)
+    failed.errors = 3
+    assert misses(failed) == "3 errors"
+
+
+async def test_the_search_stops_at_the_first_rate_that_misses_twice() -> None:
+    """A lone miss is measured again (a noisy minute); two in a row end the search."""
+    from loadtest.decisions import find_max, search_text
+
+    asked: list[tuple[str, int]] = []
+    flaky = iter([True, False])  # 2,000/s misses once, then holds
+
+    async def measure_at(kind: str, rate: int) -> Step:
+        asked.append((kind, rate))
+        if kind == "static":
+            return _step(kind, rate, 20.0 if rate >= 3000 else 2.0, 10.0)
+        bad = rate >= 2500 or (rate == 2000 and next(flaky))
+        return _step(kind, rate, 12.0 if bad else 4.0, 50.0)
+
+    static = await find_max(measure_at, "static", 1000, 16000)
+    slots = await find_max(measure_at, "slots", 1000, 16000)
+    assert (static.held, slots.held) == (2500, 2000)
+    assert asked == [("static", r) for r in (1000, 1250, 1500, 2000, 2500, 3000, 3000)] + [
+        ("slots", r) for r in (1000, 1250, 1500, 2000, 2000, 2500, 2500)
+    ]
+    assert slots.stopped == "2500/s missed twice: p99 12.00 ms; p99 12.00 ms"
+    assert len(slots.steps) == 7  # every step measured is kept for the results file
+    assert search_text(static, slots).endswith("slots / baseline 0.80 (#4: at least 0.5)")
+    capped = await find_max(measure_at, "static", 1000, 1300)
+    assert (capped.held, capped.stopped) == (1250, "reached --max-rate 1300/s")
