@@ -118,8 +118,9 @@ class ApiMetrics:
         )  # fmt: skip
         self.refused = Counter(
             "kairos_api_refused_total", "Requests refused by the HTTP protocol before any "
-            "endpoint saw them (api/server.py): head_too_large (431), target_too_long (414), "
-            "head_timeout (408, or closed when nothing came)", ["reason"], registry=r,
+            "endpoint saw them, or connections it cut (api/server.py): head_too_large (431), "
+            "target_too_long (414), head_timeout (408, or closed when nothing came), "
+            "send_timeout (the client stopped reading its answers)", ["reason"], registry=r,
         )  # fmt: skip
         self.covis_reads = Counter(
             "kairos_api_covis_reads_total", "Decisions that read co-visitation from Redis on "

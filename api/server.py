@@ -27,7 +27,11 @@ on this machine), or keep a connection open with half a head, or with nothing, f
 * header names and values over `MAX_HEADER_BYTES` in all: 431; a head still incomplete
   after `MAX_PENDING_BYTES` on the wire is refused as soon as that much has arrived;
 * a head not complete `HEAD_TIMEOUT_S` after the connection opened, or after its first
-  bytes: 408 (a connection that sent nothing is just closed).
+  bytes: 408 (a connection that sent nothing is just closed);
+
+and a client that stops reading its answers (its buffers full, the next answer waiting
+to be written for `SEND_TIMEOUT_S`) has its connection cut, where uvicorn would wait for
+ever with the request's task.
 
 Each is counted in `kairos_api_refused_total{reason}`. A request that arrives whole pays
 a few counters and two length checks for them; the timer is armed only when a head is
@@ -43,6 +47,7 @@ from typing import Any
 
 import httptools
 import orjson
+from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from api.fastpath import SlotRoute
@@ -60,6 +65,8 @@ HEAD_TIMEOUT_S = 10.0
 # and a reset loses the refusal on its way to the client ("lingering close", as nginx does).
 LINGER_S = 2.0
 LINGER_BYTES = 1024 * 1024
+# An answer that cannot be written for this long (nginx's send_timeout is 60 s)
+SEND_TIMEOUT_S = 30.0
 
 
 class OneWrite:
@@ -146,6 +153,31 @@ class FastCycle:
         self.body = bytearray()
 
 
+class BoundedFlow(FlowControl):
+    """uvicorn's flow control with a bound on waiting for the client to read: a drain
+    still waiting after SEND_TIMEOUT_S aborts the connection (and calls `on_cut`), which
+    ends the wait as any lost connection does, the request's answer marked undeliverable
+    by uvicorn's connection_lost."""
+
+    def __init__(self, transport: asyncio.Transport, on_cut: Any) -> None:
+        super().__init__(transport)
+        self._on_cut = on_cut
+
+    async def drain(self) -> None:
+        try:
+            async with asyncio.timeout(SEND_TIMEOUT_S):
+                await super().drain()
+            return
+        except TimeoutError:
+            self._on_cut()
+            self._transport.abort()
+        try:  # connection_lost resumes writing; should it not come, stop waiting anyway
+            async with asyncio.timeout(1.0):
+                await super().drain()
+        except TimeoutError:
+            self.resume_writing()
+
+
 class _Refused(Exception):
     """Raised from a parser callback after the refusal is written: stops the parser."""
 
@@ -172,6 +204,7 @@ class KairosHttpProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(OneWrite(transport, self.loop))  # type: ignore[arg-type]
+        self.flow = BoundedFlow(self.transport, lambda: self._count("send_timeout"))  # type: ignore[arg-type]
         self._head_timer = self.loop.call_later(HEAD_TIMEOUT_S, self._head_timed_out)
 
     def connection_lost(self, exc: Exception | None) -> None:

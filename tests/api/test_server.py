@@ -501,3 +501,29 @@ async def test_a_refused_head_behind_a_pipelined_request_comes_after_its_answer(
     assert r["headers"]["connection"] == "close"
     assert rest == b""
     assert route.answered == ["first"]
+
+
+async def _big(request: Request) -> Response:
+    return Response(b"x" * 256 * 1024, media_type="application/octet-stream")
+
+
+async def test_a_client_that_stops_reading_has_its_connection_cut(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Forty 256 KiB answers asked for and none read: once the buffers are full the next
+    answer waits SEND_TIMEOUT_S, then the connection is cut (uvicorn waited for ever,
+    holding the request's task); the server goes on."""
+    monkeypatch.setattr(server_module, "SEND_TIMEOUT_S", 0.3)
+    app = Starlette(routes=[Route("/big", _big), Route("/json", _json)])
+    async with _server(app) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(_get("/big") * 40)  # not drained: the server reads one ahead at most
+        await asyncio.sleep(2.0)  # the buffers fill, the wait times out
+        got = 0
+        with contextlib.suppress(ConnectionError):
+            while chunk := await asyncio.wait_for(reader.read(1 << 20), 5):
+                got += len(chunk)
+        writer.close()
+        after = await _one(port, _get("/json?n=4"))
+    assert got < 40 * 256 * 1024  # cut before all of it was written
+    assert after["body"] == b'{"n":4}'
