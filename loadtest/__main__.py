@@ -2,6 +2,7 @@
 
 python -m loadtest ingest [--rates 1000,5000,10000] [--duration 15] [--repeats 3]
                         [--engines faust,aiokafka,librdkafka]
+                        [--find-max [--search-from 6000] [--max-rate 24000]]
     python -m loadtest memory [--sessions 100000] [--events-per-session 4]
     python -m loadtest run SCENARIO [--api URL] [--bootstrap HOST:PORT] [--out DIR]
                                [--compare PREVIOUS.json] [--slo KEY=VALUE ...]
@@ -159,17 +160,39 @@ async def run_replay(args: Any) -> int:
     return 0
 
 
+def _search(args: argparse.Namespace) -> tuple[int, int] | None:
+    """--find-max's (from, to); raises ValueError on a range that is not one."""
+    if not args.find_max:
+        return None
+    if not 1 <= args.search_from <= args.max_rate:
+        raise ValueError("--search-from must be at least 1 and at most --max-rate")
+    return args.search_from, args.max_rate
+
+
+def _ingest(args: argparse.Namespace) -> int:
+    try:
+        find = _search(args)
+    except ValueError as exc:
+        print(f"loadtest ingest: {exc}", file=sys.stderr)
+        return 2
+    rates = [int(r) for r in args.rates.split(",") if r.strip()]
+    engines = [e for e in args.engines.split(",") if e.strip()]
+    uvloop.run(ingest.run(rates, args.duration, args.repeats, engines, args.out, args.producer,
+                          find))  # fmt: skip
+    return 0
+
+
 def _decisions(args: argparse.Namespace) -> int:
-    if args.find_max and not 1 <= args.search_from <= args.max_rate:
-        print("loadtest decisions: --search-from must be at least 1 and at most --max-rate",
-              file=sys.stderr)  # fmt: skip
+    try:
+        find = _search(args)
+    except ValueError as exc:
+        print(f"loadtest decisions: {exc}", file=sys.stderr)
         return 2
     uvloop.run(
         decisions.run(
             [int(r) for r in args.rates.split(",") if r.strip()], args.duration,
             args.warmup, args.repeats, args.sessions, args.events_per_session, args.items,
-            args.rss_items, args.out,
-            (args.search_from, args.max_rate) if args.find_max else None,
+            args.rss_items, args.out, find,
         )
     )  # fmt: skip
     return 0
@@ -190,6 +213,11 @@ def main(argv: list[str] | None = None) -> int:
         help="the client of both the raw and the engines' legs",
     )
     ing.add_argument("--out", type=Path, default=Path("artifacts"))
+    ing.add_argument("--find-max", action="store_true",
+                     help="also search each engine's highest live rate sustained with flat "
+                          "lag (#3: at least 10,000 events/s)")  # fmt: skip
+    ing.add_argument("--search-from", type=int, default=6000)
+    ing.add_argument("--max-rate", type=int, default=24_000)
     mem = sub.add_parser("memory", help="Redis memory per session")
     mem.add_argument("--sessions", type=int, default=100_000)
     mem.add_argument("--events-per-session", type=int, default=4)
@@ -320,10 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "memory":
         uvloop.run(memory.run(args.sessions, args.events_per_session, args.engine))
         return 0
-    rates = [int(r) for r in args.rates.split(",") if r.strip()]
-    engines = [e for e in args.engines.split(",") if e.strip()]
-    uvloop.run(ingest.run(rates, args.duration, args.repeats, engines, args.out, args.producer))
-    return 0
+    return _ingest(args)
 
 
 if __name__ == "__main__":

@@ -57,6 +57,8 @@ from loadtest.ingest import (
 from loadtest.openloop import PacingStats, Percentiles, collector_paused, median_of, open_loop
 from loadtest.probe import SpeedProbe
 from loadtest.promhist import buckets, quantile
+from loadtest.search import Search, highest_held
+from loadtest.search import next_rate as _next_rate
 from loadtest.traffic import Traffic
 from stream_engine.catalog import load_items
 from stream_engine.demo_catalog import write_demo_catalog
@@ -171,40 +173,19 @@ def misses(step: Step) -> str | None:
 
 def next_rate(rate: int) -> int:
     """The search's next rate: a quarter more, in multiples of SEARCH_GRAIN."""
-    return max(rate + SEARCH_GRAIN, round(rate * SEARCH_FACTOR / SEARCH_GRAIN) * SEARCH_GRAIN)
-
-
-@dataclass
-class Search:
-    kind: str
-    held: int  # the highest rate held; 0 if the first missed
-    stopped: str  # why the search stopped there
-    steps: list[Step] = field(default_factory=list)
+    return _next_rate(rate, SEARCH_FACTOR, SEARCH_GRAIN)
 
 
 async def find_max(
     measure_at: Callable[[str, int], Awaitable[Step]], kind: str, start: int, cap: int
-) -> Search:
-    """The highest rate `kind` holds, from `start` upwards (next_rate) to `cap`. A step that
-    misses is measured once more, and the search stops only if that misses too: on this
-    shared machine one noisy step is not the endpoint's limit."""
-    search = Search(kind, 0, f"reached --max-rate {cap}/s")
-    rate = start
-    while rate <= cap:
-        step = await measure_at(kind, rate)
-        search.steps.append(step)
-        if (why := misses(step)) is not None:
-            again = await measure_at(kind, rate)
-            search.steps.append(again)
-            if (why_again := misses(again)) is not None:
-                search.stopped = f"{rate}/s missed twice: {why}; {why_again}"
-                return search
-        search.held = rate
-        rate = next_rate(rate)
-    return search
+) -> Search[Step]:
+    """The highest rate `kind` holds within the SLO (misses), from `start` upwards
+    (next_rate) to `cap` (loadtest/search.py)."""
+    return await highest_held(lambda rate: measure_at(kind, rate), misses, start, cap,
+                              SEARCH_FACTOR, SEARCH_GRAIN)  # fmt: skip
 
 
-def search_text(static: Search, slots: Search) -> str:
+def search_text(static: Search[Step], slots: Search[Step]) -> str:
     share = f"{slots.held / static.held:.2f}" if static.held else "-"
     return (f"highest rate held, searched (p99 <= {SLO_P99_MS:.0f} ms, no errors, at most "
             f"{100 * SLO_DEGRADED:.0f}% degraded): baseline {static.held}/s (stopped: "
@@ -350,9 +331,9 @@ async def rss_with_catalog(bench: Bench, workdir: Path, items: int, sids: list[s
 async def run(
     rates: list[int], duration: float, warmup: float, repeats: int, sessions: int,
     per_session: int, items: int, rss_items: int, out_dir: Path,
-    search: tuple[int, int] | None = None,
+    find: tuple[int, int] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """`search`: (from, to) for --find-max."""
+    """`find`: (from, to) for --find-max."""
     bench = Bench.from_env()
     workdir = Path(tempfile.mkdtemp(prefix="kairos-decisions-"))
     catalog = write_demo_catalog(workdir / "catalog.jsonl", items)
@@ -383,7 +364,7 @@ async def run(
                     _print_step(rep, step)
                     steps.append(step)
         summary = summarize(steps, rates)
-        if search is not None:
+        if find is not None:
             api_client, api_pid = client, proc.pid
 
             async def measure_at(kind: str, rate: int) -> Step:
@@ -392,10 +373,12 @@ async def run(
                 _print_step(-2, step)
                 return step
 
-            found = [await find_max(measure_at, kind, *search) for kind in ("static", "slots")]
-            print(search_text(*found))
-            summary["search"] = {f.kind: {"held": f.held, "stopped": f.stopped} for f in found}
-            steps += [step for f in found for step in f.steps]
+            static = await find_max(measure_at, "static", *find)
+            slots = await find_max(measure_at, "slots", *find)
+            print(search_text(static, slots))
+            summary["search"] = {kind: {"held": f.held, "stopped": f.stopped}
+                                 for kind, f in (("static", static), ("slots", slots))}  # fmt: skip
+            steps += static.steps + slots.steps
         knee = summary["highest_rate_p99_within_slo"]["slots"]
         if knee:
             over = await measure(client, "slots", 3 * knee, duration, warmup, paths["slots"],

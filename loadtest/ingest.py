@@ -47,6 +47,7 @@ from loadtest.http import free_port
 from loadtest.openloop import PacingStats, Percentiles, median_of, open_loop
 from loadtest.producer import make_producer
 from loadtest.promhist import buckets
+from loadtest.search import Search, highest_held
 from loadtest.traffic import TRACKED, Traffic
 from stream_engine.catalog import load_items
 from stream_engine.demo_catalog import write_demo_catalog
@@ -59,6 +60,11 @@ RAW_WARMUP_S = 1.0
 TRACKED_SHARE = 0.1
 # A worker keeps up when its backlog grows by less than this share of the arrival rate.
 KEEPS_UP_SHARE = 0.01
+# --find-max: live rates a tenth apart, in multiples of SEARCH_GRAIN events/s
+SEARCH_FACTOR = 1.1
+SEARCH_GRAIN = 500
+# A step counts only if the generator sent at least this share of its rate.
+SENT_SHARE = 0.98
 
 
 @dataclass
@@ -543,10 +549,42 @@ class Lane:
     metrics_port: int = 0
 
 
+def misses(r: RunResult) -> str | None:
+    """Why a live run does not show the worker sustaining its rate (None: it does): the
+    generator short of the rate, events never seen, or a backlog that grew."""
+    if r.pacing.rate < SENT_SHARE * r.rate:
+        return f"the generator sent only {r.pacing.rate:.0f}/s"
+    if r.unseen:
+        return f"{r.unseen} events never seen in Redis"
+    if r.backlog_growth > KEEPS_UP_SHARE * r.rate:
+        return f"backlog grew {r.backlog_growth:+.0f} events/s"
+    return None
+
+
+async def measure_live(
+    lane: Lane, rate: int, duration: float, redis: aioredis.Redis, db: int,
+    others: dict[str, int],
+) -> RunResult:  # fmt: skip
+    """One live run of `lane`'s worker at `rate`: freshness, CPU, the worker's own means,
+    then the wait until its group has caught up (the next run starts with no backlog)."""
+    if lane.proc is None:
+        raise RuntimeError(f"the {lane.engine} worker is not running")
+    meter = CpuMeter({"generator": os.getpid(), "worker": lane.proc.pid, **others})
+    before = await asyncio.to_thread(worker_sums, lane.metrics_port)
+    r = await run_kairos(lane.bench, lane.traffic, redis, rate, duration, db)
+    r.cpu = meter.percent()
+    after = await asyncio.to_thread(worker_sums, lane.metrics_port)
+    r.worker = worker_means(before, after)
+    r.kind = lane.engine
+    r.catch_up_s = await caught_up(lane.bench, lane.engine)
+    return r
+
+
 async def run(
     rates: list[int], duration: float, repeats: int, engines: list[str], out_dir: Path,
-    producer: str = "aiokafka",
+    producer: str = "aiokafka", find: tuple[int, int] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
+    """`find`: (from, to) for --find-max, each engine's highest live rate sustained."""
     bootstrap = os.environ.get("KAIROS_KAFKA_BOOTSTRAP", "127.0.0.1:9092")
     redis_url = os.environ.get("KAIROS_REDIS_URL", "redis://127.0.0.1:6379/0")
     raw = Bench(bootstrap, redis_url, producer=producer)
@@ -567,6 +605,7 @@ async def run(
     old_notify = str(config.get("notify-keyspace-events") or "")
     await redis.config_set("notify-keyspace-events", "Kh")
     results: list[RunResult] = []
+    found: dict[str, Search[RunResult]] = {}
     try:
         store = redis_benchmark(redis_url)
         # One engine at a time, alone on the machine: a worker still draining a backlog
@@ -583,16 +622,17 @@ async def run(
                 for rate in rates:
                     results.append(await run_raw(raw, rate, duration))
                     _print_run(rep, results[-1])
-                    meter = CpuMeter({"generator": os.getpid(), "worker": lane.proc.pid, **others})
-                    before = await asyncio.to_thread(worker_sums, lane.metrics_port)
-                    r = await run_kairos(lane.bench, lane.traffic, redis, rate, duration, db)
-                    r.cpu = meter.percent()
-                    after = await asyncio.to_thread(worker_sums, lane.metrics_port)
-                    r.worker = worker_means(before, after)
-                    r.kind = lane.engine
-                    r.catch_up_s = await caught_up(lane.bench, lane.engine)
-                    results.append(r)
-                    _print_run(rep, r)
+                    results.append(await measure_live(lane, rate, duration, redis, db, others))
+                    _print_run(rep, results[-1])
+            if find is not None:
+
+                async def step(rate: int, lane: Lane = lane) -> RunResult:
+                    r = await measure_live(lane, rate, duration, redis, db, others)
+                    _print_run(-1, r)
+                    return r
+
+                found[lane.engine] = await highest_held(step, misses, *find, SEARCH_FACTOR,
+                                                        SEARCH_GRAIN)  # fmt: skip
             stop_worker(lane.proc)
             lane.proc = None
     finally:
@@ -605,6 +645,14 @@ async def run(
         await redis.aclose()
     discard_workdir(workdir)
     report = summarize(results, rates, ["raw", *engines], store)
+    if found:
+        report["search"] = {}
+        for engine, f in found.items():
+            print(f"{engine}: highest live rate sustained with flat lag (growth under "
+                  f"{100 * KEEPS_UP_SHARE:.0f}% of the rate), searched: {f.held}/s "
+                  f"(stopped: {f.stopped})")  # fmt: skip
+            report["search"][engine] = {"held": f.held, "stopped": f.stopped,
+                                        "steps": [asdict(r) for r in f.steps]}  # fmt: skip
     report["environment"] = {**environment(server), "other_kairos_processes": strangers,
                              "producer": producer}  # fmt: skip
     print(f"results: {write_report(out_dir, report, results)}")
@@ -612,7 +660,8 @@ async def run(
 
 
 def _print_run(rep: int, r: RunResult) -> None:
-    print(f"  repeat {rep + 1} {r.kind:<8} {r.rate:>6}/s  p50 {r.latency.p50:8.2f} ms"
+    label = "search  " if rep < 0 else f"repeat {rep + 1}"
+    print(f"  {label} {r.kind:<8} {r.rate:>6}/s  p50 {r.latency.p50:8.2f} ms"
           f"  p99 {r.latency.p99:8.2f} ms  p99.9 {r.latency.p999:8.2f} ms"
           f"  sent {r.pacing.rate:7.0f}/s  unseen {r.unseen}"
           f"  gen-late p99 {r.pacing.late_p99_ms:.1f} ms"

@@ -130,4 +130,4 @@ async def test_the_search_stops_at_the_first_rate_that_misses_twice() -> None:
     assert len(slots.steps) == 7  # every step measured is kept for the results file
     assert search_text(static, slots).endswith("slots / baseline 0.80 (#4: at least 0.5)")
     capped = await find_max(measure_at, "static", 1000, 1300)
-    assert (capped.held, capped.stopped) == (1250, "reached --max-rate 1300/s")
+    assert (capped.held, capped.stopped) == (1250, "reached the cap, 1300/s")
