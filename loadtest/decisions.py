@@ -188,8 +188,8 @@ async def find_max(
 def search_text(static: Search[Step], slots: Search[Step]) -> str:
     share = f"{slots.held / static.held:.2f}" if static.held else "-"
     return (f"highest rate held, searched (p99 <= {SLO_P99_MS:.0f} ms, no errors, at most "
-            f"{100 * SLO_DEGRADED:.0f}% degraded): baseline {static.held}/s (stopped: "
-            f"{static.stopped}), /v1/slots {slots.held}/s (stopped: {slots.stopped}); "
+            f"{100 * SLO_DEGRADED:.0f}% degraded): baseline {static.held_text} (stopped: "
+            f"{static.stopped}), /v1/slots {slots.held_text} (stopped: {slots.stopped}); "
             f"slots / baseline {share} (#4: at least 0.5)")  # fmt: skip
 
 

@@ -649,7 +649,7 @@ async def run(
         report["search"] = {}
         for engine, f in found.items():
             print(f"{engine}: highest live rate sustained with flat lag (growth under "
-                  f"{100 * KEEPS_UP_SHARE:.0f}% of the rate), searched: {f.held}/s "
+                  f"{100 * KEEPS_UP_SHARE:.0f}% of the rate), searched: {f.held_text} "
                   f"(stopped: {f.stopped})")  # fmt: skip
             report["search"][engine] = {"held": f.held, "stopped": f.stopped,
                                         "steps": [asdict(r) for r in f.steps]}  # fmt: skip

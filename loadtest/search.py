@@ -24,9 +24,14 @@ def next_rate(rate: int, factor: float, grain: int) -> int:
 
 @dataclass
 class Search(Generic[T]):
+    start: int  # the first rate tried
     held: int  # the highest rate held; 0 if the first missed
     stopped: str  # why the search stopped there
     steps: list[T] = field(default_factory=list)  # every step measured, in order
+
+    @property
+    def held_text(self) -> str:
+        return f"{self.held}/s" if self.held else f"below {self.start}/s (the first rate tried)"
 
 
 async def highest_held(
@@ -39,7 +44,7 @@ async def highest_held(
 ) -> Search[T]:
     """The highest rate from `start` to `cap` whose step `misses` finds nothing wrong with
     (a missed step measured twice before it counts)."""
-    search: Search[T] = Search(0, f"reached the cap, {cap}/s")
+    search: Search[T] = Search(start, 0, f"reached the cap, {cap}/s")
     rate = start
     while rate <= cap:
         step = await measure(rate)

@@ -31,8 +31,10 @@ async def test_a_miss_is_measured_again_and_two_end_the_search() -> None:
     found = await highest_held(measure, verdict, 6000, 24000, 1.1, 500)
     assert (found.held, found.stopped) == (8000, "9000/s missed twice: too fast; too fast")
     assert asked == [6000, 6500, 7000, 7000, 7500, 8000, 9000, 9000] == found.steps
+    assert found.held_text == "8000/s"
     first = await highest_held(measure, lambda r: "no", 6000, 24000, 1.1, 500)
     assert (first.held, first.stopped) == (0, "6000/s missed twice: no; no")
+    assert first.held_text == "below 6000/s (the first rate tried)"
 
 
 def _live(rate: int, sent: float, growth: float, unseen: int = 0) -> RunResult:
