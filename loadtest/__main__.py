@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -169,33 +170,32 @@ def _search(args: argparse.Namespace) -> tuple[int, int] | None:
     return args.search_from, args.max_rate
 
 
-def _ingest(args: argparse.Namespace) -> int:
+def _searching(
+    args: argparse.Namespace, run: Callable[[tuple[int, int] | None], Coroutine[Any, Any, Any]]
+) -> int:
+    """`run(find)` for a bench with --find-max (2 and a line on a range that is not one)."""
     try:
         find = _search(args)
     except ValueError as exc:
-        print(f"loadtest ingest: {exc}", file=sys.stderr)
+        print(f"loadtest {args.command}: {exc}", file=sys.stderr)
         return 2
+    uvloop.run(run(find))
+    return 0
+
+
+def _ingest(args: argparse.Namespace) -> int:
     rates = [int(r) for r in args.rates.split(",") if r.strip()]
     engines = [e for e in args.engines.split(",") if e.strip()]
-    uvloop.run(ingest.run(rates, args.duration, args.repeats, engines, args.out, args.producer,
-                          find))  # fmt: skip
-    return 0
+    return _searching(args, lambda find: ingest.run(rates, args.duration, args.repeats, engines,
+                                                    args.out, args.producer, find))  # fmt: skip
 
 
 def _decisions(args: argparse.Namespace) -> int:
-    try:
-        find = _search(args)
-    except ValueError as exc:
-        print(f"loadtest decisions: {exc}", file=sys.stderr)
-        return 2
-    uvloop.run(
-        decisions.run(
-            [int(r) for r in args.rates.split(",") if r.strip()], args.duration,
-            args.warmup, args.repeats, args.sessions, args.events_per_session, args.items,
-            args.rss_items, args.out, find,
-        )
-    )  # fmt: skip
-    return 0
+    rates = [int(r) for r in args.rates.split(",") if r.strip()]
+    return _searching(args, lambda find: decisions.run(
+        rates, args.duration, args.warmup, args.repeats, args.sessions, args.events_per_session,
+        args.items, args.rss_items, args.out, find,
+    ))  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
