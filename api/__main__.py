@@ -20,7 +20,7 @@ from redis.exceptions import RedisError
 
 from api.app import DEMO_CONFIG, create_app
 from api.config import load_config
-from api.server import SERVER_OPTIONS
+from api.server import server_options
 from api.settings import Settings
 from stream_engine.demo_catalog import resolve_catalog_path
 from stream_engine.exceptions import KairosError
@@ -77,8 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     configure(settings.log_format, settings.log_level)
     uvicorn.run(
-        create_app(settings), host=settings.api_host, port=settings.api_port, **SERVER_OPTIONS
-    )
+        create_app(settings), host=settings.api_host, port=settings.api_port,
+        **server_options(settings),
+    )  # fmt: skip
     return 0
 
 

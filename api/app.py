@@ -249,7 +249,9 @@ def create_app(
         routes=routes,
         middleware=[
             *([Middleware(FastSlots, static=settings.bench_static)] if fast_path else []),
-            Middleware(BodyLimit, max_bytes=settings.max_body_bytes),
+            Middleware(
+                BodyLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s
+            ),
         ],
         exception_handlers={HTTPException: http_error, BadRequest: bad_request},
         lifespan=lifespan,

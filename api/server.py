@@ -33,9 +33,11 @@ and a client that stops reading its answers (its buffers full, the next answer w
 to be written for `SEND_TIMEOUT_S`) has its connection cut, where uvicorn would wait for
 ever with the request's task.
 
-Each is counted in `kairos_api_refused_total{reason}`. A request that arrives whole pays
-a few counters and two length checks for them; the timer is armed only when a head is
-split across reads (and once per connection, for its first).
+The header limit and the timeouts are the deployment's (`KAIROS_MAX_HEADER_BYTES`,
+`KAIROS_HEAD_TIMEOUT_S`, `KAIROS_SEND_TIMEOUT_S`: `server_options`); the constants below
+are their defaults. Each is counted in `kairos_api_refused_total{reason}`. A request that
+arrives whole pays a few counters and two length checks for them; the timer is armed only
+when a head is split across reads (and once per connection, for its first).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from api.fastpath import SlotRoute
+from api.settings import Settings
 
 # A request's head (api/server.py's docstring). Node.js allows 16 KiB of headers, nginx an
 # 8 KiB request line. Names and values are counted as the parser hands them over; the
@@ -155,17 +158,18 @@ class FastCycle:
 
 class BoundedFlow(FlowControl):
     """uvicorn's flow control with a bound on waiting for the client to read: a drain
-    still waiting after SEND_TIMEOUT_S aborts the connection (and calls `on_cut`), which
+    still waiting after `timeout_s` aborts the connection (and calls `on_cut`), which
     ends the wait as any lost connection does, the request's answer marked undeliverable
     by uvicorn's connection_lost."""
 
-    def __init__(self, transport: asyncio.Transport, on_cut: Any) -> None:
+    def __init__(self, transport: asyncio.Transport, on_cut: Any, timeout_s: float) -> None:
         super().__init__(transport)
         self._on_cut = on_cut
+        self._timeout_s = timeout_s
 
     async def drain(self) -> None:
         try:
-            async with asyncio.timeout(SEND_TIMEOUT_S):
+            async with asyncio.timeout(self._timeout_s):
                 await super().drain()
             return
         except TimeoutError:
@@ -192,6 +196,11 @@ class KairosHttpProtocol(HttpToolsProtocol):
 
     transport: OneWrite  # type: ignore[assignment]
 
+    # The limits: the defaults here, a deployment's in the subclass server_options makes
+    max_header_bytes = MAX_HEADER_BYTES
+    head_timeout_s = HEAD_TIMEOUT_S
+    send_timeout_s = SEND_TIMEOUT_S
+
     # The head being received: whether one has begun and not ended, the bytes of its
     # headers so far, the bytes on the wire bounding it while it stays incomplete, the
     # messages begun (to tell whether a read began a new one), and its timer.
@@ -204,8 +213,9 @@ class KairosHttpProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(OneWrite(transport, self.loop))  # type: ignore[arg-type]
-        self.flow = BoundedFlow(self.transport, lambda: self._count("send_timeout"))  # type: ignore[arg-type]
-        self._head_timer = self.loop.call_later(HEAD_TIMEOUT_S, self._head_timed_out)
+        self.flow = BoundedFlow(self.transport, lambda: self._count("send_timeout"),  # type: ignore[arg-type]
+                                self.send_timeout_s)  # fmt: skip
+        self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_timed_out)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
@@ -242,10 +252,10 @@ class KairosHttpProtocol(HttpToolsProtocol):
             self._pending = 0
         if len(self.url) > MAX_TARGET_BYTES:
             self._refuse(414, "target_too_long", f"request target over {MAX_TARGET_BYTES} bytes")
-        elif self._pending > MAX_PENDING_BYTES:
-            self._refuse(431, "head_too_large", f"request head over {MAX_PENDING_BYTES} bytes")
-        elif self._head_timer is None:  # split across reads: it has HEAD_TIMEOUT_S
-            self._head_timer = self.loop.call_later(HEAD_TIMEOUT_S, self._head_timed_out)
+        elif self._pending > (pending := 4 * (MAX_TARGET_BYTES + self.max_header_bytes)):
+            self._refuse(431, "head_too_large", f"request head over {pending} bytes")
+        elif self._head_timer is None:  # split across reads: it has head_timeout_s
+            self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_timed_out)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -265,8 +275,9 @@ class KairosHttpProtocol(HttpToolsProtocol):
         if len(self.url) > MAX_TARGET_BYTES:
             self._refuse(414, "target_too_long", f"request target over {MAX_TARGET_BYTES} bytes")
             raise _Refused  # stops the parser: nothing after this head is read
-        if self._header_bytes > MAX_HEADER_BYTES:
-            self._refuse(431, "head_too_large", f"request headers over {MAX_HEADER_BYTES} bytes")
+        if self._header_bytes > self.max_header_bytes:
+            self._refuse(431, "head_too_large",
+                         f"request headers over {self.max_header_bytes} bytes")  # fmt: skip
             raise _Refused
         if not self._answer_fast():
             super().on_headers_complete()
@@ -281,10 +292,10 @@ class KairosHttpProtocol(HttpToolsProtocol):
         if self.transport.is_closing():
             return
         if self._answer_due():  # the client is still being answered: another period
-            self._head_timer = self.loop.call_later(HEAD_TIMEOUT_S, self._head_timed_out)
+            self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_timed_out)
         elif self._in_head:
             self._refuse(408, "head_timeout",
-                         f"request head not complete within {HEAD_TIMEOUT_S:g} s")  # fmt: skip
+                         f"request head not complete within {self.head_timeout_s:g} s")  # fmt: skip
         elif self._begun == 0:  # nothing came since the connection opened
             self._refused = True
             self._count("head_timeout")
@@ -391,6 +402,16 @@ class KairosHttpProtocol(HttpToolsProtocol):
         if not cycle.keep_alive:
             self.transport.close()
         self.on_response_complete()
+
+
+def server_options(settings: Settings) -> dict[str, Any]:
+    """SERVER_OPTIONS with the protocol made for `settings`' limits on heads and answers."""
+    protocol = type("KairosHttpProtocol", (KairosHttpProtocol,), {
+        "max_header_bytes": settings.max_header_bytes,
+        "head_timeout_s": settings.head_timeout_s,
+        "send_timeout_s": settings.send_timeout_s,
+    })  # fmt: skip
+    return {**SERVER_OPTIONS, "http": protocol}
 
 
 # How `python -m api` runs uvicorn (tests serve the app the same way).

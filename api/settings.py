@@ -57,6 +57,15 @@ class Settings:
     erasure_ttl_s: int = 30 * 86400
     publish_queue: int = 10_000
     max_body_bytes: int = 64 * 1024
+    # A request's head and body, and a client's reading of the answer (api/server.py,
+    # api/limits.py): header names and values at most this long (431 beyond), the head
+    # complete this long after the connection opened or its first bytes (408), the body
+    # this long after the endpoint starts reading it (408), an answer written within this
+    # long once the client's buffers are full (else the connection is cut).
+    max_header_bytes: int = 16 * 1024
+    head_timeout_s: float = 10.0
+    body_timeout_s: float = 10.0
+    send_timeout_s: float = 30.0
     # Comma-separated origins allowed to post beacons from a browser ("*" = any).
     cors_origins: str = ""
     log_format: str = "text"  # or "json"
@@ -80,6 +89,14 @@ class Settings:
             raise ConfigError(
                 "KAIROS_REDIS_CONNECTIONS and KAIROS_PUBLISH_QUEUE must be >= 1, "
                 "KAIROS_MAX_BODY_BYTES >= 1024"
+            )
+        if (
+            self.max_header_bytes < 1024
+            or min(self.head_timeout_s, self.body_timeout_s, self.send_timeout_s) <= 0
+        ):
+            raise ConfigError(
+                "KAIROS_MAX_HEADER_BYTES must be >= 1024, KAIROS_HEAD_TIMEOUT_S, "
+                "KAIROS_BODY_TIMEOUT_S and KAIROS_SEND_TIMEOUT_S > 0"
             )
 
     @property

@@ -19,7 +19,7 @@ import uvicorn
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from api.app import create_app
-from api.server import SERVER_OPTIONS
+from api.server import server_options
 from api.settings import Settings
 from stream_engine.catalog import Catalog
 from stream_engine.events import Event, EventType, encode_event
@@ -79,7 +79,7 @@ async def served(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, **SERVER_OPTIONS))
+    server = uvicorn.Server(uvicorn.Config(app, **server_options(settings)))
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
         await wait_for(lambda: server.started or task.done(), 30, "uvicorn start")

@@ -14,7 +14,6 @@ import pytest
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer
 
-from api import limits
 from api.app import DEMO_CONFIG
 from api.fastpath import Answer, SlotRoute
 from api.runtime import Runtime
@@ -241,12 +240,12 @@ async def test_a_head_over_the_limit_is_refused_and_counted(settings: Settings) 
 
 
 async def test_a_body_that_does_not_come_in_time_gets_408_and_the_connection_closes(
-    settings: Settings, monkeypatch: pytest.MonkeyPatch
+    settings: Settings,
 ) -> None:
     """A beacon that promises 100 bytes and sends 10: answered 408 when the body's time is
-    up (api/limits.py), not held for ever; a whole one on a new connection goes through."""
-    monkeypatch.setattr(limits, "BODY_TIMEOUT_S", 0.5)
-    async with served(settings) as client:
+    up (api/limits.py, KAIROS_BODY_TIMEOUT_S), not held for ever; a whole one on a new
+    connection goes through."""
+    async with served(with_(settings, body_timeout_s=0.5)) as client:
         url = httpx.URL(str(client.base_url))
         reader, writer = await asyncio.open_connection(url.host, url.port)
         try:

@@ -20,7 +20,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from api import server as server_module
 from api.fastpath import Answer, SlotRoute
 from api.server import (
     MAX_HEADER_BYTES,
@@ -28,7 +27,10 @@ from api.server import (
     MAX_TARGET_BYTES,
     KairosHttpProtocol,
     OneWrite,
+    server_options,
 )
+from api.settings import Settings
+from stream_engine.exceptions import ConfigError
 
 
 class Recorder:
@@ -105,12 +107,14 @@ APP = Starlette(
 
 
 @contextlib.asynccontextmanager
-async def _server(app: Starlette = APP) -> AsyncIterator[int]:
+async def _server(
+    app: Starlette = APP, protocol: type[KairosHttpProtocol] = KairosHttpProtocol
+) -> AsyncIterator[int]:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     # as api/__main__.py runs it: no proxy-headers middleware around the app
-    config = uvicorn.Config(app, http=KairosHttpProtocol, log_level="warning",
+    config = uvicorn.Config(app, http=protocol, log_level="warning",
                             lifespan="off", proxy_headers=False)  # fmt: skip
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
@@ -439,7 +443,7 @@ async def test_a_target_over_the_limit_gets_414(split: bool) -> None:
 
 @pytest.fixture
 def short_head_timeout(monkeypatch: pytest.MonkeyPatch) -> float:
-    monkeypatch.setattr(server_module, "HEAD_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(KairosHttpProtocol, "head_timeout_s", 0.3)
     return 0.3
 
 
@@ -511,9 +515,9 @@ async def test_a_client_that_stops_reading_has_its_connection_cut(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Forty 256 KiB answers asked for and none read: once the buffers are full the next
-    answer waits SEND_TIMEOUT_S, then the connection is cut (uvicorn waited for ever,
+    answer waits send_timeout_s, then the connection is cut (uvicorn waited for ever,
     holding the request's task); the server goes on."""
-    monkeypatch.setattr(server_module, "SEND_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(KairosHttpProtocol, "send_timeout_s", 0.3)
     app = Starlette(routes=[Route("/big", _big), Route("/json", _json)])
     async with _server(app) as port:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -527,3 +531,35 @@ async def test_a_client_that_stops_reading_has_its_connection_cut(
         after = await _one(port, _get("/json?n=4"))
     assert got < 40 * 256 * 1024  # cut before all of it was written
     assert after["body"] == b'{"n":4}'
+
+
+async def test_a_deployments_limits_reach_the_protocol() -> None:
+    """KAIROS_MAX_HEADER_BYTES and KAIROS_HEAD_TIMEOUT_S, through server_options (how
+    `python -m api` and the served tests run uvicorn)."""
+    settings = Settings(max_header_bytes=2048, head_timeout_s=0.3, send_timeout_s=5.0)
+    protocol = server_options(settings)["http"]
+    assert issubclass(protocol, KairosHttpProtocol)
+    assert KairosHttpProtocol.max_header_bytes == MAX_HEADER_BYTES  # the default untouched
+    async with _server(_fast_app(StubRoute()), protocol) as port:
+        big = await _one(port, _get("/v1/slots/s", "x-big: " + "a" * 3000))
+        fine = await _one(port, _get("/v1/slots/s", "x-ok: " + "a" * 1500))
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(b"GET /v1/slots/s HTTP/1.1\r\nho")
+            status, body = await _refusal(reader)
+        finally:
+            writer.close()
+    assert (big["status"], orjson.loads(big["body"])["error"]) == (
+        "431", "request headers over 2048 bytes")  # fmt: skip
+    assert fine["status"] == "200"
+    assert (status, body["error"]) == ("408", "request head not complete within 0.3 s")
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"max_header_bytes": 512}, {"head_timeout_s": 0.0}, {"body_timeout_s": -1.0},
+     {"send_timeout_s": 0.0}],
+)  # fmt: skip
+def test_limits_that_are_not_limits_are_refused_at_start(bad: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError, match="KAIROS_MAX_HEADER_BYTES must be >= 1024"):
+        Settings(**bad)
