@@ -563,3 +563,21 @@ async def test_a_deployments_limits_reach_the_protocol() -> None:
 def test_limits_that_are_not_limits_are_refused_at_start(bad: dict[str, Any]) -> None:
     with pytest.raises(ConfigError, match="KAIROS_MAX_HEADER_BYTES must be >= 1024"):
         Settings(**bad)
+
+
+async def test_a_slow_head_behind_an_answer_still_due_gets_its_408_after_that_answer() -> None:
+    """The head's time runs out while the request before it is still being decided: the
+    408 waits for that answer (a refusal never goes first), then comes, then the end."""
+    route = StubRoute(delay_s=0.5)
+    protocol = server_options(Settings(head_timeout_s=0.2))["http"]
+    async with _server(_fast_app(route), protocol) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(_get("/v1/slots/first") + b"GET /v1/slots/second HTTP/1.1\r\nho")
+            first = await asyncio.wait_for(_read_response(reader), 5)
+            status, body = await _refusal(reader)
+        finally:
+            writer.close()
+    assert orjson.loads(first["body"])["slot"] == "first"
+    assert (status, body["error"]) == ("408", "request head not complete within 0.2 s")
+    assert route.answered == ["first"]
