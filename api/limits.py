@@ -29,10 +29,14 @@ def json_body(raw: bytes) -> Any:
         raise BadRequest(f"body is not JSON: {exc}") from None
 
 
-# The whole body within this long of the endpoint's first read of it. Without a bound, a
-# client that trickles its body, or promises more than it sends, holds a connection and a
-# task for ever (the head has its own bound: api/server.py).
+# The defaults of the settings that bound a request and its answer (api/settings.py;
+# applied by api/server.py and BodyLimit). Node.js allows 16 KiB of headers; nginx's
+# send_timeout is 60 s. Without a bound on the body, a client that trickles it, or promises
+# more than it sends, holds a connection and a task for ever.
+MAX_HEADER_BYTES = 16 * 1024
+HEAD_TIMEOUT_S = 10.0
 BODY_TIMEOUT_S = 10.0
+SEND_TIMEOUT_S = 30.0
 
 
 class BodyLimit:
@@ -41,10 +45,10 @@ class BodyLimit:
     `timeout_s` after the first read with 408, which closes the connection (kept, the rest
     of a late body would be read as the next request)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float | None = None) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float = BODY_TIMEOUT_S) -> None:
         self.app = app
         self.max_bytes = max_bytes
-        self.timeout_s = BODY_TIMEOUT_S if timeout_s is None else timeout_s
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

@@ -34,8 +34,8 @@ to be written for `SEND_TIMEOUT_S`) has its connection cut, where uvicorn would 
 ever with the request's task.
 
 The header limit and the timeouts are the deployment's (`KAIROS_MAX_HEADER_BYTES`,
-`KAIROS_HEAD_TIMEOUT_S`, `KAIROS_SEND_TIMEOUT_S`: `server_options`); the constants below
-are their defaults. Each is counted in `kairos_api_refused_total{reason}`. A request that
+`KAIROS_HEAD_TIMEOUT_S`, `KAIROS_SEND_TIMEOUT_S`: `server_options`), with their defaults
+in api/limits.py. Each is counted in `kairos_api_refused_total{reason}`. A request that
 arrives whole pays a few counters and two length checks for them; the timer is armed only
 when a head is split across reads (and once per connection, for its first).
 """
@@ -53,23 +53,27 @@ from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from api.fastpath import SlotRoute
+from api.limits import HEAD_TIMEOUT_S, MAX_HEADER_BYTES, SEND_TIMEOUT_S
 from api.settings import Settings
 
-# A request's head (api/server.py's docstring). Node.js allows 16 KiB of headers, nginx an
-# 8 KiB request line. Names and values are counted as the parser hands them over; the
-# pending bound is on the wire (with the shortest header lines, "n:\r\n", a head within
-# both limits takes at most ~4x their sum).
+# A request's head (this module's docstring); the header limit and the timeouts are
+# settings, with their defaults in api/limits.py. nginx allows an 8 KiB request line.
 MAX_TARGET_BYTES = 8 * 1024
-MAX_HEADER_BYTES = 16 * 1024
-MAX_PENDING_BYTES = 4 * (MAX_TARGET_BYTES + MAX_HEADER_BYTES)
-HEAD_TIMEOUT_S = 10.0
+
+
+def pending_bound(max_header_bytes: int) -> int:
+    """The most of an unfinished head taken before it is refused. Names and values are
+    counted as the parser hands them over; this bound is on the wire, where a head within
+    both limits takes at most ~4x their sum (with the shortest header lines, "n:\r\n")."""
+    return 4 * (MAX_TARGET_BYTES + max_header_bytes)
+
+
+MAX_PENDING_BYTES = pending_bound(MAX_HEADER_BYTES)
 # After a refusal, what the client still sends is read and dropped, up to this long and this
 # much, before the connection closes: closed with unread bytes, the kernel would reset it,
 # and a reset loses the refusal on its way to the client ("lingering close", as nginx does).
 LINGER_S = 2.0
 LINGER_BYTES = 1024 * 1024
-# An answer that cannot be written for this long (nginx's send_timeout is 60 s)
-SEND_TIMEOUT_S = 30.0
 
 
 class OneWrite:
@@ -198,6 +202,7 @@ class KairosHttpProtocol(HttpToolsProtocol):
 
     # The limits: the defaults here, a deployment's in the subclass server_options makes
     max_header_bytes = MAX_HEADER_BYTES
+    max_pending_bytes = MAX_PENDING_BYTES  # pending_bound(max_header_bytes)
     head_timeout_s = HEAD_TIMEOUT_S
     send_timeout_s = SEND_TIMEOUT_S
 
@@ -252,8 +257,8 @@ class KairosHttpProtocol(HttpToolsProtocol):
             self._pending = 0
         if len(self.url) > MAX_TARGET_BYTES:
             self._refuse(414, "target_too_long", f"request target over {MAX_TARGET_BYTES} bytes")
-        elif self._pending > (pending := 4 * (MAX_TARGET_BYTES + self.max_header_bytes)):
-            self._refuse(431, "head_too_large", f"request head over {pending} bytes")
+        elif self._pending > self.max_pending_bytes:
+            self._refuse(431, "head_too_large", f"request head over {self.max_pending_bytes} bytes")
         elif self._head_timer is None:  # split across reads: it has head_timeout_s
             self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_timed_out)
 
@@ -408,6 +413,7 @@ def server_options(settings: Settings) -> dict[str, Any]:
     """SERVER_OPTIONS with the protocol made for `settings`' limits on heads and answers."""
     protocol = type("KairosHttpProtocol", (KairosHttpProtocol,), {
         "max_header_bytes": settings.max_header_bytes,
+        "max_pending_bytes": pending_bound(settings.max_header_bytes),
         "head_timeout_s": settings.head_timeout_s,
         "send_timeout_s": settings.send_timeout_s,
     })  # fmt: skip

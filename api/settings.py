@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from api.limits import BODY_TIMEOUT_S, HEAD_TIMEOUT_S, MAX_HEADER_BYTES, SEND_TIMEOUT_S
 from stream_engine.exceptions import ConfigError
 from stream_engine.settings import DEFAULT_KAFKA_BOOTSTRAP, DEFAULT_REDIS_URL, from_environment
 
@@ -62,10 +63,10 @@ class Settings:
     # complete this long after the connection opened or its first bytes (408), the body
     # this long after the endpoint starts reading it (408), an answer written within this
     # long once the client's buffers are full (else the connection is cut).
-    max_header_bytes: int = 16 * 1024
-    head_timeout_s: float = 10.0
-    body_timeout_s: float = 10.0
-    send_timeout_s: float = 30.0
+    max_header_bytes: int = MAX_HEADER_BYTES
+    head_timeout_s: float = HEAD_TIMEOUT_S
+    body_timeout_s: float = BODY_TIMEOUT_S
+    send_timeout_s: float = SEND_TIMEOUT_S
     # Comma-separated origins allowed to post beacons from a browser ("*" = any).
     cors_origins: str = ""
     log_format: str = "text"  # or "json"

@@ -58,7 +58,6 @@ from loadtest.openloop import PacingStats, Percentiles, collector_paused, median
 from loadtest.probe import SpeedProbe
 from loadtest.promhist import buckets, quantile
 from loadtest.search import Search, highest_held
-from loadtest.search import next_rate as _next_rate
 from loadtest.traffic import Traffic
 from stream_engine.catalog import load_items
 from stream_engine.demo_catalog import write_demo_catalog
@@ -171,16 +170,11 @@ def misses(step: Step) -> str | None:
     return None
 
 
-def next_rate(rate: int) -> int:
-    """The search's next rate: a quarter more, in multiples of SEARCH_GRAIN."""
-    return _next_rate(rate, SEARCH_FACTOR, SEARCH_GRAIN)
-
-
 async def find_max(
     measure_at: Callable[[str, int], Awaitable[Step]], kind: str, start: int, cap: int
 ) -> Search[Step]:
-    """The highest rate `kind` holds within the SLO (misses), from `start` upwards
-    (next_rate) to `cap` (loadtest/search.py)."""
+    """The highest rate `kind` holds within the SLO (misses), from `start` upwards, a
+    quarter more each step (SEARCH_FACTOR, SEARCH_GRAIN), to `cap` (loadtest/search.py)."""
     return await highest_held(lambda rate: measure_at(kind, rate), misses, start, cap,
                               SEARCH_FACTOR, SEARCH_GRAIN)  # fmt: skip
 

@@ -21,8 +21,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from api.fastpath import Answer, SlotRoute
+from api.limits import MAX_HEADER_BYTES
 from api.server import (
-    MAX_HEADER_BYTES,
     MAX_PENDING_BYTES,
     MAX_TARGET_BYTES,
     KairosHttpProtocol,

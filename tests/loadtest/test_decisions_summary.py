@@ -83,13 +83,14 @@ def test_the_split_inside_the_api_reads_the_apis_own_histograms() -> None:
 
 
 def test_the_search_climbs_a_quarter_at_a_time_in_steps_of_250() -> None:
-    from loadtest.decisions import next_rate
+    from loadtest.decisions import SEARCH_FACTOR, SEARCH_GRAIN
+    from loadtest.search import next_rate
 
     ladder = [1000]
     while ladder[-1] < 6000:
-        ladder.append(next_rate(ladder[-1]))
+        ladder.append(next_rate(ladder[-1], SEARCH_FACTOR, SEARCH_GRAIN))
     assert ladder == [1000, 1250, 1500, 2000, 2500, 3000, 3750, 4750, 6000]
-    assert next_rate(250) == 500  # never less than one grain up
+    assert next_rate(250, SEARCH_FACTOR, SEARCH_GRAIN) == 500  # never less than one grain up
 
 
 def test_a_step_misses_on_errors_latency_or_degradation_and_says_which() -> None:
