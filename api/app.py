@@ -99,13 +99,15 @@ async def metrics_endpoint(request: Request) -> Response:
 
 
 async def openapi(request: Request) -> Response:
-    return JSON(document(runtime(request).serving.config.version))
+    return JSON(document(runtime(request).serving.config))
 
 
 async def http_error(request: Request, exc: Exception) -> Response:
-    """Every error answers JSON with the status and what went wrong."""
+    """Every error answers JSON with the status and what went wrong, and the headers the
+    error carries (a 405's Allow: the methods the path takes, as RFC 9110 requires)."""
     assert isinstance(exc, HTTPException)
-    return JSON({"error": exc.detail, "status": exc.status_code}, exc.status_code)
+    return JSON({"error": exc.detail, "status": exc.status_code}, exc.status_code,
+                headers=exc.headers)  # fmt: skip
 
 
 async def bad_request(request: Request, exc: Exception) -> Response:

@@ -45,23 +45,34 @@ def _slot(rt: Runtime, name: Any) -> Slot:
     return slots[name]
 
 
-def _n(slot: Slot, raw: Any) -> int:
+def _n(slot: Slot, raw: Any, query: bool = True) -> int:
+    """A slot's `n`: the digits of a query value, or a JSON integer (3.0 is one, as JSON
+    Schema has it); blank or null for the slot's default. Not 3.5, true or "3" in JSON."""
     if raw is None or raw == "":
         return slot.n
-    try:
+    if query and isinstance(raw, str) and raw.isascii() and raw.isdigit():
         n = int(raw)
-    except (TypeError, ValueError):
-        raise BadRequest(f"n must be an integer, got {str(raw)[:32]!r}") from None
+    elif isinstance(raw, int) and not isinstance(raw, bool):
+        n = raw
+    elif isinstance(raw, float) and raw.is_integer():
+        n = int(raw)
+    else:
+        raise BadRequest(f"n must be an integer, got {str(raw)[:32]!r}")
     if not 1 <= n <= slot.max_n:
         raise BadRequest(f"n must be between 1 and {slot.max_n} for slot {slot.name}")
     return n
 
 
+_FLAGS = {"true": True, "1": True, "false": False, "0": False, "": False}
+
+
 def _flag(raw: Any, name: str) -> bool:
-    if raw in (None, "", False, "false", "0"):
-        return False
-    if raw in (True, "true", "1"):
-        return True
+    """true or false, as JSON or as a query's text ("1", "0"); blank or null is false. Not
+    the numbers 1 and 0, which Python would take for True and False."""
+    if raw is None or isinstance(raw, bool):
+        return bool(raw)
+    if isinstance(raw, str) and raw in _FLAGS:
+        return _FLAGS[raw]
     raise BadRequest(f"{name} must be true or false")
 
 
@@ -124,7 +135,7 @@ def _page(rt: Runtime, body: Any) -> PageAsk:
         slot = _slot(rt, spec.get("slot"))
         if any(a.slot.name == slot.name for a in asks):
             raise BadRequest(f"slot {slot.name} is asked for twice")
-        asks.append(SlotAsk(slot, _n(slot, spec.get("n"))))
+        asks.append(SlotAsk(slot, _n(slot, spec.get("n"), query=False)))
     return PageAsk(
         session_id=valid_id(body.get("session_id"), "session_id") or "",
         user_id=valid_id(body.get("user_id"), "user_id", required=False),
