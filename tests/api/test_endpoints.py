@@ -36,6 +36,8 @@ AUTH = {"authorization": f"Bearer {ADMIN_TOKEN}"}
         ("/v1/slots/nope?session_id=s", 404, "unknown slot 'nope'; this config has: home_hero"),
         ("/v1/slots/home_recs?session_id=s&n=0", 400, "n must be between 1 and 24"),
         ("/v1/slots/home_recs?session_id=s&n=x", 400, "n must be an integer"),
+        ("/v1/slots/home_recs?session_id=s&n=-1", 400, "n must be an integer"),
+        ("/v1/slots/home_recs?session_id=s&n=%EF%BC%93", 400, "n must be an integer"),  # a wide 3
         ("/v1/slots/home_recs?session_id=s&sensitive_ok=maybe", 400, "sensitive_ok must be"),
     ],
 )
@@ -57,6 +59,15 @@ async def test_bad_queries_get_a_clear_4xx(
         (b'{"session_id": "s", "slots": ["home_recs", "home_recs"]}', 400, "asked for twice"),
         (b'{"slots": ["home_recs"]}', 400, "session_id is required"),
         (b'{"session_id": "s", "slots": [{"slot": "x"}]}', 404, "unknown slot"),
+        # JSON integers only: not text, not a fraction cut down, not true taken for 1
+        (b'{"session_id": "s", "slots": [{"slot": "home_recs", "n": "3"}]}', 400,
+         "n must be an integer"),
+        (b'{"session_id": "s", "slots": [{"slot": "home_recs", "n": 3.5}]}', 400,
+         "n must be an integer"),
+        (b'{"session_id": "s", "slots": [{"slot": "home_recs", "n": true}]}', 400,
+         "n must be an integer"),
+        (b'{"session_id": "s", "slots": ["home_recs"], "sensitive_ok": 1}', 400,
+         "sensitive_ok must be true or false"),
         (b'{"session_id": "s", "slots": ["home_recs"], "pad": "' + b"x" * 70_000 + b'"}', 413,
          "body over 65536 bytes"),
     ],
@@ -68,6 +79,24 @@ async def test_bad_bodies_get_a_clear_4xx(
         response = await client.post("/v1/decisions", content=body)
     assert response.status_code == status
     assert says in response.json()["error"]
+
+
+async def test_a_whole_number_as_json_and_blank_or_null_optionals_are_taken(
+    settings: Settings,
+) -> None:
+    """What the OpenAPI document allows: n as 3.0 (an integer to JSON Schema), a blank
+    user_id (a template's anonymous visitor), null for the defaults."""
+    async with client_for(settings) as client:
+        page = await client.post("/v1/decisions", json={
+            "session_id": "s", "user_id": "", "sensitive_ok": None,
+            "slots": [{"slot": "home_recs", "n": 3.0}, {"slot": "recommendations", "n": None}],
+        })  # fmt: skip
+        one = await client.get("/v1/slots/home_recs?session_id=s&user_id=&sensitive_ok=0&n=")
+    assert page.status_code == one.status_code == 200
+    recs, more = page.json()["decisions"]
+    assert len(recs["items"]) == 3
+    assert len(more["items"]) == 10  # recommendations' default n
+    assert len(one.json()["items"]) == 8  # the slot's default n
 
 
 async def _consume(stack: Stack, topic: str, n: int) -> list[tuple[bytes, dict[str, Any]]]:
@@ -210,7 +239,7 @@ async def test_openapi_and_metrics(settings: Settings) -> None:
         await client.post("/v1/decisions", json={"session_id": "m1", "slots": ["home_recs"]})
         spec = (await client.get("/openapi.json")).json()
         metrics = (await client.get("/metrics")).text
-    assert {"/v1/slots/{slot}", "/v1/decisions", "/v1/events"} <= set(spec["paths"])
+    assert {"/v1/slots/home_recs", "/v1/decisions", "/v1/events"} <= set(spec["paths"])
     assert 'kairos_api_decisions_total{fallback_reason="no_signal",slot="home_recs"' in metrics
     # the handler-time histogram counts each decision request under its endpoint
     assert 'kairos_api_request_seconds_count{endpoint="slots"} 2.0' in metrics
