@@ -6,6 +6,7 @@
     POST /admin/erase   {"session_id": "…"} or {"user_id": "…"}  erase state now
     GET  /admin/report?minutes=60      the zero-to-zero report (api/report.py)
     GET  /admin/report/page            the same with charts (token asked in the page)
+    GET  /admin/openapi.json           these routes' OpenAPI document
 
 With no token configured (local mode only) every admin route answers 403.
 """
@@ -23,6 +24,7 @@ from starlette.responses import HTMLResponse, Response
 from api.endpoints import JSON, runtime
 from api.exceptions import BadRequest, ConfigFileError
 from api.limits import json_body, valid_id
+from api.openapi import admin_document
 from api.report import Window, build_report, read_counters
 from stream_engine.erasure import erase_session, erase_user
 
@@ -74,6 +76,8 @@ async def pause(request: Request) -> Response:
     slot = body.get("slot")
     if slot is None:
         rt.pauses.everything = paused
+    elif not isinstance(slot, str):  # a list or an object is no slot (and no dict key)
+        raise BadRequest("slot must be a slot's name")
     elif slot not in rt.serving.config.slots:
         raise BadRequest(f"unknown slot {str(slot)[:64]!r}", 404)
     elif paused:
@@ -101,10 +105,10 @@ async def report(request: Request) -> Response:
     """The zero-to-zero report over the last `minutes` (default 60) as JSON."""
     _authorize(request)
     rt = runtime(request)
-    try:
-        minutes = int(request.query_params.get("minutes", "60"))
-    except ValueError:
-        raise BadRequest("minutes must be an integer") from None
+    raw = request.query_params.get("minutes", "60")
+    if not (raw.isascii() and raw.isdigit()):  # int() takes " 60", "+60" and "٦٠"
+        raise BadRequest("minutes must be an integer")
+    minutes = int(raw)
     if not 1 <= minutes <= MAX_REPORT_MINUTES:
         raise BadRequest(f"minutes must be between 1 and {MAX_REPORT_MINUTES}")
     window = Window(minutes, int(time.time() * 1000))
@@ -113,6 +117,12 @@ async def report(request: Request) -> Response:
 
 
 REPORT_PAGE = Path(__file__).resolve().parent / "report_page.html"
+
+
+async def openapi(request: Request) -> Response:
+    """The admin routes' OpenAPI document (the public one is GET /openapi.json)."""
+    _authorize(request)
+    return JSON(admin_document(runtime(request).serving.config, MAX_REPORT_MINUTES))
 
 
 async def report_page(request: Request) -> Response:

@@ -242,6 +242,7 @@ def create_app(
                 Route("/erase", admin.erase, methods=["POST"]),
                 Route("/report", admin.report),
                 Route("/report/page", admin.report_page),
+                Route("/openapi.json", admin.openapi),
             ],
         ),
     ]

@@ -235,3 +235,57 @@ def document(config: DecisionConfig, now_ms: int | None = None) -> dict[str, Any
                                  "responses": {"200": {"description": "text format"}}}},
         },
     }  # fmt: skip
+
+
+def admin_document(config: DecisionConfig, max_report_minutes: int) -> dict[str, Any]:
+    """The admin routes (api/admin.py), behind the bearer token; GET /admin/openapi.json."""
+    names = sorted(config.slots)
+    auth = {
+        "401": {"description": "missing or wrong token", **_JSON_ERROR},
+        "403": {"description": "admin routes disabled (no KAIROS_ADMIN_TOKEN)", **_JSON_ERROR},
+    }
+    bad = {"400": {"description": "bad input", **_JSON_ERROR}, **auth}
+    ok = {"200": {"description": "done", "content": {"application/json": {
+        "schema": {"type": "object"}}}}}  # fmt: skip
+
+    def body(schema: dict[str, Any], required: bool = True) -> dict[str, Any]:
+        return {"required": required, "content": {"application/json": {"schema": schema}}}
+
+    blank = {"enum": [None, ""]}
+    erase = {"oneOf": [
+        {"type": "object", "required": ["session_id"],
+         "properties": {"session_id": _ID, "user_id": blank}},
+        {"type": "object", "required": ["user_id"],
+         "properties": {"user_id": _ID, "session_id": blank}},
+    ]}  # fmt: skip
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Kairos admin", "version": config.version},
+        "components": {"securitySchemes": {"token": {"type": "http", "scheme": "bearer"}}},
+        "security": [{"token": []}],
+        "paths": {
+            "/admin/status": {"get": {"summary": "config, pauses, guards, Kafka",
+                                      "responses": {**ok, **auth}}},
+            "/admin/pause": {"post": {
+                "summary": "pause or resume one slot, or (no slot) everything",
+                "requestBody": body({"type": "object", "properties": {
+                    "slot": {"anyOf": [{"enum": names}, {"type": "null"}]},
+                    "paused": {"type": "boolean", "description": "default true"}}},
+                    required=False),
+                "responses": {**ok, **bad, "404": {"description": "unknown slot", **_JSON_ERROR}},
+            }},
+            "/admin/reload": {"post": {"summary": "read the config file again now", "responses": {
+                **ok, **auth, "422": {"description": "the file's error; the old config stays",
+                                     **_JSON_ERROR}}}},
+            "/admin/erase": {"post": {
+                "summary": "erase a session's or a user's state now",
+                "requestBody": body(erase), "responses": {**ok, **bad},
+            }},
+            "/admin/report": {"get": {
+                "summary": "the zero-to-zero report over the last `minutes`",
+                "parameters": [_query("minutes", {"type": "integer", "minimum": 1,
+                                                  "maximum": max_report_minutes})],
+                "responses": {**ok, **bad},
+            }},
+        },
+    }  # fmt: skip

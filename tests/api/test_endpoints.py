@@ -190,6 +190,29 @@ async def test_admin_needs_the_token(settings: Settings) -> None:
     assert disabled.status_code == 403
 
 
+@pytest.mark.parametrize(
+    ("method", "url", "body", "says"),
+    [
+        # a list is no slot, and no key to look one up by (it answered 500)
+        ("POST", "/admin/pause", {"slot": ["home_recs"]}, "slot must be a slot's name"),
+        ("POST", "/admin/pause", {"slot": {"name": "home_recs"}}, "slot must be a slot's name"),
+        ("POST", "/admin/pause", {"paused": "yes"}, "paused must be true or false"),
+        ("GET", "/admin/report?minutes=%D9%A6%D9%A0", None, "minutes must be an integer"),
+        ("GET", "/admin/report?minutes=+60", None, "minutes must be an integer"),
+        ("POST", "/admin/erase", {"session_id": "a", "user_id": "b"}, "exactly one"),
+    ],
+)
+async def test_bad_admin_input_gets_a_clear_400(
+    settings: Settings, method: str, url: str, body: dict[str, Any] | None, says: str
+) -> None:
+    async with client_for(settings) as client:
+        response = await client.request(method, url, json=body, headers=AUTH)
+        status = (await client.get("/admin/status", headers=AUTH)).json()
+    assert response.status_code == 400
+    assert says in response.json()["error"]
+    assert status["pauses"] == {"all": False, "slots": []}  # nothing paused on the way
+
+
 async def test_a_broken_config_is_refused_and_a_fixed_one_takes_over_without_restart(
     settings: Settings, tmp_path: Path
 ) -> None:

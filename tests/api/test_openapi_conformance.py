@@ -1,10 +1,11 @@
-"""The public endpoints keep to their OpenAPI document (api/openapi.py), on the served app
-with the real Redis and Kafka. schemathesis (its command, configured by
-tests/api/schemathesis.toml) generates requests from the document, valid ones and ones that
-break it, boundary values first, then random ones, and checks every answer: a valid request
-is answered as documented, never with a 5xx, nor refused; one that breaks the document is
-refused with a 4xx, not served as if it were fine; a method a path does not take gets a
-405. A fixed seed: a failure found once is found again."""
+"""The endpoints keep to their OpenAPI documents (api/openapi.py: the public one and the
+admin routes'), on the served app with the real Redis and Kafka. schemathesis (its command,
+configured by tests/api/schemathesis.toml) generates requests from a document, valid ones
+and ones that break it, boundary values first, then random ones, and checks every answer:
+a valid request is answered as documented, never with a 5xx, nor refused; one that breaks
+the document is refused with a 4xx, not served as if it were fine; a method a path does
+not take gets a 405; an admin route asked without its token refuses. A fixed seed: a
+failure found once is found again."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from api.settings import Settings
-from tests.api.conftest import served
+from tests.api.conftest import ADMIN_TOKEN, served
 
 pytestmark = pytest.mark.integration
 
@@ -24,9 +25,18 @@ CONFIG = Path(__file__).with_name("schemathesis.toml")
 NOW_MS = 1_796_000_000_000  # the clock of the collector and of the document, held still
 
 
-async def test_the_public_endpoints_keep_to_their_openapi_document(
-    settings: Settings, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+@pytest.mark.parametrize(
+    ("document_path", "headers"),
+    [
+        ("/openapi.json", []),
+        # the admin routes with their token (and without it: each must refuse)
+        ("/admin/openapi.json", ["-H", f"Authorization: Bearer {ADMIN_TOKEN}"]),
+    ],
+)
+async def test_the_endpoints_keep_to_their_openapi_document(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, document_path: str,
+    headers: list[str],
+) -> None:  # fmt: skip
     # One clock for the document's bound on an event's time and the collector's check of
     # it: with a running clock, a time generated just past the bound passes by the time it
     # is checked.
@@ -35,15 +45,16 @@ async def test_the_public_endpoints_keep_to_their_openapi_document(
     monkeypatch.setattr("api.openapi.time", still)
     cli = Path(sys.executable).with_name("schemathesis")
     async with served(settings) as client:
-        document = (await client.get("/openapi.json")).json()
+        document = (await client.get(document_path, headers=dict([headers[1].split(": ")])
+                                     if headers else None)).json()  # fmt: skip
         proc = await asyncio.create_subprocess_exec(
-            str(cli), "--config-file", str(CONFIG), "--no-color", "run",
-            f"{client.base_url}/openapi.json", "--max-examples", "50", "--seed", "20261206",
+            str(cli), "--config-file", str(CONFIG), "--no-color", "run", *headers,
+            f"{client.base_url}{document_path}", "--max-examples", "50", "--seed", "20261206",
             "--generation-database", "none", "--report-dir", str(tmp_path),
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=tmp_path,
         )  # fmt: skip
         out, _ = await asyncio.wait_for(proc.communicate(), 300)
-    assert {"/v1/slots/home_recs", "/v1/decisions", "/v1/events"} <= set(document["paths"])
+    assert {"/v1/slots/home_recs", "/admin/pause"} & set(document["paths"])
     report = out.decode(errors="replace")
     assert proc.returncode == 0, report[-6000:]
     assert "Coverage" in report  # the phases did run
