@@ -121,6 +121,15 @@ def item_from_mapping(row: Mapping[str, Any], where: str) -> Item:
     )
 
 
+def _scaled(values: tuple[float, ...]) -> Vector:
+    """A catalog embedding as float32 at most 1 in size, its direction kept: cast as it is,
+    1e39 is infinite in float32 (and a norm of 1e20s overflows), and the item's vector
+    became NaN, which every decision that scored it read."""
+    x = np.asarray(values, dtype=np.float64)
+    top = float(np.abs(x).max()) if x.size else 0.0
+    return (x / top if top > 0 else x).astype(np.float32)
+
+
 def _embedding(raw: Any) -> tuple[float, ...] | None:
     if raw is None or raw == "":
         return None
@@ -223,7 +232,7 @@ class Space:
         if item.price > 0:
             v[self.index[f"price:{self.price_band(item.price)}"]] = PRICE_WEIGHT
         if latent is None and not self.learned and item.embedding is not None:
-            latent = np.asarray(item.embedding[: self.latent_dims], dtype=np.float32)
+            latent = _scaled(item.embedding[: self.latent_dims])
         if latent is not None and self.latent_dims:
             norm = float(np.linalg.norm(latent))
             if norm > 0:
