@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import copy
+import datetime as dt
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from api.app import DEMO_CONFIG
-from api.config import Action, Anchor, SlotKind, load_config
+from api.config import Action, Anchor, SlotKind, load_config, parse_config
 from api.exceptions import ConfigFileError
+from api.items import ServingCatalog
+from api.serving import compile_for
+from stream_engine.catalog import Catalog
+from stream_engine.demo_catalog import generate
 
 BASE = """
 version: v1
@@ -102,3 +112,59 @@ def test_missing_file_and_missing_version(tmp_path: Path) -> None:
         load_config(tmp_path / "absent.yaml")
     with pytest.raises(ConfigFileError, match="version is required"):
         load_config(_write(tmp_path, BASE.replace("version: v1", "")))
+
+
+_WORDS = ["home_recs", "banner", "items", "pin", "Sports > Running", "2026-13-01", "sku-000001"]
+_KEYS = ["id", "slots", "kind", "n", "max_n", "targeting", "categories", "items", "action",
+         "window", "start", "end", "frequency_cap"]  # fmt: skip
+_LEAF = (
+    st.none() | st.booleans() | st.integers(-5, 10**6) | st.floats(allow_nan=True)
+    | st.text(max_size=12) | st.sampled_from(_WORDS)
+)  # fmt: skip
+_VALUE = st.recursive(
+    _LEAF,
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(st.text(max_size=8) | st.sampled_from(_KEYS), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+_DEMO = yaml.safe_load(DEMO_CONFIG.read_text())
+_CATALOG = ServingCatalog(Catalog(generate(300)))
+
+
+@st.composite
+def _mutated(draw: st.DrawFn) -> Any:
+    """The demo config with one value somewhere in it replaced (or one key added), so that
+    the checks deep inside slots, banners and rules are reached, not only the top's."""
+    config = copy.deepcopy(_DEMO)
+    node: Any = config
+    while True:
+        keys = list(node) if isinstance(node, dict) else list(range(len(node)))
+        if not keys:
+            return config
+        key = draw(st.sampled_from(keys))
+        child = node[key]
+        if isinstance(child, dict | list) and child and draw(st.integers(0, 4)) > 0:
+            node = child
+            continue
+        if isinstance(node, dict) and draw(st.integers(0, 4)) == 0:
+            key = draw(st.text(max_size=10))  # an unknown (or a known) key added
+        node[key] = draw(_VALUE)
+        return config
+
+
+@settings(max_examples=500, deadline=None)
+@given(raw=_mutated())
+def test_any_config_is_taken_and_compiles_or_is_refused_with_a_config_error(raw: Any) -> None:
+    """A reload of a bad file must keep the config in force and say what is wrong: a
+    ConfigFileError, never another exception (the reload would answer 500 and the refresher
+    log a crash); and a config that loads must compile against a catalog."""
+    try:
+        config = parse_config(raw, "kairos.yaml")
+    except ConfigFileError as exc:
+        problem = str(exc)
+    else:
+        compile_for(config, _CATALOG, dt.datetime(2026, 12, 6, tzinfo=dt.UTC))
+        return
+    assert problem.startswith("kairos.yaml")  # the file named
