@@ -122,6 +122,11 @@ class ApiMetrics:
             "target_too_long (414), head_timeout (408, or closed when nothing came), "
             "send_timeout (the client stopped reading its answers)", ["reason"], registry=r,
         )  # fmt: skip
+        self.state_unreadable = Counter(
+            "kairos_api_state_unreadable_total", "Session-state reads whose keys held another "
+            "type than the worker writes (WRONGTYPE): answered as an unknown session, not "
+            "counted against Redis", registry=r,
+        )  # fmt: skip
         self.covis_reads = Counter(
             "kairos_api_covis_reads_total", "Decisions that read co-visitation from Redis on "
             "the request path (a second round trip: their items were not cached yet)",

@@ -25,7 +25,7 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from api.aggregates import (
     COVIS_REFRESH_CHUNK,
@@ -167,15 +167,26 @@ class Runtime:
                 return None, FallbackReason.OVERLOAD
             self.breaker.failure()
             return None, FallbackReason.TIMEOUT
+        except ResponseError as exc:
+            if not str(exc).startswith("WRONGTYPE"):
+                return self._store_failed()
+            # Redis answered: a key of this visitor holds something else than the worker
+            # writes. Theirs to lose, not everyone's (the breaker counts Redis's failures).
+            self.metrics.state_unreadable.inc()
+            self.breaker.success()
+            return SessionView(page.session_id), None
         except STORE_ERRORS:
-            self.slow_reads.failed()
-            self.breaker.failure()
-            return None, FallbackReason.STORE_UNAVAILABLE
+            return self._store_failed()
         elapsed = time.perf_counter() - sent
         self.slow_reads.read(elapsed)
         self.metrics.state_read.observe(elapsed)
         self.breaker.success()
         return view, None
+
+    def _store_failed(self) -> tuple[None, FallbackReason]:
+        self.slow_reads.failed()
+        self.breaker.failure()
+        return None, FallbackReason.STORE_UNAVAILABLE
 
     def _busy(self) -> bool:
         """Whether an overrun was this process's own doing: its event loop has lately run

@@ -52,7 +52,20 @@ READ_SESSION_SHA = hashlib.sha1(READ_SESSION.encode()).hexdigest()
 
 
 def _words(raw: bytes | None) -> list[str]:
-    return raw.decode().split() if raw else []
+    return _text(raw).split() if raw else []
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", "replace")  # an id no catalog has, rather than a 500
+
+
+def _int(raw: bytes | None) -> int | None:
+    """A counter or a time the worker wrote; None when absent or not a number (a state
+    written by something else: that field is not used, the rest of the state is)."""
+    try:
+        return None if raw is None else int(raw)
+    except ValueError:
+        return None
 
 
 def parse_view(
@@ -68,20 +81,20 @@ def parse_view(
     view = SessionView(
         session_id=sid,
         vector=from_bytes(s.get(b"v"), dims),
-        events=int(s.get(b"n", 0)),
+        events=_int(s.get(b"n")) or 0,
         recent=_words(s.get(b"r")),
         cart=_words(s.get(b"c")),
         bought=_words(s.get(b"b")),
-        impressions={k.decode(): int(v) for k, v in imp.items()},
-        written_ms=int(s[b"w"]) if b"w" in s else None,
-        user=s[b"u"].decode() if s.get(b"u") else None,
-        block=block.decode() if block else None,
+        impressions={_text(k): n for k, v in imp.items() if (n := _int(v)) is not None},
+        written_ms=_int(s.get(b"w")),
+        user=_text(s[b"u"]) if s.get(b"u") else None,
+        block=_text(block) if block else None,
     )
     if len(replies) > 1:
         u = hash_reply(replies[1])
         view.profile = user_profile(u, dims, now_ms, user_half_life_ms)
-        view.user_anchor = u[b"a"].decode() if u.get(b"a") else None
-        view.user_block = replies[2].decode() if replies[2] else None
+        view.user_anchor = _text(u[b"a"]) if u.get(b"a") else None
+        view.user_block = _text(replies[2]) if replies[2] else None
     return view
 
 

@@ -124,7 +124,10 @@ def user_profile(
         vector = from_bytes(value, dims)
         if vector is None:
             continue
-        t = int(fields.get(b"t:" + key[2:], b"0"))
+        try:
+            t = int(fields.get(b"t:" + key[2:], b"0"))
+        except ValueError:  # not a time the worker wrote: the session is left out
+            continue
         total += vector * np.float32(decay_factor(max(0, now_ms - t), half_life_ms))
         found = True
     return total if found else None

@@ -256,3 +256,41 @@ async def test_an_admin_reload_does_not_wait_for_a_refresh_stuck_on_a_frozen_red
             await refresh  # done once Redis is back, or timed out (run_refresher goes on)
     assert reloaded.status_code == 200
     assert took < 1.0, f"the reload took {took:.2f} s"
+
+
+async def test_state_that_the_worker_did_not_write_degrades_that_visitor_alone(
+    settings: Settings, redis_client: aioredis.Redis, key_prefix: str, clicks: Clicks
+) -> None:
+    """Keys under the prefix written by something else: fields that do not parse are left
+    out (the rest of the state is used), and a key of another type makes an unknown
+    session of its visitor. Neither is a Redis failure: the breaker stays closed however
+    often such a visitor asks, and everyone else is personalized."""
+    k = Keys(key_prefix)
+    await clicks("fine", *[(EventType.VIEW, f"sku-00000{i}") for i in range(1, 4)])
+    vector = await redis_client.hget(k.session("fine"), "v")
+    assert isinstance(vector, bytes)
+    await redis_client.hset(k.session("garbled"), mapping={
+        "v": vector, "n": "3", "w": "yesterday", "r": b"sku-000001 \xff\xfe",
+    })  # fmt: skip
+    await redis_client.hset(k.session("uncounted"), mapping={"v": vector, "n": "three"})
+    await redis_client.hset(k.impressions("garbled"), mapping={"hero-running": "many"})
+    await redis_client.hset(k.user("u-garbled"), mapping={"s:x": vector, "t:x": "noon"})
+    await redis_client.set(k.session("wrongtype"), "a string")
+    async with client_for(settings) as client:
+        garbled = await _get(client, "/v1/slots/home_recs?session_id=garbled&user_id=u-garbled")
+        uncounted = await _get(client, "/v1/slots/home_recs?session_id=uncounted")
+        for _ in range(20):
+            wrong = await _get(client, "/v1/slots/home_recs?session_id=wrongtype")
+        fine = await _get(client, "/v1/slots/home_recs?session_id=fine")
+        auth = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+        status = (await client.get("/admin/status", headers=auth)).json()
+        metrics = (await client.get("/metrics")).text
+    assert garbled["strategy"] == "personalized"  # its vector and count are still read
+    assert garbled["state_age_ms"] is None  # the time it was written is not
+    # no count of events: not personalized, but its vector still names its categories
+    assert uncounted["strategy"] == "trending"
+    assert wrong["strategy"] == "default"
+    assert wrong["fallback_reason"] == "no_signal"  # an unknown session, not store_unavailable
+    assert fine["strategy"] == "personalized"
+    assert status["breaker"] == "closed"
+    assert "kairos_api_state_unreadable_total 20.0" in metrics
