@@ -47,8 +47,9 @@ def _slot(rt: Runtime, name: Any) -> Slot:
 
 def _n(slot: Slot, raw: Any, query: bool = True) -> int:
     """A slot's `n`: the digits of a query value, or a JSON integer (3.0 is one, as JSON
-    Schema has it); blank or null for the slot's default. Not 3.5, true or "3" in JSON."""
-    if raw is None or raw == "":
+    Schema has it); blank in a query or null in JSON for the slot's default. Not 3.5, true,
+    "3" or "" in JSON."""
+    if raw is None or (query and raw == ""):
         return slot.n
     if query and isinstance(raw, str) and raw.isascii() and raw.isdigit():
         n = int(raw)

@@ -66,6 +66,8 @@ async def test_bad_queries_get_a_clear_4xx(
          "n must be an integer"),
         (b'{"session_id": "s", "slots": [{"slot": "home_recs", "n": true}]}', 400,
          "n must be an integer"),
+        (b'{"session_id": "s", "slots": [{"slot": "home_recs", "n": ""}]}', 400,
+         "n must be an integer"),
         (b'{"session_id": "s", "slots": ["home_recs"], "sensitive_ok": 1}', 400,
          "sensitive_ok must be true or false"),
         (b'{"session_id": "s", "slots": ["home_recs"], "pad": "' + b"x" * 70_000 + b'"}', 413,
