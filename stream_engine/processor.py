@@ -372,12 +372,12 @@ class BatchProcessor:
             vector=from_bytes(v, self.catalog.space.dims),
             vector_ts=_int(t),
             count=_int(n) or 0,
-            user=u.decode() if u else None,
-            recent=r.decode().split() if r else [],
-            cart=c.decode().split() if c else [],
-            bought=b.decode().split() if b else [],
+            user=_text(u) if u else None,
+            recent=_text(r).split() if r else [],
+            cart=_text(c).split() if c else [],
+            bought=_text(b).split() if b else [],
             last_ts=_int(lt) or 0,
-            block=block.decode() if block else None,
+            block=_text(block) if block else None,
         )
 
     # ------------------------------------------------------------------ plan
@@ -605,7 +605,17 @@ class BatchProcessor:
 
 
 def _int(raw: bytes | str | None) -> int | None:
-    return None if raw is None else int(raw)
+    """A number this worker wrote; None when absent, or when something else wrote the
+    field: the state is taken without it (a count from zero, no fence) rather than every
+    event of the session refused."""
+    try:
+        return None if raw is None else int(raw)
+    except ValueError:
+        return None
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", "replace")
 
 
 def _fence(value: int | None) -> str:

@@ -561,3 +561,23 @@ async def test_a_batch_cut_off_between_its_writes_is_counted_once_when_redeliver
                                 await _aggregates(redis_client, f"{key_prefix}-whole"))  # fmt: skip
     finally:
         await whole.aclose()
+
+
+async def test_a_session_whose_fields_something_else_wrote_takes_its_next_event(
+    processor: BatchProcessor, redis_client: aioredis.Redis, key_prefix: str
+) -> None:
+    """Fields that do not parse (a count that is not a number, recent items that are not
+    UTF-8) are left out of the state the event applies to, not the event refused: every
+    later event of the session would have gone to the dead letters. (A fence that is not
+    a number still refuses them: the write's compare-and-set cannot match it.)"""
+    key = Keys(key_prefix).session("garbled")
+    garbage = {"n": "three", "lt": "", "r": b"\xff " + ITEMS[5].encode()}
+    await redis_client.hset(key, mapping=garbage)  # type: ignore[arg-type]
+    log = Log()
+    out = await processor.process([log(EventType.VIEW, "garbled", item_id=ITEMS[0])])
+    assert out.applied == 1
+    assert not out.dead
+    s = await _session(redis_client, key_prefix, "garbled")
+    assert int(s[b"n"]) == 1  # counted from zero
+    assert s[b"r"].decode().split()[:2] == [ITEMS[0], "\ufffd"]  # the rest kept as it came
+    assert from_bytes(s[b"v"], CATALOG.space.dims) is not None
