@@ -149,7 +149,7 @@ def _inline(node: Any, defs: dict[str, Any]) -> Any:
     return node
 
 
-def beacon_event(now_ms: int) -> dict[str, Any]:
+def _beacon_event(now_ms: int) -> dict[str, Any]:
     """The clickstream contract as the collector takes an event: `event_id` and `ts` may be
     left out (filled in), `ts` within the range the worker accepts as of `now_ms`."""
     contract = copy.deepcopy(_contract())
@@ -165,7 +165,7 @@ def beacon_event(now_ms: int) -> dict[str, Any]:
 
 
 def _events_body(now_ms: int) -> dict[str, Any]:
-    event = beacon_event(now_ms)
+    event = _beacon_event(now_ms)
     many = {"type": "array", "minItems": 1, "maxItems": MAX_EVENTS, "items": event}
     return {"anyOf": [
         # an object with an `events` field is the wrapper, not an event
@@ -188,8 +188,8 @@ _REJECTED = {
 }
 
 
-def document(config: DecisionConfig, now_ms: int | None = None) -> dict[str, Any]:
-    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+def document(config: DecisionConfig) -> dict[str, Any]:
+    now_ms = int(time.time() * 1000)  # an event's time is bounded as of now
     slots = {f"/v1/slots/{name}": _slot_path(config.slots[name]) for name in sorted(config.slots)}
     return {
         "openapi": "3.1.0",
@@ -251,7 +251,7 @@ def admin_document(config: DecisionConfig, max_report_minutes: int) -> dict[str,
     def body(schema: dict[str, Any], required: bool = True) -> dict[str, Any]:
         return {"required": required, "content": {"application/json": {"schema": schema}}}
 
-    blank = {"enum": [None, ""]}
+    blank = {"anyOf": [_BLANK, {"type": "null"}]}  # the other id: not given
     erase = {"oneOf": [
         {"type": "object", "required": ["session_id"],
          "properties": {"session_id": _ID, "user_id": blank}},

@@ -18,7 +18,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
 from stream_engine.catalog import Vector
-from stream_engine.state import Keys
+from stream_engine.state import Keys, stored_int, stored_text
 from stream_engine.store import Shared, hash_reply, raise_error_reply
 from stream_engine.vectors import from_bytes, user_profile
 
@@ -52,20 +52,7 @@ READ_SESSION_SHA = hashlib.sha1(READ_SESSION.encode()).hexdigest()
 
 
 def _words(raw: bytes | None) -> list[str]:
-    return _text(raw).split() if raw else []
-
-
-def _text(raw: bytes) -> str:
-    return raw.decode("utf-8", "replace")  # an id no catalog has, rather than a 500
-
-
-def _int(raw: bytes | None) -> int | None:
-    """A counter or a time the worker wrote; None when absent or not a number (a state
-    written by something else: that field is not used, the rest of the state is)."""
-    try:
-        return None if raw is None else int(raw)
-    except ValueError:
-        return None
+    return stored_text(raw).split() if raw else []
 
 
 def parse_view(
@@ -81,20 +68,20 @@ def parse_view(
     view = SessionView(
         session_id=sid,
         vector=from_bytes(s.get(b"v"), dims),
-        events=_int(s.get(b"n")) or 0,
+        events=stored_int(s.get(b"n")) or 0,
         recent=_words(s.get(b"r")),
         cart=_words(s.get(b"c")),
         bought=_words(s.get(b"b")),
-        impressions={_text(k): n for k, v in imp.items() if (n := _int(v)) is not None},
-        written_ms=_int(s.get(b"w")),
-        user=_text(s[b"u"]) if s.get(b"u") else None,
-        block=_text(block) if block else None,
+        impressions={stored_text(k): n for k, v in imp.items() if (n := stored_int(v)) is not None},
+        written_ms=stored_int(s.get(b"w")),
+        user=stored_text(s[b"u"]) if s.get(b"u") else None,
+        block=stored_text(block) if block else None,
     )
     if len(replies) > 1:
         u = hash_reply(replies[1])
         view.profile = user_profile(u, dims, now_ms, user_half_life_ms)
-        view.user_anchor = _text(u[b"a"]) if u.get(b"a") else None
-        view.user_block = _text(replies[2]) if replies[2] else None
+        view.user_anchor = stored_text(u[b"a"]) if u.get(b"a") else None
+        view.user_block = stored_text(replies[2]) if replies[2] else None
     return view
 
 

@@ -39,7 +39,7 @@ from stream_engine.planning import (
     plan_aggregates,
     plan_session,
 )
-from stream_engine.state import Keys
+from stream_engine.state import Keys, stored_int, stored_text
 from stream_engine.store import Batches, raise_error_reply
 from stream_engine.vectors import from_bytes, to_bytes
 
@@ -361,23 +361,23 @@ class BatchProcessor:
             res = raise_error_reply(await self.batches.execute(cmds))
         for i, sid in enumerate(missing):
             snaps[sid] = self._session_snapshot(res[2 * i], res[2 * i + 1])
-        fences = {p: _int(v) for p, v in zip(partitions, res[-2], strict=True)}
-        return snaps, fences, _int(res[-1])
+        fences = {p: stored_int(v) for p, v in zip(partitions, res[-2], strict=True)}
+        return snaps, fences, stored_int(res[-1])
 
     def _session_snapshot(self, row: list[Any], block: bytes | None) -> SessionSnapshot:
         v, t, n, o, p, u, r, c, b, lt = row
         return SessionSnapshot(
-            fence=_int(o),
-            partition=_int(p),
+            fence=stored_int(o),
+            partition=stored_int(p),
             vector=from_bytes(v, self.catalog.space.dims),
-            vector_ts=_int(t),
-            count=_int(n) or 0,
-            user=_text(u) if u else None,
-            recent=_text(r).split() if r else [],
-            cart=_text(c).split() if c else [],
-            bought=_text(b).split() if b else [],
-            last_ts=_int(lt) or 0,
-            block=_text(block) if block else None,
+            vector_ts=stored_int(t),
+            count=stored_int(n) or 0,
+            user=stored_text(u) if u else None,
+            recent=stored_text(r).split() if r else [],
+            cart=stored_text(c).split() if c else [],
+            bought=stored_text(b).split() if b else [],
+            last_ts=stored_int(lt) or 0,
+            block=stored_text(block) if block else None,
         )
 
     # ------------------------------------------------------------------ plan
@@ -445,7 +445,7 @@ class BatchProcessor:
                                      landmark, new)  # fmt: skip
         self.cache.drop_aggregates()
         stored = await self.redis.hget(self.keys.agg_meta, "L")
-        return _int(stored)
+        return stored_int(stored)
 
     @staticmethod
     def _plan_consent(plan: Plan, consents: list[bool], users: set[str | None]) -> None:
@@ -602,20 +602,6 @@ class BatchProcessor:
                           now_ms, (self.covisit_keep, self._covisit_half_life),
                           (self.trending_keep, self._trending_half_life))  # fmt: skip
         self._call(pipe, "APPLY_AGGREGATES", keys, args)
-
-
-def _int(raw: bytes | str | None) -> int | None:
-    """A number this worker wrote; None when absent, or when something else wrote the
-    field: the state is taken without it (a count from zero, no fence) rather than every
-    event of the session refused."""
-    try:
-        return None if raw is None else int(raw)
-    except ValueError:
-        return None
-
-
-def _text(raw: bytes) -> str:
-    return raw.decode("utf-8", "replace")
 
 
 def _fence(value: int | None) -> str:

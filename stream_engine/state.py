@@ -44,6 +44,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+def stored_int(raw: bytes | str | None) -> int | None:
+    """A number the worker wrote into a session or user hash; None when absent, or when
+    something else wrote the field: the worker and the API take the state without it (a
+    count from zero, no fence, no write time) rather than fail on it."""
+    try:
+        return None if raw is None else int(raw)
+    except ValueError:
+        return None
+
+
+def stored_text(raw: bytes) -> str:
+    """Text the worker wrote (ids, blocks); bytes that are not UTF-8 become an id no
+    catalog has, rather than an error."""
+    return raw.decode("utf-8", "replace")
+
+
 @dataclass(frozen=True, slots=True)
 class Keys:
     prefix: str

@@ -18,6 +18,7 @@ import numpy.typing as npt
 
 from stream_engine.catalog import Matrix, Vector
 from stream_engine.events import EventType
+from stream_engine.state import stored_int
 
 # view < click < add to cart < purchase; removing from the cart takes a little back.
 DEFAULT_WEIGHTS: Mapping[EventType, float] = {
@@ -124,9 +125,8 @@ def user_profile(
         vector = from_bytes(value, dims)
         if vector is None:
             continue
-        try:
-            t = int(fields.get(b"t:" + key[2:], b"0"))
-        except ValueError:  # not a time the worker wrote: the session is left out
+        t = stored_int(fields.get(b"t:" + key[2:], b"0"))
+        if t is None:  # not a time the worker wrote: the session is left out
             continue
         total += vector * np.float32(decay_factor(max(0, now_ms - t), half_life_ms))
         found = True
