@@ -230,6 +230,8 @@ class Ingest:
             m.events.labels("any", "blocked").inc(outcome.blocked)
         if outcome.conflicts:
             m.conflicts.inc(outcome.conflicts)
+        if outcome.repaired:
+            m.repaired.inc(outcome.repaired)
 
     async def flush_report(self) -> None:
         """Freshness counts into the report's per-minute counters (stream_engine/attribution
@@ -299,6 +301,7 @@ def _add(total: Outcome, o: Outcome) -> None:
     total.blocked += o.blocked
     total.unknown_items += o.unknown_items
     total.conflicts += o.conflicts
+    total.repaired += o.repaired
     total.written_at_ms = o.written_at_ms or total.written_at_ms
 
 

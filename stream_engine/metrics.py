@@ -123,6 +123,11 @@ class WorkerMetrics:
         self.conflicts = Counter(
             "kairos_fence_conflicts_total", "Writes refused by a fence and retried", registry=r
         )
+        self.repaired = Counter(
+            "kairos_state_repaired_total",
+            "Keys of a session that held another Redis type than the worker writes, deleted "
+            "so that its events apply to a fresh session", registry=r,
+        )  # fmt: skip
         self.store_errors = Counter(
             "kairos_store_errors_total", "Redis failures while applying a batch (retried)",
             registry=r,

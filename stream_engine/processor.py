@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
 from stream_engine import state
 from stream_engine._resp import aggregate_args, upkeep_due
@@ -86,6 +86,7 @@ class Outcome:
     blocked: int = 0
     unknown_items: int = 0
     conflicts: int = 0
+    repaired: int = 0  # keys of another type deleted (BatchProcessor._repair)
     written_at_ms: int = 0
 
 
@@ -271,12 +272,13 @@ class BatchProcessor:
         self.cache = cache if cache is not None else OwnerCache(cache_size)
         self.upkeep = upkeep or AggregateUpkeep(ttls.aggregate_ms)
         self.batches = Batches(redis)
+        self.repaired = 0  # keys deleted by _repair, ever
 
     async def load_scripts(self) -> None:
         """SCRIPT LOAD once; batches then call EVALSHA. Called again after a NOSCRIPT
         (Redis restarted or flushed its scripts)."""
         for name in ("APPLY_SESSION", "APPLY_USER", "APPLY_AGGREGATES", "BLOCK_USER",
-                     "UNBLOCK_USER", "MOVE_LANDMARK"):  # fmt: skip
+                     "UNBLOCK_USER", "MOVE_LANDMARK", "REPAIR_KEYS"):  # fmt: skip
             self._sha[name] = await self.redis.script_load(getattr(state, name))
 
     async def aclose(self) -> None:
@@ -310,6 +312,7 @@ class BatchProcessor:
             return out
         if not self._sha:
             await self.load_scripts()
+        repaired = self.repaired
         for _attempt in range(MAX_ATTEMPTS):
             try:
                 plan = await self._plan(valid, now_ms)
@@ -323,6 +326,7 @@ class BatchProcessor:
                 self.cache.clear()  # a write may or may not have landed: trust Redis again
                 self.upkeep.forget()
                 raise
+            out.repaired = self.repaired - repaired
             if not conflicts:
                 out.duplicates = plan.duplicates
                 out.unknown_items = plan.unknown_items
@@ -358,11 +362,32 @@ class BatchProcessor:
         cmds.append(("HMGET", self.keys.agg_fence, *[str(p) for p in partitions]))
         cmds.append(("HGET", self.keys.agg_meta, "L"))
         async with asyncio.timeout(STORE_TIMEOUT_S):
-            res = raise_error_reply(await self.batches.execute(cmds))
+            res = await self.batches.execute(cmds)
+            if wrong := [sid for i, sid in enumerate(missing)
+                         if _wrong_type(res[2 * i]) or _wrong_type(res[2 * i + 1])]:  # fmt: skip
+                res = await self._repair(wrong, cmds)
+        raise_error_reply(res)
         for i, sid in enumerate(missing):
             snaps[sid] = self._session_snapshot(res[2 * i], res[2 * i + 1])
         fences = {p: stored_int(v) for p, v in zip(partitions, res[-2], strict=True)}
         return snaps, fences, stored_int(res[-1])
+
+    async def _repair(self, sids: Sequence[str], read: list[tuple[Any, ...]]) -> list[Any]:
+        """Sessions with a key of another type than the worker writes (written by something
+        else: every command on it fails) lose those keys, and are read again: their events
+        apply to a fresh session instead of all going to the dead letters until the key
+        expires. Returns the read's replies."""
+        k = self.keys
+        cmds: list[tuple[Any, ...]] = []
+        for sid in sids:
+            keys = [k.session(sid), k.impressions(sid), k.session_block(sid)]
+            self._call(cmds, "REPAIR_KEYS", keys, ["hash", "hash", "string"])
+        res = raise_error_reply(await self.batches.execute([*cmds, *read]))
+        gone = sum(res[: len(cmds)])
+        self.repaired += gone
+        log.warning("%d session keys of another type than the worker writes deleted (sessions "
+                    "%s)", gone, ", ".join(sids[:5]))  # fmt: skip
+        return res[len(cmds) :]
 
     def _session_snapshot(self, row: list[Any], block: bytes | None) -> SessionSnapshot:
         v, t, n, o, p, u, r, c, b, lt = row
@@ -602,6 +627,10 @@ class BatchProcessor:
                           now_ms, (self.covisit_keep, self._covisit_half_life),
                           (self.trending_keep, self._trending_half_life))  # fmt: skip
         self._call(pipe, "APPLY_AGGREGATES", keys, args)
+
+
+def _wrong_type(reply: Any) -> bool:
+    return isinstance(reply, ResponseError) and str(reply).startswith("WRONGTYPE")
 
 
 def _fence(value: int | None) -> str:

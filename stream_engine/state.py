@@ -47,11 +47,13 @@ from dataclasses import dataclass
 def stored_int(raw: bytes | str | None) -> int | None:
     """A number the worker wrote into a session or user hash; None when absent, or when
     something else wrote the field: the worker and the API take the state without it (a
-    count from zero, no fence, no write time) rather than fail on it."""
-    try:
-        return None if raw is None else int(raw)
-    except ValueError:
+    count from zero, no fence, no write time) rather than fail on it. Only ASCII digits,
+    with an optional minus, are a number: what the worker's scripts take as one (NUMBER
+    below), so that a fence both sides read alike can be compared and set."""
+    if raw is None:
         return None
+    digits = raw[1:] if raw[:1] in (b"-", "-") else raw
+    return int(raw) if digits.isascii() and digits.isdigit() else None
 
 
 def stored_text(raw: bytes) -> str:
@@ -136,16 +138,41 @@ def report_fence_key(prefix: str) -> str:
 
 SESSION_FIELDS = ("v", "t", "n", "o", "p", "u", "r", "c", "b", "lt")
 
+# The Lua pattern of a stored number (stored_int above).
+NUMBER = "'^%-?%d+$'"
+
+# KEYS: keys of one visitor; ARGV: the type each should have ("hash", "set", "string").
+# Deletes each that holds another type (written by something else than the worker: its
+# commands on it would fail on every event); returns how many went.
+REPAIR_KEYS = """
+local gone = 0
+for i, key in ipairs(KEYS) do
+  local t = redis.call('TYPE', key).ok
+  if t ~= 'none' and t ~= ARGV[i] then
+    redis.call('DEL', key)
+    gone = gone + 1
+  end
+end
+return gone
+"""
+
 # KEYS: session, impressions, block
 # ARGV: expected fence ("" = none), new fence, partition, ttl ms, flags, n_fields,
 #       field, value, ... , then impression item, count, ...
 # flags: "U" unblock first (consent given again), "R" reset (delete the session's state
 #        first), "B" block after (consent withdrawn: keep only the fence).
 # Returns 1 applied, 0 fence conflict (re-read and retry), -1 erased, -2 blocked by consent.
+# Written by something else: a stored fence that is not a number is no fence (expected
+# ""); a session or block key of another type is a conflict (the worker's re-read repairs
+# it: REPAIR_KEYS); an impressions key of another type goes, and a count that is not a
+# number starts again from this write's.
 APPLY_SESSION = """
-local cur = redis.call('HGET', KEYS[1], 'o') or ''
-if cur ~= ARGV[1] then return 0 end
-local block = redis.call('GET', KEYS[3])
+local cur = redis.pcall('HGET', KEYS[1], 'o')
+if type(cur) == 'table' then return 0 end
+cur = cur or ''
+if cur ~= ARGV[1] and (ARGV[1] ~= '' or string.match(cur, NUMBER)) then return 0 end
+local block = redis.pcall('GET', KEYS[3])
+if type(block) == 'table' then return 0 end
 if block == 'erased' then return -1 end
 local ttl = tonumber(ARGV[4])
 local flags = ARGV[5]
@@ -171,12 +198,17 @@ redis.call('PEXPIRE', KEYS[1], ttl)
 local first_imp = 7 + 2 * nf
 if #ARGV >= first_imp then
   for i = first_imp, #ARGV, 2 do
-    redis.call('HINCRBY', KEYS[2], ARGV[i], tonumber(ARGV[i + 1]))
+    local n = tonumber(ARGV[i + 1])
+    local r = redis.pcall('HINCRBY', KEYS[2], ARGV[i], n)
+    if type(r) == 'table' then
+      if string.find(r.err, 'WRONGTYPE', 1, true) then redis.call('DEL', KEYS[2]) end
+      redis.call('HSET', KEYS[2], ARGV[i], n)
+    end
   end
   redis.call('PEXPIRE', KEYS[2], ttl)
 end
 return 1
-"""
+""".replace("NUMBER", NUMBER)
 
 # KEYS: user, user sessions, user block
 # ARGV: session id, session event count, session vector bytes ("" = none yet), its time ms,
@@ -184,12 +216,18 @@ return 1
 # Each linked session owns its own fields (s:<sid>, t:<sid>, n:<sid>), so two workers
 # applying two sessions of one user never overwrite each other, and a redelivered or stale
 # write (lower event count) changes nothing. Past max sessions the oldest one is dropped.
-# Returns 1 applied, 2 stale (ignored), -1 erased or consent withdrawn.
+# Returns 1 applied, 2 stale (ignored), -1 erased or consent withdrawn. A user or sessions
+# key of another type (written by something else) goes; a count or time that is not a
+# number counts as none.
 APPLY_USER = """
 if redis.call('EXISTS', KEYS[3]) == 1 then return -1 end
+for i, want in ipairs({'hash', 'set'}) do
+  local t = redis.call('TYPE', KEYS[i]).ok
+  if t ~= 'none' and t ~= want then redis.call('DEL', KEYS[i]) end
+end
 local sid = ARGV[1]
 local n = tonumber(ARGV[2])
-local cur = tonumber(redis.call('HGET', KEYS[1], 'n:' .. sid) or '-1')
+local cur = tonumber(redis.call('HGET', KEYS[1], 'n:' .. sid) or '') or -1
 if n < cur then return 2 end
 local ttl = tonumber(ARGV[5])
 if ARGV[3] ~= '' then
@@ -205,7 +243,7 @@ redis.call('PEXPIRE', KEYS[2], ttl)
 if redis.call('SCARD', KEYS[2]) > tonumber(ARGV[7]) then
   local oldest, oldest_t = nil, nil
   for _, m in ipairs(redis.call('SMEMBERS', KEYS[2])) do
-    local t = tonumber(redis.call('HGET', KEYS[1], 't:' .. m) or '0')
+    local t = tonumber(redis.call('HGET', KEYS[1], 't:' .. m) or '') or 0
     if oldest_t == nil or t < oldest_t then oldest, oldest_t = m, t end
   end
   redis.call('HDEL', KEYS[1], 's:' .. oldest, 't:' .. oldest, 'n:' .. oldest)
@@ -299,23 +337,31 @@ return 1
 BLOCK_USER = """
 redis.call('DEL', KEYS[1])
 redis.call('SET', KEYS[3], ARGV[1], 'PX', tonumber(ARGV[2]))
+if redis.call('TYPE', KEYS[2]).ok ~= 'set' then
+  redis.call('DEL', KEYS[2])  -- none, or written by something else: no sessions known
+  return {}
+end
 return redis.call('SMEMBERS', KEYS[2])
 """
 
 # KEYS: user block. Consent given again: lift a consent block (never an erasure).
 UNBLOCK_USER = """
+if redis.call('TYPE', KEYS[1]).ok ~= 'string' then return 1 end
 if redis.call('GET', KEYS[1]) == 'consent' then redis.call('DEL', KEYS[1]) end
 return 1
 """
 
 # KEYS: session, impressions, block; ARGV: ttl ms. Erasure of one session.
 ERASE_SESSION = """
-local o = redis.call('HGET', KEYS[1], 'o')
-local p = redis.call('HGET', KEYS[1], 'p')
+local o, p = false, false
+if redis.call('TYPE', KEYS[1]).ok == 'hash' then
+  o = redis.call('HGET', KEYS[1], 'o')
+  p = redis.call('HGET', KEYS[1], 'p')
+end
 redis.call('DEL', KEYS[1], KEYS[2])
 redis.call('SET', KEYS[3], 'erased', 'PX', tonumber(ARGV[1]))
 if o then
-  redis.call('HSET', KEYS[1], 'o', o, 'p', p)
+  redis.call('HSET', KEYS[1], 'o', o, 'p', p or '')
   redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[1]))
 end
 return 1

@@ -15,7 +15,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from stream_engine import processor as processor_module
 from stream_engine.catalog import Catalog
 from stream_engine.demo_catalog import generate
-from stream_engine.erasure import erase_user
+from stream_engine.erasure import erase_session, erase_user
 from stream_engine.events import Event, EventType, encode_event
 from stream_engine.latent import read_covisitation
 from stream_engine.planning import Tuning
@@ -566,12 +566,12 @@ async def test_a_batch_cut_off_between_its_writes_is_counted_once_when_redeliver
 async def test_a_session_whose_fields_something_else_wrote_takes_its_next_event(
     processor: BatchProcessor, redis_client: aioredis.Redis, key_prefix: str
 ) -> None:
-    """Fields that do not parse (a count that is not a number, recent items that are not
-    UTF-8) are left out of the state the event applies to, not the event refused: every
-    later event of the session would have gone to the dead letters. (A fence that is not
-    a number still refuses them: the write's compare-and-set cannot match it.)"""
+    """Fields that do not parse (a count or a fence that is not a number, recent items that
+    are not UTF-8) are left out of the state the event applies to, not the event refused:
+    every later event of the session would have gone to the dead letters. The write's
+    compare-and-set takes a stored fence that is not a number as none, as the read does."""
     key = Keys(key_prefix).session("garbled")
-    garbage = {"n": "three", "lt": "", "r": b"\xff " + ITEMS[5].encode()}
+    garbage = {"n": "three", "lt": "", "r": b"\xff " + ITEMS[5].encode(), "o": " 7"}
     await redis_client.hset(key, mapping=garbage)  # type: ignore[arg-type]
     log = Log()
     out = await processor.process([log(EventType.VIEW, "garbled", item_id=ITEMS[0])])
@@ -579,5 +579,66 @@ async def test_a_session_whose_fields_something_else_wrote_takes_its_next_event(
     assert not out.dead
     s = await _session(redis_client, key_prefix, "garbled")
     assert int(s[b"n"]) == 1  # counted from zero
+    assert s[b"o"] == b"0"  # the event's offset: a fence again
     assert s[b"r"].decode().split()[:2] == [ITEMS[0], "\ufffd"]  # the rest kept as it came
     assert from_bytes(s[b"v"], CATALOG.space.dims) is not None
+
+
+async def test_session_keys_of_another_type_are_replaced_not_every_event_refused(
+    processor: BatchProcessor, redis_client: aioredis.Redis, key_prefix: str
+) -> None:
+    """A session's keys holding another Redis type than the worker writes fail every
+    command on them: the worker deletes them (counted) and applies the events to a fresh
+    session, whether it finds them on its first read or after it has cached the session."""
+    keys = Keys(key_prefix)
+    await redis_client.set(keys.session("s1"), "not a hash")
+    await redis_client.rpush(keys.impressions("s1"), "not", "a", "hash")
+    await redis_client.hset(keys.session_block("s1"), "not", "a string")
+    log = Log()
+    out = await processor.process([log(EventType.VIEW, "s1", item_id=ITEMS[0]),
+                                   log(EventType.IMPRESSION, "s1", item_id=ITEMS[1])])  # fmt: skip
+    assert (out.applied, out.repaired, out.dead) == (2, 3, [])
+    assert int((await _session(redis_client, key_prefix, "s1"))[b"n"]) == 2
+    assert await redis_client.hgetall(keys.impressions("s1")) == {ITEMS[1].encode(): b"1"}
+    assert await redis_client.exists(keys.session_block("s1")) == 0
+    # Cached by this worker, then overwritten: the write's fence check sees another type,
+    # the re-read replaces it.
+    await redis_client.set(keys.session("s1"), "not a hash")
+    out = await processor.process([log(EventType.CLICK, "s1", item_id=ITEMS[2])])
+    assert (out.applied, out.repaired, out.conflicts) == (1, 1, 1)
+    assert int((await _session(redis_client, key_prefix, "s1"))[b"n"]) == 1
+    # An impressions key of another type, or a count that is not a number, starts again.
+    await redis_client.set(keys.impressions("s1"), "not a hash")
+    await processor.process([log(EventType.IMPRESSION, "s1", item_id=ITEMS[1])])
+    await redis_client.hset(keys.impressions("s1"), ITEMS[1], "many")
+    await processor.process([log(EventType.IMPRESSION, "s1", item_id=ITEMS[1])])
+    assert await redis_client.hgetall(keys.impressions("s1")) == {ITEMS[1].encode(): b"1"}
+    assert int((await _session(redis_client, key_prefix, "s1"))[b"n"]) == 3
+
+
+async def test_user_keys_of_another_type_are_replaced_and_erasure_still_erases(
+    processor: BatchProcessor, redis_client: aioredis.Redis, key_prefix: str
+) -> None:
+    keys = Keys(key_prefix)
+    await redis_client.set(keys.user("u1"), "not a hash")
+    await redis_client.set(keys.user_sessions("u1"), "not a set")
+    log = Log()
+    out = await processor.process([log(EventType.VIEW, "s1", item_id=ITEMS[0], user_id="u1")])
+    assert (out.applied, out.dead) == (1, [])
+    assert await redis_client.smembers(keys.user_sessions("u1")) == {b"s1"}
+    await _profile(redis_client, key_prefix, "u1")  # a profile, from this write
+    # A user hash with a count and a time that are not numbers takes the next write too.
+    await redis_client.hset(keys.user("u1"), mapping={"n:s1": "x", "t:s1": "y"})
+    out = await processor.process([log(EventType.CLICK, "s1", item_id=ITEMS[1])])
+    assert (out.applied, out.dead) == (1, [])
+    assert int((await _hash(redis_client, keys.user("u1")))[b"n:s1"]) == 2
+    # Erasure, whatever the keys hold.
+    await redis_client.set(keys.session("s1"), "not a hash")
+    await redis_client.set(keys.user_sessions("u1"), "not a set")
+    assert await erase_user(redis_client, keys, "u1", TTLS.erasure_ms) == []
+    await erase_session(redis_client, keys, "s1", TTLS.erasure_ms)
+    assert await redis_client.get(keys.session_block("s1")) == b"erased"
+    assert await redis_client.get(keys.user_block("u1")) == b"erased"
+    assert await redis_client.exists(keys.user("u1"), keys.user_sessions("u1")) == 0
+    replay = await processor.process([log(EventType.CLICK, "s1", item_id=ITEMS[2])])
+    assert (replay.applied, replay.blocked) == (0, 1)
