@@ -132,7 +132,7 @@ def build_runtime(settings: Settings, metrics: ApiMetrics) -> Runtime:
     redis = connect(settings.redis_url, max_connections=settings.redis_connections + 2,
                     timeout_s=None)  # fmt: skip
     reader = StateReader(redis, keys, catalog.space.dims, settings.user_half_life_s * 1000,
-                         settings.redis_connections)  # fmt: skip
+                         settings.redis_connections, settings.redis_reads)  # fmt: skip
     background = connect(settings.redis_url, max_connections=4, timeout_s=BACKGROUND_TIMEOUT_S)
 
     def dropped(topic: str, why: str, count: int) -> None:

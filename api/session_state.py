@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -86,34 +87,60 @@ def parse_view(
 
 
 class StateReader:
-    """A pool of held connections, one read on each at a time; each read is one round trip
-    under one deadline, waiting for a connection included. The pool bounds the reads in
-    flight: when the process falls behind, the reads queued for a connection run out of
-    budget and get the default (a cheap answer) instead of each costing a whole decision
-    late. A read cut off by its deadline leaves its connection in the pool (`Shared`
-    drops its late replies) instead of dropping it."""
+    """Reads pipelined on a few held connections: a read is written at once on the
+    connection with the fewest in line, and is one round trip under one deadline, its wait
+    for a turn included. At most `bound` reads are in flight; a read holds its turn until
+    its caller resumes, so when the process falls behind, the reads waiting for a turn run
+    out of budget and get the default (a cheap answer) instead of each costing a whole
+    decision late. A read cut off by its deadline leaves its connection in place (`Shared`
+    drops its late replies) instead of dropping it.
+
+    Each connection once took one read at a time: a connection was then held for a round
+    trip plus the wait for its reader to resume, and at 2,000 requests/s reads timed out
+    waiting for one of four while Redis used ~11% of a core (loadtest/README.md, session
+    31)."""
 
     def __init__(
-        self, redis: aioredis.Redis, keys: Keys, dims: int, user_half_life_ms: float, size: int
+        self,
+        redis: aioredis.Redis,
+        keys: Keys,
+        dims: int,
+        user_half_life_ms: float,
+        size: int,
+        bound: int,
     ) -> None:
         self.keys = keys
         self.dims = dims
         self.user_half_life_ms = user_half_life_ms
         self._all = [Shared(redis) for _ in range(size)]
-        self._free: asyncio.Queue[Shared] = asyncio.Queue()
-        for conn in self._all:
-            self._free.put_nowait(conn)
+        self._load = [0] * size  # reads in line on each connection
+        self.bound = bound
+        self.in_flight = 0  # turns held, by reads in line and by waiters handed one
+        self._waiting: deque[asyncio.Future[None]] = deque()
 
     async def execute(self, commands: Sequence[tuple[Any, ...]], timeout_s: float) -> list[Any]:
         """Raises TimeoutError or a Redis/OS error."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        free = self._free
-        if free.empty():
-            async with asyncio.timeout_at(deadline):
-                conn = await free.get()
-        else:  # the usual case: no timer to arm and cancel
-            conn = free.get_nowait()
+        waiting = self._waiting
+        while waiting and waiting[0].done():  # waiters that gave up
+            waiting.popleft()
+        if self.in_flight < self.bound and not waiting:
+            self.in_flight += 1  # the usual case: no future, no timer
+        else:
+            turn: asyncio.Future[None] = loop.create_future()
+            waiting.append(turn)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await turn
+            except BaseException:
+                if turn.done() and not turn.cancelled():  # handed a turn, then cut off
+                    self._done()
+                raise
+        load = self._load
+        i = load.index(min(load))
+        load[i] += 1
+        conn = self._all[i]
         try:
             try:
                 return await conn.execute(commands, deadline - loop.time())
@@ -121,7 +148,18 @@ class StateReader:
                 await conn.execute([("SCRIPT", "LOAD", READ_SESSION)], deadline - loop.time())
                 return await conn.execute(commands, deadline - loop.time())
         finally:
-            self._free.put_nowait(conn)
+            load[i] -= 1
+            self._done()
+
+    def _done(self) -> None:
+        """A turn given back: to the oldest waiter still waiting, while the bound allows."""
+        self.in_flight -= 1
+        waiting = self._waiting
+        while waiting and self.in_flight < self.bound:
+            turn = waiting.popleft()
+            if not turn.done():
+                turn.set_result(None)
+                self.in_flight += 1
 
     def commands(self, sid: str, uid: str | None) -> list[tuple[Any, ...]]:
         k = self.keys

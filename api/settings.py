@@ -34,13 +34,19 @@ class Settings:
     clickstream_topic: str = "clickstream"
     decisions_topic: str = "decisions"
     # Whole-decision deadline, and the budget of the Redis read within it (waiting for a
-    # pooled connection included). 15 ms leaves 5 for the decision (~0.3 ms) and the
+    # turn included). 15 ms leaves 5 for the decision (~0.3 ms) and the
     # answer. At 2,000 requests/s on the 2-core box an 8 ms budget sent 1.35-2.08% of
     # visitors to the defaults and 12 ms 0.11-0.55%; 15 ms timed out 44 reads in eight
     # steps where 12 ms timed out 101, at the same p99 (loadtest/README.md, session 17).
     deadline_ms: float = 20.0
     redis_timeout_ms: float = 15.0
+    # The held connections the state reads share, pipelined, and how many reads may be in
+    # flight on them at once (a read past that waits for a turn within its budget). Four
+    # connections each taking one read at a time timed out 19-111 reads a step at 2,000
+    # requests/s waiting for one; sixteen reads in flight, none to two, with the same
+    # behaviour at 3x (loadtest/README.md, session 31).
     redis_connections: int = 4
+    redis_reads: int = 16
     # When > 0, the in-flight limit also shrinks while the API uses more than this share of
     # a core (over 100 ms windows), so overload sheds to the defaults instead of queueing in
     # front of the event loop, where no deadline sees it. 0.9 by default since session 14:
@@ -86,10 +92,13 @@ class Settings:
             raise ConfigError("KAIROS_REDIS_TIMEOUT_MS must be > 0 and < KAIROS_DEADLINE_MS")
         if not 0 <= self.max_cpu_share <= 1:
             raise ConfigError("KAIROS_MAX_CPU_SHARE must be between 0 and 1 (0 = off)")
-        if self.redis_connections < 1 or self.publish_queue < 1 or self.max_body_bytes < 1024:
+        if (
+            min(self.redis_connections, self.redis_reads, self.publish_queue) < 1
+            or self.max_body_bytes < 1024
+        ):
             raise ConfigError(
-                "KAIROS_REDIS_CONNECTIONS and KAIROS_PUBLISH_QUEUE must be >= 1, "
-                "KAIROS_MAX_BODY_BYTES >= 1024"
+                "KAIROS_REDIS_CONNECTIONS, KAIROS_REDIS_READS and KAIROS_PUBLISH_QUEUE must be "
+                ">= 1, KAIROS_MAX_BODY_BYTES >= 1024"
             )
         if (
             self.max_header_bytes < 1024

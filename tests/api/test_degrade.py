@@ -205,26 +205,37 @@ async def test_pausing_a_slot_or_everything(
     assert resumed["strategy"] == "personalized"
 
 
-async def test_a_read_that_waits_for_a_pooled_connection_past_its_budget_times_out(
+async def test_reads_share_a_connection_up_to_their_bound_and_then_wait_within_budget(
     redis_client: aioredis.Redis, key_prefix: str
 ) -> None:
-    """The pool of held connections bounds reads in flight (api/session_state.py): a read
-    finding none free waits within its budget, then gets a TimeoutError; one finding a
-    free connection takes it at once."""
-    reader = StateReader(redis_client, Keys(key_prefix), dims=8, user_half_life_ms=1e9, size=1)
+    """Reads are pipelined on the held connections (api/session_state.py), at most `bound`
+    in flight: one past it waits for a turn within its budget, then gets a TimeoutError;
+    a turn handed back lets the oldest waiter go on."""
+    reader = StateReader(redis_client, Keys(key_prefix), dims=8, user_half_life_ms=1e9,
+                         size=1, bound=2)  # fmt: skip
     try:
-        assert (await reader.read("s1", None, 0, 1.0)).events == 0  # an unknown session
-        held = reader._free.get_nowait()  # the only connection, busy elsewhere
+        both = [asyncio.create_task(reader.read(s, None, 0, 1.0)) for s in ("s1", "s2")]
+        await asyncio.sleep(0)
+        assert (reader.in_flight, reader._load) == (2, [2])  # both written on one connection
+        assert [v.session_id for v in await asyncio.gather(*both)] == ["s1", "s2"]
+        assert reader.in_flight == 0
+        reader.in_flight = 2  # both turns held elsewhere
         loop = asyncio.get_running_loop()
         started = loop.time()
         with pytest.raises(TimeoutError):
             await reader.read("s1", None, 0, 0.05)
         assert 0.04 <= loop.time() - started < 1.0
-        waiting = asyncio.create_task(reader.read("s1", None, 0, 2.0))
+        first = asyncio.create_task(reader.read("s1", None, 0, 2.0))
+        second = asyncio.create_task(reader.read("s2", None, 0, 2.0))
         await asyncio.sleep(0.02)
-        assert not waiting.done()
-        reader._free.put_nowait(held)  # handed back: the waiting read goes on
-        assert (await asyncio.wait_for(waiting, 2.0)).session_id == "s1"
+        assert not first.done()
+        assert not second.done()
+        reader._done()  # a turn handed back: the oldest waiter goes on
+        assert (await asyncio.wait_for(first, 2.0)).session_id == "s1"
+        assert not second.done()
+        reader._done()
+        assert (await asyncio.wait_for(second, 2.0)).session_id == "s2"
+        assert reader.in_flight == 0
     finally:
         await reader.aclose()
 
