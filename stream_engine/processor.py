@@ -24,6 +24,7 @@ from stream_engine import state
 from stream_engine._resp import aggregate_args, upkeep_due
 from stream_engine.catalog import Catalog
 from stream_engine.events import InvalidEvent, parse_event
+from stream_engine.migrations import migrate
 from stream_engine.planning import (
     AggregateWrite,
     Plan,
@@ -311,6 +312,7 @@ class BatchProcessor:
         if not valid:
             return out
         if not self._sha:
+            await migrate(self.redis, self.keys)
             await self.load_scripts()
         repaired = self.repaired
         for _attempt in range(MAX_ATTEMPTS):

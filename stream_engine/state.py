@@ -86,7 +86,12 @@ class Keys:
         return f"{self.prefix}:{{u:{uid}}}:ss"
 
     def user_block(self, uid: str) -> str:
-        return f"{self.prefix}:{{u:{uid}}}:x"
+        # Not ":x" (before session 31): a session id may be "u:<uid>" (events.ID_PATTERN
+        # takes ':'), and the session's block is {<sid>}:x, so that session's consent
+        # events set and lifted the user's block. A user's suffixes (u, ss, ux) and a
+        # session's (s, imp, exp, x) never meet. Blocks stored under the old key are
+        # carried over once (stream_engine/migrations.py).
+        return f"{self.prefix}:{{u:{uid}}}:ux"
 
     @property
     def agg_fence(self) -> str:
@@ -106,6 +111,11 @@ class Keys:
 
     def trending(self, node: str | None = None) -> str:
         return f"{self.prefix}:{{agg}}:tr" + ("" if node is None else f":{node}")
+
+    @property
+    def migrations(self) -> str:
+        """Which one-time moves of stored state have run (stream_engine/migrations.py)."""
+        return f"{self.prefix}:{{ops}}:migrations"
 
     @property
     def pressure(self) -> str:

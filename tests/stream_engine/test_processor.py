@@ -642,3 +642,58 @@ async def test_user_keys_of_another_type_are_replaced_and_erasure_still_erases(
     assert await redis_client.exists(keys.user("u1"), keys.user_sessions("u1")) == 0
     replay = await processor.process([log(EventType.CLICK, "s1", item_id=ITEMS[2])])
     assert (replay.applied, replay.blocked) == (0, 1)
+
+
+async def test_a_session_named_like_a_user_cannot_touch_that_users_consent(
+    processor: BatchProcessor, redis_client: aioredis.Redis, key_prefix: str
+) -> None:
+    """Session ids may hold ':' (events.ID_PATTERN), and a user's keys are tagged {u:<id>}:
+    the session "u:alice" must not share a key with the user "alice". It shared the block:
+    anyone could lift alice's withdrawn consent with a consent event of that session, or
+    withdraw it for her."""
+    keys = Keys(key_prefix)
+    log = Log()
+    await processor.process([log(EventType.VIEW, "s1", item_id=ITEMS[0], user_id="alice")])
+    await processor.process([log(EventType.CONSENT, "s1", consent=False)])
+    assert await redis_client.get(keys.user_block("alice")) == b"consent"
+    out = await processor.process([log(EventType.CONSENT, "u:alice", consent=True),
+                                   log(EventType.VIEW, "u:alice", item_id=ITEMS[1])])  # fmt: skip
+    assert out.applied == 2  # the stranger's own session is a session like any other
+    assert await redis_client.get(keys.user_block("alice")) == b"consent"
+    await processor.process([log(EventType.VIEW, "s2", item_id=ITEMS[2], user_id="bob")])
+    await processor.process([log(EventType.CONSENT, "u:bob", consent=False)])
+    assert await redis_client.exists(keys.user_block("bob")) == 0
+    await _profile(redis_client, key_prefix, "bob")  # bob's profile stands
+
+
+async def test_user_blocks_under_their_old_key_are_carried_over_once_before_any_write(
+    processor: BatchProcessor,
+    second: BatchProcessor,
+    redis_client: aioredis.Redis,
+    key_prefix: str,
+) -> None:
+    """A user's block moved from {u:<id>}:x to {u:<id>}:ux: an erasure or a withdrawn
+    consent stored by an earlier version still holds (stream_engine/migrations.py)."""
+    keys = Keys(key_prefix)
+
+    def old(uid: str) -> str:
+        return f"{key_prefix}:{{u:{uid}}}:x"
+
+    await redis_client.set(old("carol"), "erased", px=3_600_000)
+    await redis_client.set(old("dave"), "consent")
+    await redis_client.set(keys.user_block("erin"), "erased")
+    await redis_client.set(old("erin"), "consent")  # does not lift a newer erasure
+    await redis_client.set(keys.user_block("fay"), "consent")
+    await redis_client.set(old("fay"), "erased")  # an erasure is never lost
+    log = Log()
+    views = [log(EventType.VIEW, f"s{k}", item_id=ITEMS[k], user_id=u)
+             for k, u in enumerate(("carol", "dave"))]  # fmt: skip
+    await processor.process(views)
+    blocks = [await redis_client.get(keys.user_block(u)) for u in ("carol", "dave", "erin", "fay")]
+    assert blocks == [b"erased", b"consent", b"erased", b"erased"]
+    assert 0 < await redis_client.pttl(keys.user_block("carol")) <= 3_600_000
+    assert await redis_client.exists(keys.user("carol"), keys.user("dave")) == 0  # no profile
+    # Once: what an earlier version could not have written is not looked for again.
+    await redis_client.set(old("gus"), "erased")
+    await second.process([log(EventType.VIEW, "s3", item_id=ITEMS[2], user_id="gus")])
+    assert await redis_client.exists(keys.user_block("gus")) == 0
