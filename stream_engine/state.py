@@ -2,7 +2,8 @@
 
 All keys of one session share the hash tag `{session id}`, all keys of one user the tag
 `{u:user id}`, and the global aggregates the tag `{agg}`, so the layout works on Redis
-Cluster. Every key has a TTL. Vectors are raw little-endian float32.
+Cluster. A session id may itself be "u:<id>": a user's key suffixes and a session's never
+meet (tests/stream_engine/test_keys.py). Every key has a TTL. Vectors are raw little-endian float32.
 
     P:{sid}:s      hash   v (vector as of t), t, n (events), o/p (fence: last offset and
                           partition applied), u (user), r (recent items), c (cart),
@@ -14,12 +15,14 @@ Cluster. Every key has a TTL. Vectors are raw little-endian float32.
                           holdout group). The profile is the sum of the session vectors,
                           decayed with the user half-life (vectors.user_profile).
     P:{u:uid}:ss   set    the user's linked sessions
-    P:{u:uid}:x    string "erased"
+    P:{u:uid}:ux   string "consent" or "erased" (":x" before session 31, which the
+                          session "u:uid" shared: migrations.py carried them over)
     P:{agg}:fence  hash   partition -> last offset applied to the aggregates
     P:{agg}:meta   hash   L (landmark ms of forward decay)
     P:{agg}:lk     hash   aggregate key -> the landmark its scores are relative to
     P:{agg}:cv:<item>     zset  next items, forward-decayed co-visitation scores
     P:{agg}:tr[:<node>]   zset  items, forward-decayed trending scores (global, per category)
+    P:{ops}:migrations    hash  one-time moves of stored state done (migrations.py)
     P:{ops}:pressure      string  a counter the decision APIs increment when their reads are
                           slow; workers catching up slow down (stream_engine/pressure.py)
 
