@@ -365,8 +365,14 @@ class BatchProcessor:
         cmds.append(("HGET", self.keys.agg_meta, "L"))
         async with asyncio.timeout(STORE_TIMEOUT_S):
             res = await self.batches.execute(cmds)
-            if wrong := [sid for i, sid in enumerate(missing)
-                         if _wrong_type(res[2 * i]) or _wrong_type(res[2 * i + 1])]:  # fmt: skip
+            k = self.keys
+            wrong = [([k.session(sid), k.impressions(sid), k.session_block(sid)],
+                      ["hash", "hash", "string"])
+                     for i, sid in enumerate(missing)
+                     if _wrong_type(res[2 * i]) or _wrong_type(res[2 * i + 1])]  # fmt: skip
+            if _wrong_type(res[-2]) or _wrong_type(res[-1]):
+                wrong.append(([k.agg_fence, k.agg_meta], ["hash", "hash"]))
+            if wrong:
                 res = await self._repair(wrong, cmds)
         raise_error_reply(res)
         for i, sid in enumerate(missing):
@@ -374,21 +380,22 @@ class BatchProcessor:
         fences = {p: stored_int(v) for p, v in zip(partitions, res[-2], strict=True)}
         return snaps, fences, stored_int(res[-1])
 
-    async def _repair(self, sids: Sequence[str], read: list[tuple[Any, ...]]) -> list[Any]:
-        """Sessions with a key of another type than the worker writes (written by something
-        else: every command on it fails) lose those keys, and are read again: their events
-        apply to a fresh session instead of all going to the dead letters until the key
+    async def _repair(
+        self, wrong: Sequence[tuple[list[str], list[str]]], read: list[tuple[Any, ...]]
+    ) -> list[Any]:
+        """Keys of another type than the worker writes (written by something else: every
+        command on them fails), given as (keys, the type each should have), are deleted and
+        read again: a session's events apply to a fresh session, and the aggregates' fences
+        start again, instead of every event going to the dead letters until the key
         expires. Returns the read's replies."""
-        k = self.keys
         cmds: list[tuple[Any, ...]] = []
-        for sid in sids:
-            keys = [k.session(sid), k.impressions(sid), k.session_block(sid)]
-            self._call(cmds, "REPAIR_KEYS", keys, ["hash", "hash", "string"])
+        for keys, types in wrong:
+            self._call(cmds, "REPAIR_KEYS", keys, types)
         res = raise_error_reply(await self.batches.execute([*cmds, *read]))
         gone = sum(res[: len(cmds)])
         self.repaired += gone
-        log.warning("%d session keys of another type than the worker writes deleted (sessions "
-                    "%s)", gone, ", ".join(sids[:5]))  # fmt: skip
+        log.warning("%d keys of another type than the worker writes deleted: %s", gone,
+                    ", ".join(k for keys, _ in wrong[:3] for k in keys))  # fmt: skip
         return res[len(cmds) :]
 
     def _session_snapshot(self, row: list[Any], block: bytes | None) -> SessionSnapshot:

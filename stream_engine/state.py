@@ -279,7 +279,9 @@ AGG_UNIT = 1000
 # members that round to 0 go. A set with none recorded that exists was written before
 # whole units (by a worker of an earlier version, on the current landmark): it is scaled
 # to units.
-# Returns 1 applied, 0 fence or landmark conflict.
+# Returns 1 applied, 0 fence or landmark conflict. A set of another type (written by
+# something else) starts again; {agg}:lk of another type is read as every set on the
+# current landmark (the fence and meta hashes the worker's read repairs: REPAIR_KEYS).
 APPLY_AGGREGATES = """
 local cur = redis.call('HGET', KEYS[1], ARGV[1]) or ''
 if cur ~= ARGV[2] then return 0 end
@@ -296,7 +298,10 @@ for k = 4, #KEYS do
   local key = KEYS[k]
   local expire = ARGV[i + 1] == '1'
   local at = L
-  if ARGV[i + 2] ~= '' then at = redis.call('HGET', KEYS[3], key) end
+  if ARGV[i + 2] ~= '' then
+    at = redis.pcall('HGET', KEYS[3], key)
+    if type(at) == 'table' then at = L end  -- {agg}:lk of another type: the usual landmark
+  end
   if at ~= L then
     local f = nil
     if at then
@@ -306,7 +311,11 @@ for k = 4, #KEYS do
     end
     if f then
       expire = true  -- scaled to nothing, the set is gone with its TTL
-      local rows = redis.call('ZRANGE', key, 0, -1, 'WITHSCORES')
+      local rows = redis.pcall('ZRANGE', key, 0, -1, 'WITHSCORES')
+      if rows.err then  -- another type, written by something else: starts again
+        redis.call('DEL', key)
+        rows = {}
+      end
       for j = 1, #rows, 2000 do
         local args = {}
         for m = j, math.min(j + 1999, #rows), 2 do
@@ -317,11 +326,21 @@ for k = 4, #KEYS do
       end
       redis.call('ZREMRANGEBYSCORE', key, '-inf', 0)
     end
-    redis.call('HSET', KEYS[3], key, L)
+    redis.pcall('HSET', KEYS[3], key, L)
   end
   local keep = tonumber(ARGV[i])
+  local checked = false
   for member, inc in string.gmatch(ARGV[i + 3], '(%S+) (%S+)') do
-    redis.call('ZINCRBY', key, inc, member)
+    if checked then
+      redis.call('ZINCRBY', key, inc, member)
+    else  -- the first increment tells whether the key holds a sorted set
+      checked = true
+      if type(redis.pcall('ZINCRBY', key, inc, member)) == 'table' then
+        redis.call('DEL', key)  -- another type, written by something else: starts again
+        redis.call('ZINCRBY', key, inc, member)
+        expire = true
+      end
+    end
   end
   if keep > 0 and redis.call('ZCARD', key) > keep then
     redis.call('ZREMRANGEBYRANK', key, 0, -keep - 1)

@@ -697,3 +697,29 @@ async def test_user_blocks_under_their_old_key_are_carried_over_once_before_any_
     await redis_client.set(old("gus"), "erased")
     await second.process([log(EventType.VIEW, "s3", item_id=ITEMS[2], user_id="gus")])
     assert await redis_client.exists(keys.user_block("gus")) == 0
+
+
+@pytest.mark.parametrize("which", ["trending", "covisit", "fence", "meta", "landmarks"])
+async def test_an_aggregate_key_of_another_type_is_replaced_not_the_whole_stream_refused(
+    processor: BatchProcessor, redis_client: aioredis.Redis, key_prefix: str, which: str
+) -> None:
+    """Every view and click writes the aggregates: one of their keys holding another type
+    (written by something else) failed every batch's script, and every event of the whole
+    stream went to the dead letters, one at a time."""
+    keys = Keys(key_prefix)
+    log = Log()
+    await processor.process([log(EventType.VIEW, "s0", item_id=ITEMS[5])])  # keys exist
+    key = {"trending": keys.trending(), "covisit": keys.covisit(ITEMS[0]),
+           "fence": keys.agg_fence, "meta": keys.agg_meta,
+           "landmarks": keys.agg_landmarks}[which]  # fmt: skip
+    await redis_client.delete(key)
+    await redis_client.rpush(key, "not", "a", "hash", "or", "zset")
+    processor.cache.clear()
+    records = [log(EventType.VIEW, "s1", item_id=ITEMS[0]),
+               log(EventType.VIEW, "s1", item_id=ITEMS[1]),
+               log(EventType.CLICK, "s2", item_id=ITEMS[1])]  # fmt: skip
+    out = await processor.process(records)
+    assert (out.applied, out.dead) == (3, [])
+    assert out.repaired == (which in ("fence", "meta"))  # by the read; the rest in the script
+    assert [m for m, _ in await _zset(redis_client, keys.covisit(ITEMS[0]))] == [ITEMS[1].encode()]
+    assert (await _zset(redis_client, keys.trending(), desc=True))[0][0] == ITEMS[1].encode()
