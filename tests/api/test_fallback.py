@@ -44,6 +44,40 @@ def test_a_few_failures_among_many_reads_do_not_open_it() -> None:
     assert b.state == "closed"
 
 
+def test_failures_just_after_a_window_begins_are_weighed_against_the_one_before() -> None:
+    """2,000 reads a second, all fine; then 16 time out together 10 ms into the next
+    second. Counted from the window's start, they were 16 of 20 reads and opened it."""
+    clock = Clock()
+    b = Breaker(min_failures=5, ratio=0.5, window_s=1.0, clock=clock)
+    for i in range(2000):
+        clock.now = i * 0.0005
+        b.success()
+    clock.now = 1.005
+    for _ in range(4):
+        b.success()
+    clock.now = 1.010
+    for _ in range(16):
+        b.failure()
+    assert b.state == "closed"
+
+
+def test_a_redis_that_stops_answering_opens_it_within_the_window() -> None:
+    clock = Clock()
+    b = Breaker(min_failures=5, ratio=0.5, window_s=1.0, clock=clock)
+    for i in range(2000):
+        clock.now = i * 0.0005
+        b.success()
+    opened = None
+    for i in range(4000):  # every read from 1.0 s on fails
+        clock.now = 1.0 + i * 0.0005
+        b.failure()
+        if b.state == "open":
+            opened = clock.now
+            break
+    assert opened is not None
+    assert opened <= 1.51  # half the reads of the last second failed
+
+
 def test_a_failed_probe_opens_the_breaker_again() -> None:
     clock = Clock()
     b = Breaker(min_failures=1, open_s=1.0, clock=clock)
