@@ -319,7 +319,13 @@ class Runtime:
             ("GET", catalog_version_key(prefix)), ("HGET", latent_key(prefix), "version"),
         ]  # fmt: skip
         cmds += trending_commands(self.keys, names)
-        replies = await self._background(cmds, timeout_s=BACKGROUND_READ_S)
+        async with asyncio.timeout(BACKGROUND_READ_S):
+            replies = await self.background_batches.execute(cmds)
+        raise_error_reply(replies[:2])
+        # A trending set another writer left of another type (WRONGTYPE) is an empty one,
+        # not a failed refresh: catalog changes, models and defaults still come (the worker
+        # replaces the set at its next write to it).
+        trend_replies = [[] if isinstance(r, Exception) else r for r in replies[2:]]
         version, changed = replies[0], None
         if version is not None and version != self.catalog_version:
             changed = await self._catalog_changes(version)
@@ -332,7 +338,7 @@ class Runtime:
             if replies[1] is not None and int(replies[1]) != self.latent_seen:
                 # reads the model and swaps it in: rare, and a swap must not meet a compile
                 await self._install_latent(int(replies[1]))
-            trending = parse_trending(names, replies[2:], self.catalog)
+            trending = parse_trending(names, trend_replies, self.catalog)
             previous, now = self.serving, _now()
             compiled = None
             if needs_compile(previous, previous.config, self.catalog, now):

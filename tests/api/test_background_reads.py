@@ -49,6 +49,22 @@ async def test_a_catalog_mirror_of_megabytes_is_applied_by_the_refresh(
         assert rt.catalog.item(rt.catalog.row(first)).title == long_title
 
 
+async def test_a_trending_set_of_another_type_does_not_stop_the_refresh(
+    settings: Settings, catalog: Catalog, redis_client: aioredis.Redis
+) -> None:
+    """One trending key another writer left of another type failed every refresh: stock
+    changes, new items and learned models stopped reaching the API."""
+    prefix = settings.key_prefix
+    await redis_client.set(Keys(prefix).trending(), "not a sorted set")
+    sold_out = dataclasses.replace(catalog.items[0], stock=0)
+    await mirror(redis_client, prefix, [sold_out], 3_600_000)
+    async with client_for(settings) as client:
+        rt = client.app.state.runtime  # type: ignore[attr-defined]
+        await rt.refresh()
+        assert not rt.catalog.in_stock[rt.catalog.row(sold_out.item_id)]
+        assert rt.serving.trending.by_key[""].size == 0  # read as an empty set
+
+
 async def _calls(redis: aioredis.Redis, command: str) -> int:
     stats = await redis.info("commandstats")
     return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
