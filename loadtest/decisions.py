@@ -98,6 +98,15 @@ class Step:
         return self.degraded / self.answered if self.answered else 0.0
 
     @property
+    def degraded_text(self) -> str:
+        """The degraded share, and why: "6.64% (overload 1329, timeout 2)"."""
+        why = sorted(((n, r) for r, n in self.fallbacks.items() if n and r.encode() in DEGRADED),
+                     reverse=True)  # fmt: skip
+        return f"{100 * self.degraded_share:.2f}%" + (
+            " (" + ", ".join(f"{r} {n}" for n, r in why) + ")" if why else ""
+        )
+
+    @property
     def api_us_per_request(self) -> float:
         """The API's CPU over the run (warm-up included, at the same rate) per request
         offered: a steadier comparison between code versions than latency on a shared
@@ -434,7 +443,7 @@ def _print_step(rep: int, s: Step) -> None:
     label = {-1: "overload", -2: "search"}.get(rep, f"repeat {rep + 1}")
     print(f"  {label:<9} {s.kind:<7} {s.rate:>6}/s  p50 {s.latency.p50:7.2f}  "
           f"p99 {s.latency.p99:7.2f}  p99.9 {s.latency.p999:7.2f} ms  "
-          f"answered {s.answered}  errors {s.errors}  degraded {100 * s.degraded_share:.2f}%  "
+          f"answered {s.answered}  errors {s.errors}  degraded {s.degraded_text}  "
           f"gen-late p99 {s.pacing.late_p99_ms:.1f} ms  "
           + "  ".join(f"cpu {k} {v:.0f}%" for k, v in s.cpu.items())
           + f"  api {s.api_us_per_request:.0f} µs/request  probe {_ms(s.probe_ms)} ms"

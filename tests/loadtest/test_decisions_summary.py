@@ -132,3 +132,10 @@ async def test_the_search_stops_at_the_first_rate_that_misses_twice() -> None:
     assert search_text(static, slots).endswith("slots / baseline 0.80 (#4: at least 0.5)")
     capped = await find_max(measure_at, "static", 1000, 1300)
     assert (capped.held, capped.stopped) == (1250, "reached the cap, 1300/s")
+
+
+def test_a_step_says_why_its_answers_degraded_biggest_reason_first() -> None:
+    step = _step("slots", 1000, 5.0, 50.0, degraded=3)
+    step.fallbacks.update(overload=40, store_unavailable=1)
+    assert step.degraded_text == "0.44% (overload 40, timeout 3, store_unavailable 1)"
+    assert _step("slots", 1000, 5.0, 50.0).degraded_text == "0.00%"  # holdout is not listed
