@@ -3,7 +3,9 @@
 All keys of one session share the hash tag `{session id}`, all keys of one user the tag
 `{u:user id}`, and the global aggregates the tag `{agg}`, so the layout works on Redis
 Cluster. A session id may itself be "u:<id>": a user's key suffixes and a session's never
-meet (tests/stream_engine/test_keys.py). Every key has a TTL. Vectors are raw little-endian float32.
+meet (tests/stream_engine/test_keys.py). Every key has a TTL but {ops}:migrations: a
+migration that ran again after its record expired could undo what happened since (copy
+an old block back over a consent given again). Vectors are raw little-endian float32.
 
     P:{sid}:s      hash   v (vector as of t), t, n (events), o/p (fence: last offset and
                           partition applied), u (user), r (recent items), c (cart),
