@@ -125,8 +125,8 @@ class WorkerMetrics:
         )
         self.repaired = Counter(
             "kairos_state_repaired_total",
-            "Keys of a session that held another Redis type than the worker writes, deleted "
-            "so that its events apply to a fresh session", registry=r,
+            "Keys of a session, or the aggregates' fence and meta hashes, that held another "
+            "Redis type than the worker writes, deleted so that events apply again", registry=r,
         )  # fmt: skip
         self.store_errors = Counter(
             "kairos_store_errors_total", "Redis failures while applying a batch (retried)",

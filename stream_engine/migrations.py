@@ -58,15 +58,17 @@ async def migrate(redis: aioredis.Redis, keys: Keys) -> None:
 
 async def copy_user_blocks(redis: aioredis.Redis, keys: Keys) -> int:
     copy = redis.register_script(COPY_USER_BLOCK)
-    pattern = f"{_glob_escape(keys.prefix)}:{{u:*}}:x"
+    head, tail = f"{keys.prefix}:{{u:", "}:x"
+    pattern = f"{_glob_escape(head)}*{tail}"
     cursor, copied = 0, 0
     while True:
         cursor, found = await redis.scan(cursor, match=pattern, count=SCAN_COUNT)
         if found:
             pipe = redis.pipeline(transaction=False)
-            for old in found:
-                old = old.decode() if isinstance(old, bytes) else old
-                await copy(keys=[old, old[:-1] + "ux"], client=pipe)
+            for raw in found:
+                old = raw.decode() if isinstance(raw, bytes) else raw
+                uid = old[len(head) : -len(tail)]
+                await copy(keys=[old, keys.user_block(uid)], client=pipe)
             copied += sum(await pipe.execute())
         if cursor == 0:
             return copied

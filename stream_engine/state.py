@@ -232,17 +232,18 @@ return 1
 # applying two sessions of one user never overwrite each other, and a redelivered or stale
 # write (lower event count) changes nothing. Past max sessions the oldest one is dropped.
 # Returns 1 applied, 2 stale (ignored), -1 erased or consent withdrawn. A user or sessions
-# key of another type (written by something else) goes; a count or time that is not a
-# number counts as none.
+# key of another type (written by something else) starts again (found by pcall: no extra
+# command on the normal path); a count or time that is not a number counts as none.
 APPLY_USER = """
 if redis.call('EXISTS', KEYS[3]) == 1 then return -1 end
-for i, want in ipairs({'hash', 'set'}) do
-  local t = redis.call('TYPE', KEYS[i]).ok
-  if t ~= 'none' and t ~= want then redis.call('DEL', KEYS[i]) end
-end
 local sid = ARGV[1]
 local n = tonumber(ARGV[2])
-local cur = tonumber(redis.call('HGET', KEYS[1], 'n:' .. sid) or '') or -1
+local cur = redis.pcall('HGET', KEYS[1], 'n:' .. sid)
+if type(cur) == 'table' then  -- another type, written by something else: starts again
+  redis.call('DEL', KEYS[1])
+  cur = false
+end
+cur = tonumber(cur or '') or -1
 if n < cur then return 2 end
 local ttl = tonumber(ARGV[5])
 if ARGV[3] ~= '' then
@@ -253,7 +254,10 @@ else
 end
 redis.call('HSETNX', KEYS[1], 'a', sid)
 redis.call('PEXPIRE', KEYS[1], ttl)
-redis.call('SADD', KEYS[2], sid)
+if type(redis.pcall('SADD', KEYS[2], sid)) == 'table' then
+  redis.call('DEL', KEYS[2])  -- another type, written by something else: starts again
+  redis.call('SADD', KEYS[2], sid)
+end
 redis.call('PEXPIRE', KEYS[2], ttl)
 if redis.call('SCARD', KEYS[2]) > tonumber(ARGV[7]) then
   local oldest, oldest_t = nil, nil
