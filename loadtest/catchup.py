@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import random
 import statistics
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -53,6 +55,7 @@ from loadtest.http import Client, free_port
 from loadtest.ingest import (
     Bench,
     _create_topics,
+    check_worker,
     start_worker,
     stop_worker,
     warn_bystanders,
@@ -100,8 +103,11 @@ class Backlog:
         finally:
             await consumer.stop()
 
-    async def wait_committed(self, ends: dict[int, int], within_s: float) -> float | None:
-        """Seconds until the worker's group has committed up to `ends` (None: not within)."""
+    async def wait_committed(
+        self, ends: dict[int, int], within_s: float, alive: Callable[[], None] | None = None
+    ) -> float | None:
+        """Seconds until the worker's group has committed up to `ends` (None: not within).
+        `alive` raises if the worker has exited (checked at every look)."""
         admin = AIOKafkaAdminClient(bootstrap_servers=self.bench.bootstrap)
         await admin.start()
         t0 = time.monotonic()
@@ -112,6 +118,8 @@ class Backlog:
                         if tp.topic == self.topic}  # fmt: skip
                 if all(done.get(p, -1) >= end for p, end in ends.items()):
                     return time.monotonic() - t0
+                if alive is not None:
+                    alive()
                 await asyncio.sleep(0.2)
             return None
         finally:
@@ -131,7 +139,8 @@ async def leg(
         if name == "idle":
             # caught up and running: whatever the last leg left is applied first
             worker = start_worker(bench, engine, catalog, workdir, extra)
-            if await backlog.wait_committed(await backlog.ends(), DRAIN_WITHIN_S) is None:
+            alive = functools.partial(check_worker, worker, workdir, engine)
+            if await backlog.wait_committed(await backlog.ends(), DRAIN_WITHIN_S, alive) is None:
                 raise RuntimeError("the worker did not catch up before the idle leg")
             sids = backlog.sessions
         else:
@@ -144,7 +153,8 @@ async def leg(
             nonlocal worker
             await asyncio.sleep(WARMUP_S + WORKER_AFTER_S)
             worker = start_worker(bench, engine, catalog, workdir, extra)
-            return await backlog.wait_committed(ends, DRAIN_WITHIN_S)
+            alive = functools.partial(check_worker, worker, workdir, engine)
+            return await backlog.wait_committed(ends, DRAIN_WITHIN_S, alive)
 
         if worker is None:
             catching = asyncio.create_task(catch_up())
@@ -246,8 +256,9 @@ async def run(
         # for, and the API's trending and co-visitation are there from the start
         backlog.sessions = await backlog.produce(backlog_events)
         worker = start_worker(bench, engine, catalog, workdir)
+        alive = functools.partial(check_worker, worker, workdir, engine)
         try:
-            if await backlog.wait_committed(await backlog.ends(), DRAIN_WITHIN_S) is None:
+            if await backlog.wait_committed(await backlog.ends(), DRAIN_WITHIN_S, alive) is None:
                 raise RuntimeError("the worker did not apply the first backlog")
         finally:
             stop_worker(worker)

@@ -46,6 +46,7 @@ from loadtest.ingest import (
     CpuMeter,
     _cleanup,
     _create_topics,
+    check_worker,
     discard_workdir,
     environment,
     redis_benchmark,
@@ -250,6 +251,7 @@ async def seed(bench: Bench, catalog: Path, workdir: Path, sessions: int, per: i
                 pipe.exists(f"{bench.prefix}:{{{sid}}}:s")
             if all(await pipe.execute()):
                 break
+            check_worker(worker, workdir, "aiokafka")
             if time.monotonic() > deadline:
                 raise RuntimeError("the worker did not apply the seed within 15 minutes")
             await asyncio.sleep(1)

@@ -40,6 +40,7 @@ from loadtest.ingest import (
     CpuMeter,
     _cleanup,
     _create_topics,
+    check_worker,
     environment,
     stack_pids,
     start_worker,
@@ -135,8 +136,7 @@ async def engine_leg(
     applied = 0
     try:
         while applied < events and time.monotonic() - started < WITHIN_S:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the {engine} worker exited (log: {workdir})")
+            check_worker(proc, workdir, engine)
             await asyncio.sleep(POLL_S)
             applied = await asyncio.to_thread(_applied, port)
             if span.see(applied):

@@ -65,6 +65,8 @@ SEARCH_FACTOR = 1.1
 SEARCH_GRAIN = 500
 # A step counts only if the generator sent at least this share of its rate.
 SENT_SHARE = 0.98
+# Lines of a worker's log quoted when it exits under a benchmark.
+LOG_TAIL_LINES = 8
 
 
 @dataclass
@@ -510,6 +512,26 @@ def start_worker(
         )  # fmt: skip
 
 
+class WorkerExited(RuntimeError):
+    """A benchmark's worker process ended while the benchmark still needed it."""
+
+
+def check_worker(proc: subprocess.Popen[bytes], workdir: Path, engine: str) -> None:
+    """Raises WorkerExited, with the end of its log, if the worker has exited: a wait for
+    state that a dead worker will never write otherwise lasts its whole timeout (a seed
+    waited 15 minutes on a worker that had failed to import at once)."""
+    if proc.poll() is None:
+        return
+    log = workdir / f"worker-{engine}.log"
+    try:
+        tail = log.read_text(errors="replace").strip().splitlines()[-LOG_TAIL_LINES:]
+    except OSError:
+        tail = []
+    said = "\n  ".join(tail) if tail else "(nothing)"
+    raise WorkerExited(f"the {engine} worker exited with {proc.returncode}; the end of {log}:"
+                       f"\n  {said}")  # fmt: skip
+
+
 def stop_worker(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -618,6 +640,7 @@ async def run(
                                      {"KAIROS_METRICS_PORT": str(lane.metrics_port)})  # fmt: skip
             print(f"warming up {lane.engine} (log: {workdir}/worker-{lane.engine}.log)", flush=True)
             await run_kairos(lane.bench, lane.traffic, redis, 200, 5.0, db)
+            check_worker(lane.proc, workdir, lane.engine)
             for rep in range(repeats):
                 for rate in rates:
                     results.append(await run_raw(raw, rate, duration))
