@@ -36,10 +36,11 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 
 from stream_engine.catalog import Catalog, Matrix
 from stream_engine.ingest import STORE_ERRORS
-from stream_engine.state import AGG_UNIT, Keys
+from stream_engine.state import AGG_UNIT, Keys, stored_int
 
 log = logging.getLogger("kairos.latent")
 
@@ -214,12 +215,18 @@ async def read_covisitation(
     """Every co-visitation sorted set, as item -> next item -> score, all relative to the
     current landmark: a set not written since the landmark last moved still holds scores
     relative to its own (state.py), and is scaled here as its next write would scale it,
-    as is one written before whole units."""
+    as is one written before whole units. Keys written by something else are read as the
+    aggregate script reads them: a key under the prefix that is no sorted set is left
+    out, and a landmark record of another type, or that is no number, as the current
+    landmark."""
     prefix = keys.covisit("")
     names: list[bytes] = []
     async for name in redis.scan_iter(match=prefix + "*", count=SCAN_COUNT):
         names.append(name if isinstance(name, bytes) else name.encode())
-    landmark = await redis.hget(keys.agg_meta, "L")
+    pipe = redis.pipeline(transaction=False)
+    pipe.hget(keys.agg_meta, "L")
+    (stored,) = _unless_wrong_type(await pipe.execute(raise_on_error=False))
+    landmark = stored_int(stored)  # of another type (the worker's read repairs it): none
     out: dict[str, dict[str, float]] = {}
     for start in range(0, len(names), READ_CHUNK):
         chunk = names[start : start + READ_CHUNK]
@@ -227,16 +234,33 @@ async def read_covisitation(
         for name in chunk:
             pipe.zrange(name, 0, -1, withscores=True)
         pipe.hmget(keys.agg_landmarks, chunk)
-        *rows, marks = await pipe.execute()
-        for name, members, mark in zip(chunk, rows, marks, strict=True):
+        *rows, marks = _unless_wrong_type(await pipe.execute(raise_on_error=False))
+        unmarked = marks is None  # {agg}:lk of another type: all on the current landmark
+        for name, members, mark in zip(chunk, rows, marks or [None] * len(chunk), strict=True):
+            if members is None:  # no sorted set: not the worker's
+                continue
             f = 1.0
-            if mark is None:  # written before whole units, on the current landmark
-                f = AGG_UNIT
-            elif landmark is not None and mark != landmark:
-                f = 2.0 ** ((int(mark) - int(landmark)) / half_life_ms)
+            if mark is None:
+                if not unmarked:  # written before whole units, on the current landmark
+                    f = AGG_UNIT
+            elif landmark is not None and (at := stored_int(mark)) is not None:
+                f = 2.0 ** ((at - landmark) / half_life_ms)
             src = name.decode()[len(prefix) :]
             out[src] = {(m.decode() if isinstance(m, bytes) else m): float(s) * f
                         for m, s in members}  # fmt: skip
+    return out
+
+
+def _unless_wrong_type(replies: list[Any]) -> list[Any]:
+    """A pipeline's replies with those on a key of another type (WRONGTYPE) as None; any
+    other error reply raised."""
+    out = []
+    for reply in replies:
+        if isinstance(reply, ResponseError):
+            if not str(reply).startswith("WRONGTYPE"):
+                raise reply
+            reply = None
+        out.append(reply)
     return out
 
 

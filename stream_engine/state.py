@@ -286,8 +286,9 @@ AGG_UNIT = 1000
 # whole units (by a worker of an earlier version, on the current landmark): it is scaled
 # to units.
 # Returns 1 applied, 0 fence or landmark conflict. A set of another type (written by
-# something else) starts again; {agg}:lk of another type is read as every set on the
-# current landmark (the fence and meta hashes the worker's read repairs: REPAIR_KEYS).
+# something else) starts again; {agg}:lk of another type, or a mark in it that is not a
+# number, is read as the set on the current landmark (a bad mark is then overwritten; the
+# fence and meta hashes the worker's read repairs: REPAIR_KEYS).
 APPLY_AGGREGATES = """
 local cur = redis.call('HGET', KEYS[1], ARGV[1]) or ''
 if cur ~= ARGV[2] then return 0 end
@@ -310,8 +311,9 @@ for k = 4, #KEYS do
   end
   if at ~= L then
     local f = nil
-    if at then
-      f = 2 ^ ((tonumber(at) - tonumber(L)) / tonumber(ARGV[i + 2]))
+    if at then  -- a mark that is no number: as on L (and overwritten below)
+      local mark = tonumber(at)
+      if mark then f = 2 ^ ((mark - tonumber(L)) / tonumber(ARGV[i + 2])) end
     elseif redis.call('EXISTS', key) == 1 then
       f = AGG_UNIT  -- written before whole units: scores in event weights, on this landmark
     end

@@ -723,3 +723,52 @@ async def test_an_aggregate_key_of_another_type_is_replaced_not_the_whole_stream
     assert out.repaired == (which in ("fence", "meta"))  # by the read; the rest in the script
     assert [m for m, _ in await _zset(redis_client, keys.covisit(ITEMS[0]))] == [ITEMS[1].encode()]
     assert (await _zset(redis_client, keys.trending(), desc=True))[0][0] == ITEMS[1].encode()
+
+
+async def test_a_landmark_mark_that_is_no_number_is_the_current_landmark_not_a_refusal(
+    processor: BatchProcessor, second: BatchProcessor, redis_client: aioredis.Redis,
+    key_prefix: str,
+) -> None:  # fmt: skip
+    """A set's landmark record holding something else than a number (written by something
+    else) failed the aggregate script's arithmetic, and with it every batch that touched
+    the set; the latent read failed on it too."""
+    keys = Keys(key_prefix)
+    log = Log()
+    await processor.process([log(EventType.VIEW, "s1", item_id=ITEMS[0]),
+                             log(EventType.VIEW, "s1", item_id=ITEMS[1])])  # fmt: skip
+    before = dict(await _zset(redis_client, keys.covisit(ITEMS[0])))
+    await redis_client.hset(keys.agg_landmarks, keys.covisit(ITEMS[0]), "yesterday")
+    rows = await read_covisitation(redis_client, keys, TUNING.covisit_half_life_ms)
+    assert rows[ITEMS[0]] == {ITEMS[1]: before[ITEMS[1].encode()]}  # as on the landmark
+    # another worker's processor: it has not written the set, so it checks the record
+    out = await second.process([log(EventType.VIEW, "s2", item_id=ITEMS[0]),
+                                log(EventType.VIEW, "s2", item_id=ITEMS[2])])  # fmt: skip
+    assert (out.applied, out.dead) == (2, [])
+    after = dict(await _zset(redis_client, keys.covisit(ITEMS[0])))
+    assert after[ITEMS[1].encode()] == before[ITEMS[1].encode()]  # kept, unscaled
+    assert ITEMS[2].encode() in after
+    landmark = int(cast(bytes, await redis_client.hget(keys.agg_meta, "L")))
+    assert await _landmark_of(redis_client, keys, keys.covisit(ITEMS[0])) == landmark
+
+
+async def test_the_latent_read_takes_aggregate_keys_of_another_type_as_the_worker_does(
+    processor: BatchProcessor, redis_client: aioredis.Redis, key_prefix: str
+) -> None:
+    """The learner read every co-visitation key in one pipeline that raised on the first
+    error reply: one key of another type under the prefix, or a landmark hash of another
+    type, failed every round, and no model was learned again."""
+    keys = Keys(key_prefix)
+    log = Log()
+    await processor.process([log(EventType.VIEW, "s1", item_id=ITEMS[0]),
+                             log(EventType.VIEW, "s1", item_id=ITEMS[1])])  # fmt: skip
+    read = await read_covisitation(redis_client, keys, TUNING.covisit_half_life_ms)
+    assert read[ITEMS[0]] == {ITEMS[1]: (await _zset(redis_client, keys.covisit(ITEMS[0])))[0][1]}
+    await redis_client.set(keys.covisit(ITEMS[5]), "not a sorted set")
+    assert await read_covisitation(redis_client, keys, TUNING.covisit_half_life_ms) == read
+    await redis_client.delete(keys.agg_landmarks)
+    await redis_client.rpush(keys.agg_landmarks, "not", "a", "hash")
+    # every set on the landmark, as the script reads it
+    assert await read_covisitation(redis_client, keys, TUNING.covisit_half_life_ms) == read
+    await redis_client.delete(keys.agg_meta)
+    await redis_client.rpush(keys.agg_meta, "not", "a", "hash")
+    assert await read_covisitation(redis_client, keys, TUNING.covisit_half_life_ms) == read
