@@ -287,13 +287,14 @@ AGG_UNIT = 1000
 # to units.
 # Returns 1 applied, 0 fence or landmark conflict. A set of another type (written by
 # something else) starts again; {agg}:lk of another type, or a mark in it that is not a
-# number, is read as the set on the current landmark (a bad mark is then overwritten; the
-# fence and meta hashes the worker's read repairs: REPAIR_KEYS).
+# number, is read as the set on the current landmark (a bad mark is then overwritten), and
+# a landmark in {agg}:m that is not a number as none (the worker reads it as none too; the
+# fence and meta hashes of another type the worker's read repairs: REPAIR_KEYS).
 APPLY_AGGREGATES = """
 local cur = redis.call('HGET', KEYS[1], ARGV[1]) or ''
 if cur ~= ARGV[2] then return 0 end
 local landmark = redis.call('HGET', KEYS[2], 'L')
-if not landmark then
+if not landmark or not string.match(landmark, NUMBER) then  -- none, or not the worker's
   redis.call('HSET', KEYS[2], 'L', ARGV[4])
 elseif landmark ~= ARGV[4] then
   return 0
@@ -361,7 +362,7 @@ redis.call('PEXPIRE', KEYS[1], ttl)
 redis.call('PEXPIRE', KEYS[2], ttl)
 redis.call('PEXPIRE', KEYS[3], ttl)
 return 1
-""".replace("AGG_UNIT", str(AGG_UNIT))
+""".replace("AGG_UNIT", str(AGG_UNIT)).replace("NUMBER", NUMBER)
 
 # KEYS: agg meta; ARGV: landmark expected, new landmark. Moves the landmark (compare-and-
 # set); every sorted set follows at its next write (APPLY_AGGREGATES). Returns 1, or 0 if

@@ -772,3 +772,23 @@ async def test_the_latent_read_takes_aggregate_keys_of_another_type_as_the_worke
     await redis_client.delete(keys.agg_meta)
     await redis_client.rpush(keys.agg_meta, "not", "a", "hash")
     assert await read_covisitation(redis_client, keys, TUNING.covisit_half_life_ms) == read
+
+
+async def test_a_landmark_that_is_no_number_is_replaced_not_refused_forever(
+    processor: BatchProcessor, redis_client: aioredis.Redis, key_prefix: str
+) -> None:
+    """The worker reads a landmark that is not a number as none and writes its own; the
+    script took it for another worker's and refused every batch as a conflict, until the
+    worker gave up on the batch ("still conflicting after 5 attempts")."""
+    keys = Keys(key_prefix)
+    log = Log()
+    await processor.process([log(EventType.VIEW, "s0", item_id=ITEMS[5])])
+    await redis_client.hset(keys.agg_meta, "L", "garbage")
+    processor.cache.clear()
+    out = await processor.process([log(EventType.VIEW, "s1", item_id=ITEMS[0]),
+                                   log(EventType.VIEW, "s1", item_id=ITEMS[1])])  # fmt: skip
+    assert (out.applied, out.dead) == (2, [])
+    landmark = int(cast(bytes, await redis_client.hget(keys.agg_meta, "L")))
+    assert abs(landmark - log.t0) < 3_600_000  # the worker's own, about the events' time
+    assert [m for m, _ in await _zset(redis_client, keys.covisit(ITEMS[0]))] == [ITEMS[1].encode()]
+    assert await _landmark_of(redis_client, keys, keys.covisit(ITEMS[0])) == landmark
