@@ -288,11 +288,12 @@ AGG_UNIT = 1000
 # Returns 1 applied, 0 fence or landmark conflict. A set of another type (written by
 # something else) starts again; {agg}:lk of another type, or a mark in it that is not a
 # number, is read as the set on the current landmark (a bad mark is then overwritten), and
-# a landmark in {agg}:m that is not a number as none (the worker reads it as none too; the
-# fence and meta hashes of another type the worker's read repairs: REPAIR_KEYS).
+# a partition's fence or the landmark that is not a number as none (the worker reads them
+# as none too; the fence and meta hashes of another type the worker's read repairs:
+# REPAIR_KEYS).
 APPLY_AGGREGATES = """
 local cur = redis.call('HGET', KEYS[1], ARGV[1]) or ''
-if cur ~= ARGV[2] then return 0 end
+if cur ~= ARGV[2] and (ARGV[2] ~= '' or string.match(cur, NUMBER)) then return 0 end
 local landmark = redis.call('HGET', KEYS[2], 'L')
 if not landmark or not string.match(landmark, NUMBER) then  -- none, or not the worker's
   redis.call('HSET', KEYS[2], 'L', ARGV[4])
@@ -313,7 +314,7 @@ for k = 4, #KEYS do
   if at ~= L then
     local f = nil
     if at then  -- a mark that is no number: as on L (and overwritten below)
-      local mark = tonumber(at)
+      local mark = string.match(at, NUMBER) and tonumber(at)
       if mark then f = 2 ^ ((mark - tonumber(L)) / tonumber(ARGV[i + 2])) end
     elseif redis.call('EXISTS', key) == 1 then
       f = AGG_UNIT  -- written before whole units: scores in event weights, on this landmark

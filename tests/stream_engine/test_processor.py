@@ -774,16 +774,21 @@ async def test_the_latent_read_takes_aggregate_keys_of_another_type_as_the_worke
     assert await read_covisitation(redis_client, keys, TUNING.covisit_half_life_ms) == read
 
 
-async def test_a_landmark_that_is_no_number_is_replaced_not_refused_forever(
-    processor: BatchProcessor, redis_client: aioredis.Redis, key_prefix: str
+@pytest.mark.parametrize("field", ["landmark", "fence"])
+async def test_an_aggregate_landmark_or_fence_that_is_no_number_is_replaced_not_refused(
+    processor: BatchProcessor, redis_client: aioredis.Redis, key_prefix: str, field: str
 ) -> None:
-    """The worker reads a landmark that is not a number as none and writes its own; the
-    script took it for another worker's and refused every batch as a conflict, until the
-    worker gave up on the batch ("still conflicting after 5 attempts")."""
+    """The worker reads a landmark or a partition's fence that is not a number as none and
+    writes its own; the script took it for another worker's and refused every batch as a
+    conflict: each failed after five attempts ("still conflicting"), and every event of
+    the stream went to the dead letters, one at a time."""
     keys = Keys(key_prefix)
     log = Log()
     await processor.process([log(EventType.VIEW, "s0", item_id=ITEMS[5])])
-    await redis_client.hset(keys.agg_meta, "L", "garbage")
+    if field == "landmark":
+        await redis_client.hset(keys.agg_meta, "L", "garbage")
+    else:
+        await redis_client.hset(keys.agg_fence, str(log.partition), "garbage")
     processor.cache.clear()
     out = await processor.process([log(EventType.VIEW, "s1", item_id=ITEMS[0]),
                                    log(EventType.VIEW, "s1", item_id=ITEMS[1])])  # fmt: skip
