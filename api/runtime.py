@@ -55,8 +55,8 @@ from api.settings import Settings
 from stream_engine.catalog_updates import catalog_version_key, changed_since, mirrored
 from stream_engine.latent import install_newer, latent_key
 from stream_engine.looplag import LoopLag
-from stream_engine.state import Keys
-from stream_engine.store import Batches, raise_error_reply
+from stream_engine.state import Keys, stored_int
+from stream_engine.store import Batches, raise_error_reply, wrong_type
 
 log = logging.getLogger("kairos.api")
 
@@ -321,11 +321,13 @@ class Runtime:
         cmds += trending_commands(self.keys, names)
         async with asyncio.timeout(BACKGROUND_READ_S):
             replies = await self.background_batches.execute(cmds)
-        raise_error_reply(replies[:2])
-        # A trending set another writer left of another type (WRONGTYPE) is an empty one,
-        # not a failed refresh: catalog changes, models and defaults still come (the worker
-        # replaces the set at its next write to it).
-        trend_replies = [[] if isinstance(r, Exception) else r for r in replies[2:]]
+        # A key another writer left of another type (WRONGTYPE) is read as none, not a
+        # failed refresh: a trending set as an empty one, the catalog's version or the
+        # model's as unknown; the rest still comes (the worker replaces them at its next
+        # write). Any other error fails the refresh.
+        replies = [None if wrong_type(r) else r for r in replies]
+        raise_error_reply(replies)
+        trend_replies = [[] if r is None else r for r in replies[2:]]
         version, changed = replies[0], None
         if version is not None and version != self.catalog_version:
             changed = await self._catalog_changes(version)
@@ -335,9 +337,10 @@ class Runtime:
                                         [i for i, _ in changed])  # fmt: skip
                 self.catalog.apply_updates(changed)
                 self.catalog_version = version
-            if replies[1] is not None and int(replies[1]) != self.latent_seen:
+            latent = _version(replies[1])  # none for a version that is no number
+            if latent is not None and latent != self.latent_seen:
                 # reads the model and swaps it in: rare, and a swap must not meet a compile
-                await self._install_latent(int(replies[1]))
+                await self._install_latent(latent)
             trending = parse_trending(names, trend_replies, self.catalog)
             previous, now = self.serving, _now()
             compiled = None
@@ -497,10 +500,7 @@ class Runtime:
 
 
 def _version(raw: bytes | None) -> int | None:
-    try:
-        return None if raw is None else int(raw)
-    except ValueError:
-        return None
+    return stored_int(raw)
 
 
 def _now() -> dt.datetime:

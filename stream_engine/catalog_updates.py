@@ -31,12 +31,14 @@ from typing import Any, cast
 import orjson
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer
+from redis.exceptions import ResponseError
 
 from stream_engine.catalog import Catalog, CatalogError, Item, item_from_mapping
 from stream_engine.ingest import MAX_BACKOFF_S, STORE_ERRORS
 from stream_engine.latent import install_newer
 from stream_engine.metrics import WorkerMetrics
 from stream_engine.settings import Settings
+from stream_engine.store import wrong_type
 
 log = logging.getLogger("kairos.catalog")
 
@@ -55,8 +57,19 @@ def catalog_changed_key(prefix: str) -> str:
 
 # KEYS: items, version, changed (one hash slot); ARGV: ttl_ms, then item_id, JSON pairs. One
 # script, so that a reader never sees the version before the items and their index.
+# Keys something else wrote (another type, a version that is no number) are replaced: the
+# version then starts again, which a reader takes as a reset and reads the whole mirror.
 MIRROR = """
-local v = redis.call('INCRBY', KEYS[2], (#ARGV - 1) / 2)
+local want = {'hash', 'string', 'zset'}
+for k = 1, 3 do
+  local t = redis.call('TYPE', KEYS[k]).ok
+  if t ~= 'none' and t ~= want[k] then redis.call('DEL', KEYS[k]) end
+end
+local v = redis.pcall('INCRBY', KEYS[2], (#ARGV - 1) / 2)
+if type(v) == 'table' then
+  redis.call('DEL', KEYS[2])
+  v = redis.call('INCRBY', KEYS[2], (#ARGV - 1) / 2)
+end
 for i = 2, #ARGV, 2 do
   redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
   redis.call('ZADD', KEYS[3], v, ARGV[i])
@@ -82,16 +95,27 @@ async def changed_since(
     JSON); None when the change index cannot say (it names none, as with a mirror written
     before the index existed): the caller reads the whole mirror."""
     key = catalog_changed_key(prefix)
-    found = cast(list[bytes | str], await redis.zrangebyscore(key, f"({since}", upto))
-    if not found:
-        return None
-    values = await redis.hmget(catalog_items_key(prefix), found)
+    try:
+        found = cast(list[bytes | str], await redis.zrangebyscore(key, f"({since}", upto))
+        if not found:
+            return None
+        values = await redis.hmget(catalog_items_key(prefix), found)
+    except ResponseError as exc:
+        if wrong_type(exc):  # written by something else: the next mirror write replaces it
+            return None
+        raise
     return _pairs((i, v) for i, v in zip(found, values, strict=True) if v is not None)
 
 
 async def mirrored(redis: aioredis.Redis, prefix: str) -> list[tuple[str, bytes]]:
-    """Every mirrored item, as (item_id, JSON)."""
-    return _pairs((await redis.hgetall(catalog_items_key(prefix))).items())
+    """Every mirrored item, as (item_id, JSON); none while the key holds another type
+    (written by something else: the next mirror write replaces it)."""
+    try:
+        return _pairs((await redis.hgetall(catalog_items_key(prefix))).items())
+    except ResponseError as exc:
+        if wrong_type(exc):
+            return []
+        raise
 
 
 def _pairs(raw: Iterable[tuple[bytes | str, bytes | str]]) -> list[tuple[str, bytes]]:

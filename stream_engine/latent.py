@@ -41,6 +41,7 @@ from redis.exceptions import ResponseError
 from stream_engine.catalog import Catalog, Matrix
 from stream_engine.ingest import STORE_ERRORS
 from stream_engine.state import AGG_UNIT, Keys, stored_int
+from stream_engine.store import wrong_type
 
 log = logging.getLogger("kairos.latent")
 
@@ -256,10 +257,10 @@ def _unless_wrong_type(replies: list[Any]) -> list[Any]:
     other error reply raised."""
     out = []
     for reply in replies:
-        if isinstance(reply, ResponseError):
-            if not str(reply).startswith("WRONGTYPE"):
-                raise reply
+        if wrong_type(reply):
             reply = None
+        elif isinstance(reply, ResponseError):
+            raise reply
         out.append(reply)
     return out
 
@@ -297,12 +298,36 @@ def parse_model(fields: dict[Any, Any]) -> LatentModel | None:
 
 
 async def published_version(redis: aioredis.Redis, prefix: str) -> int:
-    raw = await redis.hget(latent_key(prefix), "version")
-    return int(raw) if raw is not None else 0
+    """The published model's version; 0 for none, as for a key or a version written by
+    something else (the next publish replaces the key)."""
+    try:
+        return stored_int(await redis.hget(latent_key(prefix), "version")) or 0
+    except ResponseError as exc:
+        if wrong_type(exc):
+            return 0
+        raise
 
 
 async def load(redis: aioredis.Redis, prefix: str) -> LatentModel | None:
-    return parse_model(await redis.hgetall(latent_key(prefix)))
+    try:
+        return parse_model(await redis.hgetall(latent_key(prefix)))
+    except ResponseError as exc:
+        if wrong_type(exc):  # written by something else: no model (publish replaces it)
+            return None
+        raise
+
+
+# KEYS: the model's sequence. The next version; a sequence that something else overwrote
+# (another type, or not a number) starts again.
+NEXT_VERSION = """
+local v = redis.pcall('INCR', KEYS[1])
+if type(v) == 'table' then
+  redis.call('DEL', KEYS[1])
+  v = redis.call('INCR', KEYS[1])
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return v
+"""
 
 
 async def newer_model(
@@ -360,8 +385,7 @@ async def refresh(
     started = time.monotonic()
     rows = await read_covisitation(redis, Keys(prefix), covisit_half_life_ms)
     previous = await load(redis, prefix)
-    version = int(await redis.incr(latent_seq_key(prefix)))
-    await redis.pexpire(latent_seq_key(prefix), ttl_ms)
+    version = int(await redis.eval(NEXT_VERSION, 1, latent_seq_key(prefix), ttl_ms))
     read_s = time.monotonic() - started
     # the SVD and the neighbour search take seconds at 20k items: off the event loop
     model = await asyncio.to_thread(

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import NoScriptError
 
 from stream_engine import state
 from stream_engine._resp import aggregate_args, upkeep_due
@@ -41,7 +41,7 @@ from stream_engine.planning import (
     plan_session,
 )
 from stream_engine.state import Keys, stored_int, stored_text
-from stream_engine.store import Batches, raise_error_reply
+from stream_engine.store import Batches, raise_error_reply, wrong_type
 from stream_engine.vectors import from_bytes, to_bytes
 
 log = logging.getLogger(__name__)
@@ -369,8 +369,8 @@ class BatchProcessor:
             wrong = [([k.session(sid), k.impressions(sid), k.session_block(sid)],
                       ["hash", "hash", "string"])
                      for i, sid in enumerate(missing)
-                     if _wrong_type(res[2 * i]) or _wrong_type(res[2 * i + 1])]  # fmt: skip
-            if _wrong_type(res[-2]) or _wrong_type(res[-1]):
+                     if wrong_type(res[2 * i]) or wrong_type(res[2 * i + 1])]  # fmt: skip
+            if wrong_type(res[-2]) or wrong_type(res[-1]):
                 wrong.append(([k.agg_fence, k.agg_meta], ["hash", "hash"]))
             if wrong:
                 res = await self._repair(wrong, cmds)
@@ -636,10 +636,6 @@ class BatchProcessor:
                           now_ms, (self.covisit_keep, self._covisit_half_life),
                           (self.trending_keep, self._trending_half_life))  # fmt: skip
         self._call(pipe, "APPLY_AGGREGATES", keys, args)
-
-
-def _wrong_type(reply: Any) -> bool:
-    return isinstance(reply, ResponseError) and str(reply).startswith("WRONGTYPE")
 
 
 def _fence(value: int | None) -> str:

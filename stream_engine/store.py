@@ -20,7 +20,7 @@ import hiredis
 import redis.asyncio as aioredis
 from redis._parsers import BaseParser  # the exception class of each error reply
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import InvalidResponse, NoScriptError
+from redis.exceptions import InvalidResponse, NoScriptError, ResponseError
 
 from stream_engine._resp import pack_commands
 
@@ -61,6 +61,12 @@ def hash_reply(reply: Any) -> dict[Any, Any]:
     if isinstance(reply, dict):
         return reply
     return dict(zip(reply[::2], reply[1::2], strict=True)) if reply else {}
+
+
+def wrong_type(reply: Any) -> bool:
+    """Whether a reply (or a raised error) is Redis's WRONGTYPE: the key holds another type
+    than the command works on, written by something else than Kairos."""
+    return isinstance(reply, ResponseError) and str(reply).startswith("WRONGTYPE")
 
 
 def raise_error_reply(replies: list[Any]) -> list[Any]:

@@ -20,8 +20,16 @@ from api.runtime import Runtime
 from api.serving import compile_for
 from api.settings import Settings
 from stream_engine.catalog import Catalog
-from stream_engine.catalog_updates import catalog_items_key, catalog_version_key, mirror
+from stream_engine.catalog_updates import (
+    catalog_changed_key,
+    catalog_items_key,
+    catalog_version_key,
+    changed_since,
+    mirror,
+    mirrored,
+)
 from stream_engine.events import EventType
+from stream_engine.latent import latent_key
 from stream_engine.state import Keys
 from tests.api.conftest import Clicks, client_for
 
@@ -63,6 +71,37 @@ async def test_a_trending_set_of_another_type_does_not_stop_the_refresh(
         await rt.refresh()
         assert not rt.catalog.in_stock[rt.catalog.row(sold_out.item_id)]
         assert rt.serving.trending.by_key[""].size == 0  # read as an empty set
+
+
+async def test_catalog_and_model_keys_of_another_type_do_not_stop_the_refresh(
+    settings: Settings, catalog: Catalog, redis_client: aioredis.Redis
+) -> None:
+    """The catalog's version or change index, or the learned model's key, of another type
+    (or a version that is no number) failed every refresh, as a trending set did; and the
+    worker's mirror write failed on them too, so stock changes stopped for good."""
+    prefix = settings.key_prefix
+    await redis_client.rpush(catalog_version_key(prefix), "not", "a", "number")
+    await redis_client.set(catalog_changed_key(prefix), "not a sorted set")
+    await redis_client.set(latent_key(prefix), "not a hash")
+    async with client_for(settings) as client:
+        rt = client.app.state.runtime  # type: ignore[attr-defined]
+        await rt.refresh()  # read as no version and no model
+        assert rt.latent_seen == 0
+        assert await changed_since(redis_client, prefix, 0, 5) is None  # "read it all"
+        await redis_client.set(catalog_items_key(prefix), "not a hash")
+        assert await mirrored(redis_client, prefix) == []
+        sold_out = dataclasses.replace(catalog.items[0], stock=0)
+        assert await mirror(redis_client, prefix, [sold_out], 3_600_000) == 1  # replaced
+        await rt.refresh()
+        assert not rt.catalog.in_stock[rt.catalog.row(sold_out.item_id)]
+        await redis_client.set(catalog_version_key(prefix), "seven")
+        await redis_client.delete(latent_key(prefix))
+        await redis_client.hset(latent_key(prefix), "version", "eight")
+        await rt.refresh()
+        again = dataclasses.replace(catalog.items[0], stock=5)
+        assert await mirror(redis_client, prefix, [again], 3_600_000) == 1  # starts again
+        await rt.refresh()
+        assert rt.catalog.in_stock[rt.catalog.row(again.item_id)]
 
 
 async def _calls(redis: aioredis.Redis, command: str) -> int:

@@ -15,6 +15,8 @@ from stream_engine.latent import (
     LatentModel,
     align,
     install_newer,
+    latent_key,
+    latent_seq_key,
     learn,
     nearest,
     newer_model,
@@ -221,3 +223,24 @@ async def test_a_worker_installs_a_published_model_into_its_catalog(
     again = await install_newer(redis_client, key_prefix, catalog, 5, prepare,
                                 catalog.adopt_latent)  # fmt: skip
     assert again == (5, None)
+
+
+@pytest.mark.integration
+async def test_model_keys_written_by_something_else_read_as_none_and_are_replaced(
+    redis_client: aioredis.Redis, key_prefix: str
+) -> None:
+    """The model's key or its sequence of another type, or a version that is no number:
+    workers and APIs read no model (they raised, and a worker's catalog follower stopped),
+    and the learner starts the sequence again (its INCR raised at every round)."""
+    catalog = Catalog([Item("a", "A", ("X",), price=1.0)])
+    await redis_client.set(latent_key(key_prefix), "not a hash")
+    assert await newer_model(redis_client, key_prefix, catalog, seen=0) == (0, None)
+    assert await latent.load(redis_client, key_prefix) is None
+    await redis_client.delete(latent_key(key_prefix))
+    await redis_client.hset(latent_key(key_prefix), "version", "seven")
+    assert await latent.published_version(redis_client, key_prefix) == 0
+    await redis_client.rpush(latent_seq_key(key_prefix), "not", "a", "counter")
+    assert await latent.refresh(redis_client, key_prefix, LEARNED_DIMS, 1000, 60_000,
+                                60_000.0) is None  # no co-visitation yet  # fmt: skip
+    assert await redis_client.get(latent_seq_key(key_prefix)) == b"1"
+    assert 0 < await redis_client.pttl(latent_seq_key(key_prefix)) <= 60_000
