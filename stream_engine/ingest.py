@@ -273,7 +273,8 @@ class Ingest:
             try:
                 async with asyncio.timeout(WATCH_TIMEOUT_S):
                     raw = await redis.get(key)
-            except (TimeoutError, *STORE_ERRORS) as exc:
+            except (TimeoutError, ResponseError, *STORE_ERRORS) as exc:
+                # ResponseError: a key of another type, written by something else
                 log.debug("pressure counter not read: %s", exc)
             else:
                 reported = watch.seen(raw)

@@ -30,6 +30,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from stream_engine.state import stored_int
+
 log = logging.getLogger("kairos.worker")
 
 WATCH_EVERY_S = 0.1  # how often the worker reads the counter
@@ -139,7 +141,7 @@ class PressureWatch:
     last: int | None = None
 
     def seen(self, raw: bytes | str | None) -> bool:
-        value = int(raw) if raw is not None else 0
+        value = stored_int(raw) or 0  # none, or not a number (written by something else)
         went_up = self.last is not None and value > self.last
         self.last = value
         return went_up

@@ -118,6 +118,8 @@ def test_the_watch_reports_only_a_counter_that_went_up() -> None:
     assert watch.seen(b"42")
     assert not watch.seen(None)  # expired
     assert watch.seen(b"1")  # and counted again from nothing
+    assert not watch.seen(b"lots")  # not a number (written by something else): as none
+    assert watch.seen(b"2")
 
 
 def test_a_window_reports_only_enough_slow_reads() -> None:
@@ -161,6 +163,33 @@ async def test_the_worker_slows_down_when_the_api_reports_and_climbs_back_after(
         assert _limit(ingest) > cut
         assert metrics.pressure_reports._value.get() >= 1
         assert await redis_client.pttl(key) > 0
+    finally:
+        stopping.set()
+        await asyncio.wait_for(watch, 2)
+        await ingest.aclose()
+
+
+@pytest.mark.integration
+async def test_a_pressure_counter_of_another_type_does_not_stop_the_watch(
+    stack: Stack, redis_client: aioredis.Redis, key_prefix: str
+) -> None:
+    """The watch read the counter with GET and stopped on the error of a key of another
+    type (written by something else): the worker never yielded to the API again."""
+    settings = Settings(redis_url=stack.redis_url, key_prefix=key_prefix, yield_min_rate=500)
+    ingest = Ingest(settings, Catalog(generate(20)), WorkerMetrics())
+    key = Keys(key_prefix).pressure
+    await redis_client.rpush(key, "not", "a", "counter")
+    stopping = asyncio.Event()
+    watch = asyncio.create_task(ingest.watch_pressure(redis_client, stopping))
+    try:
+        await asyncio.sleep(3 * WATCH_EVERY_S)
+        assert not watch.done()
+        await redis_client.delete(key)  # what the API's next reports then count on
+        for _ in range(3):
+            for command in report_commands(key):
+                await redis_client.execute_command(*command)  # type: ignore[no-untyped-call]
+            await asyncio.sleep(2 * WATCH_EVERY_S)
+        await wait_for(lambda: _limit(ingest) > 0, 2, "a limit")
     finally:
         stopping.set()
         await asyncio.wait_for(watch, 2)
