@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from stream_engine.state import COUNT_UP
+
 PRESSURE_EVERY_S = 0.1
 # The INCR goes on the background connection, behind whatever refresh holds it; a report
 # that arrives late still says "up" to a worker, one cut off drops that connection.
@@ -46,4 +48,7 @@ class SlowReads:
 
 
 def report_commands(key: str) -> list[tuple[Any, ...]]:
-    return [("INCR", key), ("PEXPIRE", key, PRESSURE_TTL_MS)]
+    """INCR and PEXPIRE in one script (state.COUNT_UP): a counter something else
+    overwrote starts again, instead of every report failing on it (and its TTL, refreshed
+    by each report, keeping it)."""
+    return [("EVAL", COUNT_UP, 1, key, PRESSURE_TTL_MS)]

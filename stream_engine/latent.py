@@ -40,7 +40,7 @@ from redis.exceptions import ResponseError
 
 from stream_engine.catalog import Catalog, Matrix
 from stream_engine.ingest import STORE_ERRORS
-from stream_engine.state import AGG_UNIT, Keys, stored_int
+from stream_engine.state import AGG_UNIT, COUNT_UP, Keys, stored_int
 from stream_engine.store import wrong_type
 
 log = logging.getLogger("kairos.latent")
@@ -317,19 +317,6 @@ async def load(redis: aioredis.Redis, prefix: str) -> LatentModel | None:
         raise
 
 
-# KEYS: the model's sequence. The next version; a sequence that something else overwrote
-# (another type, or not a number) starts again.
-NEXT_VERSION = """
-local v = redis.pcall('INCR', KEYS[1])
-if type(v) == 'table' then
-  redis.call('DEL', KEYS[1])
-  v = redis.call('INCR', KEYS[1])
-end
-redis.call('PEXPIRE', KEYS[1], ARGV[1])
-return v
-"""
-
-
 async def newer_model(
     redis: aioredis.Redis, prefix: str, catalog: Catalog, seen: int, version: int | None = None
 ) -> tuple[int, LatentModel | None]:
@@ -385,7 +372,7 @@ async def refresh(
     started = time.monotonic()
     rows = await read_covisitation(redis, Keys(prefix), covisit_half_life_ms)
     previous = await load(redis, prefix)
-    version = int(await redis.eval(NEXT_VERSION, 1, latent_seq_key(prefix), ttl_ms))
+    version = int(await redis.eval(COUNT_UP, 1, latent_seq_key(prefix), ttl_ms))
     read_s = time.monotonic() - started
     # the SVD and the neighbour search take seconds at 20k items: off the event loop
     model = await asyncio.to_thread(

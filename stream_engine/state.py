@@ -365,6 +365,19 @@ redis.call('PEXPIRE', KEYS[3], ttl)
 return 1
 """.replace("AGG_UNIT", str(AGG_UNIT)).replace("NUMBER", NUMBER)
 
+# KEYS: a counter; ARGV: ttl ms. INCR, then PEXPIRE; returns the count. A key that
+# something else overwrote (another type, or not a number) starts again from 1. (The
+# learned model's sequence; the APIs' pressure counter.)
+COUNT_UP = """
+local v = redis.pcall('INCR', KEYS[1])
+if type(v) == 'table' then
+  redis.call('DEL', KEYS[1])
+  v = redis.call('INCR', KEYS[1])
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return v
+"""
+
 # KEYS: agg meta; ARGV: landmark expected, new landmark. Moves the landmark (compare-and-
 # set); every sorted set follows at its next write (APPLY_AGGREGATES). Returns 1, or 0 if
 # the landmark moved already.

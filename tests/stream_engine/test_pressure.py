@@ -174,7 +174,9 @@ async def test_a_pressure_counter_of_another_type_does_not_stop_the_watch(
     stack: Stack, redis_client: aioredis.Redis, key_prefix: str
 ) -> None:
     """The watch read the counter with GET and stopped on the error of a key of another
-    type (written by something else): the worker never yielded to the API again."""
+    type (written by something else), and the API's reports failed on it: the worker
+    never yielded to the API again. Now the watch reads it as no report and the API's
+    next report starts the counter again."""
     settings = Settings(redis_url=stack.redis_url, key_prefix=key_prefix, yield_min_rate=500)
     ingest = Ingest(settings, Catalog(generate(20)), WorkerMetrics())
     key = Keys(key_prefix).pressure
@@ -184,12 +186,13 @@ async def test_a_pressure_counter_of_another_type_does_not_stop_the_watch(
     try:
         await asyncio.sleep(3 * WATCH_EVERY_S)
         assert not watch.done()
-        await redis_client.delete(key)  # what the API's next reports then count on
         for _ in range(3):
             for command in report_commands(key):
                 await redis_client.execute_command(*command)  # type: ignore[no-untyped-call]
             await asyncio.sleep(2 * WATCH_EVERY_S)
         await wait_for(lambda: _limit(ingest) > 0, 2, "a limit")
+        assert await redis_client.get(key) == b"3"
+        assert await redis_client.pttl(key) > 0
     finally:
         stopping.set()
         await asyncio.wait_for(watch, 2)
