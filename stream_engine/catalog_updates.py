@@ -31,14 +31,13 @@ from typing import Any, cast
 import orjson
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer
-from redis.exceptions import ResponseError
 
 from stream_engine.catalog import Catalog, CatalogError, Item, item_from_mapping
 from stream_engine.ingest import MAX_BACKOFF_S, STORE_ERRORS
 from stream_engine.latent import install_newer
 from stream_engine.metrics import WorkerMetrics
 from stream_engine.settings import Settings
-from stream_engine.store import wrong_type
+from stream_engine.store import unless_wrong_type
 
 log = logging.getLogger("kairos.catalog")
 
@@ -94,28 +93,23 @@ async def changed_since(
     """The mirrored items whose last change made a version in (since, upto], as (item_id,
     JSON); None when the change index cannot say (it names none, as with a mirror written
     before the index existed): the caller reads the whole mirror."""
+    # Keys of another type (written by something else; the next mirror write replaces
+    # them) cannot say either.
     key = catalog_changed_key(prefix)
-    try:
-        found = cast(list[bytes | str], await redis.zrangebyscore(key, f"({since}", upto))
-        if not found:
-            return None
-        values = await redis.hmget(catalog_items_key(prefix), found)
-    except ResponseError as exc:
-        if wrong_type(exc):  # written by something else: the next mirror write replaces it
-            return None
-        raise
+    by_version = redis.zrangebyscore(key, f"({since}", upto)
+    found = cast(list[bytes | str], await unless_wrong_type(by_version, []))
+    if not found:
+        return None
+    values = await unless_wrong_type(redis.hmget(catalog_items_key(prefix), found), None)
+    if values is None:
+        return None
     return _pairs((i, v) for i, v in zip(found, values, strict=True) if v is not None)
 
 
 async def mirrored(redis: aioredis.Redis, prefix: str) -> list[tuple[str, bytes]]:
     """Every mirrored item, as (item_id, JSON); none while the key holds another type
     (written by something else: the next mirror write replaces it)."""
-    try:
-        return _pairs((await redis.hgetall(catalog_items_key(prefix))).items())
-    except ResponseError as exc:
-        if wrong_type(exc):
-            return []
-        raise
+    return _pairs((await unless_wrong_type(redis.hgetall(catalog_items_key(prefix)), {})).items())
 
 
 def _pairs(raw: Iterable[tuple[bytes | str, bytes | str]]) -> list[tuple[str, bytes]]:

@@ -41,7 +41,7 @@ from redis.exceptions import ResponseError
 from stream_engine.catalog import Catalog, Matrix
 from stream_engine.ingest import STORE_ERRORS
 from stream_engine.state import AGG_UNIT, COUNT_UP, Keys, stored_int
-from stream_engine.store import wrong_type
+from stream_engine.store import unless_wrong_type, wrong_type
 
 log = logging.getLogger("kairos.latent")
 
@@ -224,10 +224,8 @@ async def read_covisitation(
     names: list[bytes] = []
     async for name in redis.scan_iter(match=prefix + "*", count=SCAN_COUNT):
         names.append(name if isinstance(name, bytes) else name.encode())
-    pipe = redis.pipeline(transaction=False)
-    pipe.hget(keys.agg_meta, "L")
-    (stored,) = _unless_wrong_type(await pipe.execute(raise_on_error=False))
-    landmark = stored_int(stored)  # of another type (the worker's read repairs it): none
+    # of another type (the worker's read repairs it): none
+    landmark = stored_int(await unless_wrong_type(redis.hget(keys.agg_meta, "L"), None))
     out: dict[str, dict[str, float]] = {}
     for start in range(0, len(names), READ_CHUNK):
         chunk = names[start : start + READ_CHUNK]
@@ -300,21 +298,12 @@ def parse_model(fields: dict[Any, Any]) -> LatentModel | None:
 async def published_version(redis: aioredis.Redis, prefix: str) -> int:
     """The published model's version; 0 for none, as for a key or a version written by
     something else (the next publish replaces the key)."""
-    try:
-        return stored_int(await redis.hget(latent_key(prefix), "version")) or 0
-    except ResponseError as exc:
-        if wrong_type(exc):
-            return 0
-        raise
+    return stored_int(await unless_wrong_type(redis.hget(latent_key(prefix), "version"), None)) or 0
 
 
 async def load(redis: aioredis.Redis, prefix: str) -> LatentModel | None:
-    try:
-        return parse_model(await redis.hgetall(latent_key(prefix)))
-    except ResponseError as exc:
-        if wrong_type(exc):  # written by something else: no model (publish replaces it)
-            return None
-        raise
+    # of another type, written by something else: no model (the next publish replaces it)
+    return parse_model(await unless_wrong_type(redis.hgetall(latent_key(prefix)), {}))
 
 
 async def newer_model(

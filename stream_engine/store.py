@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
@@ -67,6 +67,20 @@ def wrong_type(reply: Any) -> bool:
     """Whether a reply (or a raised error) is Redis's WRONGTYPE: the key holds another type
     than the command works on, written by something else than Kairos."""
     return isinstance(reply, ResponseError) and str(reply).startswith("WRONGTYPE")
+
+
+_T = TypeVar("_T")
+
+
+async def unless_wrong_type(read: Awaitable[_T], instead: _T) -> _T:
+    """The reply of one read, or `instead` when its key holds another type (wrong_type);
+    any other error raised."""
+    try:
+        return await read
+    except ResponseError as exc:
+        if wrong_type(exc):
+            return instead
+        raise
 
 
 def raise_error_reply(replies: list[Any]) -> list[Any]:
