@@ -315,10 +315,13 @@ class BatchProcessor:
             await migrate(self.redis, self.keys)
             await self.load_scripts()
         repaired = self.repaired
+        # Sessions an earlier attempt wrote (or found erased or blocked): a refused write of
+        # another session doesn't apply or count their events again.
+        settled: set[str] = set()
         for _attempt in range(MAX_ATTEMPTS):
             try:
-                plan = await self._plan(valid, now_ms)
-                conflicts = await self._write(plan, out)
+                plan = await self._plan(valid, now_ms, settled)
+                conflicts = await self._write(plan, out, settled)
             except NoScriptError:
                 await self.load_scripts()
                 self.cache.clear()
@@ -416,7 +419,7 @@ class BatchProcessor:
 
     # ------------------------------------------------------------------ plan
 
-    async def _plan(self, valid: Sequence[Positioned], now_ms: int) -> Plan:
+    async def _plan(self, valid: Sequence[Positioned], now_ms: int, settled: set[str]) -> Plan:
         by_session: dict[str, list[Positioned]] = defaultdict(list)
         for p in valid:
             by_session[p.event.session_id].append(p)
@@ -430,6 +433,8 @@ class BatchProcessor:
         for sid, events in by_session.items():
             snap = snaps[sid]
             recent_before[sid] = list(snap.recent)
+            if sid in settled:
+                continue
             fresh = [p for p in events if is_new(snap.fence, snap.partition, p)]
             plan.duplicates += len(events) - len(fresh)
             if not fresh:
@@ -445,6 +450,8 @@ class BatchProcessor:
         fold_session_vectors(list(planned.values()), self.catalog, self.tuning)
         for sid in by_session:
             snap = snaps[sid]
+            if sid in settled:
+                continue
             if sid in planned:
                 write, walk = planned[sid]
                 user, blocked = walk.user, walk.blocked
@@ -533,7 +540,7 @@ class BatchProcessor:
 
     # ------------------------------------------------------------------ write
 
-    async def _write(self, plan: Plan, out: Outcome) -> int:
+    async def _write(self, plan: Plan, out: Outcome, settled: set[str]) -> int:
         """Aggregates, then users, then sessions: a crash between them leaves each part's
         own fence telling the redelivery what is still to do."""
         pipe: list[tuple[Any, ...]] = []
@@ -582,7 +589,10 @@ class BatchProcessor:
         conflicts = 0
         for (kind, write), res in zip(kinds, results, strict=True):
             if kind == "session":
-                conflicts += self._after_session_write(write, res, out)
+                refused = self._after_session_write(write, res, out)
+                if not refused:
+                    settled.add(write.session_id)
+                conflicts += refused
             elif kind == "agg":
                 conflicts += self._after_aggregate_write(write, res, now_ms)
         return conflicts

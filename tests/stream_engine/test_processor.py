@@ -322,6 +322,21 @@ async def test_the_owner_cache_yields_to_what_redis_holds(
     assert s[b"r"] == ITEMS[1].encode()
 
 
+async def test_a_conflict_counts_each_event_once(
+    processor: BatchProcessor, redis_client: aioredis.Redis, key_prefix: str
+) -> None:
+    """A batch whose write is refused for one session is planned again; the sessions the
+        first attempt wrote or found erased are neither counted again as duplicates nor blocked
+    twice."""
+    log, sids = Log(), ("s1", "s2", "s3")
+    await processor.process([log(EventType.VIEW, s, item_id=ITEMS[0]) for s in sids])
+    await redis_client.delete(Keys(key_prefix).session("s1"))  # expired behind our back
+    await erase_session(redis_client, Keys(key_prefix), "s3", TTLS.erasure_ms)
+    out = await processor.process([log(EventType.CLICK, s, item_id=ITEMS[1]) for s in sids])
+    assert (out.applied, out.blocked, out.duplicates) == (2, 1, 0)
+    assert out.conflicts == 1
+
+
 async def test_what_the_owner_cache_holds_is_what_a_read_of_redis_gives(
     processor: BatchProcessor, second: BatchProcessor
 ) -> None:
