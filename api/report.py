@@ -20,7 +20,7 @@ from typing import Any
 
 from api.config import DecisionConfig
 from stream_engine.state import FRESHNESS_FIELDS, FRESHNESS_MS
-from stream_engine.store import hash_reply
+from stream_engine.store import hash_reply, wrong_type
 
 PERSONAL = ("personalized", "profile", "contextual")
 MIN_EXPOSURES = 200  # per group, before a lift is shown
@@ -54,7 +54,10 @@ async def read_counters(
     execute: Execute, prefix: str, window: Window
 ) -> tuple[dict[str, float], dict[int, dict[str, float]], dict[str, int]]:
     """(totals over the window, per-minute counters, HyperLogLog counts), in one round trip
-    through `execute` (a held connection's batch: see api/session_state.py)."""
+    through `execute` (a held connection's batch: see api/session_state.py), which returns
+    error replies rather than raising them. A key of another type or a counter that is not
+    a number (written by something else than attribution) counts as none, rather than
+    failing the report until it expires; any other error is raised."""
     minutes = list(window.minute_range)
     cmds: list[tuple[Any, ...]] = [("HGETALL", f"{prefix}:{{report}}:m:{m}") for m in minutes]
     hours = list(window.hour_range)
@@ -62,7 +65,7 @@ async def read_counters(
            "personalized": "vp"}  # fmt: skip
     for kind in hll.values():
         cmds.append(("PFCOUNT", *[f"{prefix}:{{report}}:{kind}:{h}" for h in hours]))
-    replies = await execute(cmds)
+    replies = [None if wrong_type(r) else r for r in await execute(cmds)]
     for reply in replies:
         if isinstance(reply, Exception):
             raise reply
@@ -70,12 +73,21 @@ async def read_counters(
     series: dict[int, dict[str, float]] = {}
     for m, raw in zip(minutes, replies[: len(minutes)], strict=True):
         if raw:
-            row = {_text(k): float(v) for k, v in hash_reply(raw).items()}
+            row = {_text(k): v for k, raw_v in hash_reply(raw).items()
+                   if (v := _count(raw_v)) is not None}  # fmt: skip
             series[m] = row
             for k, v in row.items():
                 totals[k] += v
-    counts = {name: int(c) for name, c in zip(hll, replies[len(minutes) :], strict=True)}
+    counts = {name: int(c or 0) for name, c in zip(hll, replies[len(minutes) :], strict=True)}
     return dict(totals), series, counts
+
+
+def _count(raw: bytes | str) -> float | None:
+    try:
+        value = float(raw)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
 
 
 def _text(raw: bytes | str) -> str:

@@ -438,7 +438,9 @@ class Runtime:
         return report
 
     async def read_report(self, cmds: list[tuple[Any, ...]]) -> list[Any]:
-        return await self._background(cmds, timeout_s=BACKGROUND_READ_S)
+        """The replies, error replies among them (read_counters takes those)."""
+        async with asyncio.timeout(BACKGROUND_READ_S):
+            return await self.background_batches.execute(cmds)
 
     async def _background(self, cmds: list[tuple[Any, ...]], timeout_s: float) -> list[Any]:
         async with asyncio.timeout(timeout_s):

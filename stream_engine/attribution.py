@@ -45,14 +45,24 @@ from stream_engine.events import EventType, InvalidEvent, parse_event
 from stream_engine.ingest import STORE_ERRORS
 from stream_engine.processor import STORE_TIMEOUT_S
 from stream_engine.settings import Settings
-from stream_engine.state import REPORT_TTL_MS, Keys, hll_key, minute_key, report_fence_key
-from stream_engine.store import connect
+from stream_engine.state import (
+    NUMBER,
+    REPORT_TTL_MS,
+    Keys,
+    hll_key,
+    minute_key,
+    report_fence_key,
+    stored_int,
+    stored_text,
+)
+from stream_engine.store import connect, unless_wrong_type, wrong_type
 
 log = logging.getLogger("kairos.attribution")
 
 ATTRIBUTED = {EventType.CLICK: "k", EventType.ADD_TO_CART: "a", EventType.PURCHASE: "p"}
 MAX_SKEW_MS = 60_000
 MAX_CONFLICTS = 5
+MAX_TS_MS = 1 << 53  # an exposure's time, ms: beyond it is not one the API wrote
 PERSONAL = frozenset(
     {"personalized", "profile", "contextual"}
 )  # a click may carry a timestamp a little before its exposure's
@@ -61,20 +71,34 @@ PERSONAL = frozenset(
 # ARGV: fence field, expected ("" = none), new, ttl ms, then per key: kind ("h" hash of
 #       "field increment ..." pairs, "v" HyperLogLog of "member member ..."), packed values
 # Returns 1 applied, 0 fence conflict (someone else moved it: re-read, re-filter, retry).
+# What something else wrote is replaced rather than failed on (found by pcall: no extra
+# command on the normal path): a key of another type starts again, a counter that is not
+# a number is set, and a fence that is not a number counts as none, as the reader takes it.
 APPLY_REPORT = """
-local cur = redis.call('HGET', KEYS[1], ARGV[1]) or ''
-if cur ~= ARGV[2] then return 0 end
+local cur = redis.pcall('HGET', KEYS[1], ARGV[1])
+if type(cur) == 'table' then
+  redis.call('DEL', KEYS[1])
+  cur = false
+end
+cur = cur or ''
+if cur ~= ARGV[2] and (ARGV[2] ~= '' or string.match(cur, NUMBER)) then return 0 end
 local ttl = tonumber(ARGV[4])
 local i = 5
 for k = 2, #KEYS do
   if ARGV[i] == 'h' then
     for f, inc in string.gmatch(ARGV[i + 1], '(%S+) (%S+)') do
-      redis.call('HINCRBYFLOAT', KEYS[k], f, inc)
+      if type(redis.pcall('HINCRBYFLOAT', KEYS[k], f, inc)) == 'table' then
+        if redis.call('TYPE', KEYS[k]).ok ~= 'hash' then redis.call('DEL', KEYS[k]) end
+        redis.call('HSET', KEYS[k], f, inc)
+      end
     end
   else
     local members = {}
     for m in string.gmatch(ARGV[i + 1], '%S+') do members[#members + 1] = m end
-    if #members > 0 then redis.call('PFADD', KEYS[k], unpack(members)) end
+    if #members > 0 and type(redis.pcall('PFADD', KEYS[k], unpack(members))) == 'table' then
+      redis.call('DEL', KEYS[k])
+      redis.call('PFADD', KEYS[k], unpack(members))
+    end
   end
   redis.call('PEXPIRE', KEYS[k], ttl)
   i = i + 2
@@ -82,7 +106,7 @@ end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
 redis.call('PEXPIRE', KEYS[1], ttl)
 return 1
-"""
+""".replace("NUMBER", NUMBER)
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,10 +121,50 @@ class Exposure:
         return f"{self.decision_id}|{self.slot}|{self.strategy}|{self.group}|{self.ts}"
 
     @classmethod
-    def unpack(cls, raw: bytes | str) -> Exposure:
-        text = raw.decode() if isinstance(raw, bytes) else raw
-        d, slot, strategy, group, ts = text.split("|")
-        return cls(d, slot, strategy, group, int(ts))
+    def unpack(cls, raw: bytes | str) -> Exposure | None:
+        """None for what is not a packed exposure (written by something else)."""
+        text = stored_text(raw) if isinstance(raw, bytes) else raw
+        parts = text.split("|")
+        if len(parts) != 5 or (ts := stored_int(parts[4])) is None:
+            return None
+        d, slot, strategy, group, _ = parts
+        return cls(d, slot, strategy, group, ts)
+
+
+@dataclass(frozen=True, slots=True)
+class Exposed:
+    """One message of the decisions topic, as attribution counts it."""
+
+    exposure: Exposure
+    session_id: str
+    shown: list[str]  # the items and the banner
+    banner: str | None
+    rules: list[str]
+    fallback_reason: str | None
+
+    @classmethod
+    def of(cls, raw: bytes) -> Exposed | None:
+        """None when the message is not one the API writes (any producer can write to the
+        topic)."""
+        try:
+            obj = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return None
+        if not isinstance(obj, dict):
+            return None
+        ts, sid = obj.get("ts"), obj.get("session_id")
+        banner, items, rules = obj.get("banner"), obj.get("items") or [], obj.get("rules") or []
+        words = [obj.get(k) for k in ("decision_id", "slot", "strategy", "group")]
+        reason = obj.get("fallback_reason")
+        if not (all(_words(w) for w in words) and _words(sid)
+                and type(ts) is int and 0 <= ts < MAX_TS_MS
+                and (banner is None or _words(banner)) and (reason is None or _words(reason))
+                and isinstance(items, list) and isinstance(rules, list)):  # fmt: skip
+            return None
+        shown = [i for i in items if _words(i)] + ([banner] if banner is not None else [])
+        d, slot, strategy, group = (str(w) for w in words)
+        return cls(Exposure(d, slot, strategy, group, ts), str(sid), shown, banner,
+                   [r for r in rules if _words(r)], reason)  # fmt: skip
 
 
 @dataclass
@@ -135,8 +199,11 @@ class Attributor:
         skipped; False if none was left."""
         fence_key, fence_field = report_fence_key(self.prefix), f"{topic}:{partition}"
         for _ in range(MAX_CONFLICTS):
-            current = await self.redis.hget(fence_key, fence_field)
-            done = -1 if current is None else int(current)
+            # A fence written by something else (another type, not a number) counts as none,
+            # and the script replaces it.
+            read = self.redis.hget(fence_key, fence_field)
+            current = stored_int(await unless_wrong_type(read, None))
+            done = -1 if current is None else current
             fresh = [r for r in records if r[0] > done]
             if not fresh:
                 return False
@@ -153,37 +220,44 @@ class Attributor:
     async def _exposures(self, records: list[tuple[int, bytes]], batch: Batch) -> None:
         pipe = self.redis.pipeline(transaction=False)
         p = self.prefix
+        writes: list[tuple[str, dict[Any, Any]]] = []
+        skipped = 0
         for _, raw in records:
-            try:
-                obj = orjson.loads(raw)
-                exp = Exposure(obj["decision_id"], obj["slot"], obj["strategy"], obj["group"],
-                               int(obj["ts"]))  # fmt: skip
-                sid = obj["session_id"]
-            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-                log.warning("skipped a malformed exposure")
+            if (one := Exposed.of(raw)) is None:
+                skipped += 1
                 continue
-            if not all(_words(v) for v in (exp.decision_id, exp.slot, exp.strategy, exp.group)):
-                continue
+            exp, sid = one.exposure, one.session_id
             cell = f"{exp.slot}|{exp.strategy}|{exp.group}"
             batch.count(exp.ts, p, f"x|{cell}")
-            if _words(obj.get("fallback_reason")):
-                batch.count(exp.ts, p, f"f|{exp.slot}|{obj['fallback_reason']}")
-            shown = [i for i in obj.get("items") or [] if _words(i)]
-            if _words(obj.get("banner")):
-                shown.append(obj["banner"])
-                batch.count(exp.ts, p, f"b|{obj['banner']}")
-            for rule in obj.get("rules") or []:
-                if _words(rule):
-                    batch.count(exp.ts, p, f"u|{rule}")
-            batch.hlls[hll_key(p, f"v:{exp.group}", exp.ts)].add(str(sid))
+            if one.fallback_reason is not None:
+                batch.count(exp.ts, p, f"f|{exp.slot}|{one.fallback_reason}")
+            if one.banner is not None:
+                batch.count(exp.ts, p, f"b|{one.banner}")
+            for rule in one.rules:
+                batch.count(exp.ts, p, f"u|{rule}")
+            batch.hlls[hll_key(p, f"v:{exp.group}", exp.ts)].add(sid)
             if exp.strategy in PERSONAL:
-                batch.hlls[hll_key(p, "vp", exp.ts)].add(str(sid))
-            key = self.keys.exposures(str(sid))
+                batch.hlls[hll_key(p, "vp", exp.ts)].add(sid)
             packed = exp.pack()
-            pipe.hset(key, mapping={f"d:{exp.decision_id}": packed,
-                                    **{f"i:{item}": packed for item in shown}})  # fmt: skip
-            pipe.pexpire(key, self.window_ms)
-        await pipe.execute()
+            fields: dict[Any, Any] = {f"d:{exp.decision_id}": packed,
+                                      **{f"i:{i}": packed for i in one.shown}}  # fmt: skip
+            writes.append((self.keys.exposures(sid), fields))
+            pipe.hset(writes[-1][0], mapping=fields)
+            pipe.pexpire(writes[-1][0], self.window_ms)
+        if skipped:
+            log.warning("skipped %d malformed exposures of %d", skipped, len(records))
+        replies = await pipe.execute(raise_on_error=False)
+        # A session's exposures key of another type (written by something else) starts again.
+        again = self.redis.pipeline(transaction=False)
+        for (key, fields), reply in zip(writes, replies[::2], strict=True):
+            if wrong_type(reply):
+                again.delete(key)
+                again.hset(key, mapping=fields)
+                again.pexpire(key, self.window_ms)
+            elif isinstance(reply, Exception):
+                raise reply
+        if again:
+            await again.execute()
 
     async def _events(self, records: list[tuple[int, bytes]], batch: Batch) -> None:
         now_ms = int(time.time() * 1000)
@@ -206,10 +280,13 @@ class Attributor:
                 wanted.append((event, field_name))
         if not wanted:
             return
-        for (event, _), found in zip(wanted, await pipe.execute(), strict=True):
-            if found is None:
+        for (event, _), found in zip(wanted, await pipe.execute(raise_on_error=False), strict=True):
+            if isinstance(found, Exception) and not wrong_type(found):
+                raise found
+            # None of a key of another type or a value that is not an exposure (written by
+            # something else): the event is not attributed.
+            if not isinstance(found, bytes | str) or (exp := Exposure.unpack(found)) is None:
                 continue
-            exp = Exposure.unpack(found)
             if not -MAX_SKEW_MS <= event.ts - exp.ts <= self.window_ms:
                 continue
             cell = f"{exp.slot}|{exp.strategy}|{exp.group}"

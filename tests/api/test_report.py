@@ -26,6 +26,7 @@ from stream_engine.attribution import Attributor
 from stream_engine.catalog import Catalog
 from stream_engine.events import Event, EventType, encode_event
 from stream_engine.settings import Settings
+from stream_engine.state import Keys
 from stream_engine.store import Batches
 from tests.api.conftest import ADMIN_TOKEN, client_for, with_
 from tests.conftest import REPO, Stack, spawn_group, stop_group
@@ -250,3 +251,78 @@ async def test_an_overlapping_redelivery_counts_each_exposure_once(
     assert not await attributor.apply("decisions", 0, records[5:25])
     report = await _report(redis_client, key_prefix, _config(tmp_path, 0.05))
     assert report["slots"]["home_recs"]["decisions"] == 30
+
+
+@pytest.mark.integration
+async def test_malformed_exposures_are_skipped_and_the_rest_counted(
+    attributor: Attributor, redis_client: aioredis.Redis, key_prefix: str, tmp_path: Path
+) -> None:
+    """The decisions topic takes any producer's messages: one of a wrong shape is skipped
+    (or what of it is usable counted), never stops the report."""
+    now = int(time.time() * 1000) - 60_000
+    good = orjson.loads(_exposure("g", 0, "treatment", now, ["sku-000001"]))
+    bad: list[Any] = [
+        {**good, "items": 5}, {**good, "rules": 7}, {**good, "rules": {"r": 1}},
+        {**good, "banner": ["b"]}, {**good, "items": [1, None, {"a": 1}]},
+        {**good, "ts": "soon"}, {**good, "ts": 1e300}, {**good, "session_id": {"a": 1}},
+        {**good, "session_id": ""}, {**good, "fallback_reason": 3}, [good], "text", None,
+    ]  # fmt: skip
+    records = [(i, orjson.dumps({**b, "decision_id": f"bad-{i}"}) if isinstance(b, dict)
+                else orjson.dumps(b)) for i, b in enumerate(bad)]  # fmt: skip
+    records += [(len(records), b"{not json"), (len(records) + 1, orjson.dumps(good))]
+    assert await attributor.apply("decisions", 0, records)
+    report = await _report(redis_client, key_prefix, _config(tmp_path, 0.05))
+    assert 1 <= report["slots"]["home_recs"]["decisions"] <= 6
+
+
+@pytest.mark.integration
+async def test_report_keys_written_by_something_else_do_not_stop_attribution(
+    attributor: Attributor, redis_client: aioredis.Redis, key_prefix: str, tmp_path: Path
+) -> None:
+    """The fence, a minute's counters, an hour's visitors or a session's exposures of
+    another type, or holding what is not a number or an exposure: the batch is counted
+    (the key or field starts again) instead of failing on every redelivery."""
+    now = int(time.time() * 1000) - 60_000
+    p = key_prefix
+    await redis_client.hset(f"{p}:{{report}}:fence", "decisions:0", "not-a-number")
+    await redis_client.set(f"{p}:{{report}}:m:{now // 60_000}", "x")
+    await redis_client.set(f"{p}:{{report}}:v:treatment:{now // 3_600_000}", "x")
+    records = [(i, _exposure(f"w{i}", 0, "treatment", now, ["sku-000001"])) for i in range(3)]
+    assert await attributor.apply("decisions", 0, records)
+    await redis_client.set(f"{p}:{{report}}:fence", "x")  # the fence key of another type
+    await redis_client.set(Keys(p).exposures("w3"), "x")
+    more = [(3, _exposure("w3", 0, "treatment", now, ["sku-000001"]))]
+    assert await attributor.apply("decisions", 0, more)
+    clicked = "k|home_recs|personalized|treatment"
+    await redis_client.hset(f"{p}:{{report}}:m:{now // 60_000}", clicked, "x")
+    await redis_client.set(Keys(p).exposures("w1"), "x")
+    await redis_client.hset(Keys(p).exposures("w2"), "i:sku-000001", "garbage")
+    clicks = [(i, encode_event(Event(f"c{i}", EventType.CLICK, f"w{i}", now + 500,
+                                     item_id="sku-000001"))) for i in range(4)]  # fmt: skip
+    assert await attributor.apply("clickstream", 0, clicks)
+    report = await _report(redis_client, key_prefix, _config(tmp_path, 0.05))
+    assert report["slots"]["home_recs"]["decisions"] == 4
+    batches = Batches(redis_client)
+    try:
+        totals, _, _ = await read_counters(batches.execute, p, Window(30, int(time.time() * 1000)))
+    finally:
+        await batches.aclose()
+    assert totals[clicked] == 2  # w0's and w3's; w1's, w2's lost
+
+
+@pytest.mark.integration
+async def test_the_report_reads_past_keys_written_by_something_else(
+    attributor: Attributor, redis_client: aioredis.Redis, key_prefix: str, tmp_path: Path
+) -> None:
+    """A minute's counters or an hour's visitors of another type, or a counter that is not
+    a number, count as none: the report shows the rest instead of failing."""
+    now = int(time.time() * 1000) - 60_000
+    p = key_prefix
+    records = [(i, _exposure(f"r{i}", 0, "treatment", now, ["sku-000001"])) for i in range(3)]
+    assert await attributor.apply("decisions", 0, records)
+    await redis_client.rpush(f"{p}:{{report}}:m:{now // 60_000 - 1}", "x")
+    await redis_client.hset(f"{p}:{{report}}:m:{now // 60_000}", "x|home_recs|x|treatment", "many")
+    await redis_client.set(f"{p}:{{report}}:vp:{now // 3_600_000}", "x")
+    report = await _report(redis_client, key_prefix, _config(tmp_path, 0.05))
+    assert report["slots"]["home_recs"]["decisions"] == 3
+    assert report["signal"] == {"visitors": 3, "personalized_visitor_share": 0.0}
