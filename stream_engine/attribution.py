@@ -33,6 +33,7 @@ import logging
 import signal
 import time
 from collections import defaultdict
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,6 +57,7 @@ from stream_engine.state import (
     stored_text,
 )
 from stream_engine.store import connect, unless_wrong_type, wrong_type
+from stream_engine.topics import Incarnation, TopicIdentity
 
 log = logging.getLogger("kairos.attribution")
 
@@ -185,8 +187,18 @@ def _words(value: Any) -> bool:
 
 
 class Attributor:
-    def __init__(self, settings: Settings, catalog: Catalog, redis: aioredis.Redis) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        catalog: Catalog,
+        redis: aioredis.Redis,
+        topic_ids: Mapping[str, Callable[[], Awaitable[str | None]]] | None = None,
+    ) -> None:
         self.settings = settings
+        # The fences are taken per incarnation of each topic (topics.Incarnation): a topic
+        # created again numbers its offsets from 0, and the old fences would skip them.
+        self.incarnations = {topic: Incarnation(topic, read)
+                             for topic, read in (topic_ids or {}).items()}  # fmt: skip
         self.catalog = catalog
         self.redis = redis
         self.keys = Keys(settings.key_prefix)
@@ -198,6 +210,10 @@ class Attributor:
         partition's fence were counted before (a redelivery, maybe overlapping) and are
         skipped; False if none was left."""
         fence_key, fence_field = report_fence_key(self.prefix), f"{topic}:{partition}"
+        if (incarnation := self.incarnations.get(topic)) is not None:
+            await incarnation.follow((partition, offset) for offset, _ in records)
+            if incarnation.tag:
+                fence_field += f"@{incarnation.tag}"
         for _ in range(MAX_CONFLICTS):
             # A fence written by something else (another type, not a number) counts as none,
             # and the script replaces it.
@@ -312,7 +328,9 @@ class Attributor:
 async def run(settings: Settings, catalog: Catalog, stopping: asyncio.Event) -> None:
     """Consume both topics until `stopping` is set; Redis outages are retried in place."""
     redis = connect(settings.redis_url, timeout_s=STORE_TIMEOUT_S)
-    attributor = Attributor(settings, catalog, redis)
+    topics = (settings.decisions_topic, settings.clickstream_topic)
+    identities = {t: TopicIdentity(settings.kafka_bootstrap, t) for t in topics}
+    attributor = Attributor(settings, catalog, redis, identities)
     consumer = AIOKafkaConsumer(
         settings.decisions_topic,
         settings.clickstream_topic,

@@ -31,6 +31,7 @@ from stream_engine.looplag import LoopLag
 from stream_engine.metrics import WorkerMetrics
 from stream_engine.processor import Record
 from stream_engine.settings import Settings
+from stream_engine.topics import TopicIdentity
 
 log = logging.getLogger("kairos.consumer")
 LAG_EVERY_S = 1.0
@@ -52,7 +53,13 @@ class _Revocations(ConsumerRebalanceListener):  # type: ignore[misc]
 class ClickstreamConsumer:
     def __init__(self, settings: Settings, catalog: Catalog, metrics: WorkerMetrics) -> None:
         self.settings = settings
-        self.ingest = Ingest(settings, catalog, metrics, lanes=settings.lanes)
+        self.ingest = Ingest(
+            settings,
+            catalog,
+            metrics,
+            lanes=settings.lanes,
+            topic_id=TopicIdentity(settings.kafka_bootstrap, settings.clickstream_topic),
+        )
         self.lanes = Lanes(self.ingest, settings.lanes, settings.batch_max, settings.dlq_topic)
         self.metrics = metrics
         self.stopping = asyncio.Event()

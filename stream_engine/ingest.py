@@ -12,7 +12,7 @@ import bisect
 import logging
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import orjson
 import redis.asyncio as aioredis
@@ -43,6 +43,7 @@ from stream_engine.processor import (
 from stream_engine.settings import Settings
 from stream_engine.state import FRESHNESS_FIELDS, FRESHNESS_MS, REPORT_TTL_MS, Keys, minute_key
 from stream_engine.store import connect
+from stream_engine.topics import Incarnation
 
 log = logging.getLogger("kairos.worker")
 # Redis unreachable or slow, or refusing writes for now: out of memory under `noeviction`,
@@ -108,6 +109,7 @@ class Ingest:
         metrics: WorkerMetrics,
         lanes: int = 1,
         shared_cache: bool = False,
+        topic_id: Callable[[], Awaitable[str | None]] | None = None,
     ) -> None:
         self.settings = settings
         self.catalog = catalog
@@ -125,6 +127,9 @@ class Ingest:
         # minute -> freshness bucket -> events, flushed to the report's counters
         self._freshness: dict[int, Counter[str]] = {}
         self.governor = Governor(settings.yield_min_rate, enabled=settings.yield_to_api)
+        # The fences are taken per incarnation of the clickstream topic (its id, from
+        # topics.TopicIdentity; planning.is_new).
+        self.incarnation = Incarnation(settings.clickstream_topic, topic_id)
 
     @property
     def redis(self) -> aioredis.Redis:
@@ -145,6 +150,7 @@ class Ingest:
                 upkeep=self._upkeep,
                 cache=self._cache,
             )
+            proc.adopt_incarnation(self.incarnation.tag)
         return proc
 
     async def aclose(self) -> None:
@@ -162,6 +168,9 @@ class Ingest:
         batch let through whole after its wait holds Redis, and the API's reads behind it,
         for its whole write (~11 ms), however slow the average rate. Slices are in offset
         order, and each is fenced like any batch."""
+        if await self.incarnation.follow((r.partition, r.offset) for r in records):
+            for proc in self._processors.values():
+                proc.adopt_incarnation(self.incarnation.tag)
         size = self.governor.slice()
         if size is None or len(records) <= size:
             await self.governor.admit(len(records))

@@ -6,6 +6,7 @@ rules (fences, consent, cart, recent items, co-visitation) are unit-testable wit
 
 from __future__ import annotations
 
+import zlib
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -101,9 +102,39 @@ class Plan:
     unknown_items: int = 0
 
 
-def is_new(fence: int | None, fence_partition: int | None, p: Positioned) -> bool:
-    # A fence only orders offsets of the partition it was taken on.
-    return fence is None or fence_partition != p.partition or p.offset > fence
+# A fence's partition also names the clickstream topic's incarnation it was taken on: the
+# partition number in the low 16 bits, a tag of the topic's id above them (0: unknown, and
+# what sessions written before tags carry). Kafka numbers a recreated topic's offsets, or a
+# new cluster's after a migration, from 0 again: without the tag, the old fences took every
+# event of the sessions they had seen for one already applied, until the sessions expired.
+PARTITION_BITS = 16
+PARTITION_MASK = (1 << PARTITION_BITS) - 1
+
+
+def incarnation_tag(topic_id: str | None) -> int:
+    """The tag of a topic id (Kafka's, as text); 0 when the id is unknown."""
+    if not topic_id:
+        return 0
+    return (zlib.crc32(topic_id.encode()) & 0x7FFFFFFF) or 1
+
+
+def tagged_partition(partition: int, tag: int) -> int:
+    """The partition a fence is stored with (see PARTITION_BITS)."""
+    return partition | (tag << PARTITION_BITS)
+
+
+def is_new(fence: int | None, fence_partition: int | None, p: Positioned, tag: int = 0) -> bool:
+    """Whether a fence leaves `p` to apply. A fence only orders offsets of the partition,
+    and the topic's incarnation, it was taken on; one of an unknown incarnation (written
+    before tags, or while the topic's id could not be read) is taken as this one's, so
+    that such a worker doubles nothing."""
+    if fence is None or fence_partition is None:
+        return True
+    if tag == 0 or fence_partition <= PARTITION_MASK:
+        same = fence_partition & PARTITION_MASK == p.partition
+    else:
+        same = fence_partition == p.partition | (tag << PARTITION_BITS)
+    return not same or p.offset > fence
 
 
 @dataclass(slots=True)
@@ -165,8 +196,10 @@ def plan_session(
     catalog: Catalog,
     tuning: Tuning,
     now_ms: int,
+    tag: int = 0,
 ) -> tuple[SessionWrite, SessionWalk, int]:
-    """The write for one session's new events (already fence-filtered, in offset order)."""
+    """The write for one session's new events (already fence-filtered, in offset order),
+    fenced on the topic's incarnation `tag` (is_new)."""
     walk = SessionWalk(snap=snap, blocked=snap.block == "consent", user=snap.user)
     unknown = 0
     for p in events:
@@ -213,7 +246,7 @@ def plan_session(
             session_id=sid,
             expected_fence=snap.fence,  # compare-and-set on what we read, whatever its partition
             fence=last.offset,
-            partition=last.partition,
+            partition=tagged_partition(last.partition, tag),
             flags=walk.flags,
             fields=fields,
             impressions=dict(walk.impressions),

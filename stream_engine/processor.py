@@ -274,6 +274,21 @@ class BatchProcessor:
         self.upkeep = upkeep or AggregateUpkeep(ttls.aggregate_ms)
         self.batches = Batches(redis)
         self.repaired = 0  # keys deleted by _repair, ever
+        # The clickstream topic's incarnation the fences are taken on (planning.is_new):
+        # 0 while unknown; set through adopt_incarnation.
+        self.incarnation = 0
+
+    def adopt_incarnation(self, tag: int) -> None:
+        """Fence on the topic's incarnation `tag` from the next batch on; the fences cached
+        for another one are dropped (the aggregates' are kept per incarnation)."""
+        if tag != self.incarnation:
+            self.incarnation = tag
+            self.cache.clear()
+            self.upkeep.forget()
+
+    def _agg_field(self, partition: int) -> str:
+        """A partition's field in the aggregates' fences: per incarnation of the topic."""
+        return str(partition) if not self.incarnation else f"{partition}@{self.incarnation}"
 
     async def load_scripts(self) -> None:
         """SCRIPT LOAD once; batches then call EVALSHA. Called again after a NOSCRIPT
@@ -364,7 +379,7 @@ class BatchProcessor:
         for sid in missing:
             cmds.append(("HMGET", self.keys.session(sid), *state.SESSION_FIELDS))
             cmds.append(("GET", self.keys.session_block(sid)))
-        cmds.append(("HMGET", self.keys.agg_fence, *[str(p) for p in partitions]))
+        cmds.append(("HMGET", self.keys.agg_fence, *[self._agg_field(p) for p in partitions]))
         cmds.append(("HGET", self.keys.agg_meta, "L"))
         async with asyncio.timeout(STORE_TIMEOUT_S):
             res = await self.batches.execute(cmds)
@@ -435,11 +450,12 @@ class BatchProcessor:
             recent_before[sid] = list(snap.recent)
             if sid in settled:
                 continue
-            fresh = [p for p in events if is_new(snap.fence, snap.partition, p)]
+            fresh = [p for p in events if is_new(snap.fence, snap.partition, p, self.incarnation)]
             plan.duplicates += len(events) - len(fresh)
             if not fresh:
                 continue
-            write, walk, unknown = plan_session(sid, fresh, snap, self.catalog, self.tuning, now_ms)
+            write, walk, unknown = plan_session(sid, fresh, snap, self.catalog, self.tuning, now_ms,
+                                                self.incarnation)  # fmt: skip
             plan.unknown_items += unknown
             plan.sessions.append(write)
             planned[sid] = (write, walk)
@@ -520,9 +536,10 @@ class BatchProcessor:
             # Counted by the aggregates but not yet applied to their sessions (a batch cut
             # off between its writes): not counted again, but the windows move on past them.
             # (snaps: the sessions as read, before this batch's plan)
+            tag = self.incarnation
             behind = [p for p in usable if fence is not None and p.offset <= fence
                       and is_new(snaps[p.event.session_id].fence,
-                                 snaps[p.event.session_id].partition, p)]  # fmt: skip
+                                 snaps[p.event.session_id].partition, p, tag)]  # fmt: skip
             if behind:
                 plan_aggregates(part, behind, windows, self.catalog, landmark, self.tuning,
                                 counted_to=fence)  # fmt: skip
@@ -635,8 +652,8 @@ class BatchProcessor:
         self, pipe: list[tuple[Any, ...]], agg: AggregateWrite, now_ms: int
     ) -> None:
         keys = [self.keys.agg_fence, self.keys.agg_meta, self.keys.agg_landmarks]
-        args: list[Any] = [agg.partition, _fence(agg.expected_fence), agg.fence, agg.landmark,
-                           self.ttls.aggregate_ms]  # fmt: skip
+        args: list[Any] = [self._agg_field(agg.partition), _fence(agg.expected_fence), agg.fence,
+                           agg.landmark, self.ttls.aggregate_ms]  # fmt: skip
         settled: set[str] | frozenset[str] = frozenset()
         if agg.landmark == self._settled_at and now_ms - self._settled_ms < self.upkeep.refresh_ms:
             settled = self._settled

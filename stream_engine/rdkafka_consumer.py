@@ -50,6 +50,7 @@ from stream_engine.lanes import Batch, Lanes
 from stream_engine.metrics import WorkerMetrics
 from stream_engine.processor import Record
 from stream_engine.settings import Settings
+from stream_engine.topics import TopicIdentity
 
 log = logging.getLogger("kairos.rdkafka")
 LAG_EVERY_S = 1.0
@@ -60,7 +61,13 @@ PREFETCH_KB = 16384  # librdkafka's prefetch queue per partition (default 64 MiB
 class RdKafkaConsumer:
     def __init__(self, settings: Settings, catalog: Catalog, metrics: WorkerMetrics) -> None:
         self.settings = settings
-        self.ingest = Ingest(settings, catalog, metrics, lanes=settings.lanes)
+        self.ingest = Ingest(
+            settings,
+            catalog,
+            metrics,
+            lanes=settings.lanes,
+            topic_id=TopicIdentity(settings.kafka_bootstrap, settings.clickstream_topic),
+        )
         self.lanes = Lanes(self.ingest, settings.lanes, settings.batch_max, settings.dlq_topic)
         self.stopping = asyncio.Event()
         self._halt = threading.Event()  # tells the polling thread to return

@@ -8,7 +8,8 @@ migration that ran again after its record expired could undo what happened since
 an old block back over a consent given again). Vectors are raw little-endian float32.
 
     P:{sid}:s      hash   v (vector as of t), t, n (events), o/p (fence: last offset and
-                          partition applied), u (user), r (recent items), c (cart),
+                          partition applied; p also tags the topic's incarnation,
+                          planning.is_new), u (user), r (recent items), c (cart),
                           b (bought), lt (last event time), w (written at, ms)
     P:{sid}:imp    hash   impression counts per item or banner (frequency caps)
     P:{sid}:x      string "consent" (personalization off) or "erased"; checked on apply
@@ -19,7 +20,8 @@ an old block back over a consent given again). Vectors are raw little-endian flo
     P:{u:uid}:ss   set    the user's linked sessions
     P:{u:uid}:ux   string "consent" or "erased" (":x" before session 31, which the
                           session "u:uid" shared: migrations.py carried them over)
-    P:{agg}:fence  hash   partition -> last offset applied to the aggregates
+    P:{agg}:fence  hash   partition (<partition>@<incarnation tag> once the topic's id is
+                          known) -> last offset applied to the aggregates
     P:{agg}:meta   hash   L (landmark ms of forward decay)
     P:{agg}:lk     hash   aggregate key -> the landmark its scores are relative to
     P:{agg}:cv:<item>     zset  next items, forward-decayed co-visitation scores

@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from confluent_kafka import TopicCollection
+from confluent_kafka.admin import AdminClient
 
+from stream_engine.planning import incarnation_tag
 from stream_engine.settings import Settings
+
+log = logging.getLogger("kairos.topics")
+NO_TOPIC_ID = "AAAAAAAAAAAAAAAAAAAAAA"  # the zero id: a broker older than topic ids (2.8)
 
 
 def topic_names(settings: Settings) -> list[str]:
@@ -55,3 +64,70 @@ async def _until_led(admin: AIOKafkaAdminClient, topics: list[str], within_s: fl
         if time.monotonic() > deadline:
             raise KafkaError(f"topics {', '.join(topics)} have no leaders after {within_s:.0f} s")
         await asyncio.sleep(0.1)
+
+
+class TopicIdentity:
+    """The id Kafka gave a topic: a new one each time a topic of that name is created, and
+    another on another cluster. Read with librdkafka's admin client, since aiokafka's
+    metadata requests predate topic ids. Calling it returns the id, or None when it can't
+    be read (the broker unreachable, the topic missing, a broker before 2.8)."""
+
+    def __init__(self, bootstrap: str, topic: str, timeout_s: float = 5.0) -> None:
+        self.topic = topic
+        self.timeout_s = timeout_s
+        # librdkafka's own log lines (a broker unreachable) go to this module's logger.
+        config: dict[str, Any] = {"bootstrap.servers": bootstrap, "logger": log}
+        self._admin = AdminClient(config)
+
+    async def __call__(self) -> str | None:
+        try:
+            futures = self._admin.describe_topics(
+                TopicCollection([self.topic]), request_timeout=self.timeout_s
+            )
+            async with asyncio.timeout(self.timeout_s + 1):
+                described = await asyncio.wrap_future(futures[self.topic])
+        except Exception as exc:  # librdkafka's KafkaException, a timeout
+            log.warning("could not read the id of topic %s: %s", self.topic, exc)
+            return None
+        topic_id = str(described.topic_id)
+        return None if topic_id in ("", NO_TOPIC_ID) else topic_id
+
+
+class Incarnation:
+    """Which incarnation of a topic its records come from, as planning.incarnation_tag of
+    its id (0 while unknown). The id is read before the first records and again whenever a
+    partition's offsets go back: a redelivery, or a topic created again and numbering
+    from 0. An id that can't be read leaves the tag as it was."""
+
+    def __init__(self, topic: str, topic_id: Callable[[], Awaitable[str | None]] | None) -> None:
+        self.topic = topic
+        self.tag = 0
+        self._topic_id = topic_id
+        self._seen: dict[int, int] = {}  # partition -> highest offset seen
+        self._checking = asyncio.Lock()
+
+    async def follow(self, offsets: Iterable[tuple[int, int]]) -> bool:
+        """Takes (partition, offset) of the records about to be applied; whether the tag
+        changed (the fences taken on the old one no longer hold)."""
+        if self._topic_id is None:
+            return False
+        seen = self._seen
+        back = not seen
+        for partition, offset in offsets:
+            if offset <= seen.get(partition, -1):
+                back = True
+            else:
+                seen[partition] = offset
+        if not back:
+            return False
+        async with self._checking:
+            topic_id = await self._topic_id()
+            tag = self.tag if topic_id is None else incarnation_tag(topic_id)
+            if tag == self.tag:
+                return False
+            if self.tag:
+                log.warning("topic %s was created again (id %s): its offsets start over, and "
+                            "fences are taken on its new incarnation",
+                            self.topic, topic_id)  # fmt: skip
+            self.tag = tag
+            return True

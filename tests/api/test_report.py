@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 import pytest
 import redis.asyncio as aioredis
+from aiokafka.admin import NewTopic
 
 from api.config import load_config
 from api.holdout import assign
@@ -28,8 +29,9 @@ from stream_engine.events import Event, EventType, encode_event
 from stream_engine.settings import Settings
 from stream_engine.state import Keys
 from stream_engine.store import Batches
+from stream_engine.topics import TopicIdentity
 from tests.api.conftest import ADMIN_TOKEN, client_for, with_
-from tests.conftest import REPO, Stack, spawn_group, stop_group
+from tests.conftest import REPO, Stack, spawn_group, stop_group, wait_for
 
 AUTH = {"authorization": f"Bearer {ADMIN_TOKEN}"}
 
@@ -326,3 +328,32 @@ async def test_the_report_reads_past_keys_written_by_something_else(
     report = await _report(redis_client, key_prefix, _config(tmp_path, 0.05))
     assert report["slots"]["home_recs"]["decisions"] == 3
     assert report["signal"] == {"visitors": 3, "personalized_visitor_share": 0.0}
+
+
+@pytest.mark.integration
+async def test_exposures_of_a_recreated_decisions_topic_are_counted(
+    stack: Stack, redis_client: aioredis.Redis, key_prefix: str, catalog: Catalog,
+    tmp_path: Path, topic_factory: Any, kafka_admin: Any,
+) -> None:  # fmt: skip
+    """A decisions topic deleted and created again numbers its offsets from 0: the
+    report's fences of the old one must not skip its exposures; redeliveries within one
+    still count once. The topic's id is read from the real broker."""
+    topic = await topic_factory("decisions")
+    settings = Settings(key_prefix=key_prefix, decisions_topic=topic)
+    identity = {topic: TopicIdentity(stack.kafka_bootstrap, topic)}
+    attributor = Attributor(settings, catalog, redis_client, identity)
+    now = int(time.time() * 1000) - 60_000
+    records = [(i, _exposure(f"a{i}", 0, "treatment", now, ["sku-000001"])) for i in range(5)]
+    assert await attributor.apply(topic, 0, records)
+    assert not await attributor.apply(topic, 0, records[2:])  # a redelivery
+    await kafka_admin.delete_topics([topic])
+
+    async def gone() -> bool:
+        return topic not in await kafka_admin.list_topics()
+
+    await wait_for(gone, 30, "the topic deleted")
+    await kafka_admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])
+    again = [(i, _exposure(f"b{i}", 0, "treatment", now, ["sku-000001"])) for i in range(3)]
+    assert await attributor.apply(topic, 0, again)
+    report = await _report(redis_client, key_prefix, _config(tmp_path, 0.05))
+    assert report["slots"]["home_recs"]["decisions"] == 8

@@ -18,7 +18,7 @@ from stream_engine.demo_catalog import generate
 from stream_engine.erasure import erase_session, erase_user
 from stream_engine.events import Event, EventType, encode_event
 from stream_engine.latent import read_covisitation
-from stream_engine.planning import Tuning
+from stream_engine.planning import Tuning, incarnation_tag
 from stream_engine.processor import BatchProcessor, Record, Ttls
 from stream_engine.state import Keys
 from stream_engine.vectors import DEFAULT_WEIGHTS, fold_events, from_bytes, user_profile
@@ -812,3 +812,32 @@ async def test_an_aggregate_landmark_or_fence_that_is_no_number_is_replaced_not_
     assert abs(landmark - log.t0) < 3_600_000  # the worker's own, about the events' time
     assert [m for m, _ in await _zset(redis_client, keys.covisit(ITEMS[0]))] == [ITEMS[1].encode()]
     assert await _landmark_of(redis_client, keys, keys.covisit(ITEMS[0])) == landmark
+
+
+async def test_fences_hold_per_incarnation_of_the_topic(
+    processor: BatchProcessor, redis_client: aioredis.Redis, key_prefix: str
+) -> None:
+    """A recreated topic (or another cluster) numbers its offsets from 0 again: the fences
+    of the old one must not take its events for ones applied, in the session or the
+    aggregates; within one incarnation a redelivery still changes nothing, and fences from
+    before incarnations were known (or while the topic's id can't be read) still hold."""
+    keys = Keys(key_prefix)
+    old = Log()
+    first = [old(EventType.VIEW, "s1", item_id=ITEMS[k]) for k in range(10)]
+    await processor.process(first)
+    processor.adopt_incarnation(incarnation_tag("topic-id-1"))
+    assert (await processor.process(first[-1:])).duplicates == 1  # a fence of before tags
+    more = [old(EventType.VIEW, "s1", item_id=ITEMS[0])]
+    assert (await processor.process(more)).applied == 1
+    assert (await processor.process(more)).duplicates == 1
+    trending = await redis_client.zscore(keys.trending(), ITEMS[1])
+    processor.adopt_incarnation(incarnation_tag("topic-id-2"))
+    new = Log()  # offsets from 0 again
+    records = [new(EventType.VIEW, "s1", item_id=ITEMS[1]) for _ in range(3)]
+    out = await processor.process(records)
+    assert (out.applied, out.duplicates) == (3, 0)
+    assert (await processor.process(records)).duplicates == 3
+    assert int((await _session(redis_client, key_prefix, "s1"))[b"n"]) == 14
+    assert (await redis_client.zscore(keys.trending(), ITEMS[1]) or 0) > (trending or 0)
+    processor.adopt_incarnation(0)  # the id unreadable: partitions alone are compared
+    assert (await processor.process(records)).duplicates == 3
