@@ -47,9 +47,11 @@ from stream_engine.ingest import STORE_ERRORS
 from stream_engine.processor import STORE_TIMEOUT_S
 from stream_engine.settings import Settings
 from stream_engine.state import (
+    FENCED_ON,
     NUMBER,
     REPORT_TTL_MS,
     Keys,
+    fenced_on,
     hll_key,
     minute_key,
     report_fence_key,
@@ -70,8 +72,9 @@ PERSONAL = frozenset(
 )  # a click may carry a timestamp a little before its exposure's
 
 # KEYS: fence, then counter hashes and HyperLogLogs
-# ARGV: fence field, expected ("" = none), new, ttl ms, then per key: kind ("h" hash of
-#       "field increment ..." pairs, "v" HyperLogLog of "member member ..."), packed values
+# ARGV: fence field, expected ("" = none), new, ttl ms, the topic's incarnation tag ("0"
+#       unknown: state.FENCED_ON), then per key: kind ("h" hash of "field increment ..."
+#       pairs, "v" HyperLogLog of "member member ..."), packed values
 # Returns 1 applied, 0 fence conflict (someone else moved it: re-read, re-filter, retry).
 # What something else wrote is replaced rather than failed on (found by pcall: no extra
 # command on the normal path): a key of another type starts again, a counter that is not
@@ -83,9 +86,11 @@ if type(cur) == 'table' then
   cur = false
 end
 cur = cur or ''
+local tag = ARGV[5]
+FENCED_ON
 if cur ~= ARGV[2] and (ARGV[2] ~= '' or string.match(cur, NUMBER)) then return 0 end
 local ttl = tonumber(ARGV[4])
-local i = 5
+local i = 6
 for k = 2, #KEYS do
   if ARGV[i] == 'h' then
     for f, inc in string.gmatch(ARGV[i + 1], '(%S+) (%S+)') do
@@ -106,9 +111,10 @@ for k = 2, #KEYS do
   i = i + 2
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+if tag ~= '0' then redis.call('HSET', KEYS[1], ARGV[1] .. ':t', tag) end
 redis.call('PEXPIRE', KEYS[1], ttl)
 return 1
-""".replace("NUMBER", NUMBER)
+""".replace("FENCED_ON", FENCED_ON).replace("NUMBER", NUMBER)
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,15 +216,18 @@ class Attributor:
         partition's fence were counted before (a redelivery, maybe overlapping) and are
         skipped; False if none was left."""
         fence_key, fence_field = report_fence_key(self.prefix), f"{topic}:{partition}"
+        tag = 0
         if (incarnation := self.incarnations.get(topic)) is not None:
             await incarnation.follow((partition, offset) for offset, _ in records)
-            if incarnation.tag:
-                fence_field += f"@{incarnation.tag}"
+            tag = incarnation.tag
         for _ in range(MAX_CONFLICTS):
             # A fence written by something else (another type, not a number) counts as none,
-            # and the script replaces it.
-            read = self.redis.hget(fence_key, fence_field)
-            current = stored_int(await unless_wrong_type(read, None))
+            # and the script replaces it; so does one of another incarnation of the topic.
+            read: Awaitable[list[Any]] = self.redis.hmget(
+                fence_key, [fence_field, f"{fence_field}:t"]
+            )
+            fence, fence_tag = await unless_wrong_type(read, [None, None])
+            current = fenced_on(fence, fence_tag, tag)
             done = -1 if current is None else current
             fresh = [r for r in records if r[0] > done]
             if not fresh:
@@ -229,7 +238,7 @@ class Attributor:
             else:
                 await self._events(fresh, batch)
             expected = "" if current is None else str(done)
-            if await self._commit(fence_field, expected, fresh[-1][0], batch):
+            if await self._commit(fence_field, expected, fresh[-1][0], tag, batch):
                 return True
         raise RuntimeError(f"attribution fence of {fence_field} kept moving under us")
 
@@ -312,10 +321,10 @@ class Attributor:
                 if item is not None:
                     batch.count(exp.ts, p, f"r|{cell}", item.price)
 
-    async def _commit(self, fence_field: str, expected: str, last_offset: int,
+    async def _commit(self, fence_field: str, expected: str, last_offset: int, tag: int,
                       batch: Batch) -> bool:  # fmt: skip
         keys = [report_fence_key(self.prefix)]
-        args: list[Any] = [fence_field, expected, str(last_offset), REPORT_TTL_MS]
+        args: list[Any] = [fence_field, expected, str(last_offset), REPORT_TTL_MS, tag]
         for key, counters in batch.counters.items():
             keys.append(key)
             args += ["h", " ".join(f"{f} {v!r}" for f, v in counters.items())]

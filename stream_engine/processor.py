@@ -40,7 +40,7 @@ from stream_engine.planning import (
     plan_aggregates,
     plan_session,
 )
-from stream_engine.state import Keys, stored_int, stored_text
+from stream_engine.state import Keys, fenced_on, stored_int, stored_text
 from stream_engine.store import Batches, raise_error_reply, wrong_type
 from stream_engine.vectors import from_bytes, to_bytes
 
@@ -280,15 +280,11 @@ class BatchProcessor:
 
     def adopt_incarnation(self, tag: int) -> None:
         """Fence on the topic's incarnation `tag` from the next batch on; the fences cached
-        for another one are dropped (the aggregates' are kept per incarnation)."""
+        for another one are dropped."""
         if tag != self.incarnation:
             self.incarnation = tag
             self.cache.clear()
             self.upkeep.forget()
-
-    def _agg_field(self, partition: int) -> str:
-        """A partition's field in the aggregates' fences: per incarnation of the topic."""
-        return str(partition) if not self.incarnation else f"{partition}@{self.incarnation}"
 
     async def load_scripts(self) -> None:
         """SCRIPT LOAD once; batches then call EVALSHA. Called again after a NOSCRIPT
@@ -379,7 +375,8 @@ class BatchProcessor:
         for sid in missing:
             cmds.append(("HMGET", self.keys.session(sid), *state.SESSION_FIELDS))
             cmds.append(("GET", self.keys.session_block(sid)))
-        cmds.append(("HMGET", self.keys.agg_fence, *[self._agg_field(p) for p in partitions]))
+        fields = [f for p in partitions for f in (str(p), f"{p}:t")]
+        cmds.append(("HMGET", self.keys.agg_fence, *fields))
         cmds.append(("HGET", self.keys.agg_meta, "L"))
         async with asyncio.timeout(STORE_TIMEOUT_S):
             res = await self.batches.execute(cmds)
@@ -395,7 +392,9 @@ class BatchProcessor:
         raise_error_reply(res)
         for i, sid in enumerate(missing):
             snaps[sid] = self._session_snapshot(res[2 * i], res[2 * i + 1])
-        fences = {p: stored_int(v) for p, v in zip(partitions, res[-2], strict=True)}
+        stored = res[-2]
+        fences = {p: fenced_on(stored[2 * i], stored[2 * i + 1], self.incarnation)
+                  for i, p in enumerate(partitions)}  # fmt: skip
         return snaps, fences, stored_int(res[-1])
 
     async def _repair(
@@ -652,8 +651,8 @@ class BatchProcessor:
         self, pipe: list[tuple[Any, ...]], agg: AggregateWrite, now_ms: int
     ) -> None:
         keys = [self.keys.agg_fence, self.keys.agg_meta, self.keys.agg_landmarks]
-        args: list[Any] = [self._agg_field(agg.partition), _fence(agg.expected_fence), agg.fence,
-                           agg.landmark, self.ttls.aggregate_ms]  # fmt: skip
+        args: list[Any] = [agg.partition, _fence(agg.expected_fence), agg.fence, agg.landmark,
+                           self.ttls.aggregate_ms, self.incarnation]  # fmt: skip
         settled: set[str] | frozenset[str] = frozenset()
         if agg.landmark == self._settled_at and now_ms - self._settled_ms < self.upkeep.refresh_ms:
             settled = self._settled

@@ -20,8 +20,8 @@ an old block back over a consent given again). Vectors are raw little-endian flo
     P:{u:uid}:ss   set    the user's linked sessions
     P:{u:uid}:ux   string "consent" or "erased" (":x" before session 31, which the
                           session "u:uid" shared: migrations.py carried them over)
-    P:{agg}:fence  hash   partition (<partition>@<incarnation tag> once the topic's id is
-                          known) -> last offset applied to the aggregates
+    P:{agg}:fence  hash   partition -> last offset applied to the aggregates, and
+                          <partition>:t -> the topic's incarnation it was taken on
     P:{agg}:meta   hash   L (landmark ms of forward decay)
     P:{agg}:lk     hash   aggregate key -> the landmark its scores are relative to
     P:{agg}:cv:<item>     zset  next items, forward-decayed co-visitation scores
@@ -158,6 +158,27 @@ SESSION_FIELDS = ("v", "t", "n", "o", "p", "u", "r", "c", "b", "lt")
 # The Lua pattern of a stored number (stored_int above).
 NUMBER = "'^%-?%d+$'"
 
+# A fence in field F of a hash of fences (the aggregates', the report's) was taken on the
+# topic's incarnation in field F:t (planning.incarnation_tag; none: written before tags,
+# or while the topic's id could not be read). One of another incarnation is no fence:
+# that topic numbered its offsets from 0 again. In a script where `cur` is F's value, `tag`
+# this write's; read alike by fenced_on.
+FENCED_ON = """
+if tag ~= '0' and cur ~= '' then
+  local was = redis.pcall('HGET', KEYS[1], ARGV[1] .. ':t')
+  if type(was) == 'string' and was ~= tag then cur = '' end
+end
+"""
+
+
+def fenced_on(fence: bytes | str | None, fence_tag: bytes | str | None, tag: int) -> int | None:
+    """A fence read with its incarnation (FENCED_ON), as the fence for records of the
+    topic's incarnation `tag`."""
+    if tag and fence_tag is not None and stored_int(fence_tag) != tag:
+        return None
+    return stored_int(fence)
+
+
 # KEYS: keys of one visitor; ARGV: the type each should have ("hash", "set", "string").
 # Deletes each that holds another type (written by something else than the worker: its
 # commands on it would fail on every event); returns how many went.
@@ -277,8 +298,9 @@ return 1
 AGG_UNIT = 1000
 
 # KEYS: agg fence, agg meta, agg landmarks, then the zsets to touch
-# ARGV: partition, expected fence, new fence, landmark used, ttl ms,
-#       then per zset: keep (max members; 0 = don't check the size this time),
+# ARGV: partition, expected fence, new fence, landmark used, ttl ms, the topic's
+#       incarnation tag ("0" unknown: see FENCED_ON), then per zset: keep (max members;
+#       0 = don't check the size this time),
 #       expire ("1" = refresh its TTL), its half-life ms ("" = the worker knows the set is
 #       on this landmark: don't check), "member increment member increment ..."
 # (ids never contain spaces; one packed argument per zset keeps client-side packing cheap;
@@ -293,8 +315,11 @@ AGG_UNIT = 1000
 # a partition's fence or the landmark that is not a number as none (the worker reads them
 # as none too; the fence and meta hashes of another type the worker's read repairs:
 # REPAIR_KEYS).
-APPLY_AGGREGATES = """
+APPLY_AGGREGATES = (
+    """
 local cur = redis.call('HGET', KEYS[1], ARGV[1]) or ''
+local tag = ARGV[6]
+FENCED_ON
 if cur ~= ARGV[2] and (ARGV[2] ~= '' or string.match(cur, NUMBER)) then return 0 end
 local landmark = redis.call('HGET', KEYS[2], 'L')
 if not landmark or not string.match(landmark, NUMBER) then  -- none, or not the worker's
@@ -304,7 +329,7 @@ elseif landmark ~= ARGV[4] then
 end
 local L = ARGV[4]
 local ttl = tonumber(ARGV[5])
-local i = 6
+local i = 7
 for k = 4, #KEYS do
   local key = KEYS[k]
   local expire = ARGV[i + 1] == '1'
@@ -361,11 +386,15 @@ for k = 4, #KEYS do
   i = i + 4
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+if tag ~= '0' then redis.call('HSET', KEYS[1], ARGV[1] .. ':t', tag) end
 redis.call('PEXPIRE', KEYS[1], ttl)
 redis.call('PEXPIRE', KEYS[2], ttl)
 redis.call('PEXPIRE', KEYS[3], ttl)
 return 1
-""".replace("AGG_UNIT", str(AGG_UNIT)).replace("NUMBER", NUMBER)
+""".replace("AGG_UNIT", str(AGG_UNIT))
+    .replace("FENCED_ON", FENCED_ON)
+    .replace("NUMBER", NUMBER)
+)
 
 # KEYS: a counter; ARGV: ttl ms. INCR, then PEXPIRE; returns the count. A key that
 # something else overwrote (another type, or not a number) starts again from 1. (The

@@ -340,11 +340,13 @@ async def test_exposures_of_a_recreated_decisions_topic_are_counted(
     still count once. The topic's id is read from the real broker."""
     topic = await topic_factory("decisions")
     settings = Settings(key_prefix=key_prefix, decisions_topic=topic)
-    identity = {topic: TopicIdentity(stack.kafka_bootstrap, topic)}
-    attributor = Attributor(settings, catalog, redis_client, identity)
     now = int(time.time() * 1000) - 60_000
     records = [(i, _exposure(f"a{i}", 0, "treatment", now, ["sku-000001"])) for i in range(5)]
-    assert await attributor.apply(topic, 0, records)
+    before_tags = Attributor(settings, catalog, redis_client)
+    assert await before_tags.apply(topic, 0, records[:3])
+    identity = {topic: TopicIdentity(stack.kafka_bootstrap, topic)}
+    attributor = Attributor(settings, catalog, redis_client, identity)
+    assert await attributor.apply(topic, 0, records)  # a fence of before tags holds
     assert not await attributor.apply(topic, 0, records[2:])  # a redelivery
     await kafka_admin.delete_topics([topic])
 

@@ -825,8 +825,10 @@ async def test_fences_hold_per_incarnation_of_the_topic(
     old = Log()
     first = [old(EventType.VIEW, "s1", item_id=ITEMS[k]) for k in range(10)]
     await processor.process(first)
+    trending = await redis_client.zscore(keys.trending(), ITEMS[9])
     processor.adopt_incarnation(incarnation_tag("topic-id-1"))
     assert (await processor.process(first[-1:])).duplicates == 1  # a fence of before tags
+    assert await redis_client.zscore(keys.trending(), ITEMS[9]) == trending
     more = [old(EventType.VIEW, "s1", item_id=ITEMS[0])]
     assert (await processor.process(more)).applied == 1
     assert (await processor.process(more)).duplicates == 1
