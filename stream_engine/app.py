@@ -25,7 +25,7 @@ from stream_engine.looplag import LoopLag
 from stream_engine.metrics import WorkerMetrics
 from stream_engine.processor import Record
 from stream_engine.settings import Settings
-from stream_engine.topics import TopicIdentity
+from stream_engine.topics import CONSUMER_METADATA_MAX_AGE_MS, TopicIdentity
 
 
 def create_app(settings: Settings, catalog: Catalog, metrics: WorkerMetrics) -> faust.App:
@@ -37,6 +37,7 @@ def create_app(settings: Settings, catalog: Catalog, metrics: WorkerMetrics) -> 
         topic_partitions=settings.partitions,
         producer_linger=0.0,
         consumer_auto_offset_reset="earliest",
+        consumer_metadata_max_age_ms=CONSUMER_METADATA_MAX_AGE_MS,
         web_enabled=False,
         stream_wait_empty=False,
         # No leader-election topic (we have no on_leader tasks). It was subscribed, always

@@ -31,7 +31,7 @@ from stream_engine.looplag import LoopLag
 from stream_engine.metrics import WorkerMetrics
 from stream_engine.processor import Record
 from stream_engine.settings import Settings
-from stream_engine.topics import TopicIdentity
+from stream_engine.topics import CONSUMER_METADATA_MAX_AGE_MS, TopicIdentity
 
 log = logging.getLogger("kairos.consumer")
 LAG_EVERY_S = 1.0
@@ -81,6 +81,7 @@ class ClickstreamConsumer:
             heartbeat_interval_ms=max(500, session_ms // 4),
             fetch_min_bytes=s.fetch_min_bytes,
             fetch_max_wait_ms=s.fetch_max_wait_ms,
+            metadata_max_age_ms=CONSUMER_METADATA_MAX_AGE_MS,
         )
 
     async def run(self) -> None:

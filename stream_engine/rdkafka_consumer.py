@@ -50,7 +50,7 @@ from stream_engine.lanes import Batch, Lanes
 from stream_engine.metrics import WorkerMetrics
 from stream_engine.processor import Record
 from stream_engine.settings import Settings
-from stream_engine.topics import TopicIdentity
+from stream_engine.topics import CONSUMER_METADATA_MAX_AGE_MS, TopicIdentity
 
 log = logging.getLogger("kairos.rdkafka")
 LAG_EVERY_S = 1.0
@@ -90,6 +90,7 @@ class RdKafkaConsumer:
             "fetch.wait.max.ms": s.fetch_max_wait_ms,
             "socket.nagle.disable": True,
             "queued.max.messages.kbytes": PREFETCH_KB,
+            "topic.metadata.refresh.interval.ms": CONSUMER_METADATA_MAX_AGE_MS,
             "logger": log,
             "error_cb": _log_error,
             "on_commit": _log_commit_failure,

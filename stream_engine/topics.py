@@ -19,6 +19,10 @@ from stream_engine.settings import Settings
 
 log = logging.getLogger("kairos.topics")
 NO_TOPIC_ID = "AAAAAAAAAAAAAAAAAAAAAA"  # the zero id: a broker older than topic ids (2.8)
+# How often the worker's consumer refreshes the cluster's metadata (the clients' default
+# is 5 minutes). A topic deleted and created again under a running worker leaves its group
+# assigned nothing until a refresh sees the topic back: that long without consuming.
+CONSUMER_METADATA_MAX_AGE_MS = 30_000
 
 
 def topic_names(settings: Settings) -> list[str]:
