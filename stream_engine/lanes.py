@@ -161,6 +161,7 @@ class Lanes:
         with self._lock:
             applied, self._applied = self._applied, {}
             self.generation += 1
+        self.ingest.incarnation.forget()
         return applied
 
     async def _run(

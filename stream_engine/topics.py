@@ -99,9 +99,10 @@ class TopicIdentity:
 
 class Incarnation:
     """Which incarnation of a topic its records come from, as planning.incarnation_tag of
-    its id (0 while unknown). The id is read before the first records and again whenever a
-    partition's offsets go back: a redelivery, or a topic created again and numbering
-    from 0. An id that can't be read leaves the tag as it was."""
+    its id (0 while unknown). The id is read again before the first records of a partition
+    (since the start or the last rebalance: `forget`) and whenever a partition's offsets
+    go back: a redelivery, or a topic created again and numbering from 0. An id that
+    can't be read leaves the tag as it was."""
 
     def __init__(self, topic: str, topic_id: Callable[[], Awaitable[str | None]] | None) -> None:
         self.topic = topic
@@ -115,13 +116,12 @@ class Incarnation:
         changed (the fences taken on the old one no longer hold)."""
         if self._topic_id is None:
             return False
-        seen = self._seen
-        back = not seen
+        seen, back = self._seen, False
         for partition, offset in offsets:
-            if offset <= seen.get(partition, -1):
-                back = True
-            else:
+            last = seen.get(partition)
+            if last is None or offset > last:
                 seen[partition] = offset
+            back = back or last is None or offset <= last
         if not back:
             return False
         async with self._checking:
@@ -135,3 +135,8 @@ class Incarnation:
                             self.topic, topic_id)  # fmt: skip
             self.tag = tag
             return True
+
+    def forget(self) -> None:
+        """A rebalance: partitions assigned again are read as new (the topic may have been
+        created again while another worker held them). Safe from another thread."""
+        self._seen = {}
