@@ -25,7 +25,7 @@ from stream_engine.looplag import LoopLag
 from stream_engine.metrics import WorkerMetrics
 from stream_engine.processor import Record
 from stream_engine.settings import Settings
-from stream_engine.topics import CONSUMER_METADATA_MAX_AGE_MS, TopicIdentity
+from stream_engine.topics import CONSUMER_METADATA_MAX_AGE_MS
 
 
 def create_app(settings: Settings, catalog: Catalog, metrics: WorkerMetrics) -> faust.App:
@@ -55,14 +55,7 @@ def create_app(settings: Settings, catalog: Catalog, metrics: WorkerMetrics) -> 
         settings.clickstream_topic, key_serializer="raw", value_serializer="raw"
     )
     dlq = app.topic(settings.dlq_topic, key_serializer="raw", value_serializer="raw")
-    ingest = Ingest(
-        settings,
-        catalog,
-        metrics,
-        lanes=settings.lanes,
-        shared_cache=True,
-        topic_id=TopicIdentity(settings.kafka_bootstrap, settings.clickstream_topic),
-    )
+    ingest = Ingest.of_worker(settings, catalog, metrics, shared_cache=True)
 
     @app.agent(clickstream, concurrency=1)
     async def clickstream_agent(stream: Any) -> None:

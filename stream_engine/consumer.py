@@ -31,7 +31,7 @@ from stream_engine.looplag import LoopLag
 from stream_engine.metrics import WorkerMetrics
 from stream_engine.processor import Record
 from stream_engine.settings import Settings
-from stream_engine.topics import CONSUMER_METADATA_MAX_AGE_MS, TopicIdentity
+from stream_engine.topics import CONSUMER_METADATA_MAX_AGE_MS
 
 log = logging.getLogger("kairos.consumer")
 LAG_EVERY_S = 1.0
@@ -53,13 +53,7 @@ class _Revocations(ConsumerRebalanceListener):  # type: ignore[misc]
 class ClickstreamConsumer:
     def __init__(self, settings: Settings, catalog: Catalog, metrics: WorkerMetrics) -> None:
         self.settings = settings
-        self.ingest = Ingest(
-            settings,
-            catalog,
-            metrics,
-            lanes=settings.lanes,
-            topic_id=TopicIdentity(settings.kafka_bootstrap, settings.clickstream_topic),
-        )
+        self.ingest = Ingest.of_worker(settings, catalog, metrics)
         self.lanes = Lanes(self.ingest, settings.lanes, settings.batch_max, settings.dlq_topic)
         self.metrics = metrics
         self.stopping = asyncio.Event()

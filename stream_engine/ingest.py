@@ -43,7 +43,7 @@ from stream_engine.processor import (
 from stream_engine.settings import Settings
 from stream_engine.state import FRESHNESS_FIELDS, FRESHNESS_MS, REPORT_TTL_MS, Keys, minute_key
 from stream_engine.store import connect
-from stream_engine.topics import Incarnation
+from stream_engine.topics import Incarnation, TopicIdentity
 
 log = logging.getLogger("kairos.worker")
 # Redis unreachable or slow, or refusing writes for now: out of memory under `noeviction`,
@@ -130,6 +130,19 @@ class Ingest:
         # The fences are taken per incarnation of the clickstream topic (its id, from
         # topics.TopicIdentity; planning.is_new).
         self.incarnation = Incarnation(settings.clickstream_topic, topic_id)
+
+    @classmethod
+    def of_worker(
+        cls,
+        settings: Settings,
+        catalog: Catalog,
+        metrics: WorkerMetrics,
+        shared_cache: bool = False,
+    ) -> Ingest:
+        """A worker's: in its lanes, fencing per incarnation of its clickstream topic."""
+        topic_id = TopicIdentity(settings.kafka_bootstrap, settings.clickstream_topic)
+        return cls(settings, catalog, metrics, lanes=settings.lanes, shared_cache=shared_cache,
+                   topic_id=topic_id)  # fmt: skip
 
     @property
     def redis(self) -> aioredis.Redis:

@@ -50,7 +50,7 @@ from stream_engine.lanes import Batch, Lanes
 from stream_engine.metrics import WorkerMetrics
 from stream_engine.processor import Record
 from stream_engine.settings import Settings
-from stream_engine.topics import CONSUMER_METADATA_MAX_AGE_MS, TopicIdentity
+from stream_engine.topics import CONSUMER_METADATA_MAX_AGE_MS
 
 log = logging.getLogger("kairos.rdkafka")
 LAG_EVERY_S = 1.0
@@ -61,13 +61,7 @@ PREFETCH_KB = 16384  # librdkafka's prefetch queue per partition (default 64 MiB
 class RdKafkaConsumer:
     def __init__(self, settings: Settings, catalog: Catalog, metrics: WorkerMetrics) -> None:
         self.settings = settings
-        self.ingest = Ingest(
-            settings,
-            catalog,
-            metrics,
-            lanes=settings.lanes,
-            topic_id=TopicIdentity(settings.kafka_bootstrap, settings.clickstream_topic),
-        )
+        self.ingest = Ingest.of_worker(settings, catalog, metrics)
         self.lanes = Lanes(self.ingest, settings.lanes, settings.batch_max, settings.dlq_topic)
         self.stopping = asyncio.Event()
         self._halt = threading.Event()  # tells the polling thread to return
