@@ -59,7 +59,7 @@ from stream_engine.state import (
     stored_text,
 )
 from stream_engine.store import connect, unless_wrong_type, wrong_type
-from stream_engine.topics import Incarnation, TopicIdentity
+from stream_engine.topics import CONSUMER_METADATA_MAX_AGE_MS, Incarnation, TopicIdentity
 
 log = logging.getLogger("kairos.attribution")
 
@@ -349,6 +349,7 @@ async def run(settings: Settings, catalog: Catalog, stopping: asyncio.Event) -> 
         auto_offset_reset="earliest",
         session_timeout_ms=int(settings.group_session_timeout_s * 1000),
         heartbeat_interval_ms=int(min(3.0, settings.group_session_timeout_s / 4) * 1000),
+        metadata_max_age_ms=CONSUMER_METADATA_MAX_AGE_MS,  # a topic created again: found soon
     )
     await consumer.start()
     try:

@@ -38,6 +38,7 @@ from stream_engine.latent import install_newer
 from stream_engine.metrics import WorkerMetrics
 from stream_engine.settings import Settings
 from stream_engine.store import unless_wrong_type
+from stream_engine.topics import CONSUMER_METADATA_MAX_AGE_MS
 
 log = logging.getLogger("kairos.catalog")
 
@@ -156,6 +157,7 @@ class CatalogFollower:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             fetch_max_wait_ms=200,
+            metadata_max_age_ms=CONSUMER_METADATA_MAX_AGE_MS,  # a topic created again: found soon
         )
         await consumer.start()
         try:
