@@ -20,7 +20,7 @@ from typing import Any
 
 from api.config import DecisionConfig
 from stream_engine.state import FRESHNESS_FIELDS, FRESHNESS_MS
-from stream_engine.store import hash_reply, wrong_type
+from stream_engine.store import hash_reply, wrong_type_as_none
 
 PERSONAL = ("personalized", "profile", "contextual")
 MIN_EXPOSURES = 200  # per group, before a lift is shown
@@ -65,10 +65,7 @@ async def read_counters(
            "personalized": "vp"}  # fmt: skip
     for kind in hll.values():
         cmds.append(("PFCOUNT", *[f"{prefix}:{{report}}:{kind}:{h}" for h in hours]))
-    replies = [None if wrong_type(r) else r for r in await execute(cmds)]
-    for reply in replies:
-        if isinstance(reply, Exception):
-            raise reply
+    replies = wrong_type_as_none(await execute(cmds))
     totals: dict[str, float] = defaultdict(float)
     series: dict[int, dict[str, float]] = {}
     for m, raw in zip(minutes, replies[: len(minutes)], strict=True):

@@ -56,7 +56,7 @@ from stream_engine.catalog_updates import catalog_version_key, changed_since, mi
 from stream_engine.latent import install_newer, latent_key
 from stream_engine.looplag import LoopLag
 from stream_engine.state import Keys, stored_int
-from stream_engine.store import Batches, raise_error_reply, wrong_type
+from stream_engine.store import Batches, raise_error_reply, wrong_type_as_none
 
 log = logging.getLogger("kairos.api")
 
@@ -325,8 +325,7 @@ class Runtime:
         # failed refresh: a trending set as an empty one, the catalog's version or the
         # model's as unknown; the rest still comes (the worker replaces them at its next
         # write). Any other error fails the refresh.
-        replies = [None if wrong_type(r) else r for r in replies]
-        raise_error_reply(replies)
+        replies = wrong_type_as_none(replies)
         trend_replies = [[] if r is None else r for r in replies[2:]]
         version, changed = replies[0], None
         if version is not None and version != self.catalog_version:
@@ -337,7 +336,7 @@ class Runtime:
                                         [i for i, _ in changed])  # fmt: skip
                 self.catalog.apply_updates(changed)
                 self.catalog_version = version
-            latent = _version(replies[1])  # none for a version that is no number
+            latent = stored_int(replies[1])  # none for a version that is no number
             if latent is not None and latent != self.latent_seen:
                 # reads the model and swaps it in: rare, and a swap must not meet a compile
                 await self._install_latent(latent)
@@ -357,7 +356,7 @@ class Runtime:
         version applied last, or the whole mirror at start, after a reset (the version
         went back) or when the change index cannot say."""
         prefix = self.settings.key_prefix
-        since, upto = _version(self.catalog_version), _version(version)
+        since, upto = stored_int(self.catalog_version), stored_int(version)
         if since is not None and upto is not None and upto > since:
             async with asyncio.timeout(BACKGROUND_READ_S):
                 changed = await changed_since(self.background, prefix, since, upto)
@@ -499,10 +498,6 @@ class Runtime:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.stopping.wait(), every_s)
         return not self.stopping.is_set()
-
-
-def _version(raw: bytes | None) -> int | None:
-    return stored_int(raw)
 
 
 def _now() -> dt.datetime:

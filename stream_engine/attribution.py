@@ -58,7 +58,7 @@ from stream_engine.state import (
     stored_int,
     stored_text,
 )
-from stream_engine.store import connect, unless_wrong_type, wrong_type
+from stream_engine.store import connect, unless_wrong_type, wrong_type_as_none
 from stream_engine.topics import CONSUMER_METADATA_MAX_AGE_MS, Incarnation, TopicIdentity
 
 log = logging.getLogger("kairos.attribution")
@@ -271,16 +271,14 @@ class Attributor:
             pipe.pexpire(writes[-1][0], self.window_ms)
         if skipped:
             log.warning("skipped %d malformed exposures of %d", skipped, len(records))
-        replies = await pipe.execute(raise_on_error=False)
+        replies = wrong_type_as_none(await pipe.execute(raise_on_error=False))
         # A session's exposures key of another type (written by something else) starts again.
         again = self.redis.pipeline(transaction=False)
         for (key, fields), reply in zip(writes, replies[::2], strict=True):
-            if wrong_type(reply):
+            if reply is None:
                 again.delete(key)
                 again.hset(key, mapping=fields)
                 again.pexpire(key, self.window_ms)
-            elif isinstance(reply, Exception):
-                raise reply
         if again:
             await again.execute()
 
@@ -305,12 +303,11 @@ class Attributor:
                 wanted.append((event, field_name))
         if not wanted:
             return
-        for (event, _), found in zip(wanted, await pipe.execute(raise_on_error=False), strict=True):
-            if isinstance(found, Exception) and not wrong_type(found):
-                raise found
+        found_all = wrong_type_as_none(await pipe.execute(raise_on_error=False))
+        for (event, _), found in zip(wanted, found_all, strict=True):
             # None of a key of another type or a value that is not an exposure (written by
             # something else): the event is not attributed.
-            if not isinstance(found, bytes | str) or (exp := Exposure.unpack(found)) is None:
+            if found is None or (exp := Exposure.unpack(found)) is None:
                 continue
             if not -MAX_SKEW_MS <= event.ts - exp.ts <= self.window_ms:
                 continue

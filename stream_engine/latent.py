@@ -36,12 +36,11 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
 
 from stream_engine.catalog import Catalog, Matrix
 from stream_engine.ingest import STORE_ERRORS
 from stream_engine.state import AGG_UNIT, COUNT_UP, Keys, stored_int
-from stream_engine.store import unless_wrong_type, wrong_type
+from stream_engine.store import unless_wrong_type, wrong_type_as_none
 
 log = logging.getLogger("kairos.latent")
 
@@ -233,7 +232,7 @@ async def read_covisitation(
         for name in chunk:
             pipe.zrange(name, 0, -1, withscores=True)
         pipe.hmget(keys.agg_landmarks, chunk)
-        *rows, marks = _unless_wrong_type(await pipe.execute(raise_on_error=False))
+        *rows, marks = wrong_type_as_none(await pipe.execute(raise_on_error=False))
         unmarked = marks is None  # {agg}:lk of another type: all on the current landmark
         for name, members, mark in zip(chunk, rows, marks or [None] * len(chunk), strict=True):
             if members is None:  # no sorted set: not the worker's
@@ -247,19 +246,6 @@ async def read_covisitation(
             src = name.decode()[len(prefix) :]
             out[src] = {(m.decode() if isinstance(m, bytes) else m): float(s) * f
                         for m, s in members}  # fmt: skip
-    return out
-
-
-def _unless_wrong_type(replies: list[Any]) -> list[Any]:
-    """A pipeline's replies with those on a key of another type (WRONGTYPE) as None; any
-    other error reply raised."""
-    out = []
-    for reply in replies:
-        if wrong_type(reply):
-            reply = None
-        elif isinstance(reply, ResponseError):
-            raise reply
-        out.append(reply)
     return out
 
 

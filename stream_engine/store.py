@@ -83,6 +83,13 @@ async def unless_wrong_type(read: Awaitable[_T], instead: _T) -> _T:
         raise
 
 
+def wrong_type_as_none(replies: list[Any]) -> list[Any]:
+    """Replies of a batch or a pipeline (error replies in place), with those on a key of
+    another type (wrong_type) as None and any other error reply raised (raise_error_reply):
+    for readers that take a key something else wrote as none."""
+    return raise_error_reply([None if wrong_type(r) else r for r in replies])
+
+
 def raise_error_reply(replies: list[Any]) -> list[Any]:
     """The replies of Batches.execute, for callers that take them all or none: the first
     error reply (out of memory, a replica, a script error) raised. Callers that can use the
