@@ -39,7 +39,7 @@ import redis.asyncio as aioredis
 
 from stream_engine.catalog import Catalog, Matrix
 from stream_engine.ingest import STORE_ERRORS
-from stream_engine.state import AGG_UNIT, COUNT_UP, Keys, stored_int
+from stream_engine.state import AGG_UNIT, COUNT_UP, UNMARKED, Keys, stored_int
 from stream_engine.store import unless_wrong_type, wrong_type_as_none
 
 log = logging.getLogger("kairos.latent")
@@ -218,13 +218,17 @@ async def read_covisitation(
     as is one written before whole units. Keys written by something else are read as the
     aggregate script reads them: a key under the prefix that is no sorted set is left
     out, and a landmark record of another type, or that is no number, as the current
-    landmark."""
+    landmark (the script replaces such a record: state.UNMARKED)."""
     prefix = keys.covisit("")
     names: list[bytes] = []
     async for name in redis.scan_iter(match=prefix + "*", count=SCAN_COUNT):
         names.append(name if isinstance(name, bytes) else name.encode())
     # of another type (the worker's read repairs it): none
     landmark = stored_int(await unless_wrong_type(redis.hget(keys.agg_meta, "L"), None))
+    # the landmark of sets without a mark of their own, once the record was replaced
+    unmarked_at = stored_int(
+        await unless_wrong_type(redis.hget(keys.agg_landmarks, UNMARKED), None)
+    )
     out: dict[str, dict[str, float]] = {}
     for start in range(0, len(names), READ_CHUNK):
         chunk = names[start : start + READ_CHUNK]
@@ -239,7 +243,10 @@ async def read_covisitation(
                 continue
             f = 1.0
             if mark is None:
-                if not unmarked:  # written before whole units, on the current landmark
+                if unmarked_at is not None:  # unmarked since the record's repair
+                    if landmark is not None:
+                        f = 2.0 ** ((unmarked_at - landmark) / half_life_ms)
+                elif not unmarked:  # written before whole units, on the current landmark
                     f = AGG_UNIT
             elif landmark is not None and (at := stored_int(mark)) is not None:
                 f = 2.0 ** ((at - landmark) / half_life_ms)

@@ -24,6 +24,7 @@ an old block back over a consent given again). Vectors are raw little-endian flo
                           <partition>:t -> the topic's incarnation it was taken on
     P:{agg}:meta   hash   L (landmark ms of forward decay)
     P:{agg}:lk     hash   aggregate key -> the landmark its scores are relative to
+                          (and * -> the landmark of sets without one: UNMARKED)
     P:{agg}:cv:<item>     zset  next items, forward-decayed co-visitation scores
     P:{agg}:tr[:<node>]   zset  items, forward-decayed trending scores (global, per category)
     P:{ops}:migrations    hash  one-time moves of stored state done (migrations.py)
@@ -296,6 +297,9 @@ return 1
 
 # Aggregate scores are integers in units of 1/AGG_UNIT of an event's weight (see above).
 AGG_UNIT = 1000
+# The field of {agg}:lk that holds the landmark of sets without a mark of their own, once the
+# record was replaced (no aggregate key is named so).
+UNMARKED = "*"
 
 # KEYS: agg fence, agg meta, agg landmarks, then the zsets to touch
 # ARGV: partition, expected fence, new fence, landmark used, ttl ms, the topic's
@@ -310,8 +314,11 @@ AGG_UNIT = 1000
 # whole units (by a worker of an earlier version, on the current landmark): it is scaled
 # to units.
 # Returns 1 applied, 0 fence or landmark conflict. A set of another type (written by
-# something else) starts again; {agg}:lk of another type, or a mark in it that is not a
-# number, is read as the set on the current landmark (a bad mark is then overwritten), and
+# something else) starts again; {agg}:lk of another type is replaced by a record whose
+# UNMARKED field holds the current landmark, so that every set is on it until the landmark
+# moves and is scaled from it after (a set with no mark and no UNMARKED field was written
+# before whole units); a mark in it that is not a number is read as the set on the current
+# landmark (and overwritten), and
 # a partition's fence or the landmark that is not a number as none (the worker reads them
 # as none too; the fence and meta hashes of another type the worker's read repairs:
 # REPAIR_KEYS).
@@ -336,15 +343,26 @@ for k = 4, #KEYS do
   local at = L
   if ARGV[i + 2] ~= '' then
     at = redis.pcall('HGET', KEYS[3], key)
-    if type(at) == 'table' then at = L end  -- {agg}:lk of another type: the usual landmark
+    if type(at) == 'table' then  -- {agg}:lk of another type: replaced, every set on L
+      redis.call('DEL', KEYS[3])
+      redis.call('HSET', KEYS[3], UNMARKED, L)
+      at = L
+    end
   end
   if at ~= L then
     local f = nil
+    local hl = tonumber(ARGV[i + 2])
     if at then  -- a mark that is no number: as on L (and overwritten below)
       local mark = string.match(at, NUMBER) and tonumber(at)
-      if mark then f = 2 ^ ((mark - tonumber(L)) / tonumber(ARGV[i + 2])) end
+      if mark then f = 2 ^ ((mark - tonumber(L)) / hl) end
     elseif redis.call('EXISTS', key) == 1 then
-      f = AGG_UNIT  -- written before whole units: scores in event weights, on this landmark
+      local base = redis.call('HGET', KEYS[3], UNMARKED)
+      if base and string.match(base, NUMBER) then  -- unmarked since the record's repair
+        f = 2 ^ ((tonumber(base) - tonumber(L)) / hl)
+        if f == 1 then f = nil end
+      else
+        f = AGG_UNIT  -- written before whole units: scores in event weights, on this landmark
+      end
     end
     if f then
       expire = true  -- scaled to nothing, the set is gone with its TTL
@@ -393,6 +411,7 @@ redis.call('PEXPIRE', KEYS[3], ttl)
 return 1
 """.replace("AGG_UNIT", str(AGG_UNIT))
     .replace("FENCED_ON", FENCED_ON)
+    .replace("UNMARKED", f"'{UNMARKED}'")
     .replace("NUMBER", NUMBER)
 )
 

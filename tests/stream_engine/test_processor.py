@@ -766,6 +766,55 @@ async def test_a_landmark_mark_that_is_no_number_is_the_current_landmark_not_a_r
     assert await _landmark_of(redis_client, keys, keys.covisit(ITEMS[0])) == landmark
 
 
+async def test_a_landmark_record_of_another_type_is_replaced_and_its_sets_still_follow_moves(
+    redis_client: aioredis.Redis, key_prefix: str
+) -> None:
+    """{agg}:lk of another type was read as "every set on the current landmark" but never
+    replaced: every write refreshed its TTL, so no set got a mark again, and after the
+    next landmark move sets not written since kept scores of the old one, inflated against
+    fresh ones. Replaced, it records the landmark the unmarked sets are on; after a move,
+    the latent read and the next write scale them from there, not as sets of before whole
+    units (x1000)."""
+    fast = Tuning(1_800_000, 86_400_000, covisit_half_life_ms=10_000, trending_half_life_ms=1_000)
+    keys = Keys(key_prefix)
+    workers = [BatchProcessor(redis_client, keys, CATALOG, fast, TTLS) for _ in range(3)]
+    try:
+        log = Log(partition=0)
+        await workers[0].process([log(EventType.VIEW, "s1", item_id=ITEMS[0]),
+                                  log(EventType.VIEW, "s1", item_id=ITEMS[1])])  # fmt: skip
+        ((_, before),) = await _zset(redis_client, keys.covisit(ITEMS[0]))
+        old = int(cast(bytes, await redis_client.hget(keys.agg_meta, "L")))
+        await redis_client.delete(keys.agg_landmarks)
+        await redis_client.rpush(keys.agg_landmarks, "not", "a", "hash")
+        # a worker that wrote no set checks the marks, and replaces the record
+        out = await workers[1].process([log(EventType.VIEW, "s2", item_id=ITEMS[5]),
+                                        log(EventType.VIEW, "s2", item_id=ITEMS[6])])  # fmt: skip
+        assert (out.applied, out.dead) == (2, [])
+        assert await redis_client.type(keys.agg_landmarks) == b"hash"
+        assert await _landmark_of(redis_client, keys, keys.covisit(ITEMS[5])) == old
+        assert await redis_client.hget(keys.agg_landmarks, keys.covisit(ITEMS[0])) is None
+        read = await read_covisitation(redis_client, keys, fast.covisit_half_life_ms)
+        assert read[ITEMS[0]] == {ITEMS[1]: before}  # unmarked, on the landmark
+        # 25 trending half-lives on, another worker moves the landmark
+        later = Log(partition=1)
+        later.t0 = log.t0 + 25_000
+        await workers[2].process([later(EventType.VIEW, "s3", item_id=ITEMS[7])])
+        landmark = int(cast(bytes, await redis_client.hget(keys.agg_meta, "L")))
+        assert landmark > old + 20_000
+        scaled = before * 2.0 ** ((old - landmark) / fast.covisit_half_life_ms)
+        read = await read_covisitation(redis_client, keys, fast.covisit_half_life_ms)
+        assert read[ITEMS[0]][ITEMS[1]] == pytest.approx(scaled, rel=1e-9)
+        out = await workers[2].process([later(EventType.VIEW, "s3", item_id=ITEMS[0]),
+                                        later(EventType.VIEW, "s3", item_id=ITEMS[2])])  # fmt: skip
+        assert (out.applied, out.dead) == (2, [])
+        after = dict(await _zset(redis_client, keys.covisit(ITEMS[0])))
+        assert after[ITEMS[1].encode()] == pytest.approx(scaled, abs=0.5)
+        assert await _landmark_of(redis_client, keys, keys.covisit(ITEMS[0])) == landmark
+    finally:
+        for worker in workers:
+            await worker.aclose()
+
+
 async def test_the_latent_read_takes_aggregate_keys_of_another_type_as_the_worker_does(
     processor: BatchProcessor, redis_client: aioredis.Redis, key_prefix: str
 ) -> None:
