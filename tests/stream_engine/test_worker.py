@@ -247,18 +247,7 @@ async def test_a_recreated_topic_is_applied_from_its_first_offset(
     if restart:
         os.killpg(first.pid, signal.SIGTERM)
         first.wait(timeout=30)
-    admin = AIOKafkaAdminClient(bootstrap_servers=stack.kafka_bootstrap)
-    await admin.start()
-    try:
-        await admin.delete_topics([rig.topic])
-
-        async def gone() -> bool:
-            return rig.topic not in await admin.list_topics()
-
-        await wait_for(gone, 30, "the topic deleted")
-    finally:
-        await admin.close()
-    await ensure_topics(Settings.from_env(rig.env))
+    await _recreate(rig, stack, rig.topic)
     if restart:
         rig.start()
     await rig.publish(sessions, 10, 1, start=40)  # items the old topic's events never had
@@ -267,6 +256,22 @@ async def test_a_recreated_topic_is_applied_from_its_first_offset(
     assert await rig.counts(sessions) == [25, 25]
     assert await rig.redis.zcard(rig.keys.trending()) > trending
     assert first.poll() is None or restart
+
+
+async def _recreate(rig: Rig, stack: Stack, topic: str) -> None:
+    """Delete `topic` and create it again (as the worker would: ensure_topics)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=stack.kafka_bootstrap)
+    await admin.start()
+    try:
+        await admin.delete_topics([topic])
+
+        async def gone() -> bool:
+            return topic not in await admin.list_topics()
+
+        await wait_for(gone, 30, f"topic {topic} deleted")
+    finally:
+        await admin.close()
+    await ensure_topics(Settings.from_env(rig.env))
 
 
 async def test_a_backlog_many_times_the_lanes_depth_arrives_whole_and_in_order(
@@ -509,6 +514,35 @@ async def test_catalog_updates_take_effect_within_seconds(rig: Rig) -> None:
     assert vector is not None
     category = "cat:" + " > ".join(template.category[:2])
     assert vector[catalog.space.index[category]] > 0
+
+
+@pytest.mark.parametrize("engine", ["aiokafka"])  # the follower is the same for every engine
+async def test_a_running_worker_follows_a_catalog_topic_created_again(
+    rig: Rig, stack: Stack
+) -> None:
+    """A catalog topic deleted and created again under a running worker: its follower
+    (no group) was assigned nothing until its consumer's next metadata refresh, 5 minutes
+    by default, and stock changes stopped reaching the API meanwhile; it refreshes every
+    30 s (topics.CONSUMER_METADATA_MAX_AGE_MS), and reads the new topic from its start."""
+    updates = rig.env["KAIROS_CATALOG_TOPIC"]
+    items_key = catalog_items_key(rig.keys.prefix)
+
+    async def stock(item: str, value: int) -> None:
+        body = orjson.dumps({"item_id": item, "stock": value})
+        await rig.producer.send_and_wait(updates, body, key=item.encode())
+
+        async def mirrored() -> bool:
+            raw = await rig.redis.hget(items_key, item)
+            return raw is not None and orjson.loads(raw)["stock"] == value
+
+        await wait_for(mirrored, 100, f"stock {value} of {item} mirrored")
+
+    rig.start()
+    for n in range(3):  # offsets the new topic's first updates must not be taken for
+        await stock(ITEMS[n], 7)
+    await _recreate(rig, stack, updates)
+    await stock(ITEMS[0], 0)
+    await stock(ITEMS[1], 0)
 
 
 async def test_a_frozen_redis_delays_but_loses_and_doubles_nothing(
