@@ -25,6 +25,7 @@ from api.settings import Settings
 from stream_engine.demo_catalog import resolve_catalog_path
 from stream_engine.exceptions import KairosError
 from stream_engine.logs import configure
+from stream_engine.store import check_topology
 
 
 async def _report(settings: Settings, minutes: int, as_json: bool) -> None:
@@ -61,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "report":
         try:
             settings = Settings.from_env(os.environ)
+            check_topology(settings.redis_url)
             asyncio.run(_report(settings, args.minutes, args.json))
         except (KairosError, OSError, RedisError) as exc:
             print(f"api report: {exc}", file=sys.stderr)
@@ -68,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         settings = Settings.from_env(os.environ)
+        check_topology(settings.redis_url)  # a Redis down now is an outage: served through
         load_config(Path(settings.config_path) if settings.config_path else DEMO_CONFIG)
         catalog = resolve_catalog_path(settings.catalog_path, settings.stack_dir)
         if not catalog.exists():

@@ -22,6 +22,7 @@ import uvloop
 from stream_engine.exceptions import ConfigError
 from stream_engine.logs import configure
 from stream_engine.settings import Settings
+from stream_engine.store import check_topology
 
 
 def _catalog_path(settings: Settings) -> Path:
@@ -150,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env(os.environ)
+        if args.command in ("worker", "attribution", "latent", "erase"):
+            check_topology(settings.redis_url)  # a Redis down now is an outage: retried
     except ConfigError as exc:
         print(f"stream_engine: bad setting: {exc}", file=sys.stderr)
         return 2

@@ -15,14 +15,18 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
+from urllib.parse import urlsplit, urlunsplit
 
 import hiredis
+import redis
 import redis.asyncio as aioredis
 from redis._parsers import BaseParser  # the exception class of each error reply
+from redis.connection import parse_url
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import InvalidResponse, NoScriptError, ResponseError
+from redis.exceptions import InvalidResponse, NoScriptError, RedisError, ResponseError
 
 from stream_engine._resp import pack_commands
+from stream_engine.exceptions import ConfigError
 
 
 class HiredisPackingConnection(aioredis.Connection):
@@ -396,3 +400,57 @@ def _raise_no_script(replies: list[Any]) -> None:
     for reply in replies:
         if isinstance(reply, NoScriptError):
             raise reply
+
+
+CLUSTER_SLOTS = 16384
+
+
+def _shown(url: str) -> str:
+    """`url` without its password, for an error message."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    user = f"{parts.username}:***@" if parts.username else "***@"
+    return urlunsplit(parts._replace(netloc=user + host))
+
+
+def check_topology(url: str, timeout_s: float = 2.0) -> None:
+    """Refuse (ConfigError) a Redis Kairos can't run on: a node of a Redis Cluster that
+    does not serve all 16,384 slots as a primary, or database other than 0 on one. Every
+    key of one script or pipeline entry shares a hash tag, so a cluster of one shard
+    works, but the clients here send everything through the one node the URL names and
+    follow no MOVED redirection: on a cluster of several shards every command for a key
+    elsewhere would fail, and the worker would send every event to the dead letters. A
+    Redis that does not answer passes: the processes handle that as an outage."""
+    options: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
+    db = int(options.get("db") or 0)
+    options["db"] = 0  # a cluster node refuses SELECT: ask it anyway, then say why
+    pool = redis.ConnectionPool(socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                                **options)  # fmt: skip
+    client = redis.Redis(connection_pool=pool)
+    client.response_callbacks.pop("CLUSTER SLOTS", None)  # the raw reply, with node ids
+    try:
+        if not int(client.info("cluster").get("cluster_enabled", 0)):
+            return
+        me = client.execute_command("CLUSTER MYID")  # type: ignore[no-untyped-call]
+        ranges = client.execute_command("CLUSTER SLOTS")  # type: ignore[no-untyped-call]
+    except RedisError:
+        return
+    finally:
+        client.close()
+        pool.disconnect()
+    where = _shown(url)
+    if db:
+        raise ConfigError(f"KAIROS_REDIS_URL ({where}) names database {db} of a Redis Cluster "
+                          "node, which has database 0 only")  # fmt: skip
+    primaries = {entry[2][2] for entry in ranges}
+    served = sum(end - start + 1 for start, end, primary, *_ in ranges if primary[2] == me)
+    if served < CLUSTER_SLOTS:
+        raise ConfigError(
+            f"KAIROS_REDIS_URL ({where}) is a node of a Redis Cluster whose "
+            f"{CLUSTER_SLOTS} slots it serves {served} of as a primary ({len(primaries)} "
+            "primaries in all): Kairos sends every command to the node its URL names and "
+            "follows no MOVED redirection, so it needs a standalone Redis (replicas or "
+            "Sentinel for failover) or the primary of a cluster of one shard"
+        )
