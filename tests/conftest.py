@@ -175,12 +175,7 @@ def private_redis(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]
          "--appendonly", "no", "--dir", str(tmp_path)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                break
-        time.sleep(0.05)
+    listening(port)
     yield f"redis://127.0.0.1:{port}/0", proc
     proc.send_signal(signal.SIGCONT)
     proc.terminate()
@@ -201,6 +196,17 @@ async def wait_for(
             return
         await asyncio.sleep(step)
     raise AssertionError(f"timed out after {within}s waiting for {what}")
+
+
+def listening(port: int, within_s: float = 10.0) -> bool:
+    """Whether something listens on 127.0.0.1:`port` within `within_s` seconds."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return True
+        time.sleep(0.05)
+    return False
 
 
 def free_port() -> int:

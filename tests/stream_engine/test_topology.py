@@ -20,7 +20,7 @@ import redis
 
 from stream_engine.exceptions import ConfigError
 from stream_engine.store import _shown, check_topology
-from tests.conftest import Stack, free_port
+from tests.conftest import Stack, free_port, listening
 
 pytestmark = pytest.mark.integration
 
@@ -51,12 +51,8 @@ def _start_node(tmp: Path, port: int) -> subprocess.Popen[bytes]:
          "--cluster-config-file", f"nodes-{port}.conf"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return proc
-        time.sleep(0.05)
+    if listening(port):
+        return proc
     proc.kill()
     raise AssertionError(f"redis-server in cluster mode did not start on {port}")
 
