@@ -166,16 +166,23 @@ async def topic_factory(
         await kafka_admin.delete_topics(created)
 
 
+def redis_server(port: int, workdir: Path) -> subprocess.Popen[bytes]:
+    """A redis-server of a test's own on `port`, without persistence (a restart starts
+    empty), listening when this returns."""
+    proc = subprocess.Popen(
+        ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+         "--appendonly", "no", "--dir", str(workdir)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    listening(port)
+    return proc
+
+
 @pytest.fixture
 def private_redis(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """A redis-server of this test's own, so the test may freeze it."""
     port = free_port()
-    proc = subprocess.Popen(
-        ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "",
-         "--appendonly", "no", "--dir", str(tmp_path)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    listening(port)
+    proc = redis_server(port, tmp_path)
     yield f"redis://127.0.0.1:{port}/0", proc
     proc.send_signal(signal.SIGCONT)
     proc.terminate()

@@ -23,6 +23,7 @@ from stream_engine.events import EventType
 from stream_engine.processor import BatchProcessor
 from stream_engine.state import Keys
 from tests.api.conftest import ADMIN_TOKEN, TTLS, TUNING, Clicks, client_for, with_
+from tests.conftest import redis_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 Picker = Callable[[str], list[str]]
@@ -117,11 +118,7 @@ async def test_a_killed_redis_gets_defaults_and_a_restarted_one_personalizes_aga
         proc.wait(timeout=10)
         down = [await _get(client) for _ in range(6)]
         ready = await client.get("/readyz")
-        again = subprocess.Popen(  # noqa: ASYNC220 - a restart, once, in a test
-            ["redis-server", "--bind", "127.0.0.1", "--port", port, "--save", "",
-             "--appendonly", "no", "--dir", str(tmp_path)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+        again = redis_server(int(port), tmp_path)  # a restart, once, in a test
         try:
             for _ in range(50):  # the processor's held connection died with the old server
                 try:

@@ -30,7 +30,7 @@ from stream_engine.settings import Settings
 from stream_engine.state import Keys
 from stream_engine.topics import ensure_topics, topic_names
 from stream_engine.vectors import from_bytes
-from tests.conftest import REPO, Stack, free_port, wait_for
+from tests.conftest import REPO, Stack, free_port, redis_server, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 ITEMS = [it.item_id for it in generate(500)]
@@ -624,6 +624,51 @@ async def test_a_broker_crash_and_restart_under_a_running_worker_loses_and_doubl
     await asyncio.sleep(1.0)  # anything doubled would show up now
     assert await rig.counts(sessions) == [20] * 20
     assert worker.poll() is None
+
+
+async def test_a_redis_restarted_empty_under_a_running_worker_gets_what_follows_once(
+    start_worker: Callable[..., subprocess.Popen[bytes]],
+    producer: AIOKafkaProducer,
+    worker_env: dict[str, str],
+    key_prefix: str,
+    private_redis: tuple[str, subprocess.Popen[bytes]],
+    tmp_path: Path,
+) -> None:
+    """Redis killed and started again without its data (no persistence): the worker's
+    cache of the sessions it wrote, its loaded scripts and its aggregates' upkeep all
+    describe a Redis that is gone. It waits out the outage, then applies what follows to
+    fresh state, each event once, none to the dead letters."""
+    url, server = private_redis
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    worker_env["KAIROS_REDIS_URL"] = url
+    worker_env["KAIROS_METRICS_PORT"] = str(metrics := free_port())
+    redis = aioredis.Redis.from_url(url)
+    rig = Rig(start_worker, producer, redis, worker_env, Keys(key_prefix))
+    sessions = [f"s{k}" for k in range(20)]
+    worker = rig.start(metrics)
+    again: subprocess.Popen[bytes] | None = None
+    try:
+        await rig.publish(sessions, 200, 1)
+        await rig.wait_applied(sessions, 200)
+        server.kill()
+        server.wait()
+        await rig.publish(sessions, 100, 1, start=200)  # during the outage
+        await asyncio.sleep(2.0)
+        again = redis_server(port, tmp_path)
+        await redis.connection_pool.disconnect()  # the test's own, closed by the old server
+        await rig.publish(sessions, 100, 1, start=300)
+        # the 200 before the restart are gone with Redis's data; the 200 after, once each
+        await rig.wait_applied(sessions, 200, within_s=60)
+        await asyncio.sleep(1.0)
+        assert await rig.counts(sessions) == [10] * 20
+        assert await redis.zcard(rig.keys.trending()) > 0  # the aggregates start again too
+        assert _metric(metrics, "kairos_dlq_events_total", "") == 0
+        assert worker.poll() is None
+    finally:
+        await redis.aclose()
+        if again is not None:
+            again.terminate()
+            again.wait(timeout=10)
 
 
 async def test_a_frozen_redis_delays_but_loses_and_doubles_nothing(
