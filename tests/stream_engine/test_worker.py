@@ -150,6 +150,23 @@ class Rig:
 
 
 @pytest.fixture
+async def private_rig(
+    start_worker: Callable[..., subprocess.Popen[bytes]],
+    producer: AIOKafkaProducer,
+    worker_env: dict[str, str],
+    key_prefix: str,
+    private_redis: tuple[str, subprocess.Popen[bytes]],
+) -> AsyncIterator[tuple[Rig, subprocess.Popen[bytes]]]:
+    """A rig whose workers use a redis-server of the test's own, and that server, so the
+    test may freeze or kill it."""
+    url, server = private_redis
+    worker_env["KAIROS_REDIS_URL"] = url
+    redis = aioredis.Redis.from_url(url)
+    yield Rig(start_worker, producer, redis, worker_env, Keys(key_prefix)), server
+    await redis.aclose()
+
+
+@pytest.fixture
 def rig(
     start_worker: Callable[..., subprocess.Popen[bytes]],
     producer: AIOKafkaProducer,
@@ -306,45 +323,35 @@ async def test_a_faust_backlog_applied_in_parts_keeps_every_sessions_order(rig: 
 
 
 async def test_a_worker_joining_mid_backlog_loses_nothing_doubles_nothing_reorders_nothing(
-    start_worker: Callable[..., subprocess.Popen[bytes]],
-    producer: AIOKafkaProducer,
-    worker_env: dict[str, str],
-    key_prefix: str,
-    private_redis: tuple[str, subprocess.Popen[bytes]],
+    private_rig: tuple[Rig, subprocess.Popen[bytes]],
 ) -> None:
     """A rebalance while the first worker is deep in a backlog, with a batch stuck on a
     frozen Redis: the revocation has to go through while the worker waits (the faust
     consumer shares the agent's event loop), and the batch in flight lands after its
     partitions have moved. Every event still lands once, in its session's order, and
     both workers apply some."""
-    url, server = private_redis
-    worker_env["KAIROS_REDIS_URL"] = url
-    redis = aioredis.Redis.from_url(url)
-    rig = Rig(start_worker, producer, redis, worker_env, Keys(key_prefix))
+    rig, server = private_rig
     sessions = [f"s{k}" for k in range(48)]
     ports = [free_port(), free_port()]
+    sent = await rig.publish(sessions, 12_000, 7)
+    rig.start(ports[0])
+
+    async def under_way() -> bool:
+        return sum(await rig.counts(sessions)) > 0
+
+    await wait_for(under_way, 60, "the first worker to be under way")
+    server.send_signal(signal.SIGSTOP)
     try:
-        sent = await rig.publish(sessions, 12_000, 7)
-        rig.start(ports[0])
-
-        async def under_way() -> bool:
-            return sum(await rig.counts(sessions)) > 0
-
-        await wait_for(under_way, 60, "the first worker to be under way")
-        server.send_signal(signal.SIGSTOP)
-        try:
-            rig.start(ports[1])
-            await asyncio.sleep(10)  # the second worker starts and the group rebalances
-        finally:
-            server.send_signal(signal.SIGCONT)
-        await rig.wait_applied(sessions, 12_000)
-        await asyncio.sleep(1.0)  # anything doubled would show up now
-        assert await rig.counts(sessions) == [len(sent[s]) for s in sessions]
-        await _assert_recent_in_published_order(rig, sent)
-        applied = [_metric(port, "kairos_events_total{", 'outcome="ok"') for port in ports]
-        assert all(n > 0 for n in applied), applied
+        rig.start(ports[1])
+        await asyncio.sleep(10)  # the second worker starts and the group rebalances
     finally:
-        await redis.aclose()
+        server.send_signal(signal.SIGCONT)
+    await rig.wait_applied(sessions, 12_000)
+    await asyncio.sleep(1.0)  # anything doubled would show up now
+    assert await rig.counts(sessions) == [len(sent[s]) for s in sessions]
+    await _assert_recent_in_published_order(rig, sent)
+    applied = [_metric(port, "kairos_events_total{", 'outcome="ok"') for port in ports]
+    assert all(n > 0 for n in applied), applied
 
 
 async def _apply_backlog(
@@ -627,25 +634,19 @@ async def test_a_broker_crash_and_restart_under_a_running_worker_loses_and_doubl
 
 
 async def test_a_redis_restarted_empty_under_a_running_worker_gets_what_follows_once(
-    start_worker: Callable[..., subprocess.Popen[bytes]],
-    producer: AIOKafkaProducer,
-    worker_env: dict[str, str],
-    key_prefix: str,
-    private_redis: tuple[str, subprocess.Popen[bytes]],
+    private_rig: tuple[Rig, subprocess.Popen[bytes]],
     tmp_path: Path,
 ) -> None:
     """Redis killed and started again without its data (no persistence): the worker's
     cache of the sessions it wrote, its loaded scripts and its aggregates' upkeep all
     describe a Redis that is gone. It waits out the outage, then applies what follows to
     fresh state, each event once, none to the dead letters."""
-    url, server = private_redis
-    port = int(url.rsplit(":", 1)[1].split("/")[0])
-    worker_env["KAIROS_REDIS_URL"] = url
-    worker_env["KAIROS_METRICS_PORT"] = str(metrics := free_port())
-    redis = aioredis.Redis.from_url(url)
-    rig = Rig(start_worker, producer, redis, worker_env, Keys(key_prefix))
+    rig, server = private_rig
+    port = int(rig.env["KAIROS_REDIS_URL"].rsplit(":", 1)[1].split("/")[0])
+    metrics = free_port()
     sessions = [f"s{k}" for k in range(20)]
     worker = rig.start(metrics)
+    redis = rig.redis
     again: subprocess.Popen[bytes] | None = None
     try:
         await rig.publish(sessions, 200, 1)
@@ -665,41 +666,30 @@ async def test_a_redis_restarted_empty_under_a_running_worker_gets_what_follows_
         assert _metric(metrics, "kairos_dlq_events_total", "") == 0
         assert worker.poll() is None
     finally:
-        await redis.aclose()
         if again is not None:
             again.terminate()
             again.wait(timeout=10)
 
 
 async def test_a_frozen_redis_delays_but_loses_and_doubles_nothing(
-    start_worker: Callable[..., subprocess.Popen[bytes]],
-    producer: AIOKafkaProducer,
-    worker_env: dict[str, str],
-    key_prefix: str,
-    private_redis: tuple[str, subprocess.Popen[bytes]],
+    private_rig: tuple[Rig, subprocess.Popen[bytes]],
 ) -> None:
     """Redis stops answering for longer than the worker's store deadline: writes already
     sent may still run when it wakes, the worker retries them, and the fences keep every
     session's count exact."""
-    url, server = private_redis
-    worker_env["KAIROS_REDIS_URL"] = url
-    redis = aioredis.Redis.from_url(url)
-    rig = Rig(start_worker, producer, redis, worker_env, Keys(key_prefix))
+    rig, server = private_rig
     sessions = [f"s{k}" for k in range(20)]
     rig.start()
-    try:
-        await rig.publish(sessions, 200, 1)
+    await rig.publish(sessions, 200, 1)
 
-        async def some_applied() -> bool:
-            return sum(await rig.counts(sessions)) > 0
+    async def some_applied() -> bool:
+        return sum(await rig.counts(sessions)) > 0
 
-        await wait_for(some_applied, 60, "the worker to start applying")
-        server.send_signal(signal.SIGSTOP)
-        await rig.publish(sessions, 400, 1, start=200)
-        await asyncio.sleep(STORE_TIMEOUT_S + 1.5)
-        server.send_signal(signal.SIGCONT)
-        await rig.wait_applied(sessions, 600, within_s=60)
-        await asyncio.sleep(1.0)
-        assert await rig.counts(sessions) == [30] * 20
-    finally:
-        await redis.aclose()
+    await wait_for(some_applied, 60, "the worker to start applying")
+    server.send_signal(signal.SIGSTOP)
+    await rig.publish(sessions, 400, 1, start=200)
+    await asyncio.sleep(STORE_TIMEOUT_S + 1.5)
+    server.send_signal(signal.SIGCONT)
+    await rig.wait_applied(sessions, 600, within_s=60)
+    await asyncio.sleep(1.0)
+    assert await rig.counts(sessions) == [30] * 20
