@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import uvloop
+from redis.exceptions import RedisError
 
-from stream_engine.exceptions import ConfigError
+from stream_engine.events import ID_PATTERN
+from stream_engine.exceptions import ConfigError, KairosError
 from stream_engine.logs import configure
 from stream_engine.settings import Settings
 from stream_engine.store import check_topology
@@ -37,10 +39,10 @@ def cmd_worker(settings: Settings) -> None:
     from stream_engine.catalog import Catalog
     from stream_engine.heap import freeze_startup_heap
     from stream_engine.metrics import WorkerMetrics
-    from stream_engine.topics import ensure_topics
+    from stream_engine.topics import ensure_topics_waiting
 
     catalog = Catalog.from_file(_catalog_path(settings))
-    asyncio.run(ensure_topics(settings))
+    asyncio.run(ensure_topics_waiting(settings))
     metrics = WorkerMetrics()
     if settings.metrics_port:
         start_http_server(settings.metrics_port, addr="127.0.0.1", registry=metrics.registry)
@@ -70,10 +72,10 @@ def cmd_worker(settings: Settings) -> None:
 def cmd_attribution(settings: Settings) -> None:
     from stream_engine.attribution import run_forever
     from stream_engine.catalog import Catalog
-    from stream_engine.topics import ensure_topics
+    from stream_engine.topics import ensure_topics_waiting
 
     catalog = Catalog.from_file(_catalog_path(settings))
-    asyncio.run(ensure_topics(settings))
+    asyncio.run(ensure_topics_waiting(settings))
     run_forever(settings, catalog)
 
 
@@ -95,7 +97,13 @@ def cmd_erase(settings: Settings, user: str | None, session: str | None) -> int:
         finally:
             await redis.aclose()
 
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    except (RedisError, OSError) as exc:
+        print(f"stream_engine erase: Redis failed ({exc}); what was erased stays erased, "
+              "and erasing again is safe: run it again once Redis answers",
+              file=sys.stderr)  # fmt: skip
+        return 1
     return 0
 
 
@@ -156,7 +164,21 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"stream_engine: bad setting: {exc}", file=sys.stderr)
         return 2
+    if args.command == "erase":
+        if not (args.user or args.session):
+            parser.error("erase needs --user or --session")
+        for name, value in (("--user", args.user), ("--session", args.session)):
+            if value is not None and not ID_PATTERN.fullmatch(value):
+                parser.error(f"{name} must be 1-128 characters of [A-Za-z0-9._:@-]")
     configure(settings.log_format, settings.log_level)
+    try:
+        return _run(args, settings)
+    except KairosError as exc:  # a catalog file missing or malformed
+        print(f"stream_engine {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "attribution":
         cmd_attribution(settings)
         return 0
@@ -166,17 +188,23 @@ def main(argv: list[str] | None = None) -> int:
         cmd_worker(settings)
         return 0
     if args.command == "topics":
+        from aiokafka.errors import KafkaError
+
         from stream_engine.topics import ensure_topics
 
-        asyncio.run(ensure_topics(settings))
+        try:
+            created = asyncio.run(ensure_topics(settings))
+        except KafkaError as exc:
+            print(f"stream_engine topics: Kafka at {settings.kafka_bootstrap}: {exc}",
+                  file=sys.stderr)  # fmt: skip
+            return 1
+        print(f"created: {', '.join(created)}" if created else "every topic exists")
         return 0
     if args.command == "catalog":
         from stream_engine.demo_catalog import write_demo_catalog
 
         print(write_demo_catalog(args.out, args.items, args.seed))
         return 0
-    if not (args.user or args.session):
-        parser.error("erase needs --user or --session")
     return cmd_erase(settings, args.user, args.session)
 
 

@@ -52,6 +52,23 @@ async def ensure_topics(settings: Settings) -> list[str]:
         await admin.close()
 
 
+async def ensure_topics_waiting(
+    settings: Settings, first_delay_s: float = 0.5, max_delay_s: float = 10.0
+) -> list[str]:
+    """ensure_topics, tried again while Kafka can't be reached or its topics have no
+    leaders yet: a worker started before its broker (a restart of both, a deployment's
+    order) waits for it, saying so, instead of exiting."""
+    delay = first_delay_s
+    while True:
+        try:
+            return await ensure_topics(settings)
+        except KafkaError as exc:
+            log.warning("Kafka at %s is not ready (%s); trying again in %.1f s",
+                        settings.kafka_bootstrap, exc, delay)  # fmt: skip
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, max_delay_s)
+
+
 async def _until_led(admin: AIOKafkaAdminClient, topics: list[str], within_s: float = 15.0) -> None:
     """Wait until every partition of `topics` has a leader. Creation returns before the
     metadata has spread, and a consumer group that forms in between is assigned nothing

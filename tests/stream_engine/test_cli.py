@@ -62,3 +62,39 @@ def test_erase_needs_a_target() -> None:
     done = _run("erase", env={})
     assert done.returncode == 2
     assert "--user or --session" in done.stderr
+
+
+def test_erase_refuses_an_id_no_event_could_carry() -> None:
+    done = _run("erase", "--user", "bad id!", env={})
+    assert done.returncode == 2
+    assert "--user must be 1-128 characters" in done.stderr
+
+
+def test_an_erase_that_redis_fails_says_so_and_that_it_can_be_run_again() -> None:
+    done = _run("erase", "--session", "s1", env={"KAIROS_REDIS_URL": "redis://127.0.0.1:1/0"})
+    assert done.returncode == 1
+    assert "Redis failed" in done.stderr
+    assert "run it again" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("command", ["worker", "attribution", "latent"])
+def test_a_missing_or_malformed_catalog_stops_a_command_with_one_line(
+    command: str, tmp_path: Path
+) -> None:
+    bad = tmp_path / "catalog.jsonl"
+    bad.write_text('{"item_id": "a", "title": "t", "category": "A", "price": 1}\n{nope\n')
+    for path, says in ((tmp_path / "none.jsonl", "catalog file not found"), (bad, ":2: not JSON")):
+        done = _run(command, env={"KAIROS_CATALOG_PATH": str(path),
+                                  "KAIROS_REDIS_URL": "redis://127.0.0.1:1/0"})  # fmt: skip
+        assert done.returncode == 2, done.stderr
+        assert f"stream_engine {command}: {path}" in done.stderr
+        assert says in done.stderr
+        assert "Traceback" not in done.stderr
+
+
+def test_topics_without_kafka_says_where_it_looked() -> None:
+    done = _run("topics", env={"KAIROS_KAFKA_BOOTSTRAP": "127.0.0.1:1"})
+    assert done.returncode == 1
+    assert "stream_engine topics: Kafka at 127.0.0.1:1" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -633,6 +633,35 @@ async def test_a_broker_crash_and_restart_under_a_running_worker_loses_and_doubl
     assert worker.poll() is None
 
 
+@pytest.mark.timeout(300)
+async def test_a_worker_started_before_its_broker_waits_for_it(
+    rig: Rig, private_kafka: PrivateKafka, tmp_path: Path
+) -> None:
+    """A worker started while Kafka is down (both restarted, a deployment's order) exited
+    at once with a traceback; it now says it waits, and starts once the broker is up."""
+    rig.env["KAIROS_KAFKA_BOOTSTRAP"] = private_kafka.bootstrap
+    private_kafka.crash()
+    worker = rig.start()
+    log = tmp_path / "worker0.log"
+
+    def waiting() -> bool:
+        return "is not ready" in log.read_text(errors="replace")
+
+    await wait_for(waiting, 30, "the worker to say it waits for Kafka")
+    assert worker.poll() is None, log.read_text(errors="replace")[-2000:]
+    private_kafka.stack("up", "kafka")
+    sessions = [f"w{k}" for k in range(10)]
+    producer = AIOKafkaProducer(bootstrap_servers=private_kafka.bootstrap, linger_ms=0)
+    await producer.start()
+    try:
+        ours = Rig(rig.start, producer, rig.redis, rig.env, rig.keys)
+        await ours.publish(sessions, 100, 1)
+        await ours.wait_applied(sessions, 100, within_s=120)
+    finally:
+        await producer.stop()
+    assert await rig.counts(sessions) == [10] * 10
+
+
 async def test_a_redis_restarted_empty_under_a_running_worker_gets_what_follows_once(
     private_rig: tuple[Rig, subprocess.Popen[bytes]],
     tmp_path: Path,
