@@ -37,8 +37,8 @@ def topic_names(settings: Settings) -> list[str]:
 async def ensure_topics(settings: Settings) -> list[str]:
     """Create missing topics; returns the ones created. Existing topics are left alone."""
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
-    await admin.start()
     try:
+        await admin.start()  # inside: a start that fails leaves no client behind
         existing = set(await admin.list_topics())
         missing = [t for t in topic_names(settings) if t not in existing]
         if missing:
