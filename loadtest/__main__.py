@@ -30,6 +30,8 @@ from typing import Any
 
 import orjson
 import uvloop
+from aiokafka.errors import KafkaConnectionError
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from loadtest import catchup, cost, decisions, drain, ingest, memory, simulate, stalls
 from loadtest.producer import PRODUCERS
@@ -308,6 +310,22 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("--sessions", type=int, default=200)
     sim.add_argument("--duration", type=float, default=0.0, help="seconds; 0 = forever")
     args = parser.parse_args(argv)
+    try:
+        return _command(args)
+    except (KafkaConnectionError, RedisConnectionError, ConnectionRefusedError) as exc:
+        # a stack that is not up, or the variables pointing elsewhere: one line, not a trace
+        print(f"loadtest {args.command}: {exc}\n  Kafka {_env('KAIROS_KAFKA_BOOTSTRAP')}, "
+              f"Redis {_env('KAIROS_REDIS_URL')}: `make up` starts both on loopback; "
+              "KAIROS_KAFKA_BOOTSTRAP and KAIROS_REDIS_URL point at others",
+              file=sys.stderr)  # fmt: skip
+        return 2
+
+
+def _env(name: str) -> str:
+    return os.environ.get(name) or "(default)"
+
+
+def _command(args: argparse.Namespace) -> int:
     if args.command == "replay":
         return uvloop.run(run_replay(args))
     if args.command == "run":

@@ -50,7 +50,11 @@ class AiokafkaEvents:
         self._producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=0)
 
     async def start(self) -> None:
-        await self._producer.start()
+        try:
+            await self._producer.start()
+        except BaseException:
+            await self._producer.stop()  # no "Unclosed AIOKafkaProducer" after the error
+            raise
 
     async def send(self, topic: str, value: bytes, key: bytes) -> None:
         delivery = await self._producer.send(topic, value, key=key)
