@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import orjson
 import pytest
 import redis.asyncio as aioredis
@@ -31,7 +32,7 @@ from stream_engine.state import Keys
 from stream_engine.store import Batches
 from stream_engine.topics import TopicIdentity
 from tests.api.conftest import ADMIN_TOKEN, client_for, with_
-from tests.conftest import REPO, Stack, spawn_group, stop_group, wait_for
+from tests.conftest import REPO, PrivateKafka, Stack, spawn_group, stop_group, wait_for
 
 AUTH = {"authorization": f"Bearer {ADMIN_TOKEN}"}
 
@@ -194,23 +195,42 @@ async def test_a_broken_assignment_triggers_the_sample_ratio_warning(
 # ----------------------------------------------------------------------------- end to end
 
 
-@pytest.fixture
-def attribution_process(
-    stack: Stack, settings: ApiSettings, unique: str, catalog_file: Path, tmp_path: Path
-) -> Iterator[subprocess.Popen[bytes]]:
+def _start_attribution(
+    settings: ApiSettings, unique: str, catalog_file: Path, log: Path
+) -> subprocess.Popen[bytes]:
+    """`python -m stream_engine attribution` on the API's Kafka, Redis and topics."""
     env = {
         **os.environ, "PYTHONPATH": str(REPO),
-        "KAIROS_KAFKA_BOOTSTRAP": stack.kafka_bootstrap, "KAIROS_REDIS_URL": stack.redis_url,
+        "KAIROS_KAFKA_BOOTSTRAP": settings.kafka_bootstrap, "KAIROS_REDIS_URL": settings.redis_url,
         "KAIROS_KEY_PREFIX": settings.key_prefix, "KAIROS_CATALOG_PATH": str(catalog_file),
         "KAIROS_CLICKSTREAM_TOPIC": settings.clickstream_topic,
         "KAIROS_DECISIONS_TOPIC": settings.decisions_topic,
         "KAIROS_DLQ_TOPIC": f"dlq.{unique}", "KAIROS_CATALOG_TOPIC": f"catalog.{unique}",
         "KAIROS_CONSUMER_GROUP": f"group-{unique}", "KAIROS_PARTITIONS": "1",
     }  # fmt: skip
-    argv = [sys.executable, "-m", "stream_engine", "attribution"]
-    proc = spawn_group(argv, env, tmp_path / "attribution.log")
+    return spawn_group([sys.executable, "-m", "stream_engine", "attribution"], env, log)
+
+
+@pytest.fixture
+def attribution_process(
+    settings: ApiSettings, unique: str, catalog_file: Path, tmp_path: Path
+) -> Iterator[subprocess.Popen[bytes]]:
+    proc = _start_attribution(settings, unique, catalog_file, tmp_path / "attribution.log")
     yield proc
     stop_group(proc)
+
+
+async def _decisions_counted(
+    client: httpx.AsyncClient, slot: str, n: int, proc: subprocess.Popen[bytes], within_s: float
+) -> dict[str, Any]:
+    """The report once attribution has counted `n` decisions of `slot` (or the deadline)."""
+    deadline = time.monotonic() + within_s
+    while True:
+        report: dict[str, Any] = (await client.get("/admin/report?minutes=5", headers=AUTH)).json()
+        if report["slots"][slot]["decisions"] >= n or time.monotonic() > deadline:
+            return report
+        assert proc.poll() is None
+        await asyncio.sleep(0.5)
 
 
 @pytest.mark.integration
@@ -224,13 +244,7 @@ async def test_a_paused_slot_shows_as_all_default_with_reason_paused(
         for i in range(30):
             await client.get(f"/v1/slots/home_recs?session_id=p{i}")
             await client.get(f"/v1/slots/home_hero?session_id=p{i}")
-        deadline = time.monotonic() + 45
-        while True:
-            report = (await client.get("/admin/report?minutes=5", headers=AUTH)).json()
-            if report["slots"]["home_recs"]["decisions"] >= 30 or time.monotonic() > deadline:
-                break
-            assert attribution_process.poll() is None
-            await asyncio.sleep(0.5)
+        report = await _decisions_counted(client, "home_recs", 30, attribution_process, 45)
     recs = report["slots"]["home_recs"]
     assert recs["decisions"] == 30
     assert recs["default_share"] == 1.0
@@ -239,6 +253,39 @@ async def test_a_paused_slot_shows_as_all_default_with_reason_paused(
     assert report["slots"]["home_hero"]["decisions"] == 30
     assert any("home_recs decisions were the default" in w and "paused" in w
                for w in report["warnings"])  # fmt: skip
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+async def test_attribution_carries_on_through_a_broker_crash_and_counts_each_decision_once(
+    settings: ApiSettings, private_kafka: PrivateKafka, unique: str, catalog_file: Path,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    """The decisions topic's broker killed under a running attribution consumer and started
+    again on its data: the consumer keeps running, counts what follows, and the report
+    counts each decision once across the offsets it is handed again."""
+    ours = with_(settings, kafka_bootstrap=private_kafka.bootstrap)
+    proc = _start_attribution(ours, unique, catalog_file, tmp_path / "attribution.log")
+    try:
+        async with client_for(ours) as client:
+            for i in range(20):
+                await client.get(f"/v1/slots/home_hero?session_id=k{i}")
+            report = await _decisions_counted(client, "home_hero", 20, proc, 60)
+            assert report["slots"]["home_hero"]["decisions"] == 20
+        private_kafka.crash()
+        await asyncio.sleep(5.0)
+        assert proc.poll() is None, "attribution stopped with the broker"
+        private_kafka.stack("up", "kafka")
+        async with client_for(ours) as client:
+            for i in range(20, 40):
+                await client.get(f"/v1/slots/home_hero?session_id=k{i}")
+            report = await _decisions_counted(client, "home_hero", 40, proc, 120)
+            await asyncio.sleep(1.0)  # anything doubled would show up now
+            report = await _decisions_counted(client, "home_hero", 41, proc, 0)
+        assert report["slots"]["home_hero"]["decisions"] == 40
+        assert proc.poll() is None
+    finally:
+        stop_group(proc)
 
 
 @pytest.mark.integration

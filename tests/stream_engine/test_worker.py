@@ -30,7 +30,7 @@ from stream_engine.settings import Settings
 from stream_engine.state import Keys
 from stream_engine.topics import ensure_topics, topic_names
 from stream_engine.vectors import from_bytes
-from tests.conftest import REPO, Stack, free_port, redis_server, wait_for
+from tests.conftest import PrivateKafka, Stack, free_port, redis_server, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 ITEMS = [it.item_id for it in generate(500)]
@@ -550,50 +550,6 @@ async def test_a_running_worker_follows_a_catalog_topic_created_again(
     await _recreate(rig, stack, updates)
     await stock(ITEMS[0], 0)
     await stock(ITEMS[1], 0)
-
-
-@dataclass(frozen=True)
-class PrivateKafka:
-    """A broker of this test's own (deploy/stack.py in a stack dir of its own), so the
-    test may crash it: SIGKILL, no clean shutdown, then started again on the same data."""
-
-    env: dict[str, str]
-    stack_dir: Path
-
-    @property
-    def bootstrap(self) -> str:
-        return f"127.0.0.1:{self.env['KAIROS_KAFKA_PORT']}"
-
-    def stack(self, *args: str) -> None:
-        argv = [sys.executable, str(REPO / "deploy" / "stack.py"), *args]
-        done = subprocess.run(argv, env=self.env, capture_output=True, text=True, timeout=240)
-        assert done.returncode == 0, done.stdout + done.stderr
-
-    def crash(self) -> None:
-        pid = int((self.stack_dir / "kafka" / "pid").read_text().split()[0])
-        os.kill(pid, signal.SIGKILL)
-        while Path(f"/proc/{pid}").exists() and "zombie" not in _proc_state(pid):
-            time.sleep(0.05)
-
-
-def _proc_state(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/status").read_text().split("State:", 1)[1].split("\n", 1)[0]
-    except (OSError, IndexError):
-        return "gone"
-
-
-@pytest.fixture
-def private_kafka(tmp_path: Path, stack: Stack) -> Iterator[PrivateKafka]:
-    stack_dir = tmp_path / "stack"
-    env = {**os.environ, "KAIROS_STACK_DIR": str(stack_dir), "KAIROS_KAFKA_PORT": str(free_port()),
-           "KAIROS_KAFKA_CONTROLLER_PORT": str(free_port())}  # fmt: skip
-    broker = PrivateKafka(env, stack_dir)
-    broker.stack("up", "kafka")
-    try:
-        yield broker
-    finally:
-        broker.stack("down")
 
 
 @pytest.mark.timeout(300)
