@@ -50,6 +50,15 @@ class SessionSnapshot:
     bought: list[str] = field(default_factory=list)
     last_ts: int = 0
     block: str | None = None
+    # The fence on the partition the session's events came from before (o2, p2): kept
+    # when its events move to another partition (partitions added to the topic, or the
+    # topic created again), so that a redelivery from the old one is still recognised.
+    fence2: int | None = None
+    partition2: int | None = None
+
+    def is_new(self, p: Positioned, tag: int = 0) -> bool:
+        """Whether this session's fences leave `p` to apply (is_new, on both)."""
+        return is_new(self.fence, self.partition, p, tag, self.fence2, self.partition2)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +79,8 @@ class SessionWrite:
     fields: dict[str, bytes | str | int]
     impressions: dict[str, int]
     applied: int  # events whose effect this write carries
+    fence2: int | None = None  # the fence on the partition the session came from (is_new)
+    partition2: int | None = None
 
 
 @dataclass(slots=True)
@@ -123,18 +134,53 @@ def tagged_partition(partition: int, tag: int) -> int:
     return partition | (tag << PARTITION_BITS)
 
 
-def is_new(fence: int | None, fence_partition: int | None, p: Positioned, tag: int = 0) -> bool:
+def _on(fence_partition: int, p: Positioned, tag: int) -> bool:
+    """Whether a fence stored with `fence_partition` orders `p`'s offsets."""
+    if tag == 0 or fence_partition <= PARTITION_MASK:
+        return fence_partition & PARTITION_MASK == p.partition
+    return fence_partition == p.partition | (tag << PARTITION_BITS)
+
+
+def is_new(
+    fence: int | None, fence_partition: int | None, p: Positioned, tag: int = 0,
+    fence2: int | None = None, partition2: int | None = None,
+) -> bool:  # fmt: skip
     """Whether a fence leaves `p` to apply. A fence only orders offsets of the partition,
     and the topic's incarnation, it was taken on; one of an unknown incarnation (written
     before tags, or while the topic's id could not be read) is taken as this one's, so
-    that such a worker doubles nothing."""
-    if fence is None or fence_partition is None:
-        return True
-    if tag == 0 or fence_partition <= PARTITION_MASK:
-        same = fence_partition & PARTITION_MASK == p.partition
-    else:
-        same = fence_partition == p.partition | (tag << PARTITION_BITS)
-    return not same or p.offset > fence
+    that such a worker doubles nothing. A session keeps a second fence for the partition
+    its events came from before (`fence2`): events of a redelivery there are old too."""
+    if fence is not None and fence_partition is not None and _on(fence_partition, p, tag):
+        return p.offset > fence
+    if fence2 is not None and partition2 is not None:
+        # Strictly its own incarnation: an untagged fence2 predates the tagged fence beside
+        # it, and is left behind by a recreated topic like any other (unless the id is
+        # unknown now: then, like the first fence, partitions alone are compared).
+        mask = PARTITION_MASK if tag == 0 else -1
+        if partition2 & mask == p.partition | (tag << PARTITION_BITS):
+            return p.offset > fence2
+    return True
+
+
+def _fences_after(
+    snap: SessionSnapshot, events: Sequence[Positioned], tag: int
+) -> tuple[int, int, int | None, int | None]:
+    """The session's fence and partition once `events` (new, in order) apply, and the
+    fence of the partition it was on before, if its events moved: (fence, partition,
+    fence2, partition2). Of more than two partitions, the two latest are kept."""
+    held: dict[int, int] = {}  # tagged partition -> fence, latest last
+    for fence, part in ((snap.fence2, snap.partition2), (snap.fence, snap.partition)):
+        if fence is not None and part is not None:
+            held.pop(part, None)
+            held[part] = fence
+    for p in events:
+        part = tagged_partition(p.partition, tag)
+        held[part] = max(held.pop(part, p.offset), p.offset)
+    *earlier, (partition, fence) = held.items()
+    if earlier:
+        partition2, fence2 = earlier[-1]
+        return fence, partition, fence2, partition2
+    return fence, partition, None, None
 
 
 @dataclass(slots=True)
@@ -166,7 +212,9 @@ class SessionWalk:
         self.flags = "R"
         self.rows, self.ts, self.weights = [], [], []
         self.impressions.clear()
-        self.snap = SessionSnapshot(fence=self.snap.fence, partition=self.snap.partition)
+        snap = self.snap
+        self.snap = SessionSnapshot(fence=snap.fence, partition=snap.partition,
+                                    fence2=snap.fence2, partition2=snap.partition2)  # fmt: skip
         self.count = 0
 
 
@@ -240,17 +288,21 @@ def plan_session(
         fields["t"] = int(s.vector_ts or 0)
     if walk.user is not None:
         fields["u"] = walk.user
-    last = events[-1]
+    fence, partition, fence2, partition2 = _fences_after(snap, events, tag)
+    if fence2 is not None and partition2 is not None:
+        fields["o2"], fields["p2"] = fence2, partition2
     return (
         SessionWrite(
             session_id=sid,
             expected_fence=snap.fence,  # compare-and-set on what we read, whatever its partition
-            fence=last.offset,
-            partition=tagged_partition(last.partition, tag),
+            fence=fence,
+            partition=partition,
             flags=walk.flags,
             fields=fields,
             impressions=dict(walk.impressions),
             applied=len(events),
+            fence2=fence2,
+            partition2=partition2,
         ),
         walk,
         unknown,

@@ -36,7 +36,6 @@ from stream_engine.planning import (
     UserWrite,
     covisit_windows,
     fold_session_vectors,
-    is_new,
     plan_aggregates,
     plan_session,
 )
@@ -103,7 +102,7 @@ class Ttls:
 # as its stored bytes and the item lists as tuples (see OwnerCache).
 Entry = tuple[
     int | None, int | None, bytes | None, int | None, int, str | None,
-    tuple[str, ...], tuple[str, ...], tuple[str, ...], int, str | None,
+    tuple[str, ...], tuple[str, ...], tuple[str, ...], int, str | None, int | None, int | None,
 ]  # fmt: skip
 
 
@@ -228,12 +227,16 @@ def entry_after(write: SessionWrite) -> Entry:
         tuple(str(f["b"]).split()),
         int(f["lt"]),
         None,
+        write.fence2,
+        write.partition2,
     )
 
 
 def _fence_only(write: SessionWrite) -> Entry:
-    """A session whose consent was withdrawn: only its fence is kept."""
-    return (write.fence, write.partition, None, None, 0, None, (), (), (), 0, "consent")
+    """A session whose consent was withdrawn: only its fence is kept (APPLY_SESSION drops
+    the one of its earlier partition)."""
+    return (write.fence, write.partition, None, None, 0, None, (), (), (), 0, "consent",
+            None, None)  # fmt: skip
 
 
 class BatchProcessor:
@@ -362,9 +365,10 @@ class BatchProcessor:
         dims = self.catalog.space.dims
         for sid in sessions:
             if (entry := self.cache.get(sid)) is not None:
-                fence, part, v, t, n, u, r, c, b, lt, block = entry
+                fence, part, v, t, n, u, r, c, b, lt, block, fence2, part2 = entry
                 snaps[sid] = SessionSnapshot(fence, part, from_bytes(v, dims), t, n, u,
-                                             list(r), list(c), list(b), lt, block)  # fmt: skip
+                                             list(r), list(c), list(b), lt, block,
+                                             fence2, part2)  # fmt: skip
         missing = [sid for sid in sessions if sid not in snaps]
         fences = {p: self.cache.agg_fences[p] for p in partitions if p in self.cache.agg_fences}
         landmark = self.cache.landmark
@@ -416,10 +420,12 @@ class BatchProcessor:
         return res[len(cmds) :]
 
     def _session_snapshot(self, row: list[Any], block: bytes | None) -> SessionSnapshot:
-        v, t, n, o, p, u, r, c, b, lt = row
+        v, t, n, o, p, u, r, c, b, lt, o2, p2 = row
         return SessionSnapshot(
             fence=stored_int(o),
             partition=stored_int(p),
+            fence2=stored_int(o2),
+            partition2=stored_int(p2),
             vector=from_bytes(v, self.catalog.space.dims),
             vector_ts=stored_int(t),
             count=stored_int(n) or 0,
@@ -449,7 +455,7 @@ class BatchProcessor:
             recent_before[sid] = list(snap.recent)
             if sid in settled:
                 continue
-            fresh = [p for p in events if is_new(snap.fence, snap.partition, p, self.incarnation)]
+            fresh = [p for p in events if snap.is_new(p, self.incarnation)]
             plan.duplicates += len(events) - len(fresh)
             if not fresh:
                 continue
@@ -537,8 +543,7 @@ class BatchProcessor:
             # (snaps: the sessions as read, before this batch's plan)
             tag = self.incarnation
             behind = [p for p in usable if fence is not None and p.offset <= fence
-                      and is_new(snaps[p.event.session_id].fence,
-                                 snaps[p.event.session_id].partition, p, tag)]  # fmt: skip
+                      and snaps[p.event.session_id].is_new(p, tag)]  # fmt: skip
             if behind:
                 plan_aggregates(part, behind, windows, self.catalog, landmark, self.tuning,
                                 counted_to=fence)  # fmt: skip

@@ -9,8 +9,10 @@ an old block back over a consent given again). Vectors are raw little-endian flo
 
     P:{sid}:s      hash   v (vector as of t), t, n (events), o/p (fence: last offset and
                           partition applied; p also tags the topic's incarnation,
-                          planning.is_new), u (user), r (recent items), c (cart),
-                          b (bought), lt (last event time), w (written at, ms)
+                          planning.is_new), o2/p2 (the fence of the partition its
+                          events came from before, once they moved: partitions added,
+                          or the topic created again), u (user), r (recent items),
+                          c (cart), b (bought), lt (last event time), w (written at, ms)
     P:{sid}:imp    hash   impression counts per item or banner (frequency caps)
     P:{sid}:x      string "consent" (personalization off) or "erased"; checked on apply
     P:{u:uid}:u    hash   per linked session: s:<sid> (its vector), t:<sid>, n:<sid>; w;
@@ -154,7 +156,7 @@ def report_fence_key(prefix: str) -> str:
     return f"{prefix}:{{report}}:fence"
 
 
-SESSION_FIELDS = ("v", "t", "n", "o", "p", "u", "r", "c", "b", "lt")
+SESSION_FIELDS = ("v", "t", "n", "o", "p", "u", "r", "c", "b", "lt", "o2", "p2")
 
 # The Lua pattern of a stored number (stored_int above).
 NUMBER = "'^%-?%d+$'"
@@ -226,6 +228,7 @@ if string.find(flags, 'B', 1, true) then
 end
 if block == 'consent' then
   redis.call('HSET', KEYS[1], 'o', ARGV[2], 'p', ARGV[3])
+  redis.call('HDEL', KEYS[1], 'o2', 'p2')
   redis.call('PEXPIRE', KEYS[1], ttl)
   return -2
 end

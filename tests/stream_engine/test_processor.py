@@ -355,12 +355,15 @@ async def test_what_the_owner_cache_holds_is_what_a_read_of_redis_gives(
     records = [log(t, sid, item_id=item) for sid, seq in sessions.items() for t, item in seq]
     records.append(log(EventType.IDENTIFY, "viewer", user_id="u1"))
     records.append(log(EventType.CONSENT, "withdrawn", consent=False))
+    other = Log(partition=1)  # its events moved there: two fences
+    records.append(other(EventType.VIEW, "viewer", item_id=ITEMS[6]))
     out = await processor.process(records)
     assert (out.applied, out.blocked) == (len(records) - 2, 2)  # the withdrawn session's two
     names = list(sessions)
-    cached, _, _ = await processor._read(names, [0])
+    cached, _, _ = await processor._read(names, [0, 1])
     second.cache.clear()
-    read, _, _ = await second._read(names, [0])
+    read, _, _ = await second._read(names, [0, 1])
+    assert (read["viewer"].partition, read["viewer"].partition2) == (1, 0)
     for sid in names:
         assert processor.cache.get(sid) is not None, sid
         a, b = cached[sid], read[sid]
@@ -370,8 +373,41 @@ async def test_what_the_owner_cache_holds_is_what_a_read_of_redis_gives(
         a.vector = b.vector = None
         assert a == b, sid
     assert (read["buyer"].cart, read["buyer"].bought) == ([ITEMS[5]], [ITEMS[2]])
-    assert (read["viewer"].user, read["viewer"].recent) == ("u1", [ITEMS[1], ITEMS[0]])
+    assert (read["viewer"].user, read["viewer"].recent) == ("u1", [ITEMS[6], ITEMS[1], ITEMS[0]])
     assert read["withdrawn"].block == "consent"
+
+
+async def test_a_session_whose_events_move_partition_still_knows_the_old_ones(
+    processor: BatchProcessor, second: BatchProcessor, redis_client: aioredis.Redis,
+    key_prefix: str,
+) -> None:  # fmt: skip
+    """Partitions added to the clickstream topic move a session's key to another one. Its
+    fence held one partition's offset: an event of the old partition redelivered after the
+    session's first event on the new one (a crash or a rebalance before the commit)
+    applied again. The fence of the partition it came from is kept beside it."""
+    a, b = Log(partition=0), Log(partition=1)
+    before = [a(EventType.VIEW, "s1", item_id=ITEMS[k]) for k in range(3)]
+    assert (await processor.process(before)).applied == 3
+    after = [b(EventType.VIEW, "s1", item_id=ITEMS[5])]
+    assert (await processor.process(after)).applied == 1
+    for worker in (processor, second):  # from the owner cache, then from a read of Redis
+        assert (await worker.process(before)).duplicates == 3
+        assert (await worker.process(after)).duplicates == 1
+    # both partitions in one batch, and the old one's events after the new one's
+    both = [b(EventType.VIEW, "s2", item_id=ITEMS[7]), a(EventType.VIEW, "s2", item_id=ITEMS[8])]
+    assert (await processor.process(both)).applied == 2
+    second.cache.clear()
+    assert (await second.process(both)).duplicates == 2
+    assert (await second.process([a(EventType.VIEW, "s2", item_id=ITEMS[9])])).applied == 1
+    stored = await _session(redis_client, key_prefix, "s1")
+    assert int(stored[b"n"]) == 4
+    assert (int(stored[b"p"]), int(stored[b"p2"])) == (1, 0)
+    # a third partition: the two latest are kept
+    c = Log(partition=2)
+    assert (await processor.process([c(EventType.VIEW, "s1", item_id=ITEMS[6])])).applied == 1
+    assert (await second.process(after)).duplicates == 1
+    stored = await _session(redis_client, key_prefix, "s1")
+    assert (int(stored[b"p"]), int(stored[b"p2"]), int(stored[b"n"])) == (2, 1, 5)
 
 
 async def test_the_landmark_moves_and_each_aggregate_set_follows_it_at_its_next_write(
