@@ -168,6 +168,14 @@ def _fences_after(
     """The session's fence and partition once `events` (new, in order) apply, and the
     fence of the partition it was on before, if its events moved: (fence, partition,
     fence2, partition2). Of more than two partitions, the two latest are kept."""
+    last = events[-1]
+    partition = tagged_partition(last.partition, tag)
+    if (
+        snap.fence2 is None
+        and snap.partition in (None, partition)
+        and all(p.partition == last.partition for p in events)
+    ):  # the common case: one partition, never moved
+        return last.offset, partition, None, None
     held: dict[int, int] = {}  # tagged partition -> fence, latest last
     for fence, part in ((snap.fence2, snap.partition2), (snap.fence, snap.partition)):
         if fence is not None and part is not None:
