@@ -167,7 +167,10 @@ def _fences_after(
 ) -> tuple[int, int, int | None, int | None]:
     """The session's fence and partition once `events` (new, in order) apply, and the
     fence of the partition it was on before, if its events moved: (fence, partition,
-    fence2, partition2). Of more than two partitions, the two latest are kept."""
+    fence2, partition2). Of more than two partitions, the two latest are kept. A fence of
+    another incarnation of the topic, or of the same partition number, is not kept as the
+    second: is_new would never compare an event with it (after an upgrade or a topic
+    created again, every session would store one for nothing)."""
     last = events[-1]
     partition = tagged_partition(last.partition, tag)
     if (
@@ -185,9 +188,11 @@ def _fences_after(
         part = tagged_partition(p.partition, tag)
         held[part] = max(held.pop(part, p.offset), p.offset)
     *earlier, (partition, fence) = held.items()
-    if earlier:
-        partition2, fence2 = earlier[-1]
-        return fence, partition, fence2, partition2
+    for partition2, fence2 in reversed(earlier):
+        if (tag == 0 or partition2 >> PARTITION_BITS == tag) and (
+            partition2 & PARTITION_MASK != partition & PARTITION_MASK
+        ):
+            return fence, partition, fence2, partition2
     return fence, partition, None, None
 
 
