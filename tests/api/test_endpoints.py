@@ -20,7 +20,7 @@ from api.runtime import Runtime
 from api.settings import Settings
 from stream_engine.events import EventType
 from stream_engine.state import Keys
-from tests.api.conftest import ADMIN_TOKEN, Clicks, client_for, roomy, served, with_
+from tests.api.conftest import ADMIN_TOKEN, Clicks, client_for, served, with_
 from tests.conftest import Stack
 
 pytestmark = pytest.mark.integration
@@ -335,7 +335,6 @@ async def test_the_slot_fast_paths_answer_like_the_starlette_route(
     without ASGI (api/server.py, the served app) and by FastSlots (api/fastpath.py, what
     an in-process client reaches). The route they bypass must give the same status,
     headers and body (decision ids and timings aside)."""
-    settings = roomy(settings)
     async with (
         served(settings) as server,
         client_for(settings) as client,

@@ -12,7 +12,7 @@ from api.config import SlotKind
 from api.decisions import PageAsk, SlotAsk
 from api.settings import Settings
 from stream_engine.looplag import LoopLag
-from tests.api.conftest import client_for
+from tests.api.conftest import client_for, with_
 
 
 def _burn(seconds: float) -> None:
@@ -39,7 +39,8 @@ async def test_the_monitor_sees_a_blocked_loop() -> None:
 async def test_decisions_late_because_the_process_is_saturated_are_overloads(
     settings: Settings,
 ) -> None:
-    async with client_for(settings) as client:
+    # the production budgets: a loop 20 ms late is an overload only against those
+    async with client_for(with_(settings, redis_timeout_ms=15.0, deadline_ms=20.0)) as client:
         rt = client.app.state.runtime  # type: ignore[attr-defined]
         slot = next(s for s in rt.serving.config.slots.values() if s.kind is SlotKind.ITEMS)
         page = PageAsk("busy-shopper", None, (SlotAsk(slot, 4),))
