@@ -44,7 +44,7 @@ class _Revocations(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
         # Hand over cleanly: what we applied is committed before another worker takes over.
-        await _commit(self.consumer, self.lanes.revoke())
+        await commit_applied(self.consumer, self.lanes.revoke())
 
     async def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
         log.info("assigned %s", sorted(tp.partition for tp in assigned))
@@ -138,7 +138,7 @@ class ClickstreamConsumer:
         if not force and now - self._last_commit < self.settings.commit_interval_ms / 1000:
             return
         self._last_commit = now
-        await _commit(consumer, self.lanes.take_applied())
+        await commit_applied(consumer, self.lanes.take_applied())
 
     def _report_lag(self, consumer: AIOKafkaConsumer) -> None:
         now = time.monotonic()
@@ -150,7 +150,11 @@ class ClickstreamConsumer:
         )
 
 
-async def _commit(consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> None:
+async def commit_applied(consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> None:
+    """Commit offsets whose effects are already fenced in Redis. A commit refused because
+    the group moved on (a rebalance, or a broker back from a crash that no longer knows
+    this member) loses nothing: whoever owns the partition now replays from the last
+    commit and the fences skip what was applied. Not a reason to stop the process."""
     if not offsets:
         return
     try:
