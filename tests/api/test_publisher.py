@@ -71,7 +71,7 @@ async def test_without_kafka_offers_return_at_once_and_every_loss_is_counted() -
     try:
         started = time.perf_counter()
         offered = [publisher.offer("nowhere", b"k", b"v") for _ in range(5)]
-        assert time.perf_counter() - started < 0.05  # never waits on Kafka
+        assert time.perf_counter() - started < 0.25  # never waits on Kafka (500 ms timeout)
         assert offered == [True, True, True, False, False]  # a queue of 3
         assert publisher.room() == 0
         assert drops == [("nowhere", "queue_full", 1)] * 2
