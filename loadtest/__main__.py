@@ -22,6 +22,7 @@ python -m loadtest ingest [--rates 1000,5000,10000] [--duration 15] [--repeats 3
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Callable, Coroutine
@@ -36,6 +37,64 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from loadtest import catchup, cost, decisions, drain, ingest, memory, simulate, stalls
 from loadtest.producer import PRODUCERS
 from loadtest.scenario import ScenarioError
+from stream_engine.settings import ENGINES
+
+
+def _whole(least: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least `least` (one line, exit 2, otherwise)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
+        return value
+
+    return parse
+
+
+def _seconds(zero_ok: bool, unit: str = "seconds") -> Callable[[str], float]:
+    """An argparse type: a finite number (of seconds), more than 0 (or at least 0)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number of {unit}")
+        if value < 0 or (value == 0 and not zero_ok):
+            raise argparse.ArgumentTypeError(
+                f"must be {'at least' if zero_ok else 'more than'} 0, got {text}"
+            )
+        return value
+
+    return parse
+
+
+def _rates(text: str) -> list[int]:
+    """An argparse type: comma-separated arrival rates a second, each at least 1."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError("give at least one rate, e.g. 1000,2000")
+    rate = _whole(1)
+    try:
+        return [rate(p) for p in parts]
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"each rate {exc}") from None
+
+
+def _engines(text: str) -> list[str]:
+    """An argparse type: comma-separated worker engines."""
+    engines = [e.strip() for e in text.split(",") if e.strip()]
+    unknown = [e for e in engines if e not in ENGINES]
+    if unknown or not engines:
+        raise argparse.ArgumentTypeError(
+            f"takes {', '.join(ENGINES)} (comma-separated); got {text!r}"
+        )
+    return engines
 
 
 async def run_suite(args: Any) -> int:
@@ -90,19 +149,11 @@ async def run_suite(args: Any) -> int:
 
 
 def run_cost(args: Any) -> int:
-    if args.sessions < 1 or args.decisions < 1 or args.rounds < 1 or args.items < 100:
-        print("loadtest cost: --sessions, --decisions and --rounds at least 1, --items at "
-              "least 100", file=sys.stderr)  # fmt: skip
-        return 2
     uvloop.run(cost.run(args.sessions, args.decisions, args.rounds, args.items, args.out))
     return 0
 
 
 def run_stalls(args: Any) -> int:
-    if args.items < 100 or min(args.changes, args.repeats, args.new) < 1:
-        print("loadtest stalls: --items at least 100, --changes, --new and --repeats at "
-              "least 1", file=sys.stderr)  # fmt: skip
-        return 2
     if args.changes * args.repeats > args.items:
         print("loadtest stalls: --changes x --repeats must not exceed --items", file=sys.stderr)
         return 2
@@ -186,17 +237,15 @@ def _searching(
 
 
 def _ingest(args: argparse.Namespace) -> int:
-    rates = [int(r) for r in args.rates.split(",") if r.strip()]
-    engines = [e for e in args.engines.split(",") if e.strip()]
-    return _searching(args, lambda find: ingest.run(rates, args.duration, args.repeats, engines,
-                                                    args.out, args.producer, find))  # fmt: skip
+    return _searching(args, lambda find: ingest.run(args.rates, args.duration, args.repeats,
+                                                    args.engines, args.out, args.producer,
+                                                    find))  # fmt: skip
 
 
 def _decisions(args: argparse.Namespace) -> int:
-    rates = [int(r) for r in args.rates.split(",") if r.strip()]
     return _searching(args, lambda find: decisions.run(
-        rates, args.duration, args.warmup, args.repeats, args.sessions, args.events_per_session,
-        args.items, args.rss_items, args.out, find,
+        args.rates, args.duration, args.warmup, args.repeats, args.sessions,
+        args.events_per_session, args.items, args.rss_items, args.out, find,
     ))  # fmt: skip
 
 
@@ -204,10 +253,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtest")
     sub = parser.add_subparsers(dest="command", required=True)
     ing = sub.add_parser("ingest", help="freshness and throughput of the stream worker")
-    ing.add_argument("--rates", default="1000,5000,10000")
-    ing.add_argument("--duration", type=float, default=15.0)
-    ing.add_argument("--repeats", type=int, default=3)
-    ing.add_argument("--engines", default="faust,aiokafka,librdkafka")
+    ing.add_argument("--rates", type=_rates, default="1000,5000,10000")
+    ing.add_argument("--duration", type=_seconds(False), default=15.0)
+    ing.add_argument("--repeats", type=_whole(1), default=3)
+    ing.add_argument("--engines", type=_engines, default="faust,aiokafka,librdkafka")
     ing.add_argument(
         "--producer",
         choices=PRODUCERS,
@@ -218,52 +267,57 @@ def main(argv: list[str] | None = None) -> int:
     ing.add_argument("--find-max", action="store_true",
                      help="also search each engine's highest live rate sustained with flat "
                           "lag (#3: at least 10,000 events/s)")  # fmt: skip
-    ing.add_argument("--search-from", type=int, default=6000)
-    ing.add_argument("--max-rate", type=int, default=24_000)
+    ing.add_argument("--search-from", type=_whole(1), default=6000)
+    ing.add_argument("--max-rate", type=_whole(1), default=24_000)
     mem = sub.add_parser("memory", help="Redis memory per session")
-    mem.add_argument("--sessions", type=int, default=100_000)
-    mem.add_argument("--events-per-session", type=int, default=4)
-    mem.add_argument("--engine", default="aiokafka")
+    mem.add_argument("--sessions", type=_whole(1), default=100_000)
+    mem.add_argument("--events-per-session", type=_whole(1), default=4)
+    mem.add_argument("--engine", choices=ENGINES, default="aiokafka")
     dec = sub.add_parser("decisions", help="decision API latency beside a static baseline")
-    dec.add_argument("--rates", default="500,1000,2000,3000")
-    dec.add_argument("--duration", type=float, default=10.0)
-    dec.add_argument("--warmup", type=float, default=2.0)
-    dec.add_argument("--repeats", type=int, default=3)
-    dec.add_argument("--sessions", type=int, default=100_000)
-    dec.add_argument("--events-per-session", type=int, default=3)
-    dec.add_argument("--items", type=int, default=10_000)
-    dec.add_argument("--rss-items", type=int, default=100_000)
+    dec.add_argument("--rates", type=_rates, default="500,1000,2000,3000")
+    dec.add_argument("--duration", type=_seconds(False), default=10.0)
+    dec.add_argument("--warmup", type=_seconds(True), default=2.0)
+    dec.add_argument("--repeats", type=_whole(1), default=3)
+    dec.add_argument("--sessions", type=_whole(1), default=100_000)
+    dec.add_argument("--events-per-session", type=_whole(1), default=3)
+    dec.add_argument("--items", type=_whole(100), default=10_000)
+    dec.add_argument(
+        "--rss-items",
+        type=_whole(0),
+        default=100_000,
+        help="also the API's memory with a catalog this large (0: not measured)",
+    )
     dec.add_argument("--find-max", action="store_true",
                      help="also search each endpoint's highest rate held (#4: slots at least "
                           "half the baseline's)")  # fmt: skip
-    dec.add_argument("--search-from", type=int, default=1000)
-    dec.add_argument("--max-rate", type=int, default=32_000)
+    dec.add_argument("--search-from", type=_whole(1), default=1000)
+    dec.add_argument("--max-rate", type=_whole(1), default=32_000)
     dec.add_argument("--out", type=Path, default=Path("artifacts"))
     cat = sub.add_parser("catchup", help="decisions while a worker catches up a backlog")
-    cat.add_argument("--backlog", type=int, default=100_000)
-    cat.add_argument("--rate", type=int, default=1000)
-    cat.add_argument("--duration", type=float, default=20.0)
-    cat.add_argument("--repeats", type=int, default=2)
-    cat.add_argument("--engine", default="faust")
-    cat.add_argument("--items", type=int, default=10_000)
+    cat.add_argument("--backlog", type=_whole(1), default=100_000)
+    cat.add_argument("--rate", type=_whole(1), default=1000)
+    cat.add_argument("--duration", type=_seconds(False), default=20.0)
+    cat.add_argument("--repeats", type=_whole(1), default=2)
+    cat.add_argument("--engine", choices=ENGINES, default="faust")
+    cat.add_argument("--items", type=_whole(100), default=10_000)
     cat.add_argument("--legs", default=",".join(catchup.LEGS))
     cat.add_argument("--out", type=Path, default=Path("artifacts"))
     cst = sub.add_parser("cost", help="CPU per decision in process, beside a Redis round trip")
-    cst.add_argument("--sessions", type=int, default=30_000)
-    cst.add_argument("--decisions", type=int, default=2_000)
-    cst.add_argument("--rounds", type=int, default=8)
-    cst.add_argument("--items", type=int, default=10_000)
+    cst.add_argument("--sessions", type=_whole(1), default=30_000)
+    cst.add_argument("--decisions", type=_whole(1), default=2_000)
+    cst.add_argument("--rounds", type=_whole(1), default=8)
+    cst.add_argument("--items", type=_whole(100), default=10_000)
     cst.add_argument("--out", type=Path, default=Path("artifacts"))
     stl = sub.add_parser("stalls", help="how long the API's background work holds its loop")
-    stl.add_argument("--items", type=int, default=100_000)
-    stl.add_argument("--changes", type=int, default=100)
-    stl.add_argument("--repeats", type=int, default=3)
-    stl.add_argument("--new", type=int, default=10)
+    stl.add_argument("--items", type=_whole(100), default=100_000)
+    stl.add_argument("--changes", type=_whole(1), default=100)
+    stl.add_argument("--repeats", type=_whole(1), default=3)
+    stl.add_argument("--new", type=_whole(1), default=10)
     dra = sub.add_parser("drain", help="one worker's events/s on a backlog, beside a raw read")
-    dra.add_argument("--events", type=int, default=300_000)
-    dra.add_argument("--repeats", type=int, default=3)
-    dra.add_argument("--engines", default="faust")
-    dra.add_argument("--items", type=int, default=10_000)
+    dra.add_argument("--events", type=_whole(10), default=300_000)
+    dra.add_argument("--repeats", type=_whole(1), default=3)
+    dra.add_argument("--engines", type=_engines, default="faust")
+    dra.add_argument("--items", type=_whole(100), default=10_000)
     dra.add_argument("--out", type=Path, default=Path("artifacts"))
     run = sub.add_parser("run", help="a scenario of the peak-traffic suite; exit 1 on SLO miss")
     run.add_argument("scenario", help="smoke, peak, spike, soak, overload or a .toml file")
@@ -285,9 +339,9 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--test", type=Path)
     rep.add_argument("--train", type=Path)
     rep.add_argument("--generate", type=Path, help="write a sample log here and exit")
-    rep.add_argument("--sessions", type=int, default=300)
+    rep.add_argument("--sessions", type=_whole(1), default=300)
     rep.add_argument("--seed", type=int, default=5, help="with --generate: session ids differ")
-    rep.add_argument("--k", type=int, default=10)
+    rep.add_argument("--k", type=_whole(1), default=10)
     rep.add_argument("--api", default=os.environ.get("KAIROS_API_URL", "http://127.0.0.1:8000"))
     rep.add_argument(
         "--bootstrap", default=os.environ.get("KAIROS_KAFKA_BOOTSTRAP", "127.0.0.1:9092")
@@ -306,9 +360,11 @@ def main(argv: list[str] | None = None) -> int:
                      help="with --generate: item ids no catalog knows")  # fmt: skip
     rep.add_argument("--out", type=Path, default=Path("artifacts"))
     sim = sub.add_parser("simulate", help="simulated shoppers for the demo, until stopped")
-    sim.add_argument("--rate", type=float, default=20.0)
-    sim.add_argument("--sessions", type=int, default=200)
-    sim.add_argument("--duration", type=float, default=0.0, help="seconds; 0 = forever")
+    sim.add_argument(
+        "--rate", type=_seconds(False, "events a second"), default=20.0, help="events a second"
+    )
+    sim.add_argument("--sessions", type=_whole(1), default=200)
+    sim.add_argument("--duration", type=_seconds(True), default=0.0, help="seconds; 0 = forever")
     args = parser.parse_args(argv)
     try:
         return _command(args)
@@ -342,9 +398,9 @@ def _command(args: argparse.Namespace) -> int:
     if args.command == "catchup":
         legs = tuple(leg.strip() for leg in args.legs.split(",") if leg.strip())
         unknown = sorted(set(legs) - set(catchup.LEGS))
-        if args.duration <= catchup.WORKER_AFTER_S or args.backlog < 1 or args.rate < 1:
-            print(f"loadtest catchup: --duration must be more than {catchup.WORKER_AFTER_S:g} s,"
-                  " --backlog and --rate at least 1", file=sys.stderr)  # fmt: skip
+        if args.duration <= catchup.WORKER_AFTER_S:
+            print(f"loadtest catchup: --duration must be more than {catchup.WORKER_AFTER_S:g} s",
+                  file=sys.stderr)  # fmt: skip
             return 2
         if unknown or not legs:
             print(f"loadtest catchup: --legs takes {', '.join(catchup.LEGS)}; got {args.legs!r}",
@@ -356,12 +412,7 @@ def _command(args: argparse.Namespace) -> int:
     if args.command in IN_PROCESS:
         return IN_PROCESS[args.command](args)
     if args.command == "drain":
-        engines = [e.strip() for e in args.engines.split(",") if e.strip()]
-        if args.events < 10 or args.repeats < 1 or not engines:
-            print("loadtest drain: --events at least 10, --repeats at least 1, an engine",
-                  file=sys.stderr)  # fmt: skip
-            return 2
-        uvloop.run(drain.run(args.events, args.repeats, engines, args.out, args.items))
+        uvloop.run(drain.run(args.events, args.repeats, args.engines, args.out, args.items))
         return 0
     if args.command == "memory":
         uvloop.run(memory.run(args.sessions, args.events_per_session, args.engine))

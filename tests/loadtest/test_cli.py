@@ -36,3 +36,38 @@ def test_a_stack_it_cannot_reach_is_one_line_that_says_where_it_looked(
     assert "`make up`" in done.stderr
     assert "Traceback" not in done.stderr
     assert "Unclosed" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("command", "says"),
+    [
+        (["decisions", "--rates", "abc"], "--rates: each rate 'abc' is not a whole number"),
+        (["decisions", "--rates", "0"], "argument --rates: each rate must be at least 1, got 0"),
+        (["decisions", "--rates", "1000,-5"], "each rate must be at least 1, got -5"),
+        (["decisions", "--rates", ","], "argument --rates: give at least one rate"),
+        (["decisions", "--repeats", "0"], "argument --repeats: must be at least 1, got 0"),
+        (["decisions", "--sessions", "0"], "argument --sessions: must be at least 1, got 0"),
+        (["decisions", "--warmup", "-1"], "argument --warmup: must be at least 0, got -1"),
+        (["ingest", "--duration", "-1"], "argument --duration: must be more than 0, got -1"),
+        (["ingest", "--duration", "nan"], "argument --duration: 'nan' is not a number of seconds"),
+        (["ingest", "--engines", "faust,nope"], "argument --engines: takes faust, aiokafka"),
+        (["memory", "--engine", "nope"], "argument --engine: invalid choice: 'nope'"),
+        (["drain", "--engines", ","], "argument --engines: takes faust"),
+        (["simulate", "--rate", "0"], "argument --rate: must be more than 0, got 0"),
+        (["replay", "--k", "0"], "argument --k: must be at least 1, got 0"),
+    ],
+)  # fmt: skip
+def test_bad_options_are_one_line_before_anything_runs(command: list[str], says: str) -> None:
+    """Rates of 0 divided by zero after the stack was seeded, negative ones ran and wrote a
+    results file of nothing, --repeats 0 failed on an empty median at the end of the run:
+    now the parser refuses each, naming the option, and nothing is started (the stack
+    variables point at nothing: a run that started would fail differently)."""
+    nowhere = f"127.0.0.1:{free_port()}"
+    env = {**os.environ, "KAIROS_KAFKA_BOOTSTRAP": nowhere,
+           "KAIROS_REDIS_URL": f"redis://{nowhere}/0"}  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "loadtest", *command], env=env,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 2
+    assert says in done.stderr
+    assert "Traceback" not in done.stderr
+    assert "make up" not in done.stderr  # refused by the parser, not by a failed connection

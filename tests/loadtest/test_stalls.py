@@ -24,7 +24,7 @@ def test_the_summary_is_the_median_of_each_measure() -> None:
 
 @pytest.mark.parametrize(
     ("args", "says"),
-    [(["--items", "10"], "--items at least 100"),
+    [(["--items", "10"], "argument --items: must be at least 100, got 10"),
      (["--items", "100", "--changes", "60", "--repeats", "2"], "must not exceed --items")],
 )  # fmt: skip
 def test_bad_arguments_are_refused_before_anything_runs(args: list[str], says: str) -> None:
