@@ -25,7 +25,7 @@ from api.endpoints import JSON, runtime
 from api.exceptions import BadRequest, ConfigFileError
 from api.limits import json_body, valid_id
 from api.openapi import admin_document
-from api.report import Window, build_report, read_counters
+from api.report import MAX_REPORT_MINUTES, Window, build_report, read_counters
 from stream_engine.erasure import erase_session, erase_user
 
 
@@ -96,9 +96,6 @@ async def reload(request: Request) -> Response:
         body = {"error": str(exc), "status": 422, "in_force": rt.serving.config.version}
         return JSON(body, 422)
     return JSON({"version": rt.serving.config.version})
-
-
-MAX_REPORT_MINUTES = 8 * 24 * 60  # what the counters' TTL keeps
 
 
 async def report(request: Request) -> Response:

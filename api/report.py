@@ -28,6 +28,7 @@ MIN_EVENTS = 10  # successes (clicks or purchases) over both groups
 SRM_P = 0.001
 DEFAULT_SHARE_WARN = 0.5  # more than half of a slot's decisions were defaults
 Z95 = 1.959964
+MAX_REPORT_MINUTES = 8 * 24 * 60  # what the counters' TTL keeps
 COUNTED = frozenset("xkapr")  # exposures, clicks, carts, purchases, revenue (attribution.py)
 
 

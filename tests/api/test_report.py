@@ -406,3 +406,23 @@ async def test_exposures_of_a_recreated_decisions_topic_are_counted(
     assert await attributor.apply(topic, 0, again)
     report = await _report(redis_client, key_prefix, _config(tmp_path, 0.05))
     assert report["slots"]["home_recs"]["decisions"] == 8
+
+
+@pytest.mark.parametrize("minutes", ["0", "-3", "11521", "an hour"])
+def test_the_report_command_refuses_a_window_it_cannot_read(minutes: str) -> None:
+    """`python -m api report --minutes 0` ended in an IndexError traceback; it now takes
+    what /admin/report?minutes= takes."""
+    done = subprocess.run([sys.executable, "-m", "api", "report", "--minutes", minutes],
+                          capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    assert done.returncode == 2
+    assert "argument --minutes:" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.integration
+def test_the_report_command_reads_the_window_it_was_given(stack: Stack, key_prefix: str) -> None:
+    env = {**os.environ, "KAIROS_REDIS_URL": stack.redis_url, "KAIROS_KEY_PREFIX": key_prefix}
+    argv = [sys.executable, "-m", "api", "report", "--minutes", "5", "--json"]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert orjson.loads(done.stdout)["window"]["minutes"] == 5

@@ -32,6 +32,16 @@ def test_catalog_command_writes_a_loadable_demo_catalog(tmp_path: Path) -> None:
     assert orjson.loads(out.read_text().splitlines()[0])["item_id"] == "sku-000000"
 
 
+@pytest.mark.parametrize("items", ["0", "-1", "many"])
+def test_a_catalog_of_no_items_is_refused_not_written(tmp_path: Path, items: str) -> None:
+    """--items 0 wrote an empty file, which the worker and the API only refused later."""
+    out = tmp_path / "c.jsonl"
+    done = _run("catalog", "--out", str(out), "--items", items, env={})
+    assert done.returncode == 2
+    assert "argument --items:" in done.stderr
+    assert not out.exists()
+
+
 def test_bad_settings_fail_with_the_variable_named() -> None:
     done = _run("topics", env={"KAIROS_PARTITIONS": "lots"})
     assert done.returncode == 2
