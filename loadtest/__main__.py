@@ -103,7 +103,7 @@ async def run_suite(args: Any) -> int:
     import redis.asyncio as aioredis
 
     from loadtest import results
-    from loadtest.scenario import load_scenario, verdict
+    from loadtest.scenario import SLO_KEYS, load_scenario, verdict
     from loadtest.suite import Runner
 
     scenario = load_scenario(args.scenario)
@@ -111,10 +111,16 @@ async def run_suite(args: Any) -> int:
     for override in args.slo:
         key, _, value = override.partition("=")
         try:
-            slo[key] = float(value)
+            number = float(value)
         except ValueError:
-            raise ScenarioError(f"--slo {override!r}: expected KEY=NUMBER") from None
+            number = math.nan
+        if key not in SLO_KEYS:
+            raise ScenarioError(f"--slo {override!r}: KEY is one of {', '.join(SLO_KEYS)}")
+        if not 0 <= number <= 1e9:  # as a scenario file's slo table (scenario.py)
+            raise ScenarioError(f"--slo {override!r}: expected KEY=NUMBER, a number >= 0")
+        slo[key] = number
     scenario = dataclasses.replace(scenario, slo=slo)
+    previous = results.load_previous(args.compare, scenario.name) if args.compare else None
     runner = Runner(scenario, args.api, args.bootstrap, args.topic, args.producer)
     steps = await runner.run()
     failures = verdict(scenario, steps)
@@ -136,8 +142,8 @@ async def run_suite(args: Any) -> int:
               f"p50 {lat['p50'] or 0:.2f} p99 {lat['p99'] or 0:.2f} p99.9 {lat['p99.9'] or 0:.2f}"
               f" ms, errors {s['errors']}, degraded {s['degraded_share']:.2%}, freshness p99 "
               f"{s['freshness_ms']['p99']} ms{_api_cpu(s)}{_undelivered(s)}")  # fmt: skip
-    if args.compare:
-        for line in results.compare(orjson.loads(json_path.read_bytes()), args.compare):
+    if previous is not None:
+        for line in results.compare(orjson.loads(json_path.read_bytes()), previous):
             print(f"REGRESSION {line}")
     if failures or invalid:
         print("VERDICT: FAIL")

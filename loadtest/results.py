@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 
 from loadtest.ingest import environment
-from loadtest.scenario import Scenario
+from loadtest.scenario import Scenario, ScenarioError
 
 REGRESSION = 1.2  # a p99 more than 20% above the previous run's is flagged
 
@@ -52,22 +52,45 @@ def knee(scenario: Scenario, steps: list[dict[str, Any]]) -> dict[str, Any]:
     return {"highest_rate_within_slo": held, "first_rate_over_slo": broke}
 
 
-def compare(current: dict[str, Any], previous_path: Path) -> list[str]:
-    """Regressions against a previous results file of the same scenario."""
-    previous = orjson.loads(previous_path.read_bytes())
+def load_previous(path: Path, scenario: str) -> dict[str, Any]:
+    """A previous results file to compare against, read before the run starts: a path that
+    is not one of `scenario`'s results is refused with the reason, not found at the end."""
+    try:
+        previous = orjson.loads(path.read_bytes())
+    except OSError as exc:
+        raise ScenarioError(f"--compare {path}: {exc.strerror or exc}") from None
+    except orjson.JSONDecodeError:
+        raise ScenarioError(f"--compare {path}: not JSON (a loadtest-*.json file?)") from None
+    if not isinstance(previous, dict):
+        raise ScenarioError(f"--compare {path}: not the results of a `loadtest run`")
+    steps, ran = previous.get("steps"), previous.get("scenario")
+    if not isinstance(steps, list) or not all(isinstance(s, dict) for s in steps):
+        raise ScenarioError(f"--compare {path}: not the results of a `loadtest run`")
+    name = ran.get("name") if isinstance(ran, dict) else None
+    if name is not None and name != scenario:
+        raise ScenarioError(f"--compare {path}: results of scenario {name!r}, not {scenario!r}")
+    checked: dict[str, Any] = previous
+    return checked
+
+
+def compare(current: dict[str, Any], previous: dict[str, Any]) -> list[str]:
+    """Regressions against a previous results file of the same scenario (load_previous)."""
     flagged = []
     for i, (now, before) in enumerate(
         zip(current["steps"], previous["steps"], strict=False), start=1
     ):
-        p_now, p_before = now["latency_ms"]["p99"], before["latency_ms"]["p99"]
+        p_now = now["latency_ms"]["p99"]
+        p_before = before.get("latency_ms", {}).get("p99")
         if p_now and p_before and p_now > REGRESSION * p_before:
             flagged.append(f"step {i}: p99 {p_now:.2f} ms vs {p_before:.2f} ms before "
                            f"(+{(p_now / p_before - 1):.0%})")  # fmt: skip
-        if now["degraded_share"] > before["degraded_share"] + 0.01:
+        degraded_before = before.get("degraded_share", 0.0)
+        if now["degraded_share"] > degraded_before + 0.01:
             flagged.append(f"step {i}: degraded {now['degraded_share']:.1%} vs "
-                           f"{before['degraded_share']:.1%} before")  # fmt: skip
-        if now["errors"] > before["errors"]:
-            flagged.append(f"step {i}: {now['errors']} errors vs {before['errors']} before")
+                           f"{degraded_before:.1%} before")  # fmt: skip
+        errors_before = before.get("errors", 0)
+        if now["errors"] > errors_before:
+            flagged.append(f"step {i}: {now['errors']} errors vs {errors_before} before")
     return flagged
 
 

@@ -5,6 +5,7 @@ the verdict are produced and right for a known case, not absolute latencies)."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,10 +14,10 @@ from typing import Any
 import orjson
 import pytest
 
-from loadtest.results import compare, knee
+from loadtest.results import compare, knee, load_previous
 from loadtest.scenario import ScenarioError, Step, load_scenario, parse_scenario, verdict
 from loadtest.suite import StepRecorder, live_line
-from tests.conftest import REPO, Stack
+from tests.conftest import REPO, Stack, free_port
 
 
 def _result(p99: float, errors: int = 0, degraded: float = 0.0) -> dict[str, Any]:
@@ -85,12 +86,52 @@ def test_the_verdict_names_each_missed_slo_and_the_knee_the_first_rate_over_it()
 
 
 def test_compare_flags_a_regression(tmp_path: Path) -> None:
-    before = tmp_path / "before.json"
-    before.write_bytes(orjson.dumps({"steps": [_result(10.0)]}))
+    path = tmp_path / "before.json"
+    path.write_bytes(orjson.dumps({"scenario": {"name": "peak"}, "steps": [_result(10.0)]}))
+    before = load_previous(path, "peak")
     assert compare({"steps": [_result(11.0)]}, before) == []
     assert compare({"steps": [_result(15.0)]}, before) == [
         "step 1: p99 15.00 ms vs 10.00 ms before (+50%)"
     ]
+
+
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [(None, "No such file or directory"),
+     (b"{not json", "not JSON"),
+     (b'{"steps": 3}', "not the results of a `loadtest run`"),
+     (b'{"scenario": {"name": "smoke"}, "steps": []}', "results of scenario 'smoke', not 'peak'")],
+)  # fmt: skip
+def test_a_file_to_compare_with_is_checked_before_the_run(
+    tmp_path: Path, content: bytes | None, says: str
+) -> None:
+    """--compare with a wrong path ran the whole scenario, then ended in a traceback."""
+    path = tmp_path / "before.json"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(ScenarioError, match=re.escape(says)):
+        load_previous(path, "peak")
+
+
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [(["--slo", "bogus=3"], "KEY is one of p99_ms"),
+     (["--slo", "p99_ms=-1"], "a number >= 0"),
+     (["--slo", "p99_ms=nan"], "a number >= 0"),
+     (["--compare", "/nonexistent/before.json"], "--compare /nonexistent/before.json")],
+)  # fmt: skip
+def test_bad_slo_overrides_and_compare_files_stop_the_run_before_it_starts(
+    extra: list[str], says: str
+) -> None:
+    """Nothing listens where the run would send its load: a run that started would end
+    differently (an unknown SLO key used to be taken, and ignored, silently)."""
+    nowhere = f"127.0.0.1:{free_port()}"
+    argv = [sys.executable, "-m", "loadtest", "run", "smoke", "--api", f"http://{nowhere}",
+            "--bootstrap", nowhere, *extra]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2
+    assert says in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def _run(url: str, stack: Stack, catalog: Path, unique: str, out: Path,
