@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from api.limits import BODY_TIMEOUT_S, HEAD_TIMEOUT_S, MAX_HEADER_BYTES, SEND_TIMEOUT_S
 from stream_engine.exceptions import ConfigError
 from stream_engine.settings import DEFAULT_KAFKA_BOOTSTRAP, DEFAULT_REDIS_URL, from_environment
+from stream_engine.store import check_redis_url
 
 DEFAULT_API_PORT = 8000
 PLACEHOLDER_TOKENS = frozenset({"changeme", "changethis", "secret", "admin", "token"})
@@ -89,6 +90,7 @@ class Settings:
                 "KAIROS_ADMIN_TOKEN must be a real secret (16+ chars) outside "
                 f"KAIROS_ENVIRONMENT=local (environment is {self.environment!r})"
             )
+        check_redis_url(self.redis_url)
         if not 0 < self.redis_timeout_ms < self.deadline_ms:
             raise ConfigError("KAIROS_REDIS_TIMEOUT_MS must be > 0 and < KAIROS_DEADLINE_MS")
         if not 0 <= self.max_cpu_share <= 1:

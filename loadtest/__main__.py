@@ -37,7 +37,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from loadtest import catchup, cost, decisions, drain, ingest, memory, simulate, stalls
 from loadtest.producer import PRODUCERS
 from loadtest.scenario import ScenarioError
-from stream_engine.settings import ENGINES
+from stream_engine.exceptions import ConfigError
+from stream_engine.settings import DEFAULT_REDIS_URL, ENGINES
+from stream_engine.store import check_redis_url
 
 
 def _whole(least: int) -> Callable[[str], int]:
@@ -372,6 +374,13 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("--sessions", type=_whole(1), default=200)
     sim.add_argument("--duration", type=_seconds(True), default=0.0, help="seconds; 0 = forever")
     args = parser.parse_args(argv)
+    try:
+        check_redis_url(os.environ.get("KAIROS_REDIS_URL") or DEFAULT_REDIS_URL)
+        if args.command == "replay":
+            check_redis_url(args.redis, "--redis")
+    except ConfigError as exc:
+        print(f"loadtest {args.command}: {exc}", file=sys.stderr)
+        return 2
     try:
         return _command(args)
     except (KafkaConnectionError, RedisConnectionError, ConnectionRefusedError) as exc:

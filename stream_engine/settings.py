@@ -7,6 +7,7 @@ from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
 from stream_engine.exceptions import ConfigError
+from stream_engine.store import check_redis_url
 
 T = TypeVar("T")
 
@@ -152,6 +153,7 @@ class Settings:
             )
         if self.yield_min_rate < 1:
             raise ConfigError(f"KAIROS_YIELD_MIN_RATE must be >= 1, got {self.yield_min_rate}")
+        check_redis_url(self.redis_url)
         if not self.key_prefix or "{" in self.key_prefix or "}" in self.key_prefix:
             raise ConfigError(
                 f"KAIROS_KEY_PREFIX must be non-empty and free of braces, got {self.key_prefix!r}"

@@ -415,6 +415,19 @@ def _shown(url: str) -> str:
     return urlunsplit(parts._replace(netloc=user + host))
 
 
+def check_redis_url(url: str, name: str = "KAIROS_REDIS_URL") -> None:
+    """Refuse (ConfigError, the password masked) a Redis URL redis-py can't use, or one it
+    would quietly read differently: a database that is not a number was database 0."""
+    try:
+        parse_url(url)  # type: ignore[no-untyped-call]
+    except ValueError as exc:
+        raise ConfigError(f"{name}={_shown(url)!r}: {exc}") from None
+    parts = urlsplit(url)
+    db = parts.path.lstrip("/")
+    if parts.scheme in ("redis", "rediss") and db and not db.isdigit():
+        raise ConfigError(f"{name}={_shown(url)!r}: the database must be a number, got {db!r}")
+
+
 def check_topology(url: str, timeout_s: float = 2.0) -> None:
     """Refuse (ConfigError) a Redis Kairos can't run on: a node of a Redis Cluster that
     does not serve all 16,384 slots as a primary, or database other than 0 on one. Every

@@ -71,3 +71,12 @@ def test_bad_options_are_one_line_before_anything_runs(command: list[str], says:
     assert says in done.stderr
     assert "Traceback" not in done.stderr
     assert "make up" not in done.stderr  # refused by the parser, not by a failed connection
+
+
+def test_a_redis_url_it_cannot_use_is_one_line() -> None:
+    done = subprocess.run([sys.executable, "-m", "loadtest", "cost", "--rounds", "1"],
+                          env={**os.environ, "KAIROS_REDIS_URL": "localhost:6379"},
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 2
+    assert "loadtest cost: KAIROS_REDIS_URL='localhost:6379': Redis URL must specify" in done.stderr
+    assert "Traceback" not in done.stderr

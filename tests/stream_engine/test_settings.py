@@ -34,3 +34,28 @@ def test_a_batch_may_wait_for_nothing_but_not_for_negative_time() -> None:
     assert Settings.from_env({"KAIROS_BATCH_WITHIN_MS": "0"}).batch_within_ms == 0
     with pytest.raises(ConfigError, match="KAIROS_BATCH_WITHIN_MS >= 0"):
         Settings.from_env({"KAIROS_BATCH_WITHIN_MS": "-1"})
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [("localhost:6379", "must specify one of the following schemes"),
+     ("redis://db:port/0", "Port could not be cast"),
+     ("redis://:s3cret@db:6379/cache", "'redis://***@db:6379/cache': the database must be")],
+)  # fmt: skip
+def test_a_redis_url_redis_py_cannot_use_or_would_misread_is_refused(url: str, says: str) -> None:
+    """A URL without a scheme was a traceback from whichever client connected first; a
+    database that is not a number was quietly database 0. Both settings objects refuse it,
+    the password masked."""
+    from api.settings import Settings as ApiSettings
+
+    for settings in (Settings, ApiSettings):
+        with pytest.raises(ConfigError, match="KAIROS_REDIS_URL=") as refused:
+            settings.from_env({"KAIROS_REDIS_URL": url})
+        assert says in str(refused.value)
+        assert "s3cret" not in str(refused.value)
+
+
+@pytest.mark.parametrize("url", ["redis://db:6379", "redis://db:6379/3", "rediss://u:p@db/0",
+                                 "unix:///run/redis.sock"])  # fmt: skip
+def test_the_redis_urls_redis_py_takes_are_taken(url: str) -> None:
+    assert Settings.from_env({"KAIROS_REDIS_URL": url}).redis_url == url
