@@ -7,7 +7,12 @@ from dataclasses import dataclass
 
 from api.limits import BODY_TIMEOUT_S, HEAD_TIMEOUT_S, MAX_HEADER_BYTES, SEND_TIMEOUT_S
 from stream_engine.exceptions import ConfigError
-from stream_engine.settings import DEFAULT_KAFKA_BOOTSTRAP, DEFAULT_REDIS_URL, from_environment
+from stream_engine.settings import (
+    DEFAULT_KAFKA_BOOTSTRAP,
+    DEFAULT_REDIS_URL,
+    check_kafka_bootstrap,
+    from_environment,
+)
 from stream_engine.store import check_redis_url
 
 DEFAULT_API_PORT = 8000
@@ -91,6 +96,7 @@ class Settings:
                 f"KAIROS_ENVIRONMENT=local (environment is {self.environment!r})"
             )
         check_redis_url(self.redis_url)
+        check_kafka_bootstrap(self.kafka_bootstrap)
         if not 0 < self.redis_timeout_ms < self.deadline_ms:
             raise ConfigError("KAIROS_REDIS_TIMEOUT_MS must be > 0 and < KAIROS_DEADLINE_MS")
         if not 0 <= self.max_cpu_share <= 1:

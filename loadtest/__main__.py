@@ -38,7 +38,12 @@ from loadtest import catchup, cost, decisions, drain, ingest, memory, simulate, 
 from loadtest.producer import PRODUCERS
 from loadtest.scenario import ScenarioError
 from stream_engine.exceptions import ConfigError
-from stream_engine.settings import DEFAULT_REDIS_URL, ENGINES
+from stream_engine.settings import (
+    DEFAULT_KAFKA_BOOTSTRAP,
+    DEFAULT_REDIS_URL,
+    ENGINES,
+    check_kafka_bootstrap,
+)
 from stream_engine.store import check_redis_url
 
 
@@ -376,8 +381,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         check_redis_url(os.environ.get("KAIROS_REDIS_URL") or DEFAULT_REDIS_URL)
+        check_kafka_bootstrap(os.environ.get("KAIROS_KAFKA_BOOTSTRAP") or DEFAULT_KAFKA_BOOTSTRAP)
         if args.command == "replay":
             check_redis_url(args.redis, "--redis")
+        if args.command in ("run", "replay"):
+            check_kafka_bootstrap(args.bootstrap, "--bootstrap")
     except ConfigError as exc:
         print(f"loadtest {args.command}: {exc}", file=sys.stderr)
         return 2

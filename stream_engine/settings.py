@@ -16,6 +16,19 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 ENGINES = ("faust", "aiokafka", "librdkafka")
 
 
+def check_kafka_bootstrap(value: str, name: str = "KAIROS_KAFKA_BOOTSTRAP") -> None:
+    """Refuse (ConfigError) a bootstrap list the Kafka clients would misread: each entry is
+    host:port (aiokafka raised a traceback on a port that is not a number, librdkafka took
+    it as port 0; an empty list or a URL scheme left the API's publisher never connecting)."""
+    entries = [e.strip() for e in value.split(",")]
+    if not value.strip() or not all(entries):
+        raise ConfigError(f"{name}={value!r}: expected host:port[,host:port...]")
+    for entry in entries:
+        host, sep, port = entry.rpartition(":")
+        if "://" in entry or not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"{name}={value!r}: {entry!r} is not host:port (e.g. 127.0.0.1:9092)")
+
+
 def _parse_bool(raw: str) -> bool:
     lowered = raw.strip().lower()
     if lowered in {"1", "true", "yes", "on"}:
@@ -154,6 +167,7 @@ class Settings:
         if self.yield_min_rate < 1:
             raise ConfigError(f"KAIROS_YIELD_MIN_RATE must be >= 1, got {self.yield_min_rate}")
         check_redis_url(self.redis_url)
+        check_kafka_bootstrap(self.kafka_bootstrap)
         if not self.key_prefix or "{" in self.key_prefix or "}" in self.key_prefix:
             raise ConfigError(
                 f"KAIROS_KEY_PREFIX must be non-empty and free of braces, got {self.key_prefix!r}"

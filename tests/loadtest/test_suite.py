@@ -118,7 +118,8 @@ def test_a_file_to_compare_with_is_checked_before_the_run(
     [(["--slo", "bogus=3"], "KEY is one of p99_ms"),
      (["--slo", "p99_ms=-1"], "a number >= 0"),
      (["--slo", "p99_ms=nan"], "a number >= 0"),
-     (["--compare", "/nonexistent/before.json"], "--compare /nonexistent/before.json")],
+     (["--compare", "/nonexistent/before.json"], "--compare /nonexistent/before.json"),
+     (["--bootstrap", "kafka:abc"], "--bootstrap='kafka:abc': 'kafka:abc' is not host:port")],
 )  # fmt: skip
 def test_bad_slo_overrides_and_compare_files_stop_the_run_before_it_starts(
     extra: list[str], says: str

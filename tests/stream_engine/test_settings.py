@@ -59,3 +59,21 @@ def test_a_redis_url_redis_py_cannot_use_or_would_misread_is_refused(url: str, s
                                  "unix:///run/redis.sock"])  # fmt: skip
 def test_the_redis_urls_redis_py_takes_are_taken(url: str) -> None:
     assert Settings.from_env({"KAIROS_REDIS_URL": url}).redis_url == url
+
+
+@pytest.mark.parametrize(
+    "bootstrap", ["127.0.0.1:abc", "", "kafka://127.0.0.1:9092", "a:1,,b:2", "db", "db:0"]
+)
+def test_a_kafka_bootstrap_the_clients_would_misread_is_refused(bootstrap: str) -> None:
+    """aiokafka raised a traceback on a port that is not a number; librdkafka (the API's
+    publisher) took it as port 0, and ran without a broker on an empty list or a URL."""
+    from api.settings import Settings as ApiSettings
+
+    for settings in (Settings, ApiSettings):
+        with pytest.raises(ConfigError, match=f"KAIROS_KAFKA_BOOTSTRAP={bootstrap!r}"):
+            settings.from_env({"KAIROS_KAFKA_BOOTSTRAP": bootstrap})
+
+
+@pytest.mark.parametrize("bootstrap", ["kafka:9092", "[::1]:9092", "a:9092, b:9093"])
+def test_the_kafka_bootstraps_the_clients_take_are_taken(bootstrap: str) -> None:
+    assert Settings.from_env({"KAIROS_KAFKA_BOOTSTRAP": bootstrap}).kafka_bootstrap == bootstrap
