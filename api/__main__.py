@@ -23,6 +23,7 @@ from api.config import load_config
 from api.report import MAX_REPORT_MINUTES
 from api.server import server_options
 from api.settings import Settings
+from stream_engine.cli_args import whole_number
 from stream_engine.demo_catalog import resolve_catalog_path
 from stream_engine.exceptions import KairosError
 from stream_engine.logs import configure
@@ -53,22 +54,16 @@ async def _report(settings: Settings, minutes: int, as_json: bool) -> None:
         print(render_table(report))
 
 
-def _minutes(text: str) -> int:
-    """--minutes: what /admin/report?minutes= takes."""
-    try:
-        minutes = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if not 1 <= minutes <= MAX_REPORT_MINUTES:
-        raise argparse.ArgumentTypeError(f"must be between 1 and {MAX_REPORT_MINUTES}, got {text}")
-    return minutes
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m api")
     sub = parser.add_subparsers(dest="command")
     rep = sub.add_parser("report", help="print the zero-to-zero report")
-    rep.add_argument("--minutes", type=_minutes, default=60)
+    rep.add_argument(
+        "--minutes",
+        type=whole_number(1, MAX_REPORT_MINUTES),
+        default=60,
+        help="the window: what /admin/report?minutes= takes",
+    )
     rep.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     if args.command == "report":

@@ -37,6 +37,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from loadtest import catchup, cost, decisions, drain, ingest, memory, simulate, stalls
 from loadtest.producer import PRODUCERS
 from loadtest.scenario import ScenarioError
+from stream_engine.cli_args import whole_number
 from stream_engine.exceptions import ConfigError
 from stream_engine.settings import (
     DEFAULT_KAFKA_BOOTSTRAP,
@@ -45,21 +46,6 @@ from stream_engine.settings import (
     check_kafka_bootstrap,
 )
 from stream_engine.store import check_redis_url
-
-
-def _whole(least: int) -> Callable[[str], int]:
-    """An argparse type: a whole number of at least `least` (one line, exit 2, otherwise)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < least:
-            raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
-        return value
-
-    return parse
 
 
 def _seconds(zero_ok: bool, unit: str = "seconds") -> Callable[[str], float]:
@@ -86,7 +72,7 @@ def _rates(text: str) -> list[int]:
     parts = [p.strip() for p in text.split(",") if p.strip()]
     if not parts:
         raise argparse.ArgumentTypeError("give at least one rate, e.g. 1000,2000")
-    rate = _whole(1)
+    rate = whole_number(1)
     try:
         return [rate(p) for p in parts]
     except argparse.ArgumentTypeError as exc:
@@ -268,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     ing = sub.add_parser("ingest", help="freshness and throughput of the stream worker")
     ing.add_argument("--rates", type=_rates, default="1000,5000,10000")
     ing.add_argument("--duration", type=_seconds(False), default=15.0)
-    ing.add_argument("--repeats", type=_whole(1), default=3)
+    ing.add_argument("--repeats", type=whole_number(1), default=3)
     ing.add_argument("--engines", type=_engines, default="faust,aiokafka,librdkafka")
     ing.add_argument(
         "--producer",
@@ -280,57 +266,57 @@ def main(argv: list[str] | None = None) -> int:
     ing.add_argument("--find-max", action="store_true",
                      help="also search each engine's highest live rate sustained with flat "
                           "lag (#3: at least 10,000 events/s)")  # fmt: skip
-    ing.add_argument("--search-from", type=_whole(1), default=6000)
-    ing.add_argument("--max-rate", type=_whole(1), default=24_000)
+    ing.add_argument("--search-from", type=whole_number(1), default=6000)
+    ing.add_argument("--max-rate", type=whole_number(1), default=24_000)
     mem = sub.add_parser("memory", help="Redis memory per session")
-    mem.add_argument("--sessions", type=_whole(1), default=100_000)
-    mem.add_argument("--events-per-session", type=_whole(1), default=4)
+    mem.add_argument("--sessions", type=whole_number(1), default=100_000)
+    mem.add_argument("--events-per-session", type=whole_number(1), default=4)
     mem.add_argument("--engine", choices=ENGINES, default="aiokafka")
     dec = sub.add_parser("decisions", help="decision API latency beside a static baseline")
     dec.add_argument("--rates", type=_rates, default="500,1000,2000,3000")
     dec.add_argument("--duration", type=_seconds(False), default=10.0)
     dec.add_argument("--warmup", type=_seconds(True), default=2.0)
-    dec.add_argument("--repeats", type=_whole(1), default=3)
-    dec.add_argument("--sessions", type=_whole(1), default=100_000)
-    dec.add_argument("--events-per-session", type=_whole(1), default=3)
-    dec.add_argument("--items", type=_whole(100), default=10_000)
+    dec.add_argument("--repeats", type=whole_number(1), default=3)
+    dec.add_argument("--sessions", type=whole_number(1), default=100_000)
+    dec.add_argument("--events-per-session", type=whole_number(1), default=3)
+    dec.add_argument("--items", type=whole_number(100), default=10_000)
     dec.add_argument(
         "--rss-items",
-        type=_whole(0),
+        type=whole_number(0),
         default=100_000,
         help="also the API's memory with a catalog this large (0: not measured)",
     )
     dec.add_argument("--find-max", action="store_true",
                      help="also search each endpoint's highest rate held (#4: slots at least "
                           "half the baseline's)")  # fmt: skip
-    dec.add_argument("--search-from", type=_whole(1), default=1000)
-    dec.add_argument("--max-rate", type=_whole(1), default=32_000)
+    dec.add_argument("--search-from", type=whole_number(1), default=1000)
+    dec.add_argument("--max-rate", type=whole_number(1), default=32_000)
     dec.add_argument("--out", type=Path, default=Path("artifacts"))
     cat = sub.add_parser("catchup", help="decisions while a worker catches up a backlog")
-    cat.add_argument("--backlog", type=_whole(1), default=100_000)
-    cat.add_argument("--rate", type=_whole(1), default=1000)
+    cat.add_argument("--backlog", type=whole_number(1), default=100_000)
+    cat.add_argument("--rate", type=whole_number(1), default=1000)
     cat.add_argument("--duration", type=_seconds(False), default=20.0)
-    cat.add_argument("--repeats", type=_whole(1), default=2)
+    cat.add_argument("--repeats", type=whole_number(1), default=2)
     cat.add_argument("--engine", choices=ENGINES, default="faust")
-    cat.add_argument("--items", type=_whole(100), default=10_000)
+    cat.add_argument("--items", type=whole_number(100), default=10_000)
     cat.add_argument("--legs", default=",".join(catchup.LEGS))
     cat.add_argument("--out", type=Path, default=Path("artifacts"))
     cst = sub.add_parser("cost", help="CPU per decision in process, beside a Redis round trip")
-    cst.add_argument("--sessions", type=_whole(1), default=30_000)
-    cst.add_argument("--decisions", type=_whole(1), default=2_000)
-    cst.add_argument("--rounds", type=_whole(1), default=8)
-    cst.add_argument("--items", type=_whole(100), default=10_000)
+    cst.add_argument("--sessions", type=whole_number(1), default=30_000)
+    cst.add_argument("--decisions", type=whole_number(1), default=2_000)
+    cst.add_argument("--rounds", type=whole_number(1), default=8)
+    cst.add_argument("--items", type=whole_number(100), default=10_000)
     cst.add_argument("--out", type=Path, default=Path("artifacts"))
     stl = sub.add_parser("stalls", help="how long the API's background work holds its loop")
-    stl.add_argument("--items", type=_whole(100), default=100_000)
-    stl.add_argument("--changes", type=_whole(1), default=100)
-    stl.add_argument("--repeats", type=_whole(1), default=3)
-    stl.add_argument("--new", type=_whole(1), default=10)
+    stl.add_argument("--items", type=whole_number(100), default=100_000)
+    stl.add_argument("--changes", type=whole_number(1), default=100)
+    stl.add_argument("--repeats", type=whole_number(1), default=3)
+    stl.add_argument("--new", type=whole_number(1), default=10)
     dra = sub.add_parser("drain", help="one worker's events/s on a backlog, beside a raw read")
-    dra.add_argument("--events", type=_whole(10), default=300_000)
-    dra.add_argument("--repeats", type=_whole(1), default=3)
+    dra.add_argument("--events", type=whole_number(10), default=300_000)
+    dra.add_argument("--repeats", type=whole_number(1), default=3)
     dra.add_argument("--engines", type=_engines, default="faust")
-    dra.add_argument("--items", type=_whole(100), default=10_000)
+    dra.add_argument("--items", type=whole_number(100), default=10_000)
     dra.add_argument("--out", type=Path, default=Path("artifacts"))
     run = sub.add_parser("run", help="a scenario of the peak-traffic suite; exit 1 on SLO miss")
     run.add_argument("scenario", help="smoke, peak, spike, soak, overload or a .toml file")
@@ -352,9 +338,9 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--test", type=Path)
     rep.add_argument("--train", type=Path)
     rep.add_argument("--generate", type=Path, help="write a sample log here and exit")
-    rep.add_argument("--sessions", type=_whole(1), default=300)
+    rep.add_argument("--sessions", type=whole_number(1), default=300)
     rep.add_argument("--seed", type=int, default=5, help="with --generate: session ids differ")
-    rep.add_argument("--k", type=_whole(1), default=10)
+    rep.add_argument("--k", type=whole_number(1), default=10)
     rep.add_argument("--api", default=os.environ.get("KAIROS_API_URL", "http://127.0.0.1:8000"))
     rep.add_argument(
         "--bootstrap", default=os.environ.get("KAIROS_KAFKA_BOOTSTRAP", "127.0.0.1:9092")
@@ -376,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument(
         "--rate", type=_seconds(False, "events a second"), default=20.0, help="events a second"
     )
-    sim.add_argument("--sessions", type=_whole(1), default=200)
+    sim.add_argument("--sessions", type=whole_number(1), default=200)
     sim.add_argument("--duration", type=_seconds(True), default=0.0, help="seconds; 0 = forever")
     args = parser.parse_args(argv)
     try:

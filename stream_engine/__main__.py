@@ -20,6 +20,7 @@ from typing import Any
 import uvloop
 from redis.exceptions import RedisError
 
+from stream_engine.cli_args import whole_number
 from stream_engine.events import ID_PATTERN
 from stream_engine.exceptions import ConfigError, KairosError
 from stream_engine.logs import configure
@@ -141,17 +142,6 @@ def cmd_latent(settings: Settings, once: bool) -> int:
     return 0
 
 
-def _items(text: str) -> int:
-    """catalog --items: a catalog of none would only fail later, in the worker and the API."""
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
-    return n
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stream_engine")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -160,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("topics", help="create the Kairos topics if missing")
     cat = sub.add_parser("catalog", help="write a demo catalog (JSONL)")
     cat.add_argument("--out", type=Path, required=True)
-    cat.add_argument("--items", type=_items, default=10_000)
+    cat.add_argument("--items", type=whole_number(1), default=10_000)
     cat.add_argument("--seed", type=int, default=7)
     erase = sub.add_parser("erase", help="erase a user's or a session's state now")
     erase.add_argument("--user")
