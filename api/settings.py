@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -17,6 +18,9 @@ from stream_engine.store import check_redis_url
 
 DEFAULT_API_PORT = 8000
 PLACEHOLDER_TOKENS = frozenset({"changeme", "changethis", "secret", "admin", "token"})
+
+
+_ORIGIN = re.compile(r"https?://(\[[0-9a-fA-F:.]+\]|[^/\s:?#\[\]]+)(:[0-9]{1,5})?")
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +121,15 @@ class Settings:
                 "KAIROS_MAX_HEADER_BYTES must be >= 1024, KAIROS_HEAD_TIMEOUT_S, "
                 "KAIROS_BODY_TIMEOUT_S and KAIROS_SEND_TIMEOUT_S > 0"
             )
+
+        for origin in self.origins:
+            m = _ORIGIN.fullmatch(origin)
+            if origin != "*" and (m is None or int((m.group(2) or ":0")[1:]) > 65535):
+                raise ConfigError(
+                    f"KAIROS_CORS_ORIGINS: {origin!r} is not an origin; a browser sends "
+                    "scheme://host[:port], no path and no trailing slash (e.g. "
+                    "https://shop.example), and an entry that differs never matches"
+                )
 
     @property
     def origins(self) -> list[str]:
