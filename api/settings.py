@@ -11,10 +11,10 @@ from stream_engine.exceptions import ConfigError
 from stream_engine.settings import (
     DEFAULT_KAFKA_BOOTSTRAP,
     DEFAULT_REDIS_URL,
-    check_kafka_bootstrap,
+    check_fields,
+    check_shared,
     from_environment,
 )
-from stream_engine.store import check_redis_url
 
 DEFAULT_API_PORT = 8000
 PLACEHOLDER_TOKENS = frozenset({"changeme", "changethis", "secret", "admin", "token"})
@@ -99,8 +99,13 @@ class Settings:
                 "KAIROS_ADMIN_TOKEN must be a real secret (16+ chars) outside "
                 f"KAIROS_ENVIRONMENT=local (environment is {self.environment!r})"
             )
-        check_redis_url(self.redis_url)
-        check_kafka_bootstrap(self.kafka_bootstrap)
+        check_shared(self)
+        check_fields(
+            self,
+            positive=("user_half_life_s", "refresh_interval_s", "erasure_ttl_s"),
+            ports=("api_port",),
+            kafka_names=("clickstream_topic", "decisions_topic"),
+        )
         if not 0 < self.redis_timeout_ms < self.deadline_ms:
             raise ConfigError("KAIROS_REDIS_TIMEOUT_MS must be > 0 and < KAIROS_DEADLINE_MS")
         if not 0 <= self.max_cpu_share <= 1:

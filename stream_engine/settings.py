@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import logging
+import re
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
@@ -27,6 +29,57 @@ def check_kafka_bootstrap(value: str, name: str = "KAIROS_KAFKA_BOOTSTRAP") -> N
         host, sep, port = entry.rpartition(":")
         if "://" in entry or not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ConfigError(f"{name}={value!r}: {entry!r} is not host:port (e.g. 127.0.0.1:9092)")
+
+
+KAFKA_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")  # a topic or group name Kafka takes
+LOG_FORMATS = ("text", "json")
+
+
+def _var(field_name: str) -> str:
+    return f"KAIROS_{field_name.upper()}"
+
+
+def check_fields(
+    settings: Any,
+    *,
+    positive: Iterable[str] = (),
+    non_negative: Iterable[str] = (),
+    ports: Iterable[str] = (),
+    kafka_names: Iterable[str] = (),
+) -> None:
+    """Refuse (ConfigError, naming the variable) a setting that would start and then fail
+    on every use: a TTL of 0 (Redis refuses PX 0, so every write failed), a port past
+    65535, a topic name Kafka refuses."""
+    for name in positive:
+        if not (value := getattr(settings, name)) > 0:
+            raise ConfigError(f"{_var(name)} must be > 0, got {value!r}")
+    for name in non_negative:
+        if not (value := getattr(settings, name)) >= 0:
+            raise ConfigError(f"{_var(name)} must be >= 0, got {value!r}")
+    for name in ports:
+        if not 0 <= (value := getattr(settings, name)) <= 65535:
+            raise ConfigError(f"{_var(name)} must be a port, 0 to 65535, got {value!r}")
+    for name in kafka_names:
+        value = getattr(settings, name)
+        if not KAFKA_NAME.fullmatch(value) or value in (".", ".."):
+            raise ConfigError(f"{_var(name)} must be 1-249 of A-Z a-z 0-9 . _ -, got {value!r}")
+
+
+def check_shared(settings: Any) -> None:
+    """What the worker's and the API's settings have in common: where Redis and Kafka are,
+    the key prefix and the logs."""
+    check_redis_url(settings.redis_url)
+    check_kafka_bootstrap(settings.kafka_bootstrap)
+    prefix = settings.key_prefix
+    if not prefix or "{" in prefix or "}" in prefix:
+        raise ConfigError(f"KAIROS_KEY_PREFIX must be non-empty and free of braces, got {prefix!r}")
+    if settings.log_format not in LOG_FORMATS:
+        raise ConfigError(f"KAIROS_LOG_FORMAT must be text or json, got {settings.log_format!r}")
+    if settings.log_level.upper() not in logging.getLevelNamesMapping():
+        raise ConfigError(
+            "KAIROS_LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL, "
+            f"got {settings.log_level!r}"
+        )
 
 
 def _parse_bool(raw: str) -> bool:
@@ -148,8 +201,6 @@ class Settings:
             raise ConfigError(
                 f"KAIROS_ENGINE must be one of {', '.join(ENGINES)}, got {self.engine!r}"
             )
-        if self.log_format not in ("text", "json"):
-            raise ConfigError(f"KAIROS_LOG_FORMAT must be text or json, got {self.log_format!r}")
         if self.faust_split_from < 1:
             raise ConfigError(f"KAIROS_FAUST_SPLIT_FROM must be >= 1, got {self.faust_split_from}")
         if self.lanes < 1:
@@ -166,12 +217,17 @@ class Settings:
             )
         if self.yield_min_rate < 1:
             raise ConfigError(f"KAIROS_YIELD_MIN_RATE must be >= 1, got {self.yield_min_rate}")
-        check_redis_url(self.redis_url)
-        check_kafka_bootstrap(self.kafka_bootstrap)
-        if not self.key_prefix or "{" in self.key_prefix or "}" in self.key_prefix:
-            raise ConfigError(
-                f"KAIROS_KEY_PREFIX must be non-empty and free of braces, got {self.key_prefix!r}"
-            )
+        check_shared(self)
+        check_fields(
+            self,
+            positive=("session_ttl_s", "user_ttl_s", "aggregate_ttl_s", "erasure_ttl_s",
+                      "commit_interval_ms", "fetch_min_bytes", "group_session_timeout_s",
+                      "redis_pool_size", "attribution_window_s"),
+            non_negative=("fetch_max_wait_ms", "session_cache_size"),
+            ports=("metrics_port",),
+            kafka_names=("clickstream_topic", "dlq_topic", "catalog_topic", "decisions_topic",
+                         "consumer_group"),
+        )  # fmt: skip
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from stream_engine.exceptions import ConfigError
@@ -77,3 +79,43 @@ def test_a_kafka_bootstrap_the_clients_would_misread_is_refused(bootstrap: str) 
 @pytest.mark.parametrize("bootstrap", ["kafka:9092", "[::1]:9092", "a:9092, b:9093"])
 def test_the_kafka_bootstraps_the_clients_take_are_taken(bootstrap: str) -> None:
     assert Settings.from_env({"KAIROS_KAFKA_BOOTSTRAP": bootstrap}).kafka_bootstrap == bootstrap
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "says"),
+    [("KAIROS_SESSION_TTL_S", "0", "KAIROS_SESSION_TTL_S must be > 0, got 0"),
+     ("KAIROS_ERASURE_TTL_S", "-1", "KAIROS_ERASURE_TTL_S must be > 0, got -1"),
+     ("KAIROS_METRICS_PORT", "70000", "KAIROS_METRICS_PORT must be a port"),
+     ("KAIROS_CLICKSTREAM_TOPIC", "", "KAIROS_CLICKSTREAM_TOPIC must be 1-249 of"),
+     ("KAIROS_DLQ_TOPIC", "dead letters", "KAIROS_DLQ_TOPIC must be 1-249 of"),
+     ("KAIROS_CONSUMER_GROUP", "..", "KAIROS_CONSUMER_GROUP must be 1-249 of"),
+     ("KAIROS_LOG_LEVEL", "LOUD", "KAIROS_LOG_LEVEL must be one of DEBUG"),
+     ("KAIROS_FETCH_MAX_WAIT_MS", "-5", "KAIROS_FETCH_MAX_WAIT_MS must be >= 0")],
+)  # fmt: skip
+def test_a_worker_setting_that_would_fail_on_every_use_is_refused_at_start(
+    variable: str, value: str, says: str
+) -> None:
+    """A TTL of 0 started, then every write failed (Redis refuses PX 0); a log level
+    logging does not know was a traceback; a topic name Kafka refuses, a failure later."""
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        Settings.from_env({variable: value})
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("KAIROS_KEY_PREFIX", "{x}"), ("KAIROS_LOG_FORMAT", "xml"), ("KAIROS_LOG_LEVEL", "LOUD"),
+     ("KAIROS_API_PORT", "70000"), ("KAIROS_REFRESH_INTERVAL_S", "0"),
+     ("KAIROS_USER_HALF_LIFE_S", "0"), ("KAIROS_ERASURE_TTL_S", "-1"),
+     ("KAIROS_DECISIONS_TOPIC", "")],
+)  # fmt: skip
+def test_the_api_refuses_the_same_kind_of_setting(variable: str, value: str) -> None:
+    """The API took every one of these (a key prefix with braces read other keys than the
+    worker wrote; a refresh interval of 0 refreshed back to back, on Redis)."""
+    from api.settings import Settings as ApiSettings
+
+    with pytest.raises(ConfigError, match=variable):
+        ApiSettings.from_env({variable: value})
+
+
+def test_a_log_level_in_lower_case_is_taken() -> None:
+    assert Settings.from_env({"KAIROS_LOG_LEVEL": "debug"}).log_level == "debug"
