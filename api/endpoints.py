@@ -7,7 +7,7 @@ header say what was served instead and why. Bad input is a 4xx that says what is
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import orjson
@@ -94,6 +94,21 @@ def _answer(decisions: list[SlotDecision], body: dict[str, Any], started: float)
     return JSON(_stamped(body, started), headers=_headers(decisions))
 
 
+SLOT_PARAMS = ("session_id", "user_id", "n", "item_id", "sensitive_ok")
+
+
+def slot_query(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """A slot request's query as one value a name. One of the slot's parameters given twice
+    (`session_id=a&session_id=b`) is a 400: which visitor or how many items was asked for is
+    not the API's guess to make (the last one used to win). Other names are ignored."""
+    q: dict[str, str] = {}
+    for name, value in pairs:
+        if name in q and name in SLOT_PARAMS:
+            raise BadRequest(f"{name} given more than once")
+        q[name] = value
+    return q
+
+
 async def slot_body(
     rt: Runtime, slot_name: str, q: Mapping[str, str], started: float
 ) -> tuple[bytes, dict[str, str]]:
@@ -118,9 +133,8 @@ async def slot_decision(request: Request) -> Response:
     [&item_id=…][&sensitive_ok=true]. Normally answered by FastSlots (api/fastpath.py)
     before Starlette's router; this route serves what it passes on."""
     started = time.perf_counter()
-    body, headers = await slot_body(
-        runtime(request), request.path_params["slot"], request.query_params, started
-    )
+    q = slot_query(request.query_params.multi_items())
+    body, headers = await slot_body(runtime(request), request.path_params["slot"], q, started)
     return Response(body, media_type=JSON.media_type, headers=headers)
 
 

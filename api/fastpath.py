@@ -28,7 +28,7 @@ from urllib.parse import parse_qsl
 import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from api.endpoints import STATIC, slot_body
+from api.endpoints import STATIC, slot_body, slot_query
 from api.exceptions import BadRequest
 from api.runtime import Runtime
 
@@ -61,9 +61,9 @@ class SlotRoute:
         """The response to GET {target}?{query}; a BadRequest becomes its 4xx."""
         if target == _STATIC_TARGET:
             return 200, orjson.dumps(STATIC), {}
-        # Like Starlette's QueryParams: blank values kept, the last of a repeated name wins.
-        q = dict(parse_qsl(query.decode("latin-1"), keep_blank_values=True))
+        # Like Starlette's QueryParams: blank values kept (slot_query: a repeated one, 400).
         try:
+            q = slot_query(parse_qsl(query.decode("latin-1"), keep_blank_values=True))
             body, headers = await slot_body(rt, target, q, started)
         except BadRequest as exc:
             return exc.status, orjson.dumps({"error": exc.detail, "status": exc.status}), {}

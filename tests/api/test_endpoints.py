@@ -39,6 +39,9 @@ AUTH = {"authorization": f"Bearer {ADMIN_TOKEN}"}
         ("/v1/slots/home_recs?session_id=s&n=-1", 400, "n must be an integer"),
         ("/v1/slots/home_recs?session_id=s&n=%EF%BC%93", 400, "n must be an integer"),  # a wide 3
         ("/v1/slots/home_recs?session_id=s&sensitive_ok=maybe", 400, "sensitive_ok must be"),
+        # which visitor was asked for is not the API's guess to make (the last one won)
+        ("/v1/slots/home_recs?session_id=a&session_id=b", 400, "session_id given more than once"),
+        ("/v1/slots/home_recs?session_id=a&n=2&n=5", 400, "n given more than once"),
     ],
 )
 async def test_bad_queries_get_a_clear_4xx(
@@ -322,7 +325,9 @@ async def test_a_body_that_does_not_come_in_time_gets_408_and_the_connection_clo
     [
         "session_id=fast-1",
         "session_id=fast-1&n=3",
-        "session_id=fast-1&n=2&n=5",  # repeated: the last wins, as in Starlette
+        "session_id=fast-1&n=2&n=5",  # repeated: 400
+        "session_id=fast-1&session_id=fast-2",  # repeated: 400
+        "session_id=fast-1&utm=a&utm=b",  # a name the slot doesn't take, repeated: ignored
         "session_id=fast-1&n=",  # blank: the slot's default n
         "session_id=fast%201",  # decoded before validation: 400
         "n=3",  # no session: 400
