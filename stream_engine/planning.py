@@ -11,6 +11,7 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
+from hashlib import blake2b
 
 import numpy as np
 
@@ -25,6 +26,11 @@ COVISIT_WINDOW = 4
 SMALL_FOLD = 2  # sessions; up to this many are folded one by one
 OPENS = frozenset({EventType.VIEW, EventType.CLICK, EventType.ADD_TO_CART, EventType.PURCHASE})
 TREND_WEIGHTS = {t: w for t, w in DEFAULT_WEIGHTS.items() if w > 0}
+# A session remembers the ids of its last SEEN_IDS events (8-byte digests, field "e"): an
+# event sent again under the same id at another offset (a tracker's or a browser's retry,
+# a producer without idempotence) is a duplicate, as a redelivery at the same offset is.
+SEEN_IDS = 16
+DIGEST = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +61,7 @@ class SessionSnapshot:
     # topic created again), so that a redelivery from the old one is still recognised.
     fence2: int | None = None
     partition2: int | None = None
+    seen: bytes = b""  # the digests of its last SEEN_IDS event ids (unseen)
 
     def is_new(self, p: Positioned, tag: int = 0) -> bool:
         """Whether this session's fences leave `p` to apply (is_new, on both)."""
@@ -160,6 +167,30 @@ def is_new(
         if partition2 & mask == p.partition | (tag << PARTITION_BITS):
             return p.offset > fence2
     return True
+
+
+def id_digest(event_id: str) -> bytes:
+    return blake2b(event_id.encode(), digest_size=DIGEST).digest()
+
+
+def unseen(
+    events: Sequence[Positioned], seen: bytes
+) -> tuple[list[Positioned], bytes, list[Positioned]]:
+    """`events` (new by the fences, in order) split by their ids: (those no earlier event
+    of the session had, the digests to remember after them, the repeats)."""
+    known = {seen[i : i + DIGEST] for i in range(0, len(seen), DIGEST)}
+    kept: list[Positioned] = []
+    repeats: list[Positioned] = []
+    added = bytearray()
+    for p in events:
+        d = id_digest(p.event.event_id)
+        if d in known:
+            repeats.append(p)
+            continue
+        known.add(d)
+        kept.append(p)
+        added += d
+    return kept, (seen + bytes(added))[-SEEN_IDS * DIGEST :], repeats
 
 
 def _fences_after(

@@ -26,6 +26,7 @@ from stream_engine.catalog import Catalog
 from stream_engine.events import InvalidEvent, parse_event
 from stream_engine.migrations import migrate
 from stream_engine.planning import (
+    DIGEST,
     AggregateWrite,
     Plan,
     Positioned,
@@ -38,6 +39,7 @@ from stream_engine.planning import (
     fold_session_vectors,
     plan_aggregates,
     plan_session,
+    unseen,
 )
 from stream_engine.state import Keys, fenced_on, stored_int, stored_text
 from stream_engine.store import Batches, raise_error_reply, wrong_type
@@ -103,6 +105,7 @@ class Ttls:
 Entry = tuple[
     int | None, int | None, bytes | None, int | None, int, str | None,
     tuple[str, ...], tuple[str, ...], tuple[str, ...], int, str | None, int | None, int | None,
+    bytes,
 ]  # fmt: skip
 
 
@@ -229,6 +232,7 @@ def entry_after(write: SessionWrite) -> Entry:
         None,
         write.fence2,
         write.partition2,
+        bytes(f.get("e", b"")),  # type: ignore[arg-type]
     )
 
 
@@ -236,7 +240,7 @@ def _fence_only(write: SessionWrite) -> Entry:
     """A session whose consent was withdrawn: only its fence is kept (APPLY_SESSION drops
     the one of its earlier partition)."""
     return (write.fence, write.partition, None, None, 0, None, (), (), (), 0, "consent",
-            None, None)  # fmt: skip
+            None, None, b"")  # fmt: skip
 
 
 class BatchProcessor:
@@ -365,10 +369,10 @@ class BatchProcessor:
         dims = self.catalog.space.dims
         for sid in sessions:
             if (entry := self.cache.get(sid)) is not None:
-                fence, part, v, t, n, u, r, c, b, lt, block, fence2, part2 = entry
+                fence, part, v, t, n, u, r, c, b, lt, block, fence2, part2, seen = entry
                 snaps[sid] = SessionSnapshot(fence, part, from_bytes(v, dims), t, n, u,
                                              list(r), list(c), list(b), lt, block,
-                                             fence2, part2)  # fmt: skip
+                                             fence2, part2, seen)  # fmt: skip
         missing = [sid for sid in sessions if sid not in snaps]
         fences = {p: self.cache.agg_fences[p] for p in partitions if p in self.cache.agg_fences}
         landmark = self.cache.landmark
@@ -420,7 +424,7 @@ class BatchProcessor:
         return res[len(cmds) :]
 
     def _session_snapshot(self, row: list[Any], block: bytes | None) -> SessionSnapshot:
-        v, t, n, o, p, u, r, c, b, lt, o2, p2 = row
+        v, t, n, o, p, u, r, c, b, lt, o2, p2, e = row
         return SessionSnapshot(
             fence=stored_int(o),
             partition=stored_int(p),
@@ -435,6 +439,8 @@ class BatchProcessor:
             bought=stored_text(b).split() if b else [],
             last_ts=stored_int(lt) or 0,
             block=stored_text(block) if block else None,
+            # bytes of whole digests (anything else, written by something else: none)
+            seen=e if isinstance(e, bytes) and len(e) % DIGEST == 0 else b"",
         )
 
     # ------------------------------------------------------------------ plan
@@ -450,17 +456,21 @@ class BatchProcessor:
         skip_aggregates: set[str] = set()
         planned: dict[str, tuple[SessionWrite, SessionWalk]] = {}
         recent_before: dict[str, list[str]] = {}
+        repeated: set[tuple[int, int]] = set()  # (partition, offset) of events sent again
         for sid, events in by_session.items():
             snap = snaps[sid]
             recent_before[sid] = list(snap.recent)
             if sid in settled:
                 continue
             fresh = [p for p in events if snap.is_new(p, self.incarnation)]
+            fresh, seen, repeats = unseen(fresh, snap.seen)
+            repeated.update((p.partition, p.offset) for p in repeats)
             plan.duplicates += len(events) - len(fresh)
             if not fresh:
                 continue
             write, walk, unknown = plan_session(sid, fresh, snap, self.catalog, self.tuning, now_ms,
                                                 self.incarnation)  # fmt: skip
+            write.fields["e"] = seen
             plan.unknown_items += unknown
             plan.sessions.append(write)
             planned[sid] = (write, walk)
@@ -488,7 +498,8 @@ class BatchProcessor:
             snap.recent = recent_before[sid]
             if user is not None and not blocked:
                 plan.users.append(UserWrite(user, sid, count, vector, vector_ts))
-        self._plan_aggregates(plan, valid, partitions, agg_fences, landmark, snaps, skip_aggregates)
+        self._plan_aggregates(plan, valid, partitions, agg_fences, landmark, snaps,
+                              skip_aggregates, repeated)  # fmt: skip
         return plan
 
     async def _rebase_if_due(self, landmark: int | None, newest_ms: int) -> int | None:
@@ -525,7 +536,11 @@ class BatchProcessor:
         landmark: int | None,
         snaps: dict[str, SessionSnapshot],
         skip: set[str],
+        repeated: set[tuple[int, int]],
     ) -> None:
+        """Co-visitation and trending of each partition's events past its fence; events of
+        `skip`ped sessions, and events sent again under an id their session had (`repeated`:
+        partition, offset), count nothing but are fenced past."""
         if landmark is None:
             first = min(p.event.ts for p in valid)
             landmark = first - first % 1000
@@ -535,7 +550,9 @@ class BatchProcessor:
             todo = [p for p in mine if fence is None or p.offset > fence]
             if not todo:
                 continue
-            usable = [p for p in mine if p.event.session_id not in skip]
+            usable = [p for p in mine if p.event.session_id not in skip
+                      and (p.partition, p.offset) not in repeated]  # fmt: skip
+            counts = {id(p) for p in usable}
             windows = covisit_windows({p.event.session_id: snaps[p.event.session_id].recent
                                        for p in usable})  # fmt: skip
             # Counted by the aggregates but not yet applied to their sessions (a batch cut
@@ -552,8 +569,8 @@ class BatchProcessor:
             expected = fence
             for start in range(0, len(todo), AGGREGATE_CHUNK):
                 chunk = todo[start : start + AGGREGATE_CHUNK]
-                inc = plan_aggregates(part, [p for p in chunk if p.event.session_id not in skip],
-                                      windows, self.catalog, landmark, self.tuning)  # fmt: skip
+                inc = plan_aggregates(part, [p for p in chunk if id(p) in counts], windows,
+                                      self.catalog, landmark, self.tuning)  # fmt: skip
                 plan.aggregates.append(
                     AggregateWrite(part, expected, chunk[-1].offset, inc, landmark)
                 )

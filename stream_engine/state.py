@@ -12,7 +12,9 @@ an old block back over a consent given again). Vectors are raw little-endian flo
                           planning.is_new), o2/p2 (the fence of the partition its
                           events came from before, once they moved: partitions added,
                           or the topic created again), u (user), r (recent items),
-                          c (cart), b (bought), lt (last event time), w (written at, ms)
+                          c (cart), b (bought), lt (last event time), w (written at, ms),
+                          e (8-byte digests of its last 16 event ids: an event sent
+                          again under its id at another offset is a duplicate)
     P:{sid}:imp    hash   impression counts per item or banner (frequency caps)
     P:{sid}:x      string "consent" (personalization off) or "erased"; checked on apply
     P:{u:uid}:u    hash   per linked session: s:<sid> (its vector), t:<sid>, n:<sid>; w;
@@ -156,7 +158,7 @@ def report_fence_key(prefix: str) -> str:
     return f"{prefix}:{{report}}:fence"
 
 
-SESSION_FIELDS = ("v", "t", "n", "o", "p", "u", "r", "c", "b", "lt", "o2", "p2")
+SESSION_FIELDS = ("v", "t", "n", "o", "p", "u", "r", "c", "b", "lt", "o2", "p2", "e")
 
 # The Lua pattern of a stored number (stored_int above).
 NUMBER = "'^%-?%d+$'"

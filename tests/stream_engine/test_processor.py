@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, cast
@@ -18,7 +19,7 @@ from stream_engine.demo_catalog import generate
 from stream_engine.erasure import erase_session, erase_user
 from stream_engine.events import Event, EventType, encode_event
 from stream_engine.latent import read_covisitation
-from stream_engine.planning import Tuning, incarnation_tag
+from stream_engine.planning import SEEN_IDS, Tuning, incarnation_tag
 from stream_engine.processor import BatchProcessor, Record, Ttls
 from stream_engine.state import Keys
 from stream_engine.vectors import DEFAULT_WEIGHTS, fold_events, from_bytes, user_profile
@@ -46,6 +47,9 @@ async def second(redis_client: aioredis.Redis, key_prefix: str) -> AsyncIterator
     await made.aclose()
 
 
+EVENT_IDS = itertools.count()
+
+
 class Log:
     """Builds records as a partition of the clickstream would hold them."""
 
@@ -57,7 +61,8 @@ class Log:
 
     def __call__(self, etype: EventType, sid: str, **kw: object) -> Record:
         n = next(self._ids)
-        event = Event(f"e{n}", etype, sid, self.t0 + 1000 * n, **kw)  # type: ignore[arg-type]
+        eid = f"e{next(EVENT_IDS)}"  # unique across logs: a repeated id is a duplicate
+        event = Event(eid, etype, sid, self.t0 + 1000 * n, **kw)  # type: ignore[arg-type]
         rec = Record(self.partition, self.offset, sid.encode(), encode_event(event), self.t0)
         self.offset += 1
         return rec
@@ -111,6 +116,68 @@ async def test_redelivery_changes_nothing(
     assert again.duplicates == 9
     after = {k: await _dump(redis_client, k) for k in keys}
     assert _without_written_at(after) == _without_written_at(before)
+
+
+async def test_an_event_sent_again_under_its_id_changes_nothing(
+    processor: BatchProcessor, second: BatchProcessor, redis_client: aioredis.Redis,
+    key_prefix: str,
+) -> None:  # fmt: skip
+    """A tracker's or a browser's retry, or a producer without idempotence, puts the same
+    event in the topic twice, at two offsets: the offset fences take the second for new.
+    Its id is not: the session, its user, co-visitation and trending stay as they were,
+    whether the repeat comes in a later batch (from the worker's cache, or read back from
+    Redis by another worker) or in the same batch as the first."""
+    log = Log()
+    records = [log(EventType.VIEW, "s1", item_id=ITEMS[0]),
+               log(EventType.CLICK, "s1", item_id=ITEMS[1], user_id="u1"),
+               log(EventType.VIEW, "s2", item_id=ITEMS[1])]  # fmt: skip
+    await processor.process(records)
+    keys = sorted([k async for k in redis_client.scan_iter(match=f"{key_prefix}*")])
+    before = {k: await _dump(redis_client, k) for k in keys}
+
+    def sent_again(rs: list[Record]) -> list[Record]:
+        return [Record(r.partition, log.offset + k, r.key, r.value, r.timestamp_ms)
+                for k, r in enumerate(rs)]  # fmt: skip
+
+    again = await processor.process(sent_again(records))
+    assert (again.applied, again.duplicates) == (0, 3)
+    second.cache.clear()
+    log.offset += 10
+    read_back = await second.process(sent_again(records))
+    assert (read_back.applied, read_back.duplicates) == (0, 3)
+    after = {k: await _dump(redis_client, k) for k in keys}
+    fence = Keys(key_prefix).agg_fence.encode()  # the aggregates are fenced past the repeats
+    assert cast(dict[bytes, bytes], after.pop(fence))[b"0"] == b"%d" % (log.offset + 2)
+    before.pop(fence)
+    assert _without_written_at(after) == _without_written_at(before)
+
+    # in one batch: s3 clicks ITEMS[2] and sends it again, s4 clicks ITEMS[3] once, at once
+    ts = log.t0 + 500
+    twice = encode_event(Event("retried", EventType.CLICK, "s3", ts, item_id=ITEMS[2]))
+    once = encode_event(Event("single", EventType.CLICK, "s4", ts, item_id=ITEMS[3]))
+    batch = [Record(0, 900, b"s3", twice, ts), Record(0, 901, b"s4", once, ts),
+             Record(0, 902, b"s3", twice, ts)]  # fmt: skip
+    out = await processor.process(batch)
+    assert (out.applied, out.duplicates) == (2, 1)
+    assert int((await _session(redis_client, key_prefix, "s3"))[b"n"]) == 1
+    trending = dict(await _zset(redis_client, Keys(key_prefix).trending(), desc=True))
+    assert trending[ITEMS[2].encode()] == trending[ITEMS[3].encode()]
+
+
+async def test_a_session_remembers_only_its_last_ids(
+    processor: BatchProcessor, redis_client: aioredis.Redis, key_prefix: str
+) -> None:
+    """A bounded memory (SEEN_IDS digests of 8 bytes a session): a repeat sent after more
+    than that many later events of its session is applied again."""
+    log = Log()
+    records = [log(EventType.VIEW, "s1", item_id=ITEMS[k % 10]) for k in range(SEEN_IDS + 4)]
+    await processor.process(records)
+    session = await _session(redis_client, key_prefix, "s1")
+    assert len(session[b"e"]) == SEEN_IDS * 8
+    late = [Record(0, log.offset + k, r.key, r.value, r.timestamp_ms)
+            for k, r in enumerate([records[0], records[-1]])]  # fmt: skip
+    out = await processor.process(late)
+    assert (out.applied, out.duplicates) == (1, 1)  # the oldest is forgotten, the last known
 
 
 async def test_two_workers_racing_on_one_batch_apply_it_once(
@@ -174,8 +241,9 @@ async def test_identify_merges_the_session_into_the_user_profile(
 
 
 async def test_erased_user_stays_erased_when_events_are_replayed(
-    processor: BatchProcessor, redis_client: aioredis.Redis, key_prefix: str
-) -> None:
+    processor: BatchProcessor, second: BatchProcessor, redis_client: aioredis.Redis,
+    key_prefix: str,
+) -> None:  # fmt: skip
     log = Log()
     keys = Keys(key_prefix)
     first = [log(EventType.VIEW, "s1", item_id=ITEMS[0], user_id="u1"),
@@ -183,9 +251,13 @@ async def test_erased_user_stays_erased_when_events_are_replayed(
     await processor.process(first)
     assert await erase_user(redis_client, keys, "u1", TTLS.erasure_ms) == ["s1", "s2"]
     assert await redis_client.exists(keys.user("u1")) == 0
-    # A replay re-publishes the old events as new messages (new offsets).
+    # A replay re-publishes the old events as new messages (new offsets). The worker that
+    # applied them still knows their ids; another (after a rebalance) finds the sessions
+    # gone, ids and all, and the erasure's suppression record refuses them.
     replay = [Record(0, 100 + k, r.key, r.value, r.timestamp_ms) for k, r in enumerate(first)]
-    out = await processor.process(replay)
+    again = await processor.process(replay)
+    assert (again.applied, again.duplicates) == (0, 2)
+    out = await second.process(replay)
     assert out.blocked == 2
     assert out.applied == 0
     for sid in ("s1", "s2"):
