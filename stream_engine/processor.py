@@ -336,9 +336,15 @@ class BatchProcessor:
         # Sessions an earlier attempt wrote (or found erased or blocked): a refused write of
         # another session doesn't apply or count their events again.
         settled: set[str] = set()
+        # Events sent again under an id their session had, (partition, offset) -> session,
+        # as the attempts found them: a later attempt skips the sessions an earlier one
+        # wrote, and must neither count their repeats in co-visitation and trending nor
+        # forget them as duplicates.
+        repeated: dict[tuple[int, int], str] = {}
         for _attempt in range(MAX_ATTEMPTS):
+            skipped = set(settled)  # the sessions this attempt's plan leaves out
             try:
-                plan = await self._plan(valid, now_ms, settled)
+                plan = await self._plan(valid, now_ms, settled, repeated)
                 conflicts = await self._write(plan, out, settled)
             except NoScriptError:
                 await self.load_scripts()
@@ -351,7 +357,7 @@ class BatchProcessor:
                 raise
             out.repaired = self.repaired - repaired
             if not conflicts:
-                out.duplicates = plan.duplicates
+                out.duplicates = plan.duplicates + sum(s in skipped for s in repeated.values())
                 out.unknown_items = plan.unknown_items
                 out.written_at_ms = int(time.time() * 1000)
                 return out
@@ -445,7 +451,10 @@ class BatchProcessor:
 
     # ------------------------------------------------------------------ plan
 
-    async def _plan(self, valid: Sequence[Positioned], now_ms: int, settled: set[str]) -> Plan:
+    async def _plan(
+        self, valid: Sequence[Positioned], now_ms: int, settled: set[str],
+        repeated: dict[tuple[int, int], str],
+    ) -> Plan:  # fmt: skip
         by_session: dict[str, list[Positioned]] = defaultdict(list)
         for p in valid:
             by_session[p.event.session_id].append(p)
@@ -456,7 +465,6 @@ class BatchProcessor:
         skip_aggregates: set[str] = set()
         planned: dict[str, tuple[SessionWrite, SessionWalk]] = {}
         recent_before: dict[str, list[str]] = {}
-        repeated: set[tuple[int, int]] = set()  # (partition, offset) of events sent again
         for sid, events in by_session.items():
             snap = snaps[sid]
             recent_before[sid] = list(snap.recent)
@@ -464,7 +472,7 @@ class BatchProcessor:
                 continue
             fresh = [p for p in events if snap.is_new(p, self.incarnation)]
             fresh, seen, repeats = unseen(fresh, snap.seen)
-            repeated.update((p.partition, p.offset) for p in repeats)
+            repeated.update(((p.partition, p.offset), sid) for p in repeats)
             plan.duplicates += len(events) - len(fresh)
             if not fresh:
                 continue
@@ -536,7 +544,7 @@ class BatchProcessor:
         landmark: int | None,
         snaps: dict[str, SessionSnapshot],
         skip: set[str],
-        repeated: set[tuple[int, int]],
+        repeated: Container[tuple[int, int]],
     ) -> None:
         """Co-visitation and trending of each partition's events past its fence; events of
         `skip`ped sessions, and events sent again under an id their session had (`repeated`:

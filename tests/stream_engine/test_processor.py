@@ -164,6 +164,30 @@ async def test_an_event_sent_again_under_its_id_changes_nothing(
     assert trending[ITEMS[2].encode()] == trending[ITEMS[3].encode()]
 
 
+async def test_a_repeat_is_not_counted_when_the_aggregates_are_written_again(
+    processor: BatchProcessor, second: BatchProcessor, redis_client: aioredis.Redis,
+    key_prefix: str,
+) -> None:  # fmt: skip
+    """The session's write lands, the aggregates' is refused (another worker moved their
+    fence: a rebalance), and the batch's next attempt skips the session it wrote: the
+    repeat the first attempt found must stay out of co-visitation and trending."""
+    ts = int(time.time() * 1000) - 60_000
+
+    def rec(offset: int, eid: str, sid: str, item: str) -> Record:
+        event = Event(eid, EventType.CLICK, sid, ts, item_id=item)
+        return Record(0, offset, sid.encode(), encode_event(event), ts)
+
+    await processor.process([rec(0, "warm", "s1", ITEMS[9])])  # caches s1, and the fence at 0
+    await second.process([rec(1, "elsewhere", "s9", ITEMS[8])])  # moves the fence to 1
+    out = await processor.process([rec(2, "first", "s1", ITEMS[5]),
+                                   rec(3, "first", "s1", ITEMS[5]),  # sent again
+                                   rec(4, "other", "s1", ITEMS[6])])  # fmt: skip
+    assert out.conflicts == 1  # the aggregates' write, refused; s1's landed
+    assert (out.applied, out.duplicates) == (2, 1)
+    trending = dict(await _zset(redis_client, Keys(key_prefix).trending(), desc=True))
+    assert trending[ITEMS[5].encode()] == trending[ITEMS[6].encode()]
+
+
 async def test_a_session_remembers_only_its_last_ids(
     processor: BatchProcessor, redis_client: aioredis.Redis, key_prefix: str
 ) -> None:
