@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -365,6 +366,10 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("--sessions", type=whole_number(1), default=200)
     sim.add_argument("--duration", type=_seconds(True), default=0.0, help="seconds; 0 = forever")
     args = parser.parse_args(argv)
+    # SIGTERM (a CI job's timeout, `kill`) as Ctrl-C: the run is cancelled and its cleanup
+    # runs. Killed outright, a bench left the API or worker it had started running, in a
+    # session of its own, and its topics and keys behind.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         check_redis_url(os.environ.get("KAIROS_REDIS_URL") or DEFAULT_REDIS_URL)
         check_kafka_bootstrap(os.environ.get("KAIROS_KAFKA_BOOTSTRAP") or DEFAULT_KAFKA_BOOTSTRAP)
@@ -377,6 +382,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return _command(args)
+    except KeyboardInterrupt:
+        print(f"loadtest {args.command}: interrupted; what it had started is stopped",
+              file=sys.stderr)  # fmt: skip
+        return 130
     except (KafkaConnectionError, RedisConnectionError, ConnectionRefusedError) as exc:
         # a stack that is not up, or the variables pointing elsewhere: one line, not a trace
         print(f"loadtest {args.command}: {exc}\n  Kafka {_env('KAIROS_KAFKA_BOOTSTRAP')}, "

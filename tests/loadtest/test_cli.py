@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import Stack, free_port
 
 
 @pytest.mark.parametrize(
@@ -80,3 +83,44 @@ def test_a_redis_url_it_cannot_use_is_one_line() -> None:
     assert done.returncode == 2
     assert "loadtest cost: KAIROS_REDIS_URL='localhost:6379': Redis URL must specify" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(180)
+def test_a_bench_stopped_by_sigterm_stops_the_api_it_started(stack: Stack) -> None:
+    """A CI job's timeout or a `kill` ended the bench at once, and the API it had started
+    (in a session of its own) kept running, port and all. SIGTERM now runs its cleanup."""
+    env = {**os.environ, "KAIROS_KAFKA_BOOTSTRAP": stack.kafka_bootstrap,
+           "KAIROS_REDIS_URL": stack.redis_url}  # fmt: skip
+    argv = [sys.executable, "-m", "loadtest", "decisions", "--rates", "100", "--repeats", "1",
+            "--duration", "60", "--sessions", "200", "--rss-items", "0"]  # fmt: skip
+    bench = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        api = None
+        deadline = time.monotonic() + 120
+        while api is None and time.monotonic() < deadline and bench.poll() is None:
+            api = _child_running(bench.pid, b"-m\0api")
+            time.sleep(0.5)
+        assert api is not None, "the bench started no API"
+        bench.send_signal(signal.SIGTERM)
+        _, err = bench.communicate(timeout=60)
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+    assert bench.returncode == 130
+    assert b"interrupted; what it had started is stopped" in err
+    assert b"Traceback" not in err
+    assert not Path(f"/proc/{api}").exists()  # stopped and reaped
+
+
+def _child_running(parent: int, marker: bytes) -> int | None:
+    """The pid of a child of `parent` whose command line holds `marker`."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) != parent:
+                continue
+            if marker in (stat.parent / "cmdline").read_bytes():
+                return int(stat.parent.name)
+        except (OSError, ValueError, IndexError):
+            continue
+    return None
