@@ -49,8 +49,8 @@ from stream_engine.settings import (
 from stream_engine.store import check_redis_url
 
 
-def _seconds(zero_ok: bool, unit: str = "seconds") -> Callable[[str], float]:
-    """An argparse type: a finite number (of seconds), more than 0 (or at least 0)."""
+def _number(zero_ok: bool, unit: str = "seconds") -> Callable[[str], float]:
+    """An argparse type: a finite number (of `unit`), more than 0 (or at least 0)."""
 
     def parse(text: str) -> float:
         try:
@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     ing = sub.add_parser("ingest", help="freshness and throughput of the stream worker")
     ing.add_argument("--rates", type=_rates, default="1000,5000,10000")
-    ing.add_argument("--duration", type=_seconds(False), default=15.0)
+    ing.add_argument("--duration", type=_number(False), default=15.0)
     ing.add_argument("--repeats", type=whole_number(1), default=3)
     ing.add_argument("--engines", type=_engines, default="faust,aiokafka,librdkafka")
     ing.add_argument(
@@ -275,8 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     mem.add_argument("--engine", choices=ENGINES, default="aiokafka")
     dec = sub.add_parser("decisions", help="decision API latency beside a static baseline")
     dec.add_argument("--rates", type=_rates, default="500,1000,2000,3000")
-    dec.add_argument("--duration", type=_seconds(False), default=10.0)
-    dec.add_argument("--warmup", type=_seconds(True), default=2.0)
+    dec.add_argument("--duration", type=_number(False), default=10.0)
+    dec.add_argument("--warmup", type=_number(True), default=2.0)
     dec.add_argument("--repeats", type=whole_number(1), default=3)
     dec.add_argument("--sessions", type=whole_number(1), default=100_000)
     dec.add_argument("--events-per-session", type=whole_number(1), default=3)
@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     cat = sub.add_parser("catchup", help="decisions while a worker catches up a backlog")
     cat.add_argument("--backlog", type=whole_number(1), default=100_000)
     cat.add_argument("--rate", type=whole_number(1), default=1000)
-    cat.add_argument("--duration", type=_seconds(False), default=20.0)
+    cat.add_argument("--duration", type=_number(False), default=20.0)
     cat.add_argument("--repeats", type=whole_number(1), default=2)
     cat.add_argument("--engine", choices=ENGINES, default="faust")
     cat.add_argument("--items", type=whole_number(100), default=10_000)
@@ -361,10 +361,10 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--out", type=Path, default=Path("artifacts"))
     sim = sub.add_parser("simulate", help="simulated shoppers for the demo, until stopped")
     sim.add_argument(
-        "--rate", type=_seconds(False, "events a second"), default=20.0, help="events a second"
+        "--rate", type=_number(False, "events a second"), default=20.0, help="events a second"
     )
     sim.add_argument("--sessions", type=whole_number(1), default=200)
-    sim.add_argument("--duration", type=_seconds(True), default=0.0, help="seconds; 0 = forever")
+    sim.add_argument("--duration", type=_number(True), default=0.0, help="seconds; 0 = forever")
     args = parser.parse_args(argv)
     # SIGTERM (a CI job's timeout, `kill`) as Ctrl-C: the run is cancelled and its cleanup
     # runs. Killed outright, a bench left the API or worker it had started running, in a

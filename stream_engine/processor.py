@@ -552,15 +552,17 @@ class BatchProcessor:
         if landmark is None:
             first = min(p.event.ts for p in valid)
             landmark = first - first % 1000
+
+        def counts(p: Positioned) -> bool:
+            return p.event.session_id not in skip and (p.partition, p.offset) not in repeated
+
         for part in partitions:
             fence = fences[part]
             mine = sorted((p for p in valid if p.partition == part), key=lambda p: p.offset)
             todo = [p for p in mine if fence is None or p.offset > fence]
             if not todo:
                 continue
-            usable = [p for p in mine if p.event.session_id not in skip
-                      and (p.partition, p.offset) not in repeated]  # fmt: skip
-            counts = {id(p) for p in usable}
+            usable = [p for p in mine if counts(p)]
             windows = covisit_windows({p.event.session_id: snaps[p.event.session_id].recent
                                        for p in usable})  # fmt: skip
             # Counted by the aggregates but not yet applied to their sessions (a batch cut
@@ -577,7 +579,7 @@ class BatchProcessor:
             expected = fence
             for start in range(0, len(todo), AGGREGATE_CHUNK):
                 chunk = todo[start : start + AGGREGATE_CHUNK]
-                inc = plan_aggregates(part, [p for p in chunk if id(p) in counts], windows,
+                inc = plan_aggregates(part, [p for p in chunk if counts(p)], windows,
                                       self.catalog, landmark, self.tuning)  # fmt: skip
                 plan.aggregates.append(
                     AggregateWrite(part, expected, chunk[-1].offset, inc, landmark)
