@@ -134,8 +134,8 @@ async def run_suite(args: Any) -> int:
         lat = s["latency_ms"]
         print(f"  step {i}: offered {s['offered_rate']:g}/s achieved {s['achieved_rate']}/s, "
               f"p50 {lat['p50'] or 0:.2f} p99 {lat['p99'] or 0:.2f} p99.9 {lat['p99.9'] or 0:.2f}"
-              f" ms, errors {s['errors']}, degraded {s['degraded_share']:.2%}, freshness p99 "
-              f"{s['freshness_ms']['p99']} ms{_api_cpu(s)}{_undelivered(s)}")  # fmt: skip
+              f" ms, errors {s['errors']}, degraded {s['degraded_share']:.2%}, "
+              f"{_freshness(s['freshness_ms'])}{_api_cpu(s)}{_undelivered(s)}")  # fmt: skip
     if previous is not None:
         for line in results.compare(orjson.loads(json_path.read_bytes()), previous):
             print(f"REGRESSION {line}")
@@ -168,6 +168,13 @@ IN_PROCESS = {"cost": run_cost, "stalls": run_stalls}
 def _undelivered(step: dict[str, Any]) -> str:
     n = step.get("events_failed", 0)
     return f", {n} events not delivered" if n else ""
+
+
+def _freshness(f: dict[str, Any]) -> str:
+    """The step's freshness line: p99 over the clicks followed, and how many never showed."""
+    p99 = "none came back" if f["p99"] is None else f"{f['p99']:.1f} ms"
+    lost = f", {f['lost']} lost" if f.get("lost") else ""
+    return f"freshness p99 {p99} ({f['samples']} clicks followed{lost})"
 
 
 def _api_cpu(step: dict[str, Any]) -> str:

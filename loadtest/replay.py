@@ -70,7 +70,8 @@ def generate(
     `anonymous`, item ids are renamed (x<number>) so that no catalog knows them."""
     items = load_items(catalog)
     rename = {it.item_id: f"x{n}" for n, it in enumerate(items)} if anonymous else {}
-    traffic = Traffic(items, active_sessions=sessions, tracked_share=0.0, seed=seed)
+    # Session ids from the seed (sim-<seed>-<n>): a log written again with it is the same log.
+    traffic = Traffic(items, active_sessions=sessions, tracked_share=0.0, seed=seed, run=str(seed))
     start = int(time.time() * 1000) - 3_600_000
     with path.open("w", newline="") as f:
         out = csv.writer(f)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 SCENARIOS = Path(__file__).resolve().parent / "scenarios"  # the shipped *.toml files
+FOLLOW_LIMIT_S = 5.0  # a click followed for freshness and not seen in a decision by then is lost
 SLO_KEYS = ("p99_ms", "p999_ms", "error_rate", "max_degraded_share", "freshness_p99_ms")
 
 
@@ -129,6 +130,10 @@ def verdict(scenario: Scenario, steps: list[dict[str, Any]]) -> list[str]:
         for key, value, text in checks:
             if key in slo and value is not None and value > slo[key]:
                 failures.append(f"{name}: " + text.format(v=value, t=slo[key]))
-        if "freshness_p99_ms" in slo and result["freshness_ms"].get("p99") is None:
+        fresh = result["freshness_ms"]
+        if "freshness_p99_ms" in slo and fresh.get("p99") is None:
             failures.append(f"{name}: no freshness sample came back")
+        elif "freshness_p99_ms" in slo and fresh.get("lost"):
+            failures.append(f"{name}: {fresh['lost']} of {fresh['samples']} clicks followed "
+                            f"never showed in a decision within {FOLLOW_LIMIT_S:g} s")  # fmt: skip
     return failures

@@ -25,6 +25,7 @@ import os
 import random
 import sys
 import time
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,12 +38,14 @@ from loadtest.http import Client, HttpError, free_port
 from loadtest.ingest import CpuMeter
 from loadtest.openloop import open_loop
 from loadtest.producer import EventProducer, make_producer
-from loadtest.scenario import Scenario, Step
+from loadtest.scenario import FOLLOW_LIMIT_S, Scenario, Step
 from loadtest.traffic import Traffic
 from stream_engine.catalog import load_items
 from stream_engine.demo_catalog import resolve_catalog_path
 
 DEGRADED = ("timeout", "overload", "store_unavailable")
+FOLLOW_FIRST_S = 0.005  # the follower's first pause between polls, growing by a quarter
+FOLLOW_MAX_PAUSE_S = 0.05  # to at most this
 MAX_US = 60_000_000
 LIVE_BAR = 20  # characters of the live p99 bar; the SLO sits at its middle
 
@@ -96,6 +99,8 @@ class StepRecorder:
     sent: int = 0
     late_us: HdrHistogram = field(default_factory=_histogram)
     events_sent: int = 0
+    freshness_lost: int = 0  # followed clicks no decision reflected within FOLLOW_LIMIT_S
+    follow_polls: int = 0  # the followers' requests, on top of the step's page views
 
     def record(self, second: int, latency_s: float, reasons: list[str]) -> None:
         us = max(1, min(MAX_US, int(latency_s * 1e6)))
@@ -126,6 +131,8 @@ class StepRecorder:
             "freshness_ms": {
                 **_percentiles_ms(self.freshness),
                 "samples": self.freshness.get_total_count(),
+                "lost": self.freshness_lost,
+                "polls": self.follow_polls,
             },
             "generator_late_ms": _percentiles_ms(self.late_us),
             "over_time": [
@@ -147,27 +154,30 @@ class StepRecorder:
 
 
 class Visitors:
-    """New, returning and logged-in visitors in the scenario's proportions."""
+    """Who views the pages. `returning_share` of page views come from shoppers in
+    mid-session, whose clicks are in the step's clickstream (Traffic.recent_session), so
+    their decisions read the state those clicks wrote, as a storefront's do; the rest are
+    first page views of new visitors, with no state yet (the cold-start ladder). A visitor
+    is logged in or not for good, and names the same user on every page view."""
 
-    def __init__(self, traffic: Any, rng: random.Random) -> None:
+    def __init__(self, traffic: Any, shoppers: Traffic, rng: random.Random) -> None:
         self.traffic = traffic
+        self.shoppers = shoppers
         self.rng = rng
-        self.seen: list[str] = []
-        self.run = f"lt{rng.getrandbits(24):06x}"
+        self.new = 0
 
     def next(self) -> tuple[str, str | None]:
         rng = self.rng
-        if self.seen and rng.random() < self.traffic.returning_share:
-            sid = self.seen[rng.randrange(len(self.seen))]
-        else:
-            sid = f"{self.run}-{len(self.seen)}"
-            self.seen.append(sid)
-            if len(self.seen) > 50_000:
-                self.seen.pop(0)
-        user = None
-        if rng.random() < self.traffic.logged_in_share:
-            user = f"{self.run}-u{hash(sid) % 5000}"
-        return sid, user
+        sid = None
+        if rng.random() < self.traffic.returning_share:
+            sid = self.shoppers.recent_session(rng)
+        if sid is None:
+            self.new += 1
+            sid = f"new-{self.shoppers.run}-{self.new}"
+        mark = zlib.crc32(sid.encode())
+        if mark % 10_000 >= self.traffic.logged_in_share * 10_000:
+            return sid, None
+        return sid, f"user-{self.shoppers.run}-{(mark >> 16) % 5000}"
 
 
 class Runner:
@@ -179,11 +189,13 @@ class Runner:
         self.bootstrap = bootstrap
         self.topic = topic
         self.rng = random.Random(7)
-        self.visitors = Visitors(scenario.traffic, self.rng)
         env = os.environ
         catalog = resolve_catalog_path(env.get("KAIROS_CATALOG_PATH", ""),
                                        env.get("KAIROS_STACK_DIR", ".stack"))  # fmt: skip
+        # Session ids carry a random run tag (Traffic.run): a second run within the
+        # sessions' TTL must not send the first one's event ids, which are duplicates.
         self.shoppers = Traffic(load_items(catalog), active_sessions=2000, tracked_share=0.0)
+        self.visitors = Visitors(scenario.traffic, self.shoppers, self.rng)
         self.tasks: set[asyncio.Task[None]] = set()
         self.baseline: dict[str, Any] = {}
 
@@ -217,21 +229,30 @@ class Runner:
         rec.record(int(intended - t0), done - intended, [r for r in header.split(",") if r])
 
     async def _follow(self, rec: StepRecorder, sid: str, produced_ms: int) -> None:
-        """Poll a session until a decision is based on state written after the click."""
+        """Poll a session until a decision is based on state written after the click: every
+        5 ms at first, then less often (a click that never shows must not become 200
+        requests a second), for at most FOLLOW_LIMIT_S. A click that never shows is counted
+        as lost and recorded at the limit, so that it weighs on the percentiles."""
         start = time.monotonic()
-        while time.monotonic() - start < 5.0:
+        pause = FOLLOW_FIRST_S
+        while True:
+            rec.follow_polls += 1
             try:
                 response = await self.api.request("GET", f"/v1/slots/home_recs?session_id={sid}")
             except HttpError:
-                return
-            age = (
-                orjson.loads(response.body).get("state_age_ms") if response.status == 200 else None
-            )
+                response = None
+            age = (orjson.loads(response.body).get("state_age_ms")
+                   if response is not None and response.status == 200 else None)  # fmt: skip
             now_ms = int(time.time() * 1000)
             if age is not None and now_ms - age >= produced_ms:
                 rec.freshness.record_value(max(1, (now_ms - produced_ms) * 1000))
                 return
-            await asyncio.sleep(0.005)
+            if time.monotonic() - start >= FOLLOW_LIMIT_S:
+                rec.freshness_lost += 1
+                rec.freshness.record_value(int(FOLLOW_LIMIT_S * 1e6))
+                return
+            await asyncio.sleep(pause)
+            pause = min(pause * 1.25, FOLLOW_MAX_PAUSE_S)
 
     async def _events(self, producer: EventProducer, step: Step, rec: StepRecorder | None,
                       seconds: float) -> None:  # fmt: skip

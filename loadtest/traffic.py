@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import secrets
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -50,6 +51,11 @@ class Traffic:
     # Share of sessions whose ids start with TRACKED, so a benchmark can follow a sample of
     # sessions (cheaply, by key pattern) instead of every one.
     tracked_share: float = 1.0
+    # In every session id (so in every event id): random unless given. The worker takes an
+    # event whose id its session has already applied for a duplicate, so two runs of the
+    # same seed within a session's TTL must not share ids: the second one's events would be
+    # ignored, and the demo and the peak suite would show and measure nothing.
+    run: str = ""
     rng: random.Random = field(init=False)
 
     def __post_init__(self) -> None:
@@ -63,7 +69,13 @@ class Traffic:
         self._leaf_items = {leaf: rows for leaf, rows in by_leaf.items()}
         self._leaf_weights = {leaf: zipf_cumulative(len(rows)) for leaf, rows in by_leaf.items()}
         self._serial = 0
+        if not self.run:
+            self.run = secrets.token_hex(3)
         self._shoppers = [self._new_shopper() for _ in range(self.active_sessions)]
+        # The sessions of the last `active_sessions` events, for page views of shoppers in
+        # mid-session (recent_session), weighted by how much each has clicked lately.
+        self._recent: list[str] = []
+        self._recent_next = 0
         self._types = [t for t, _ in FUNNEL]
         self._type_weights = list(itertools.accumulate(w for _, w in FUNNEL))
 
@@ -72,7 +84,7 @@ class Traffic:
         leaf = self._leaves[self.rng.randrange(len(self._leaves))]
         length = max(1, int(self.rng.expovariate(1 / self.mean_session_events)))
         kind = TRACKED if self.rng.random() < self.tracked_share else "sim-"
-        return _Shopper(f"{kind}{self.seed}-{self._serial}", leaf, length)
+        return _Shopper(f"{kind}{self.run}-{self._serial}", leaf, length)
 
     def _item(self, shopper: _Shopper) -> Item:
         if self.rng.random() < self.drift:
@@ -102,4 +114,15 @@ class Traffic:
         shopper.left -= 1
         if shopper.left <= 0:
             self._shoppers[slot] = self._new_shopper()
+        if len(self._recent) < self.active_sessions:
+            self._recent.append(shopper.session_id)
+        else:
+            self._recent[self._recent_next] = shopper.session_id
+            self._recent_next = (self._recent_next + 1) % self.active_sessions
         return shopper.session_id, encode_event(event), seq
+
+    def recent_session(self, rng: random.Random) -> str | None:
+        """The session of one of the last `active_sessions` events (None before the first):
+        a shopper whose clicks are in the stream, as a page view would come from. Drawn with
+        the caller's `rng`, so page views don't change the events this generates."""
+        return self._recent[rng.randrange(len(self._recent))] if self._recent else None

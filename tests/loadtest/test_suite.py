@@ -85,6 +85,18 @@ def test_the_verdict_names_each_missed_slo_and_the_knee_the_first_rate_over_it()
                                        "first_rate_over_slo": 500.0}  # fmt: skip
 
 
+def test_a_followed_click_that_never_showed_fails_a_nominal_step() -> None:
+    scenario = load_scenario("peak")
+    results = [_result(5) for _ in scenario.steps]
+    assert verdict(scenario, results) == []
+    results[1]["freshness_ms"] = {"p99": 20.0, "samples": 200, "lost": 1}  # 0.5%: p99 holds
+    assert verdict(scenario, results) == [
+        "step 2 (500/s): 1 of 200 clicks followed never showed in a decision within 5 s"
+    ]
+    results[1]["freshness_ms"] = {"p99": None, "samples": 0, "lost": 0}
+    assert verdict(scenario, results) == ["step 2 (500/s): no freshness sample came back"]
+
+
 def test_compare_flags_a_regression(tmp_path: Path) -> None:
     path = tmp_path / "before.json"
     path.write_bytes(orjson.dumps({"scenario": {"name": "peak"}, "steps": [_result(10.0)]}))
@@ -163,6 +175,9 @@ def test_a_smoke_run_produces_the_report_and_a_verdict_that_can_fail(
     assert body["baseline"]["latency_ms"]["p99"] > 0  # the null server, same run
     assert step["achieved_events"] > 50
     assert step["freshness_ms"]["samples"] > 0
+    assert step["freshness_ms"]["lost"] == 0
+    # Half the page views are of shoppers whose clicks are in the stream: not all cold starts.
+    assert step["fallbacks"].get("no_signal", 0) < 0.8 * step["answered"]
     assert body["verdict"] == {"passed": True, "failures": []}
     assert body["environment"]["cores"]
     assert 0 < step["cpu"]["api"] < 200  # from the API's own /metrics, around the step
@@ -177,6 +192,12 @@ def test_a_smoke_run_produces_the_report_and_a_verdict_that_can_fail(
     assert "VERDICT: FAIL" in broken.stdout
     assert "step 1 (100/s): p99 " in broken.stdout
     assert "ms > 0.001 ms" in broken.stdout
+    # The second run's clicks are new events, not the first run's again (which the worker
+    # takes for duplicates: their followers waited in vain).
+    [again] = list((tmp_path / "broken").glob("loadtest-smoke-*.json"))
+    fresh = orjson.loads(again.read_bytes())["steps"][0]["freshness_ms"]
+    assert fresh["samples"] > 0
+    assert fresh["lost"] == 0
 
 
 def test_the_api_s_cpu_seconds_come_from_its_metrics() -> None:
