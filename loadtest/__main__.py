@@ -97,7 +97,7 @@ async def run_suite(args: Any) -> int:
     import redis.asyncio as aioredis
 
     from loadtest import results
-    from loadtest.scenario import SLO_KEYS, load_scenario, verdict
+    from loadtest.scenario import SLO_KEYS, invalid_steps, load_scenario, verdict
     from loadtest.suite import Runner
 
     scenario = load_scenario(args.scenario)
@@ -118,8 +118,7 @@ async def run_suite(args: Any) -> int:
     runner = Runner(scenario, args.api, args.bootstrap, args.topic, args.producer)
     steps = await runner.run()
     failures = verdict(scenario, steps)
-    invalid = [f"step {i}: {s['invalid_because']}" for i, s in enumerate(steps, 1)
-               if not s["valid"]]  # fmt: skip
+    invalid, notes = invalid_steps(scenario, steps)
     redis = aioredis.Redis.from_url(os.environ.get("KAIROS_REDIS_URL", "redis://127.0.0.1:6379"))
     try:
         info = await redis.info("server")
@@ -128,7 +127,7 @@ async def run_suite(args: Any) -> int:
     finally:
         await redis.aclose()
     json_path, html_path = results.write(args.out, scenario, steps, failures + invalid, info,
-                                         runner.baseline)  # fmt: skip
+                                         runner.baseline, notes)  # fmt: skip
     print(f"\nresults: {json_path}\nreport:  {html_path}")
     for i, s in enumerate(steps, start=1):
         lat = s["latency_ms"]
@@ -139,6 +138,9 @@ async def run_suite(args: Any) -> int:
     if previous is not None:
         for line in results.compare(orjson.loads(json_path.read_bytes()), previous):
             print(f"REGRESSION {line}")
+    print(results.knee_line(results.knee(scenario, steps)))
+    for note in notes:
+        print(f"NOTE (not a nominal step) {note}")
     if failures or invalid:
         print("VERDICT: FAIL")
         for f in failures + invalid:

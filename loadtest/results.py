@@ -17,7 +17,8 @@ REGRESSION = 1.2  # a p99 more than 20% above the previous run's is flagged
 
 def write(out_dir: Path, scenario: Scenario, steps: list[dict[str, Any]],
           failures: list[str], redis_info: dict[str, Any],
-          baseline: dict[str, Any] | None = None) -> tuple[Path, Path]:  # fmt: skip
+          baseline: dict[str, Any] | None = None,
+          notes: list[str] | None = None) -> tuple[Path, Path]:  # fmt: skip
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     body = {
@@ -25,7 +26,7 @@ def write(out_dir: Path, scenario: Scenario, steps: list[dict[str, Any]],
                      "warmup_s": scenario.warmup_s,
                      "steps": [{"rate": s.rate, "events": s.events, "duration_s": s.duration_s,
                                 "nominal": s.nominal} for s in scenario.steps]},
-        "verdict": {"passed": not failures, "failures": failures},
+        "verdict": {"passed": not failures, "failures": failures, "notes": notes or []},
         "knee": knee(scenario, steps),
         "baseline": baseline or {},
         "steps": steps,
@@ -39,9 +40,13 @@ def write(out_dir: Path, scenario: Scenario, steps: list[dict[str, Any]],
 
 
 def knee(scenario: Scenario, steps: list[dict[str, Any]]) -> dict[str, Any]:
-    """The highest offered rate whose p99 and errors met the SLO, and the first that didn't."""
+    """The highest offered rate whose p99 and errors met the SLO, the first that didn't, and
+    the first whose generator fell behind (from there on, its lateness is in the latencies:
+    the knee may lie higher on a machine of the generator's own)."""
     p99_slo = scenario.slo.get("p99_ms")
     held, broke = None, None
+    behind = next((s.rate for s, r in zip(scenario.steps, steps, strict=True)
+                   if not r.get("valid", True)), None)  # fmt: skip
     for step, result in zip(scenario.steps, steps, strict=True):
         p99 = result["latency_ms"]["p99"]
         ok = result["errors"] == 0 and (p99_slo is None or (p99 is not None and p99 <= p99_slo))
@@ -49,7 +54,17 @@ def knee(scenario: Scenario, steps: list[dict[str, Any]]) -> dict[str, Any]:
             held = step.rate
         elif not ok and broke is None:
             broke = step.rate
-    return {"highest_rate_within_slo": held, "first_rate_over_slo": broke}
+    return {"highest_rate_within_slo": held, "first_rate_over_slo": broke,
+            "generator_behind_from": behind}  # fmt: skip
+
+
+def knee_line(k: dict[str, Any]) -> str:
+    """The knee in words, for the run's last lines."""
+    held, broke = k["highest_rate_within_slo"], k["first_rate_over_slo"]
+    text = "knee: " + ("no step within the p99 SLO" if held is None
+                       else f"within the p99 SLO up to {held:g}/s")  # fmt: skip
+    text += ", every step within it" if broke is None else f", over it from {broke:g}/s"
+    return text + _behind(k)
 
 
 def load_previous(path: Path, scenario: str) -> dict[str, Any]:
@@ -130,6 +145,11 @@ def _baseline(b: dict[str, Any]) -> str:
     )
 
 
+def _behind(knee: dict[str, Any]) -> str:
+    rate = knee.get("generator_behind_from")
+    return "" if rate is None else f" (the generator fell behind from {rate:g}/s)"
+
+
 def _row(i: int, s: dict[str, Any]) -> str:
     lat, fresh = s["latency_ms"], s["freshness_ms"]["p99"]
     valid = "yes" if s["valid"] else "NO: " + html.escape(s.get("invalid_because", ""))
@@ -164,6 +184,9 @@ def render_html(body: dict[str, Any]) -> str:
         if verdict["passed"]
         else f"<p style='color:#e03131'><b>FAILED</b></p><ul>{failures}</ul>"
     )
+    notes = "".join(f"<li>{html.escape(n)}</li>" for n in verdict.get("notes", []))
+    if notes:
+        status += f"<p>Not nominal steps, so not in the verdict:</p><ul>{notes}</ul>"
     return f"""<!doctype html><html><head><meta charset="utf-8">
 <title>Kairos load test: {html.escape(body["scenario"]["name"])}</title>
 <style>body{{font:14px system-ui,sans-serif;max-width:1040px;margin:20px auto;color:#1d2430}}
@@ -173,7 +196,8 @@ svg text{{font-size:11px;fill:#667085}}</style></head><body>
 <h1>Kairos load test: {html.escape(body["scenario"]["name"])}</h1>{status}
 <p>{_baseline(body.get("baseline") or {})}</p>
 <p>knee: highest rate within the p99 SLO {body["knee"]["highest_rate_within_slo"]}, first over
-it {body["knee"]["first_rate_over_slo"]}. SLO: {html.escape(str(body["scenario"]["slo"]))}</p>
+it {body["knee"]["first_rate_over_slo"]}{_behind(body["knee"])}. SLO:
+{html.escape(str(body["scenario"]["slo"]))}</p>
 <table><tr><th>step</th><th>offered/s</th><th>achieved/s</th><th>goodput/s</th><th>p50 ms</th>
 <th>p99 ms</th><th>p99.9 ms</th><th>errors</th><th>degraded</th><th>freshness p99 ms</th>
 <th>API CPU</th><th>valid</th></tr>{rows}</table>

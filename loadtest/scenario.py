@@ -137,3 +137,16 @@ def verdict(scenario: Scenario, steps: list[dict[str, Any]]) -> list[str]:
             failures.append(f"{name}: {fresh['lost']} of {fresh['samples']} clicks followed "
                             f"never showed in a decision within {FOLLOW_LIMIT_S:g} s")  # fmt: skip
     return failures
+
+
+def invalid_steps(scenario: Scenario, steps: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
+    """Steps whose generator fell behind: the nominal ones (their verdict can't be trusted,
+    so the run fails) and the others (they tell where this machine's generator gave out,
+    not whether the SLO held)."""
+    failures: list[str] = []
+    notes: list[str] = []
+    for i, (step, result) in enumerate(zip(scenario.steps, steps, strict=True), start=1):
+        if not result.get("valid", True):
+            line = f"step {i}: {result['invalid_because']}"
+            (failures if step.nominal else notes).append(line)
+    return failures, notes
