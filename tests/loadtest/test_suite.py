@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 import pytest
+from hdrh.histogram import HdrHistogram
 
 from loadtest.results import compare, knee, knee_line, load_previous
 from loadtest.scenario import (
@@ -54,6 +55,29 @@ def test_the_live_line_shows_the_last_second_beside_the_step_and_flags_a_broken_
     assert "]  SLO" in second
     assert "(step 30.0" in second  # the step's p99 so far still holds the slow second
     assert "SLO" not in live_line(rec, 1, step, 1, None, errors=0, events=0)
+
+
+def test_an_answer_recorded_builds_no_histogram_but_its_second_s_first(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A histogram per answer (setdefault's default, built every call) was 57% of the
+    generator's CPU at 3,000/s: it fell behind, and its lateness read as the API's."""
+    from loadtest import suite
+
+    built: list[object] = []
+    real = suite._histogram
+
+    def counted() -> HdrHistogram:
+        built.append(h := real())
+        return h
+
+    monkeypatch.setattr(suite, "_histogram", counted)
+    rec = StepRecorder()
+    for i in range(1000):
+        rec.record(i // 500, 0.002, [])
+    assert len(built) == 2  # one for each second
+    assert rec.per_second[0].get_total_count() == 500
+    assert rec.per_second[1].get_total_count() == 500
 
 
 def test_every_shipped_scenario_loads() -> None:
