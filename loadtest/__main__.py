@@ -134,7 +134,8 @@ async def run_suite(args: Any) -> int:
         print(f"  step {i}: offered {s['offered_rate']:g}/s achieved {s['achieved_rate']}/s, "
               f"p50 {lat['p50'] or 0:.2f} p99 {lat['p99'] or 0:.2f} p99.9 {lat['p99.9'] or 0:.2f}"
               f" ms, errors {s['errors']}, degraded {s['degraded_share']:.2%}, "
-              f"{_freshness(s['freshness_ms'])}{_api_cpu(s)}{_undelivered(s)}")  # fmt: skip
+              f"{_cold(s)}{_freshness(s['freshness_ms'])}{_api_cpu(s)}"
+              f"{_undelivered(s)}")  # fmt: skip
     if previous is not None:
         for line in results.compare(orjson.loads(json_path.read_bytes()), previous):
             print(f"REGRESSION {line}")
@@ -170,6 +171,13 @@ IN_PROCESS = {"cost": run_cost, "stalls": run_stalls}
 def _undelivered(step: dict[str, Any]) -> str:
     n = step.get("events_failed", 0)
     return f", {n} events not delivered" if n else ""
+
+
+def _cold(step: dict[str, Any]) -> str:
+    """The share of answers from the cold-start ladder (no state to personalize from): what
+    the step measured is mostly the cheap path when it is high."""
+    n = step["fallbacks"].get("no_signal", 0)
+    return f"cold starts {n / step['answered']:.0%}, " if step["answered"] else ""
 
 
 def _freshness(f: dict[str, Any]) -> str:

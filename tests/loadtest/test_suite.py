@@ -236,6 +236,7 @@ def test_a_smoke_run_produces_the_report_and_a_verdict_that_can_fail(
     assert body["environment"]["cores"]
     assert 0 < step["cpu"]["api"] < 200  # from the API's own /metrics, around the step
     assert "% of a core" in ok.stdout
+    assert re.search(r"cold starts \d+%", ok.stdout)
     page = results.with_suffix(".html").read_text()
     assert page.count("<svg") == 4
     assert "PASSED" in page
