@@ -176,8 +176,9 @@ def _undelivered(step: dict[str, Any]) -> str:
 def _cold(step: dict[str, Any]) -> str:
     """The share of answers from the cold-start ladder (no state to personalize from): what
     the step measured is mostly the cheap path when it is high."""
-    n = step["fallbacks"].get("no_signal", 0)
-    return f"cold starts {n / step['answered']:.0%}, " if step["answered"] else ""
+    from loadtest.results import cold_share
+
+    return f"cold starts {cold_share(step)}, " if step["answered"] else ""
 
 
 def _freshness(f: dict[str, Any]) -> str:

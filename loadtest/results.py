@@ -150,13 +150,24 @@ def _behind(knee: dict[str, Any]) -> str:
     return "" if rate is None else f" (the generator fell behind from {rate:g}/s)"
 
 
+def cold_share(step: dict[str, Any]) -> str:
+    """Answers from the cold-start ladder (`no_signal`): the cheap path, when most are."""
+    n = step.get("fallbacks", {}).get("no_signal", 0)
+    return f"{100 * n / step['answered']:.0f}%" if step.get("answered") else "-"
+
+
+def _lost(freshness: dict[str, Any]) -> str:
+    lost = freshness.get("lost") or 0
+    return f" ({lost} of {freshness.get('samples', 0)} lost)" if lost else ""
+
+
 def _row(i: int, s: dict[str, Any]) -> str:
     lat, fresh = s["latency_ms"], s["freshness_ms"]["p99"]
     valid = "yes" if s["valid"] else "NO: " + html.escape(s.get("invalid_because", ""))
     cells = [i + 1, f"{s['offered_rate']:g}", s["achieved_rate"], s["goodput"],
              f"{lat['p50'] or 0:.2f}", f"{lat['p99'] or 0:.2f}", f"{lat['p99.9'] or 0:.2f}",
-             s["errors"], f"{100 * s['degraded_share']:.2f}%",
-             "-" if fresh is None else f"{fresh:g}",
+             s["errors"], f"{100 * s['degraded_share']:.2f}%", cold_share(s),
+             "-" if fresh is None else f"{fresh:.1f}" + _lost(s["freshness_ms"]),
              f"{s['cpu']['api']:g}%" if "api" in s.get("cpu", {}) else "-", valid]  # fmt: skip
     return "<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"
 
@@ -199,7 +210,8 @@ svg text{{font-size:11px;fill:#667085}}</style></head><body>
 it {body["knee"]["first_rate_over_slo"]}{_behind(body["knee"])}. SLO:
 {html.escape(str(body["scenario"]["slo"]))}</p>
 <table><tr><th>step</th><th>offered/s</th><th>achieved/s</th><th>goodput/s</th><th>p50 ms</th>
-<th>p99 ms</th><th>p99.9 ms</th><th>errors</th><th>degraded</th><th>freshness p99 ms</th>
+<th>p99 ms</th><th>p99.9 ms</th><th>errors</th><th>degraded</th><th>cold starts</th>
+<th>freshness p99 ms</th>
 <th>API CPU</th><th>valid</th></tr>{rows}</table>
 {_chart("p99 latency over time (per second)", p99_series, "ms")}
 {_chart("Latency spectrum (p50, p75, p90, p95, p99, p99.5, p99.9, p99.99, max)", spectrum, "ms")}

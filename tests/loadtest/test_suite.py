@@ -241,6 +241,7 @@ def test_a_smoke_run_produces_the_report_and_a_verdict_that_can_fail(
     page = results.with_suffix(".html").read_text()
     assert page.count("<svg") == 4
     assert "PASSED" in page
+    assert "<th>cold starts</th>" in page
 
     broken = _run(kairos_services, stack, catalog_file, unique, tmp_path / "broken",
                   "--slo", "p99_ms=0.001")  # fmt: skip
