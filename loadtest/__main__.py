@@ -119,7 +119,7 @@ async def run_suite(args: Any) -> int:
     steps = await runner.run()
     failures = verdict(scenario, steps)
     invalid, notes = invalid_steps(scenario, steps)
-    redis = aioredis.Redis.from_url(os.environ.get("KAIROS_REDIS_URL", "redis://127.0.0.1:6379"))
+    redis = aioredis.Redis.from_url(os.environ.get("KAIROS_REDIS_URL") or DEFAULT_REDIS_URL)
     try:
         info = await redis.info("server")
     except (OSError, aioredis.RedisError):
@@ -134,7 +134,7 @@ async def run_suite(args: Any) -> int:
         print(f"  step {i}: offered {s['offered_rate']:g}/s achieved {s['achieved_rate']}/s, "
               f"p50 {lat['p50'] or 0:.2f} p99 {lat['p99'] or 0:.2f} p99.9 {lat['p99.9'] or 0:.2f}"
               f" ms, errors {s['errors']}, degraded {s['degraded_share']:.2%}, "
-              f"{_cold(s)}{_freshness(s['freshness_ms'])}{_api_cpu(s)}"
+              f"cold starts {results.cold_share(s)}, {_freshness(s['freshness_ms'])}{_api_cpu(s)}"
               f"{_undelivered(s)}")  # fmt: skip
     if previous is not None:
         for line in results.compare(orjson.loads(json_path.read_bytes()), previous):
@@ -171,14 +171,6 @@ IN_PROCESS = {"cost": run_cost, "stalls": run_stalls}
 def _undelivered(step: dict[str, Any]) -> str:
     n = step.get("events_failed", 0)
     return f", {n} events not delivered" if n else ""
-
-
-def _cold(step: dict[str, Any]) -> str:
-    """The share of answers from the cold-start ladder (no state to personalize from): what
-    the step measured is mostly the cheap path when it is high."""
-    from loadtest.results import cold_share
-
-    return f"cold starts {cold_share(step)}, " if step["answered"] else ""
 
 
 def _freshness(f: dict[str, Any]) -> str:
