@@ -39,14 +39,14 @@ COVIS_CACHE_MAX = 50_000
 # each round trip holds Redis and then this process's event loop while its replies are
 # parsed, and the decisions behind it wait. A second's worth at once (up to 2,000 entries
 # in back-to-back round trips of 64) held them for 10-35 ms every second once the first
-# entries went stale, and the decisions caught behind it were the p99 (loadtest/README.md,
+# entries went stale, and the decisions caught behind it were the p99 (loadtest/JOURNAL.md,
 # session 14).
 COVIS_REFRESH_EVERY_S = 0.1
 COVIS_REFRESH_CHUNK = 32  # stale entries per background round trip
 COVIS_REFRESH_MAX = 200  # ... and per round: at most 2,000 a second
 # At start the API reads every item's co-visitation in the background (`warm_order`), this
 # many per round trip: an empty cache sent 67% of the first 2,000 decisions and 7% of those
-# after 24,000 to Redis a second time (loadtest/README.md, session 18).
+# after 24,000 to Redis a second time (loadtest/JOURNAL.md, session 18).
 COVIS_WARM_CHUNK = 32
 
 

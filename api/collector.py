@@ -42,7 +42,8 @@ async def collect(request: Request) -> Response:
     rejected: list[dict[str, Any]] = []
     for i, obj in enumerate(events):
         if isinstance(obj, dict):
-            obj.setdefault("event_id", uuid.uuid4().hex)
+            if "event_id" not in obj:  # (setdefault would draw a uuid for every event)
+                obj["event_id"] = uuid.uuid4().hex
             obj.setdefault("ts", now_ms)
         raw = orjson.dumps(obj)
         try:

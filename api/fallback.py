@@ -33,7 +33,7 @@ class Breaker:
     plus the part of the previous one it still covers (its counts weighted by that part):
     with windows counted from zero, a handful of timeouts just after a window began were
     most of its reads, and at 2,000 requests/s 16 of them opened the breaker for a second
-    on a healthy Redis (10% of a step's answers; loadtest/README.md, session 31).
+    on a healthy Redis (10% of a step's answers; loadtest/JOURNAL.md, session 31).
     """
 
     def __init__(
@@ -127,7 +127,7 @@ class Limiter:
     requests in front of its loop, where no handler's latency sees them, while the few in
     flight still finish fast (and stay under any floor like `low`). Shedding decisions
     before the core is full keeps the answers in budget: at 3x the sustainable rate, p99
-    5 ms against 17-22 ms on latency alone (loadtest/README.md, session 11). Slow requests
+    5 ms against 17-22 ms on latency alone (loadtest/JOURNAL.md, session 11). Slow requests
     alone keep the floor: on a machine whose other tenants are the overload (the worker,
     Redis), the process is not the one to shed.
     """

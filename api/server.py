@@ -4,7 +4,7 @@ endpoint answered without ASGI.
 uvicorn writes a response's status line and headers, then its body, each straight to the
 socket: two send() calls and two TCP segments per answer, where each send on loopback runs
 the whole TCP path of both ends. On the slot endpoint at 2,000 requests/s that second write
-was ~3% of the API's CPU (loadtest/README.md, session 14). `OneWrite` holds each write until
+was ~3% of the API's CPU (loadtest/JOURNAL.md, session 14). `OneWrite` holds each write until
 the next one (and sends both together) or until the event loop's next turn, whichever comes
 first: the order of the bytes never changes, and nothing waits longer than one turn of the
 loop. Everything else about the transport is the real one's.

@@ -97,7 +97,7 @@ class StateReader:
 
     Each connection once took one read at a time: a connection was then held for a round
     trip plus the wait for its reader to resume, and at 2,000 requests/s reads timed out
-    waiting for one of four while Redis used ~11% of a core (loadtest/README.md, session
+    waiting for one of four while Redis used ~11% of a core (loadtest/JOURNAL.md, session
     31)."""
 
     def __init__(

@@ -47,14 +47,14 @@ class Settings:
     # turn included). 15 ms leaves 5 for the decision (~0.3 ms) and the
     # answer. At 2,000 requests/s on the 2-core box an 8 ms budget sent 1.35-2.08% of
     # visitors to the defaults and 12 ms 0.11-0.55%; 15 ms timed out 44 reads in eight
-    # steps where 12 ms timed out 101, at the same p99 (loadtest/README.md, session 17).
+    # steps where 12 ms timed out 101, at the same p99 (loadtest/JOURNAL.md, session 17).
     deadline_ms: float = 20.0
     redis_timeout_ms: float = 15.0
     # The held connections the state reads share, pipelined, and how many reads may be in
     # flight on them at once (a read past that waits for a turn within its budget). Four
     # connections each taking one read at a time timed out 19-111 reads a step at 2,000
     # requests/s waiting for one; sixteen reads in flight, none to two. At 3x, no errors
-    # and p99 4.5-5.4 ms either way; 27-30% degraded against 16-24% (loadtest/README.md,
+    # and p99 4.5-5.4 ms either way; 27-30% degraded against 16-24% (loadtest/JOURNAL.md,
     # session 31).
     redis_connections: int = 4
     redis_reads: int = 16
@@ -65,7 +65,7 @@ class Settings:
     # share costs nothing measurable (0.01-0.22% defaults with it, 0.00-0.08% without),
     # and at 6,000/s it keeps p99 at 5-11 ms instead of 19-28 ms. In session 11, at 84-93%
     # of a core, it had cost 3-14% defaults at 2,000/s. With the worker beside it (the peak
-    # suite) the API stays under 60% of a core and the share never acts (loadtest/README.md).
+    # suite) the API stays under 60% of a core and the share never acts (loadtest/JOURNAL.md).
     max_cpu_share: float = 0.9
     # Must match the worker's KAIROS_USER_HALF_LIFE_S (the profile decays with it).
     user_half_life_s: float = 14 * 86400.0

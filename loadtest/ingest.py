@@ -175,7 +175,7 @@ class Visibility:
     notification comes in), and the replies of one connection come back in order, so a
     later round never reports a smaller count. With redis-py's PubSub polling and pipeline
     instead, the same events at 1,000 events/s were seen later by 0.22 ms at the median
-    and 0.85-0.93 ms at the 90th percentile (both watchers in one run; loadtest/README.md,
+    and 0.85-0.93 ms at the 90th percentile (both watchers in one run; loadtest/JOURNAL.md,
     session 17)."""
 
     def __init__(self, redis: aioredis.Redis, prefix: str) -> None:

@@ -2,7 +2,7 @@
 
 The machine is shared, and its speed moves under us: a fixed 20,000-iteration loop took
 0.76 ms of CPU in one second and 1.36 ms in the next while nothing of ours changed
-(session 14, loadtest/README.md), and an API's CPU per request moved with it. The CPU time
+(session 14, loadtest/JOURNAL.md), and an API's CPU per request moved with it. The CPU time
 of the same instructions is what a busy neighbour (a hyperthread sibling, a lower clock)
 changes, and what a benchmark's own figures cannot tell apart from a slower code path.
 The probe is a process of its own that runs the loop every PROBE_EVERY_S (~1% of a core)

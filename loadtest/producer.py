@@ -4,7 +4,7 @@ A generator shares the machine with what it measures, so what it costs is taken 
 system under test. At 1,000 events/s aiokafka's producer used ~18% of a core (~180 µs of
 Python per message: with linger 0 every message is a request of its own); librdkafka's
 (confluent-kafka, already the `librdkafka` engine's client) ~7%, its sends made by a
-thread in C (loadtest/README.md, session 20). Either is open-loop: a send never waits for
+thread in C (loadtest/JOURNAL.md, session 20). Either is open-loop: a send never waits for
 the broker's answer, and failed deliveries are counted, not hidden.
 
 Both partition a key with murmur2, as the Java client and aiokafka do, so a session's

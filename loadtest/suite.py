@@ -114,7 +114,7 @@ class StepRecorder:
         self.latency.record_value(us)
         # Not setdefault(second, _histogram()): that built a histogram (65 µs, its counts
         # zeroed) for every answer: 57% of the generator's CPU at 3,000/s, where it fell
-        # behind, which made its answers later still (loadtest/README.md, session 36).
+        # behind, which made its answers later still (loadtest/JOURNAL.md, session 36).
         per_second = self.per_second.get(second)
         if per_second is None:
             per_second = self.per_second[second] = _second_histogram()

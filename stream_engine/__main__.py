@@ -64,7 +64,7 @@ def cmd_worker(settings: Settings) -> None:
     # faust runs on whatever loop the policy makes: the agent and its consumer (one loop:
     # stream_engine/faust_transport.py) on uvloop, like every other Kairos process
     # (asyncio's Python selector loop was a third of the worker's CPU at 1,000 events/s;
-    # loadtest/README.md, session 14).
+    # loadtest/JOURNAL.md, session 14).
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     worker = make_worker(create_app(settings, catalog, metrics), settings)
     worker.execute_from_commandline()  # runs until SIGTERM/SIGINT, then exits the process

@@ -45,7 +45,7 @@ def create_app(settings: Settings, catalog: Catalog, metrics: WorkerMetrics) -> 
         # fetched records, aiokafka sent a fetch for it alone, which the broker held for
         # faust's fetch_max_wait_ms (1,500), and no fetch for the clickstream could start
         # until it came back. At 5,000 events/s the worker went ~1.5 s at a time without
-        # events and fell behind with half a core idle (loadtest/README.md, session 15).
+        # events and fell behind with half a core idle (loadtest/JOURNAL.md, session 15).
         topic_disable_leader=True,
         broker_commit_interval=1.0,
         broker_session_timeout=settings.group_session_timeout_s,
@@ -153,7 +153,7 @@ class PartitionLanes:
     was taken, and at 10,000 events/s the worker fell behind with a third of its core idle
     while the last part of each batch was written: on a backlog with the machine to itself
     it applied ~7,200 events/s at 79% of a core, and now ~13,300/s at 97% (`loadtest
-    drain`, loadtest/README.md, session 21). While a lane is busy, another starts
+    drain`, loadtest/JOURNAL.md, session 21). While a lane is busy, another starts
     only on `faust_split_from` messages or more: at 1,000 events/s a part of a few events
     would cost a round trip and the per-batch work for little (`split_batch`). A part that
     fails is retried in place (`_apply`)."""

@@ -3,7 +3,7 @@
 Same contract as the faust agent — at-least-once, one consumer group, events of a session
 in partition order, batches applied through Ingest with fenced writes — without faust's
 per-message pipeline, which costs ~75 µs an event on this machine before any work is done
-(see loadtest/README.md). Batching is natural: `getmany` returns whatever has arrived, at
+(see loadtest/JOURNAL.md). Batching is natural: `getmany` returns whatever has arrived, at
 once, so a quiet stream is handled event by event and a busy one in large batches; there is
 no fixed `within` wait. Offsets are committed only after the batch's state writes (and its
 dead letters) are acknowledged. Partitions are applied concurrently in lanes (lanes.py).

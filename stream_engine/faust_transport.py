@@ -5,7 +5,7 @@ loop, and every fetch crosses between the threads twice (`call_soon_threadsafe` 
 the result the other way). With one agent and nothing blocking the loop, the thread buys
 nothing and costs the worker CPU twice over: the crossings, and two threads' Python
 contending for the GIL. At 1,000 events/s the consumer thread used 27% of a core and the
-agent's thread 47% (loadtest/README.md, session 16).
+agent's thread 47% (loadtest/JOURNAL.md, session 16).
 
 Here the same `AIOKafkaConsumerThread` (its rebalance listener, commits, seeks and fetch
 bookkeeping unchanged) runs as an ordinary service on the worker's loop: the calls that
@@ -19,7 +19,7 @@ The clickstream itself skips faust's per-event delivery (`Handoff`): the drain l
 its messages to the agent in batches, in fetch order, instead of through the conductor,
 the topic's channel queue and the stream (a decoded Event, a queue put and get, sensors
 and an ack each). At 10,000 events/s that path was ~16% of the worker's samples, and at
-1,000/s the worker used 5-14 points of a core more with it (loadtest/README.md, session
+1,000/s the worker used 5-14 points of a core more with it (loadtest/JOURNAL.md, session
 20). faust still owns the group, the assignment, the fetching, the acks and the commits.
 
 These are faust-streaming 0.15 internals; pyproject.toml pins faust-streaming below 0.16
@@ -229,7 +229,7 @@ class KairosConsumer(faust_aiokafka.Consumer):
         faust then sleeps a whole second before it looks again, however soon the buffer
         drains: under a backlog the agent emptied its buffer in half of that and waited
         out the rest, and at 10,000 events/s the worker applied ~5,000/s with a fifth of
-        its core idle (loadtest/README.md, session 16). Here the wait ends as soon as a
+        its core idle (loadtest/JOURNAL.md, session 16). Here the wait ends as soon as a
         partition's buffer drops below its mark (or after `timeout`)."""
         if not self.flow_active:
             await self.wait(self.can_resume_flow.wait())

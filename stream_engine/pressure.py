@@ -5,7 +5,7 @@ A worker restarted behind a backlog applies it as fast as it can, and Redis (and
 shared box, the CPU) goes to it. The API's reads then wait: while a worker caught up 100k
 events, 13-16% (faust) and 35-47% (aiokafka) of the decisions at 1,000/s fell back
 (timeouts, then the breaker); yielding, 0.01%, and the backlog took 26-28 s instead of
-12-18 s (`python -m loadtest catchup`, loadtest/README.md, session 19).
+12-18 s (`python -m loadtest catchup`, loadtest/JOURNAL.md, session 19).
 
 The API counts its slow reads (api/pressure.py) and, in a 100 ms window that had enough of
 them, increments one counter in Redis (`Keys.pressure`). The worker reads that counter
@@ -52,7 +52,7 @@ class Governor:
     its first batch, and with no limit once RELEASE_S have passed without a report: a
     worker started behind a backlog would otherwise take Redis for the 0.2-0.4 s the API's
     first report takes to reach it, and that is where most of the decisions that still
-    fell back did (loadtest/README.md, session 19). A worker started on a quiet stream is
+    fell back did (loadtest/JOURNAL.md, session 19). A worker started on a quiet stream is
     free after its first 5 s."""
 
     min_rate: float  # events/s applied whatever the API says

@@ -57,7 +57,7 @@ REBASE_AFTER_HALF_LIVES = 16
 STORE_TIMEOUT_S = 5.0
 # A partition's events per aggregate write. Redis runs one script at a time: a 500-event
 # batch of one partition held it 5.2 ms on an idle box, 14-30 ms on a full one, and every
-# decision's read waited behind it (loadtest/README.md, session 18).
+# decision's read waited behind it (loadtest/JOURNAL.md, session 18).
 AGGREGATE_CHUNK = 128
 
 
@@ -122,7 +122,7 @@ class OwnerCache:
     cache of snapshot objects raised the worker's p99 at 5,000 events/s from ~22 ms to
     ~110 ms). They hold the values as the planner uses them, not as Redis returns them:
     turning each write into bytes and each next batch's snapshot back from them was ~7%
-    of a batch's CPU (loadtest/README.md, session 24).
+    of a batch's CPU (loadtest/JOURNAL.md, session 24).
     """
 
     def __init__(self, size: int) -> None:

@@ -5,7 +5,7 @@ events of a session in partition order, offsets committed only after the batch's
 writes and dead letters are acknowledged, partitions applied concurrently in lanes — with
 the Kafka protocol in C. At 5,000 events/s a bare aiokafka consumer costs about a third of a
 core on the 2-core box and librdkafka about a tenth, at the same delivery latency
-(loadtest/README.md), and on that box the worker competes for CPU with Redis, the broker
+(loadtest/JOURNAL.md), and on that box the worker competes for CPU with Redis, the broker
 and the load generator.
 
 librdkafka's consumer is not thread-safe and its `poll` blocks, so one thread owns it:

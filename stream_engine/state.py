@@ -42,7 +42,7 @@ Aggregate scores grow as 2^((t - L)/h) from the landmark L in {agg}:meta, in int
 of 1/AGG_UNIT of an event's weight. Integers because Redis keeps small sorted sets as
 listpacks, where an integer score is stored as an integer and a fractional one as text that
 every insert parses again: ZINCRBY on a 50-member set ran 3x faster with integer scores, and
-a worker at 10,000 events/s left Redis a fifth of its CPU (loadtest/README.md, session 22).
+a worker at 10,000 events/s left Redis a fifth of its CPU (loadtest/JOURNAL.md, session 22).
 Integers stay exact below 2^52, so a worker moves L forward every REBASE_AFTER_HALF_LIVES of
 the shorter half-life (MOVE_LANDMARK, one HSET). Each sorted set records its own landmark
 in {agg}:lk and is scaled to the new one by the next write that touches it
