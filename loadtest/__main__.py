@@ -114,6 +114,8 @@ async def run_suite(args: Any) -> int:
             raise ScenarioError(f"--slo {override!r}: expected KEY=NUMBER, a number >= 0")
         slo[key] = number
     scenario = dataclasses.replace(scenario, slo=slo)
+    if args.stack_warmup is not None:
+        scenario = dataclasses.replace(scenario, stack_warmup_s=args.stack_warmup)
     previous = results.load_previous(args.compare, scenario.name) if args.compare else None
     runner = Runner(scenario, args.api, args.bootstrap, args.topic, args.producer)
     steps = await runner.run()
@@ -127,7 +129,7 @@ async def run_suite(args: Any) -> int:
     finally:
         await redis.aclose()
     json_path, html_path = results.write(args.out, scenario, steps, failures + invalid, info,
-                                         runner.baseline, notes)  # fmt: skip
+                                         runner.baseline, notes, runner.stack_warmup)  # fmt: skip
     print(f"\nresults: {json_path}\nreport:  {html_path}")
     for i, s in enumerate(steps, start=1):
         lat = s["latency_ms"]
@@ -345,6 +347,10 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--out", type=Path, default=Path("artifacts"))
     run.add_argument("--compare", type=Path)
     run.add_argument("--slo", action="append", default=[], help="override, e.g. p99_ms=10")
+    run.add_argument("--stack-warmup", type=_number(True), default=None, metavar="SECONDS",
+                     help="the scenario's stack_warmup_s (30 s unless it says): the nominal "
+                          "step's traffic, unmeasured, before the first step; 0 on a stack "
+                          "already warm")  # fmt: skip
     rep = sub.add_parser("replay", help="hit rate@k and MRR@k of a session log vs popularity")
     rep.add_argument("--test", type=Path)
     rep.add_argument("--train", type=Path)

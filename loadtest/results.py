@@ -18,17 +18,19 @@ REGRESSION = 1.2  # a p99 more than 20% above the previous run's is flagged
 def write(out_dir: Path, scenario: Scenario, steps: list[dict[str, Any]],
           failures: list[str], redis_info: dict[str, Any],
           baseline: dict[str, Any] | None = None,
-          notes: list[str] | None = None) -> tuple[Path, Path]:  # fmt: skip
+          notes: list[str] | None = None,
+          stack_warmup: dict[str, float] | None = None) -> tuple[Path, Path]:  # fmt: skip
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     body = {
         "scenario": {"name": scenario.name, "source": scenario.source, "slo": scenario.slo,
-                     "warmup_s": scenario.warmup_s,
+                     "warmup_s": scenario.warmup_s, "stack_warmup_s": scenario.stack_warmup_s,
                      "steps": [{"rate": s.rate, "events": s.events, "duration_s": s.duration_s,
                                 "nominal": s.nominal} for s in scenario.steps]},
         "verdict": {"passed": not failures, "failures": failures, "notes": notes or []},
         "knee": knee(scenario, steps),
         "baseline": baseline or {},
+        "stack_warmup_cpu": stack_warmup or {},
         "steps": steps,
         "environment": environment(redis_info),
     }  # fmt: skip

@@ -19,7 +19,7 @@ import pytest
 from loadtest import suite
 from loadtest.nullserver import _Null
 from loadtest.scenario import Traffic as Mix
-from loadtest.scenario import load_scenario
+from loadtest.scenario import load_scenario, parse_scenario
 from loadtest.suite import Runner, StepRecorder, Visitors
 from loadtest.traffic import Traffic
 from stream_engine.catalog import Item, load_items
@@ -112,3 +112,42 @@ async def test_a_click_that_never_shows_is_lost_after_the_limit_with_few_polls(
     assert rec.freshness.get_total_count() == 1
     assert rec.freshness.get_max_value() >= 0.5e6  # recorded at the limit, in µs
     assert 5 < rec.follow_polls <= 22  # every 5 ms for 0.5 s would be ~100
+
+
+async def test_the_stack_warm_up_sends_the_nominal_step_s_page_views_unmeasured(
+    catalog_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before the first step, the nominal step's rate for stack_warmup_s: every page view
+    answered, none of them in a step's figures, and the machine's CPU meanwhile kept for
+    the results. With stack_warmup_s = 0 (the smoke run's), nothing is sent."""
+    monkeypatch.setenv("KAIROS_CATALOG_PATH", str(catalog_file))
+    answered: list[int] = []
+
+    class Counting(_Null):
+        def data_received(self, data: bytes) -> None:
+            answered.append(data.count(b" HTTP/1.1\r\n"))
+            super().data_received(data)
+
+    raw = {"stack_warmup_s": 0.5, "warmup_s": 0,
+           "steps": [{"rate": 10, "duration_s": 1},
+                     {"rate": 200, "events": 0, "duration_s": 1, "nominal": True}],
+           "slo": {"p99_ms": 10}}  # fmt: skip
+    server = await asyncio.get_running_loop().create_server(Counting, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    warm = Runner(parse_scenario(raw, "w.toml"), f"http://127.0.0.1:{port}", "127.0.0.1:1", "t")
+    cold = Runner(load_scenario("smoke"), f"http://127.0.0.1:{port}", "127.0.0.1:1", "t")
+    try:
+        await warm.warm_up_stack(producer=None)  # type: ignore[arg-type]  # no events: unused
+        if warm.tasks:
+            await asyncio.wait(set(warm.tasks), timeout=5)
+        sent_warm = sum(answered)
+        await cold.warm_up_stack(producer=None)  # type: ignore[arg-type]
+        await asyncio.sleep(0.1)
+    finally:
+        await warm.api.aclose()
+        await cold.api.aclose()
+        server.close()
+    assert 90 <= sent_warm <= 100  # 200/s for 0.5 s, the nominal step's rate, not step 1's
+    assert sum(answered) == sent_warm  # the smoke scenario warms nothing up
+    assert set(warm.stack_warmup) == {"generator", "machine"}
+    assert cold.stack_warmup == {}
