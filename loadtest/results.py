@@ -147,6 +147,17 @@ def _baseline(b: dict[str, Any]) -> str:
     )
 
 
+def stack_warmup_line(body: dict[str, Any]) -> str:
+    """What ran before the steps, unmeasured (Runner.warm_up_stack), and how busy the
+    machine was meanwhile."""
+    seconds = body["scenario"].get("stack_warmup_s") or 0
+    if not seconds:
+        return "no stack warm-up: the steps met the stack as it was"
+    cpu = body.get("stack_warmup_cpu") or {}
+    busy = f"; the machine {cpu['machine']:.0f}% busy meanwhile" if "machine" in cpu else ""
+    return f"stack warm-up: {seconds:g} s of the nominal step's traffic, not measured{busy}"
+
+
 def _behind(knee: dict[str, Any]) -> str:
     rate = knee.get("generator_behind_from")
     return "" if rate is None else f" (the generator fell behind from {rate:g}/s)"
@@ -207,7 +218,7 @@ table{{border-collapse:collapse}}
 td,th{{padding:4px 8px;border-bottom:1px solid #eee;text-align:right}}
 svg text{{font-size:11px;fill:#667085}}</style></head><body>
 <h1>Kairos load test: {html.escape(body["scenario"]["name"])}</h1>{status}
-<p>{_baseline(body.get("baseline") or {})}</p>
+<p>{_baseline(body.get("baseline") or {})}<br>{html.escape(stack_warmup_line(body))}</p>
 <p>knee: highest rate within the p99 SLO {body["knee"]["highest_rate_within_slo"]}, first over
 it {body["knee"]["first_rate_over_slo"]}{_behind(body["knee"])}. SLO:
 {html.escape(str(body["scenario"]["slo"]))}</p>

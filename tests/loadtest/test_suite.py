@@ -15,7 +15,7 @@ import orjson
 import pytest
 from hdrh.histogram import HdrHistogram
 
-from loadtest.results import compare, knee, knee_line, load_previous
+from loadtest.results import compare, knee, knee_line, load_previous, stack_warmup_line
 from loadtest.scenario import (
     ScenarioError,
     Step,
@@ -242,6 +242,8 @@ def test_a_smoke_run_produces_the_report_and_a_verdict_that_can_fail(
     assert page.count("<svg") == 4
     assert "PASSED" in page
     assert "<th>cold starts</th>" in page
+    assert "no stack warm-up" in page  # the smoke scenario's stack_warmup_s is 0
+    assert body["stack_warmup_cpu"] == {}
 
     broken = _run(kairos_services, stack, catalog_file, unique, tmp_path / "broken",
                   "--slo", "p99_ms=0.001")  # fmt: skip
@@ -266,3 +268,14 @@ def test_the_api_s_cpu_seconds_come_from_its_metrics() -> None:
     assert _cpu_seconds(body, 3.0) == (12.5, 3.0)
     assert _cpu_seconds(b"kairos_api_in_flight 0.0\n", 3.0) is None
     assert _cpu_seconds(b"<html>not metrics</html>", 3.0) is None
+
+
+def test_the_report_says_what_warmed_the_stack_up_and_how_busy_the_machine_was() -> None:
+    body: dict[str, Any] = {"scenario": {"stack_warmup_s": 30.0},
+                            "stack_warmup_cpu": {"generator": 29.1, "machine": 89.9}}  # fmt: skip
+    assert stack_warmup_line(body) == (
+        "stack warm-up: 30 s of the nominal step's traffic, not measured; the machine 90% busy "
+        "meanwhile"
+    )
+    # results written before the warm-up existed: no such keys
+    assert stack_warmup_line({"scenario": {}}).startswith("no stack warm-up")
