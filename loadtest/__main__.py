@@ -37,7 +37,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from loadtest import catchup, cost, decisions, drain, ingest, memory, simulate, stalls
 from loadtest.producer import PRODUCERS
-from loadtest.scenario import ScenarioError
+from loadtest.scenario import STACK_WARMUP_S, ScenarioError
 from stream_engine.cli_args import whole_number
 from stream_engine.exceptions import ConfigError
 from stream_engine.settings import (
@@ -348,9 +348,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--compare", type=Path)
     run.add_argument("--slo", action="append", default=[], help="override, e.g. p99_ms=10")
     run.add_argument("--stack-warmup", type=_number(True), default=None, metavar="SECONDS",
-                     help="the scenario's stack_warmup_s (30 s unless it says): the nominal "
-                          "step's traffic, unmeasured, before the first step; 0 on a stack "
-                          "already warm")  # fmt: skip
+                     help=f"the scenario's stack_warmup_s ({STACK_WARMUP_S:g} s unless it "
+                          "says): the nominal step's traffic, unmeasured, before the first "
+                          "step; 0 on a stack already warm")  # fmt: skip
     rep = sub.add_parser("replay", help="hit rate@k and MRR@k of a session log vs popularity")
     rep.add_argument("--test", type=Path)
     rep.add_argument("--train", type=Path)

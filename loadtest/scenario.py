@@ -38,6 +38,9 @@ class Traffic:
     freshness_sample: float = 0.02
 
 
+STACK_WARMUP_S = 30.0  # a scenario's stack_warmup_s unless it says (Scenario)
+
+
 @dataclass(frozen=True, slots=True)
 class Scenario:
     name: str
@@ -52,7 +55,7 @@ class Scenario:
     # core for its first ~20 s (loading its logs, then compiling under load) against ~26%
     # warm, and the peak scenario's nominal step failed on every run started with the stack
     # (loadtest/JOURNAL.md, session 37).
-    stack_warmup_s: float = 30.0
+    stack_warmup_s: float = STACK_WARMUP_S
 
 
 def _number(where: str, table: dict[str, Any], key: str, low: float, high: float,
@@ -98,7 +101,7 @@ def parse_scenario(raw: dict[str, Any], where: str) -> Scenario:
         traffic=traffic,
         slo=slo,
         source=where,
-        stack_warmup_s=_number(where, raw, "stack_warmup_s", 0, 3600, 30.0),
+        stack_warmup_s=_number(where, raw, "stack_warmup_s", 0, 3600, STACK_WARMUP_S),
     )
 
 

@@ -293,11 +293,15 @@ class Runner:
 
         await open_loop(step.rate, seconds, send)
 
+    async def _unmeasured(self, producer: EventProducer, step: Step, seconds: float) -> None:
+        """The step's page views and events for `seconds`, recorded nowhere (warm-ups)."""
+        await asyncio.gather(self._pages(step, None, seconds),
+                             self._events(producer, step, None, seconds))  # fmt: skip
+
     async def run_step(self, producer: EventProducer, step: Step, index: int,
                        warmup: float) -> dict[str, Any]:  # fmt: skip
         if warmup > 0:
-            await asyncio.gather(self._pages(step, None, warmup),
-                                 self._events(producer, step, None, warmup))  # fmt: skip
+            await self._unmeasured(producer, step, warmup)
         rec = StepRecorder()
         failed_before = producer.failed
         api_cpu = await self._api_cpu()
@@ -404,8 +408,7 @@ class Runner:
         print(f"warming the stack up: {seconds:g} s at {step.rate:g} page views/s + "
               f"{step.events:g} events/s, not measured", flush=True)  # fmt: skip
         cpu = CpuMeter({"generator": os.getpid()})
-        await asyncio.gather(self._pages(step, None, seconds),
-                             self._events(producer, step, None, seconds))  # fmt: skip
+        await self._unmeasured(producer, step, seconds)
         self.stack_warmup = cpu.percent()
         print(f"  meanwhile the generator used {self.stack_warmup.get('generator', 0):.0f}% of "
               f"a core, the machine {self.stack_warmup.get('machine', 0):.0f}% of its cores",
