@@ -54,6 +54,34 @@ def test_broker_properties_bind_loopback_with_single_node_internals(tmp_path: Pa
     assert props["num.partitions"] == "3"
     assert props["offsets.topic.replication.factor"] == "1"
     assert props["group.initial.rebalance.delay.ms"] == "0"
+    # bounded by size as well as age, in segments small enough for the bound to bite
+    assert int(props["log.retention.bytes"]) == script.LOCAL_RETENTION_BYTES
+    assert 0 < int(props["log.segment.bytes"]) < script.LOCAL_RETENTION_BYTES
+
+
+# spawn leaves its child to the stack's pid file: its Popen object, dropped unreaped, warns
+@pytest.mark.filterwarnings("ignore::ResourceWarning",
+                            "ignore::pytest.PytestUnraisableExceptionWarning")  # fmt: skip
+def test_a_log_past_its_limit_is_moved_aside_when_its_service_starts(tmp_path: Path) -> None:
+    layout = script.Layout(stack_dir=tmp_path / "stack", cache_dir=tmp_path / "cache")
+    log = layout.log_file("redis")
+    log.parent.mkdir(parents=True)
+    log.write_bytes(b"x" * 100)
+    assert not script.rotate_log(log, limit=100)  # at the limit: kept
+    log.write_bytes(b"old" * 50)
+    assert script.rotate_log(log, limit=100)
+    assert not log.exists()
+    assert log.with_name("redis.log.1").read_bytes() == b"old" * 50
+    log.write_bytes(b"new" * 50)
+    assert script.rotate_log(log, limit=100)  # the one before is replaced: two at most
+    assert log.with_name("redis.log.1").read_bytes() == b"new" * 50
+    assert not script.rotate_log(layout.log_file("kafka"))  # none yet
+    # spawn rotates before it appends its start line
+    log.write_bytes(b"y" * (script.LOG_ROTATE_BYTES + 1))
+    pid = script.spawn(layout, "redis", [sys.executable, "-c", "pass"])
+    os.waitpid(pid, 0)
+    assert log.with_name("redis.log.1").stat().st_size == script.LOG_ROTATE_BYTES + 1
+    assert log.read_bytes().startswith(b"\n=== ")
 
 
 def test_a_process_outside_the_stack_dir_is_never_ours(tmp_path: Path) -> None:
