@@ -30,7 +30,7 @@ from api.collector import collect
 from api.config import load_config
 from api.endpoints import JSON, page_decisions, runtime, slot_decision, static_baseline
 from api.exceptions import BadRequest
-from api.fallback import Limiter
+from api.fallback import Limiter, RunQueueClock
 from api.fastpath import FastSlots, SlotRoute
 from api.items import ServingCatalog
 from api.limits import BodyLimit
@@ -155,7 +155,12 @@ def build_runtime(settings: Settings, metrics: ApiMetrics) -> Runtime:
         keys=keys,
         background=background,
         background_batches=Batches(background),
-        limiter=Limiter(0.010, max_cpu_share=settings.max_cpu_share),
+        limiter=Limiter(
+            0.010,
+            max_cpu_share=settings.max_cpu_share,
+            max_wait_share=settings.max_runqueue_share,
+            wait_clock=RunQueueClock(),
+        ),
     )
     metrics.config_version.labels(config.version).set(1)
     metrics.watch(
@@ -164,6 +169,7 @@ def build_runtime(settings: Settings, metrics: ApiMetrics) -> Runtime:
         breaker_open=lambda: 0.0 if rt.breaker.state == "closed" else 1.0,
         loop_lag=lambda: rt.lag.recent_s,
         cpu_share=lambda: rt.limiter.cpu_share,
+        runqueue_share=lambda: rt.limiter.wait_share,
     )
     return rt
 

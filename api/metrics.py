@@ -63,6 +63,11 @@ class ApiMetrics:
             "kairos_api_cpu_share", "Share of a core this process used over the limiter's "
             "last 100 ms window (the limit shrinks above KAIROS_MAX_CPU_SHARE)", registry=r,
         )  # fmt: skip
+        self.runqueue_share = Gauge(
+            "kairos_api_runqueue_share", "Share of the limiter's last 100 ms window the event "
+            "loop's thread spent waiting for a core (the limit shrinks above "
+            "KAIROS_MAX_RUNQUEUE_SHARE, smoothed, while the API uses half a core)", registry=r,
+        )  # fmt: skip
         self.dropped = Counter(
             "kairos_api_publish_dropped_total", "Messages for Kafka dropped, by topic and why",
             ["topic", "why"], registry=r,
@@ -158,7 +163,7 @@ class ApiMetrics:
     def watch(
         self, in_flight: Callable[[], float], limit: Callable[[], float],
         breaker_open: Callable[[], float], loop_lag: Callable[[], float],
-        cpu_share: Callable[[], float],
+        cpu_share: Callable[[], float], runqueue_share: Callable[[], float],
     ) -> None:  # fmt: skip
         """Gauges read at scrape time, so the request path never sets them."""
         self.in_flight.set_function(in_flight)
@@ -166,6 +171,7 @@ class ApiMetrics:
         self.breaker_open.set_function(breaker_open)
         self.loop_lag.set_function(loop_lag)
         self.cpu_share.set_function(cpu_share)
+        self.runqueue_share.set_function(runqueue_share)
 
     def report(self, report: dict[str, Any]) -> None:
         """Set the report gauges from a freshly built report."""

@@ -67,6 +67,14 @@ class Settings:
     # of a core, it had cost 3-14% defaults at 2,000/s. With the worker beside it (the peak
     # suite) the API stays under 60% of a core and the share never acts (loadtest/JOURNAL.md).
     max_cpu_share: float = 0.9
+    # When > 0, the limit also shrinks while the event loop's thread waits for a core more
+    # than this share of the time (Linux schedstat, smoothed over 100 ms windows) and the
+    # API uses at least half a core: a machine full of other work (the worker, Redis, the
+    # broker, a load generator) starves the loop, and requests queue in front of it where
+    # neither the latency nor the API's own CPU share sees them. In the peak suite's
+    # overload scenario the loop waited 20-55% of the time with the API at 72% of a core;
+    # at 2,000 decisions/s on an otherwise quiet box, 0-7% (loadtest/JOURNAL.md, session 38).
+    max_runqueue_share: float = 0.25
     # Must match the worker's KAIROS_USER_HALF_LIFE_S (the profile decays with it).
     user_half_life_s: float = 14 * 86400.0
     # Trending, catalog changes and config file changes are picked up this often.
@@ -110,6 +118,8 @@ class Settings:
             raise ConfigError("KAIROS_REDIS_TIMEOUT_MS must be > 0 and < KAIROS_DEADLINE_MS")
         if not 0 <= self.max_cpu_share <= 1:
             raise ConfigError("KAIROS_MAX_CPU_SHARE must be between 0 and 1 (0 = off)")
+        if not 0 <= self.max_runqueue_share <= 1:
+            raise ConfigError("KAIROS_MAX_RUNQUEUE_SHARE must be between 0 and 1 (0 = off)")
         if (
             min(self.redis_connections, self.redis_reads, self.publish_queue) < 1
             or self.max_body_bytes < 1024

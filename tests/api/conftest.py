@@ -52,6 +52,7 @@ def settings(stack: Stack, key_prefix: str, catalog_file: Path, unique: str) -> 
         # The API runs inside the pytest process, whose CPU (the tests', hypothesis's) is
         # not the API's load: the CPU-share limiter stays off unless a test turns it on.
         max_cpu_share=0.0,
+        max_runqueue_share=0.0,  # and the box's other work (the stack, CI) is not either
         # ...nor are its pauses: with the production 15 ms read budget, CI runs saw an
         # answer `timeout` or `overload` where identical requests read the state. Tests
         # compare answers; the few that are about budgets set their own.

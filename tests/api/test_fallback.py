@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 
-from api.fallback import Breaker, Limiter, Pauses
+from api.fallback import Breaker, Limiter, Pauses, RunQueueClock
 from stream_engine.looplag import LoopLag
 
 
@@ -191,6 +197,114 @@ def test_limiter_ignores_the_cpu_share_when_it_is_switched_off() -> None:
     assert lim.limit == 50
 
 
+class Waits(Clock):
+    """A fake run-queue clock: seconds waited for a core, or None (no schedstat)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.available = True
+
+    def __call__(self) -> float | None:  # type: ignore[override]
+        return self.now if self.available else None
+
+
+def _starved_window(lim: Limiter, clock: Clock, cpu: Clock, waits: Waits, share: float,
+                    waited: float) -> None:  # fmt: skip
+    """A window of fast requests: the process used `share` of a core and its loop's thread
+    waited `waited` of the window for one."""
+    waits.now += waited * lim.window_s
+    _busy_window(lim, clock, cpu, share, 10)
+
+
+def test_limiter_sheds_while_the_loop_waits_for_a_core_that_others_hold() -> None:
+    clock, cpu, waits = Clock(), Clock(), Waits()
+    lim = Limiter(target_s=0.01, initial=50, window_s=0.125, clock=clock, max_cpu_share=0.9,
+                  cpu_clock=cpu, max_wait_share=0.25, wait_clock=waits)  # fmt: skip
+    for _ in range(5):  # busy, but with a core to itself
+        _starved_window(lim, clock, cpu, waits, 0.8, 0.05)
+    assert lim.wait_share == pytest.approx(0.05)
+    assert lim.limit == 50
+    _starved_window(lim, clock, cpu, waits, 0.8, 0.6)  # one starved window is not a trend
+    assert lim.limit == 50
+    for _ in range(3):  # the machine full: requests queue in front of the loop
+        _starved_window(lim, clock, cpu, waits, 0.7, 0.4)
+    assert lim.wait_smoothed > 0.25
+    assert lim.cpu_smoothed < 0.9  # the CPU share alone would never have shed
+    assert lim.limit < 50
+    for _ in range(40):
+        _starved_window(lim, clock, cpu, waits, 0.6, 0.4)
+    assert lim.limit == 1
+    for _ in range(10):  # a core again: the wait fades and the limit grows back
+        while lim.try_acquire():
+            pass
+        clock.now += lim.window_s
+        cpu.now += 0.6 * lim.window_s
+        for _ in range(lim.in_flight):
+            lim.release(0.001)
+    assert lim.wait_smoothed < 0.25
+    assert lim.limit > 3
+
+
+def test_limiter_leaves_the_waits_to_others_while_the_api_holds_little_of_a_core() -> None:
+    clock, cpu, waits = Clock(), Clock(), Waits()
+    lim = Limiter(target_s=0.01, initial=50, window_s=0.125, clock=clock, cpu_clock=cpu,
+                  max_wait_share=0.25, wait_clock=waits)  # fmt: skip
+    for _ in range(20):  # starved, but shedding would free next to nothing
+        _starved_window(lim, clock, cpu, waits, 0.2, 0.6)
+    assert lim.wait_smoothed > 0.5
+    assert lim.limit == 50
+
+
+def test_limiter_without_a_run_queue_clock_or_switched_off_ignores_the_waits() -> None:
+    clock, cpu, waits = Clock(), Clock(), Waits()
+    waits.available = False  # not Linux: the clock answers None, and is not asked again
+    lim = Limiter(target_s=0.01, initial=50, window_s=0.125, clock=clock, cpu_clock=cpu,
+                  max_wait_share=0.25, wait_clock=waits)  # fmt: skip
+    _starved_window(lim, clock, cpu, waits, 0.8, 0.9)
+    assert lim.wait_clock is None
+    off = Limiter(target_s=0.01, initial=50, window_s=0.125, clock=clock, cpu_clock=cpu,
+                  max_wait_share=0.0, wait_clock=Waits())  # fmt: skip
+    for _ in range(20):
+        _starved_window(off, clock, cpu, waits, 0.8, 0.9)
+    assert off.limit == 50
+    assert lim.limit == 50
+
+
+def test_the_run_queue_clock_reads_the_calling_thread_s_wait(tmp_path: Path) -> None:
+    stat = tmp_path / "schedstat"
+    stat.write_text("60919713 484020000 32\n")  # ns on a core, ns waiting, timeslices
+    clock = RunQueueClock(str(stat))
+    assert clock() == pytest.approx(0.48402)
+    stat.write_text("70000000 1500000000 40\n")  # the same open file, read again
+    assert clock() == pytest.approx(1.5)
+    stat.write_text("garbage\n")
+    assert clock() is None
+    assert clock() is None  # off for good: not read again
+    assert RunQueueClock(str(tmp_path / "missing"))() is None
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/thread-self/schedstat"), reason="Linux schedstat")
+def test_the_run_queue_clock_on_this_kernel_counts_a_thread_kept_off_its_core() -> None:
+    clock = RunQueueClock()
+    first = clock()
+    assert first is not None
+    # Processes spinning on every core twice over: this thread, spinning too, waits its
+    # turn for one (about half of the time; a tenth of that is asked for).
+    spin = "import time\nt = time.monotonic() + 0.6\nwhile time.monotonic() < t: pass"
+    spinners = [subprocess.Popen([sys.executable, "-c", spin])
+                for _ in range(2 * (os.cpu_count() or 1))]  # fmt: skip
+    try:
+        until = time.monotonic() + 0.5
+        while time.monotonic() < until:
+            pass
+    finally:
+        for proc in spinners:
+            proc.wait()
+    later = clock()
+    assert later is not None
+    assert later - first > 0.02
+
+
 def test_pauses() -> None:
     p = Pauses()
     p.slots.add("a")
@@ -230,3 +344,14 @@ def test_the_cpu_share_guard_is_on_at_nine_tenths_unless_set_to_zero() -> None:
 
     assert Settings.from_env({}).max_cpu_share == 0.9
     assert Settings.from_env({"KAIROS_MAX_CPU_SHARE": "0"}).max_cpu_share == 0.0
+
+
+def test_the_run_queue_guard_is_on_at_a_quarter_and_refuses_shares_outside_zero_to_one() -> None:
+    from api.settings import Settings
+    from stream_engine.exceptions import ConfigError
+
+    assert Settings.from_env({}).max_runqueue_share == 0.25
+    assert Settings.from_env({"KAIROS_MAX_RUNQUEUE_SHARE": "0"}).max_runqueue_share == 0.0
+    for raw in ("-0.1", "1.5"):
+        with pytest.raises(ConfigError, match="KAIROS_MAX_RUNQUEUE_SHARE"):
+            Settings.from_env({"KAIROS_MAX_RUNQUEUE_SHARE": raw})
