@@ -139,6 +139,17 @@ def test_limiter_grows_only_when_it_is_the_bound() -> None:
     assert lim.limit > 20
 
 
+def _saturated_window(lim: Limiter, clock: Clock, cpu: Clock, share: float) -> None:
+    """A window in which every slot of the limit was taken and one more refused, all
+    answered fast, the process using `share` of a core."""
+    while lim.try_acquire():
+        pass
+    clock.now += lim.window_s
+    cpu.now += share * lim.window_s
+    for _ in range(lim.in_flight):
+        lim.release(0.001)
+
+
 def _busy_window(lim: Limiter, clock: Clock, cpu: Clock, share: float, n: int) -> None:
     """A window of n fast requests while the process used `share` of a core."""
     for _ in range(n):
@@ -179,12 +190,7 @@ def test_limiter_sheds_while_the_process_is_near_a_full_core_however_fast_reques
     assert lim.limit == 1  # a slow window does not lift the limit back to `low`
     # below the share again, and the limit is what bounds: it grows back
     for _ in range(5):
-        while lim.try_acquire():
-            pass
-        clock.now += lim.window_s
-        cpu.now += 0.5 * lim.window_s
-        for _ in range(lim.in_flight):
-            lim.release(0.001)
+        _saturated_window(lim, clock, cpu, 0.5)
     assert lim.limit > 3
 
 
@@ -235,12 +241,7 @@ def test_limiter_sheds_while_the_loop_waits_for_a_core_that_others_hold() -> Non
         _starved_window(lim, clock, cpu, waits, 0.6, 0.4)
     assert lim.limit == 1
     for _ in range(10):  # a core again: the wait fades and the limit grows back
-        while lim.try_acquire():
-            pass
-        clock.now += lim.window_s
-        cpu.now += 0.6 * lim.window_s
-        for _ in range(lim.in_flight):
-            lim.release(0.001)
+        _saturated_window(lim, clock, cpu, 0.6)
     assert lim.wait_smoothed < 0.25
     assert lim.limit > 3
 
