@@ -708,10 +708,21 @@ def cmd_demo(layout: Layout, timeout: float, detach: bool, simulate: bool = True
     return 0
 
 
-def cmd_down(layout: Layout) -> int:
+def cmd_down(layout: Layout, names: list[str] | None = None) -> int:
+    """Stop the named services (all that `up` started when none are named), dependents
+    first (STOP_ORDER): `down api` restarts nothing and leaves Kafka and Redis up."""
+    unknown = sorted(set(names or ()) - set(STOP_ORDER))
+    if unknown:
+        print(f"unknown service {', '.join(unknown)}; the services are {', '.join(STOP_ORDER)}",
+              file=sys.stderr)  # fmt: skip
+        return 2
     for name in STOP_ORDER:
+        if names and name not in names:
+            continue
         if layout.pid_file(name).exists():
             print(f"{name:<7} {stop(layout, name)}")
+        elif names:
+            print(f"{name:<7} not running")
     return 0
 
 
@@ -777,7 +788,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--detach", action="store_true", help="return once everything is up")
     demo.add_argument("--no-simulator", action="store_true", help="no simulated shoppers")
     demo.add_argument("--timeout", type=float, default=90.0)
-    sub.add_parser("down", help="stop everything `up` started")
+    down = sub.add_parser("down", help="stop services (default: everything `up` started)")
+    down.add_argument("services", nargs="*")
     sub.add_parser("status", help="health of each service")
     logs = sub.add_parser("logs", help="show service logs")
     logs.add_argument("service", nargs="?")
@@ -793,7 +805,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             return cmd_demo(layout, args.timeout, args.detach, not args.no_simulator)
         if args.command == "down":
-            return cmd_down(layout)
+            return cmd_down(layout, args.services)
         if args.command == "status":
             return cmd_status(layout)
         if args.command == "logs":

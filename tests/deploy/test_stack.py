@@ -103,6 +103,14 @@ def test_up_then_down_leaves_no_process(tmp_path: Path, stack: object) -> None:
     assert Path(f"/proc/{pid}").exists()
     again = subprocess.run([*run, "up", "redis"], env=env, capture_output=True, text=True)
     assert "already running" in again.stdout
+    # by name: an unknown one is refused, a named one not running leaves the rest up
+    typo = subprocess.run([*run, "down", "reddis"], env=env, capture_output=True, text=True)
+    assert typo.returncode == 2
+    assert "unknown service reddis" in typo.stderr
+    api = subprocess.run([*run, "down", "api"], env=env, capture_output=True, text=True)
+    assert api.returncode == 0, api.stderr
+    assert "api     not running" in api.stdout
+    assert script._owned(pid, script.Layout(tmp_path / "stack", tmp_path / "cache"))
     down = subprocess.run([*run, "down"], env=env, capture_output=True, text=True)
     assert down.returncode == 0, down.stderr
     assert not script._owned(pid, script.Layout(tmp_path / "stack", tmp_path / "cache"))
