@@ -158,8 +158,8 @@ def build_runtime(settings: Settings, metrics: ApiMetrics) -> Runtime:
         limiter=Limiter(
             0.010,
             max_cpu_share=settings.max_cpu_share,
-            max_wait_share=settings.max_runqueue_share,
-            wait_clock=RunQueueClock(),
+            max_runqueue_share=settings.max_runqueue_share,
+            runqueue_clock=RunQueueClock(),
         ),
     )
     metrics.config_version.labels(config.version).set(1)
@@ -169,7 +169,7 @@ def build_runtime(settings: Settings, metrics: ApiMetrics) -> Runtime:
         breaker_open=lambda: 0.0 if rt.breaker.state == "closed" else 1.0,
         loop_lag=lambda: rt.lag.recent_s,
         cpu_share=lambda: rt.limiter.cpu_share,
-        runqueue_share=lambda: rt.limiter.wait_share,
+        runqueue_share=lambda: rt.limiter.runqueue_share,
     )
     return rt
 

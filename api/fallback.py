@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import enum
 import os
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -121,30 +120,22 @@ RUNQUEUE_MIN_CPU_SHARE = 0.5
 
 class RunQueueClock:
     """Seconds the calling thread has spent runnable but waiting for a core (Linux's
-    /proc/thread-self/schedstat, its second field), read without a syscall beyond one
-    pread. The file is opened by the first call, so it is the event loop's thread when the
-    limiter calls it. Returns None where there is no such file (not Linux, a kernel without
-    schedstats): the signal is then off."""
+    /proc/thread-self/schedstat, its second field), one pread a call. The file is opened by
+    the first call, so it is the event loop's thread when the limiter makes that call (its
+    windows close in `release`, on the loop). Returns None where there is no such file (not
+    Linux) or it cannot be read: the signal is then off."""
 
     def __init__(self, path: str = "/proc/thread-self/schedstat") -> None:
         self.path = path
         self._fd: int | None = None
-        self._tid: int | None = None
         self._off = False
 
     def __call__(self) -> float | None:
         if self._off:
             return None
-        tid = threading.get_native_id()
-        if self._fd is None or tid != self._tid:
-            if self._fd is not None:
-                os.close(self._fd)
-            try:
-                self._fd, self._tid = os.open(self.path, os.O_RDONLY), tid
-            except OSError:
-                self._off = True
-                return None
         try:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDONLY)
             return int(os.pread(self._fd, 128, 0).split()[1]) / 1e9
         except (OSError, IndexError, ValueError):
             self._off = True
@@ -182,8 +173,8 @@ class Limiter:
         clock: Callable[[], float] = time.monotonic,
         max_cpu_share: float = 0.0,  # 0: latency alone
         cpu_clock: Callable[[], float] = time.process_time,
-        max_wait_share: float = 0.0,  # 0: the run queue is not watched
-        wait_clock: Callable[[], float | None] | None = None,
+        max_runqueue_share: float = 0.0,  # 0: the run queue is not watched
+        runqueue_clock: Callable[[], float | None] | None = None,
     ) -> None:
         self.target_s = target_s
         self.limit = float(initial)
@@ -197,13 +188,13 @@ class Limiter:
         self.in_flight = 0
         self.cpu_share = 0.0  # over the last whole window
         self.cpu_smoothed = 0.0  # moving average over windows: what `max_cpu_share` is for
-        self.max_wait_share = max_wait_share
-        self.wait_clock = wait_clock if max_wait_share > 0 else None
-        self.wait_share = 0.0  # of the last whole window: the loop waited for a core
-        self.wait_smoothed = 0.0  # moving average, as cpu_smoothed: what max_wait_share is for
+        self.max_runqueue_share = max_runqueue_share
+        self.runqueue_clock = runqueue_clock if max_runqueue_share > 0 else None
+        self.runqueue_share = 0.0  # of the last whole window: the loop waited for a core
+        self.runqueue_smoothed = 0.0  # as cpu_smoothed: what max_runqueue_share is for
         self._window_start = clock()
         self._window_cpu = cpu_clock()
-        self._window_wait: float | None = None  # read first in the loop's thread
+        self._window_runqueue: float | None = None  # read first in the loop's thread
         self._done = 0
         self._slow = 0
         self._saturated = False
@@ -226,8 +217,8 @@ class Limiter:
         elapsed = now - self._window_start
         self.cpu_share = (cpu - self._window_cpu) / elapsed
         self.cpu_smoothed += CPU_SMOOTHING * (self.cpu_share - self.cpu_smoothed)
-        waited = self._waited(elapsed)  # every window: its reading starts the next
-        hot = waited or 0 < self.max_cpu_share < self.cpu_smoothed
+        starved = self._starved(elapsed)  # every window: its reading starts the next
+        hot = starved or 0 < self.max_cpu_share < self.cpu_smoothed
         if hot:  # down to one: a CPU-bound overload has few requests in flight at a time
             self.limit = max(1.0, self.limit * self.backoff)
         elif self._slow > self.slow_share * self._done:  # slow, not busy: keep `low`
@@ -237,22 +228,22 @@ class Limiter:
         self._window_start, self._done, self._slow, self._saturated = now, 0, 0, False
         self._window_cpu = cpu
 
-    def _waited(self, elapsed: float) -> bool:
-        """Whether the event loop's thread spent more than `max_wait_share` of the recent
+    def _starved(self, elapsed: float) -> bool:
+        """Whether the event loop's thread spent more than `max_runqueue_share` of the recent
         windows waiting for a core while this process used at least RUNQUEUE_MIN_CPU_SHARE
         of one: the machine is full and requests wait in front of the loop, unseen by any
         handler's latency and by this process's own CPU share."""
-        if self.wait_clock is None:
+        if self.runqueue_clock is None:
             return False
-        wait = self.wait_clock()
+        wait = self.runqueue_clock()
         if wait is None:
-            self.wait_clock = None
+            self.runqueue_clock = None
             return False
-        if self._window_wait is not None:
-            self.wait_share = (wait - self._window_wait) / elapsed
-            self.wait_smoothed += CPU_SMOOTHING * (self.wait_share - self.wait_smoothed)
-        self._window_wait = wait
-        return (self.max_wait_share < self.wait_smoothed
+        if self._window_runqueue is not None:
+            self.runqueue_share = (wait - self._window_runqueue) / elapsed
+            self.runqueue_smoothed += CPU_SMOOTHING * (self.runqueue_share - self.runqueue_smoothed)
+        self._window_runqueue = wait
+        return (self.max_runqueue_share < self.runqueue_smoothed
                 and self.cpu_smoothed >= RUNQUEUE_MIN_CPU_SHARE)  # fmt: skip
 
 

@@ -225,16 +225,16 @@ def _starved_window(lim: Limiter, clock: Clock, cpu: Clock, waits: Waits, share:
 def test_limiter_sheds_while_the_loop_waits_for_a_core_that_others_hold() -> None:
     clock, cpu, waits = Clock(), Clock(), Waits()
     lim = Limiter(target_s=0.01, initial=50, window_s=0.125, clock=clock, max_cpu_share=0.9,
-                  cpu_clock=cpu, max_wait_share=0.25, wait_clock=waits)  # fmt: skip
+                  cpu_clock=cpu, max_runqueue_share=0.25, runqueue_clock=waits)  # fmt: skip
     for _ in range(5):  # busy, but with a core to itself
         _starved_window(lim, clock, cpu, waits, 0.8, 0.05)
-    assert lim.wait_share == pytest.approx(0.05)
+    assert lim.runqueue_share == pytest.approx(0.05)
     assert lim.limit == 50
     _starved_window(lim, clock, cpu, waits, 0.8, 0.6)  # one starved window is not a trend
     assert lim.limit == 50
     for _ in range(3):  # the machine full: requests queue in front of the loop
         _starved_window(lim, clock, cpu, waits, 0.7, 0.4)
-    assert lim.wait_smoothed > 0.25
+    assert lim.runqueue_smoothed > 0.25
     assert lim.cpu_smoothed < 0.9  # the CPU share alone would never have shed
     assert lim.limit < 50
     for _ in range(40):
@@ -242,17 +242,17 @@ def test_limiter_sheds_while_the_loop_waits_for_a_core_that_others_hold() -> Non
     assert lim.limit == 1
     for _ in range(10):  # a core again: the wait fades and the limit grows back
         _saturated_window(lim, clock, cpu, 0.6)
-    assert lim.wait_smoothed < 0.25
+    assert lim.runqueue_smoothed < 0.25
     assert lim.limit > 3
 
 
 def test_limiter_leaves_the_waits_to_others_while_the_api_holds_little_of_a_core() -> None:
     clock, cpu, waits = Clock(), Clock(), Waits()
     lim = Limiter(target_s=0.01, initial=50, window_s=0.125, clock=clock, cpu_clock=cpu,
-                  max_wait_share=0.25, wait_clock=waits)  # fmt: skip
+                  max_runqueue_share=0.25, runqueue_clock=waits)  # fmt: skip
     for _ in range(20):  # starved, but shedding would free next to nothing
         _starved_window(lim, clock, cpu, waits, 0.2, 0.6)
-    assert lim.wait_smoothed > 0.5
+    assert lim.runqueue_smoothed > 0.5
     assert lim.limit == 50
 
 
@@ -260,11 +260,11 @@ def test_limiter_without_a_run_queue_clock_or_switched_off_ignores_the_waits() -
     clock, cpu, waits = Clock(), Clock(), Waits()
     waits.available = False  # not Linux: the clock answers None, and is not asked again
     lim = Limiter(target_s=0.01, initial=50, window_s=0.125, clock=clock, cpu_clock=cpu,
-                  max_wait_share=0.25, wait_clock=waits)  # fmt: skip
+                  max_runqueue_share=0.25, runqueue_clock=waits)  # fmt: skip
     _starved_window(lim, clock, cpu, waits, 0.8, 0.9)
-    assert lim.wait_clock is None
+    assert lim.runqueue_clock is None
     off = Limiter(target_s=0.01, initial=50, window_s=0.125, clock=clock, cpu_clock=cpu,
-                  max_wait_share=0.0, wait_clock=Waits())  # fmt: skip
+                  max_runqueue_share=0.0, runqueue_clock=Waits())  # fmt: skip
     for _ in range(20):
         _starved_window(off, clock, cpu, waits, 0.8, 0.9)
     assert off.limit == 50
