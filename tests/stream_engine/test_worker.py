@@ -20,6 +20,7 @@ import pytest
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
+from confluent_kafka import Producer
 
 from api.pressure import report_commands
 from stream_engine.catalog import Catalog
@@ -521,6 +522,49 @@ async def test_catalog_updates_take_effect_within_seconds(rig: Rig) -> None:
     assert vector is not None
     category = "cat:" + " > ".join(template.category[:2])
     assert vector[catalog.space.index[category]] > 0
+
+
+CODECS = ("gzip", "snappy", "lz4", "zstd")
+
+
+def _produce_compressed(bootstrap: str, topic: str, codec: str,
+                        records: list[tuple[bytes, bytes]]) -> None:  # fmt: skip
+    """Records as a tracker's librdkafka client sends them: batched (linger 5 ms) and
+    compressed with the codec, so each batch on the broker is one compressed record set."""
+    producer = Producer({"bootstrap.servers": bootstrap, "compression.codec": codec,
+                         "linger.ms": 5, "enable.idempotence": True})  # fmt: skip
+    for key, value in records:
+        producer.produce(topic, key=key, value=value)
+    assert producer.flush(30) == 0, f"{codec}: records left unsent"
+
+
+async def test_clickstream_and_catalog_batches_in_every_kafka_codec_are_applied(
+    rig: Rig, stack: Stack
+) -> None:
+    """Trackers and merchandising tools compress what they produce (lz4 and zstd are the
+    usual choices): every Kafka codec reaches Redis through every engine. aiokafka without
+    its codec libraries raised UnsupportedCodecError on the first snappy, lz4 or zstd
+    batch, and that worker applied nothing more."""
+    sessions = [f"{codec}-s{k}" for codec in CODECS for k in range(3)]
+    updates = rig.env["KAIROS_CATALOG_TOPIC"]
+    for n, codec in enumerate(CODECS):
+        clicks = [(sid.encode(), _event(100 * n + k, sid))
+                  for k, sid in enumerate(sessions[3 * n:3 * n + 3] * 4)]  # fmt: skip
+        stock = [(ITEMS[n].encode(), orjson.dumps({"item_id": ITEMS[n], "stock": 40 + n}))]
+        await asyncio.to_thread(_produce_compressed, stack.kafka_bootstrap, rig.topic,
+                                codec, clicks)  # fmt: skip
+        await asyncio.to_thread(_produce_compressed, stack.kafka_bootstrap, updates,
+                                codec, stock)  # fmt: skip
+    rig.start()
+    await rig.wait_applied(sessions, 12 * len(CODECS), within_s=60)
+    assert await rig.counts(sessions) == [4] * len(sessions)
+    items_key = catalog_items_key(rig.keys.prefix)
+
+    async def stock_mirrored() -> bool:
+        raws = await rig.redis.hmget(items_key, ITEMS[: len(CODECS)])
+        return [raw and orjson.loads(raw)["stock"] for raw in raws] == [40, 41, 42, 43]
+
+    await wait_for(stock_mirrored, 30, "each codec's stock change mirrored")
 
 
 @pytest.mark.parametrize("engine", ["aiokafka"])  # the follower is the same for every engine
