@@ -51,6 +51,7 @@ def create_app(settings: Settings, catalog: Catalog, metrics: WorkerMetrics) -> 
         broker_session_timeout=settings.group_session_timeout_s,
         broker_heartbeat_interval=min(3.0, settings.group_session_timeout_s / 4),
     )
+    app.isolation_level = settings.isolation_level
     clickstream = app.topic(
         settings.clickstream_topic, key_serializer="raw", value_serializer="raw"
     )

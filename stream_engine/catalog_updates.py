@@ -157,6 +157,7 @@ class CatalogFollower:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             fetch_max_wait_ms=200,
+            isolation_level=self.settings.isolation_level,
             metadata_max_age_ms=CONSUMER_METADATA_MAX_AGE_MS,  # a topic created again: found soon
         )
         await consumer.start()

@@ -75,6 +75,7 @@ class ClickstreamConsumer:
             heartbeat_interval_ms=max(500, session_ms // 4),
             fetch_min_bytes=s.fetch_min_bytes,
             fetch_max_wait_ms=s.fetch_max_wait_ms,
+            isolation_level=s.isolation_level,
             metadata_max_age_ms=CONSUMER_METADATA_MAX_AGE_MS,
         )
 

@@ -67,6 +67,14 @@ class InLoopConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
             await self.on_shutdown()
             self._shutdown.set()
 
+    def _create_worker_consumer(self, transport: Any) -> Any:
+        consumer = super()._create_worker_consumer(transport)
+        # faust reads committed records only in its exactly_once mode, which would also make
+        # its producer transactional. aiokafka keeps the level until the consumer's start()
+        # builds its fetcher (a test reads an aborted transaction through every engine).
+        consumer._isolation_level = cast("KairosApp", self.app).isolation_level
+        return consumer
+
     def _stopped_set(self) -> None:
         self._stopped.set()
 
@@ -322,6 +330,8 @@ class KairosTransport(faust_aiokafka.Transport):
 
 class KairosApp(faust.App):
     """A faust App on the transport above; the broker URL stays kafka://."""
+
+    isolation_level = "read_uncommitted"  # of the worker's consumer, which start() creates
 
     def _new_transport(self) -> Any:
         return KairosTransport(self.conf.broker_consumer, self)

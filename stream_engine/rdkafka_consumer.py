@@ -82,6 +82,7 @@ class RdKafkaConsumer:
             "partition.assignment.strategy": "roundrobin",
             "fetch.min.bytes": s.fetch_min_bytes,
             "fetch.wait.max.ms": s.fetch_max_wait_ms,
+            "isolation.level": s.isolation_level,
             "socket.nagle.disable": True,
             "queued.max.messages.kbytes": PREFETCH_KB,
             "topic.metadata.refresh.interval.ms": CONSUMER_METADATA_MAX_AGE_MS,

@@ -16,6 +16,7 @@ T = TypeVar("T")
 DEFAULT_KAFKA_BOOTSTRAP = "127.0.0.1:9092"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 ENGINES = ("faust", "aiokafka", "librdkafka")
+ISOLATION_LEVELS = ("read_committed", "read_uncommitted")
 
 
 def check_kafka_bootstrap(value: str, name: str = "KAIROS_KAFKA_BOOTSTRAP") -> None:
@@ -155,6 +156,13 @@ class Settings:
     # protocol round trip); with 1 byte the wait only bounds a fetch that finds nothing.
     fetch_min_bytes: int = 1
     fetch_max_wait_ms: int = 100
+    # What the clickstream and catalog consumers read of a transactional producer's records,
+    # every engine alike. read_committed skips what its transactions aborted and waits for
+    # their commits (and so does whatever follows an open transaction on its partition);
+    # read_uncommitted applies every record at once, aborted ones too. Records of producers
+    # without transactions are read at once either way. The default is librdkafka's;
+    # aiokafka's and faust's is read_uncommitted (docs/events.md).
+    isolation_level: str = "read_committed"
     # partitions are applied in this many lanes at once (partition % lanes), each with its
     # own Redis connection, so one lane's Redis round trips overlap another's planning.
     # Plain engines: a partition stays in one lane, so events of a session stay in order.
@@ -200,6 +208,11 @@ class Settings:
         if self.engine not in ENGINES:
             raise ConfigError(
                 f"KAIROS_ENGINE must be one of {', '.join(ENGINES)}, got {self.engine!r}"
+            )
+        if self.isolation_level not in ISOLATION_LEVELS:
+            raise ConfigError(
+                f"KAIROS_ISOLATION_LEVEL must be one of {', '.join(ISOLATION_LEVELS)}, "
+                f"got {self.isolation_level!r}"
             )
         if self.faust_split_from < 1:
             raise ConfigError(f"KAIROS_FAUST_SPLIT_FROM must be >= 1, got {self.faust_split_from}")

@@ -90,7 +90,9 @@ def test_the_kafka_bootstraps_the_clients_take_are_taken(bootstrap: str) -> None
      ("KAIROS_DLQ_TOPIC", "dead letters", "KAIROS_DLQ_TOPIC must be 1-249 of"),
      ("KAIROS_CONSUMER_GROUP", "..", "KAIROS_CONSUMER_GROUP must be 1-249 of"),
      ("KAIROS_LOG_LEVEL", "LOUD", "KAIROS_LOG_LEVEL must be one of DEBUG"),
-     ("KAIROS_FETCH_MAX_WAIT_MS", "-5", "KAIROS_FETCH_MAX_WAIT_MS must be >= 0")],
+     ("KAIROS_FETCH_MAX_WAIT_MS", "-5", "KAIROS_FETCH_MAX_WAIT_MS must be >= 0"),
+     ("KAIROS_ISOLATION_LEVEL", "committed",
+      "KAIROS_ISOLATION_LEVEL must be one of read_committed, read_uncommitted")],
 )  # fmt: skip
 def test_a_worker_setting_that_would_fail_on_every_use_is_refused_at_start(
     variable: str, value: str, says: str

@@ -567,6 +567,57 @@ async def test_clickstream_and_catalog_batches_in_every_kafka_codec_are_applied(
     await wait_for(stock_mirrored, 30, "each codec's stock change mirrored")
 
 
+def _transactions(bootstrap: str, topic: str, aborted: list[tuple[bytes, bytes]],
+                  committed: list[tuple[bytes, bytes]]) -> None:  # fmt: skip
+    """One transaction aborted, then one committed, all on partition 0: the committed
+    records come after the aborted ones, so a consumer that read them passed the others."""
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 0,
+                         "transactional.id": f"kairos-test-{topic}"})  # fmt: skip
+    producer.init_transactions(30)
+    for records, end in ((aborted, producer.abort_transaction),
+                         (committed, producer.commit_transaction)):  # fmt: skip
+        producer.begin_transaction()
+        for key, value in records:
+            producer.produce(topic, key=key, value=value, partition=0)
+        producer.flush(30)
+        end(30)
+
+
+@pytest.mark.parametrize("isolation", ["read_committed", "read_uncommitted"])
+async def test_a_transactional_producers_aborted_records_are_applied_as_the_setting_says(
+    rig: Rig, stack: Stack, isolation: str
+) -> None:
+    """KAIROS_ISOLATION_LEVEL, the same for every engine: read_committed (the default)
+    applies nothing a producer's transaction aborted, on the clickstream or the catalog;
+    read_uncommitted applies it. librdkafka had read committed records, aiokafka and faust
+    every record."""
+    rig.env["KAIROS_ISOLATION_LEVEL"] = isolation
+    updates = rig.env["KAIROS_CATALOG_TOPIC"]
+
+    def clicks(sid: str, first: int) -> list[tuple[bytes, bytes]]:
+        return [(sid.encode(), _event(first + k, sid)) for k in range(3)]
+
+    def stock(item: str, value: int) -> list[tuple[bytes, bytes]]:
+        return [(item.encode(), orjson.dumps({"item_id": item, "stock": value}))]
+
+    await asyncio.to_thread(_transactions, stack.kafka_bootstrap, rig.topic,
+                            clicks("t-aborted", 0), clicks("t-committed", 10))  # fmt: skip
+    await asyncio.to_thread(_transactions, stack.kafka_bootstrap, updates,
+                            stock(ITEMS[0], 0), stock(ITEMS[1], 9))  # fmt: skip
+    rig.start()
+    await rig.wait_applied(["t-committed"], 3, within_s=60)
+    items_key = catalog_items_key(rig.keys.prefix)
+
+    async def committed_stock_mirrored() -> bool:
+        raw = await rig.redis.hget(items_key, ITEMS[1])
+        return raw is not None and orjson.loads(raw)["stock"] == 9
+
+    await wait_for(committed_stock_mirrored, 30, "the committed stock change mirrored")
+    aborted_read = isolation == "read_uncommitted"
+    assert await rig.counts(["t-aborted", "t-committed"]) == [3 if aborted_read else 0, 3]
+    assert (await rig.redis.hexists(items_key, ITEMS[0])) == aborted_read
+
+
 @pytest.mark.parametrize("engine", ["aiokafka"])  # the follower is the same for every engine
 async def test_a_running_worker_follows_a_catalog_topic_created_again(
     rig: Rig, stack: Stack
