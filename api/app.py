@@ -150,8 +150,12 @@ def build_runtime(settings: Settings, metrics: ApiMetrics) -> Runtime:
         # seconds): librdkafka lingers per partition, so at 2,000 decisions/s on 4
         # partitions 20 ms made ~160 requests a second for the broker, 100 ms ~40. Beacons
         # go at once (a click's freshness starts when it is collected).
-        publisher=Publisher(settings.kafka_bootstrap, settings.publish_queue, dropped, 100),
-        beacons=Publisher(settings.kafka_bootstrap, settings.publish_queue, dropped, 0),
+        publisher=Publisher(
+            settings.kafka_bootstrap, settings.publish_queue, dropped, 100, security=settings.kafka
+        ),
+        beacons=Publisher(
+            settings.kafka_bootstrap, settings.publish_queue, dropped, 0, security=settings.kafka
+        ),
         keys=keys,
         background=background,
         background_batches=Batches(background),

@@ -24,6 +24,8 @@ from typing import Any
 import confluent_kafka
 import orjson
 
+from stream_engine.kafka_security import KafkaSecurity
+
 log = logging.getLogger("kairos.api.publisher")
 
 POLL_EVERY_S = 0.05  # delivery failures, errors and statistics are served this often
@@ -39,6 +41,7 @@ class Publisher:
         on_drop: Callable[[str, str, int], None],
         linger_ms: int = 5,
         delivery_timeout_ms: int = DELIVERY_TIMEOUT_MS,
+        security: KafkaSecurity | None = None,
     ) -> None:
         self.capacity = capacity
         self.on_drop = on_drop  # (topic, why, count) -> None, for the metrics
@@ -60,6 +63,7 @@ class Publisher:
             "statistics.interval.ms": 1000,
             "stats_cb": self._statistics,
             "logger": log,
+            **(security or KafkaSecurity()).librdkafka(),
         })  # fmt: skip
 
     def room(self) -> int:

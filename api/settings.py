@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from api.limits import BODY_TIMEOUT_S, HEAD_TIMEOUT_S, MAX_HEADER_BYTES, SEND_TIMEOUT_S
 from stream_engine.exceptions import ConfigError
+from stream_engine.kafka_security import KafkaSecurity
 from stream_engine.settings import (
     DEFAULT_KAFKA_BOOTSTRAP,
     DEFAULT_REDIS_URL,
@@ -28,6 +29,8 @@ class Settings:
     """Environment: KAIROS_<FIELD> (e.g. KAIROS_API_PORT)."""
 
     kafka_bootstrap: str = DEFAULT_KAFKA_BOOTSTRAP
+    # TLS and SASL for the exposures' and beacons' producers (KAIROS_KAFKA_SECURITY_PROTOCOL...)
+    kafka: KafkaSecurity = field(default_factory=KafkaSecurity)
     redis_url: str = DEFAULT_REDIS_URL
     key_prefix: str = "kairos"
     api_host: str = "127.0.0.1"

@@ -22,6 +22,10 @@ taken by someone else a free port is chosen and remembered.
 
 The worker and the API run from the same Python (the venv) as this script; the worker's
 metrics port is KAIROS_WORKER_METRICS_PORT (default 9464), the API's KAIROS_API_PORT (8000).
+
+KAIROS_KAFKA_EXTRA_PROPERTIES names a file of broker properties laid over the generated
+ones (a listener with TLS and SASL, say, as tests/stream_engine/test_kafka_security.py
+starts); the broker keeps its plaintext listener, which `up` checks it by.
 """
 
 from __future__ import annotations
@@ -431,7 +435,26 @@ def kafka_properties(layout: Layout, ports: dict[str, int], partitions: int) -> 
         "log.retention.bytes": str(LOCAL_RETENTION_BYTES),
         "log.segment.bytes": str(LOCAL_RETENTION_BYTES // 4),
     }
+    if extra := os.environ.get("KAIROS_KAFKA_EXTRA_PROPERTIES"):
+        props |= read_properties(Path(extra))
     return "".join(f"{k}={v}\n" for k, v in props.items())
+
+
+def read_properties(path: Path) -> dict[str, str]:
+    """key=value lines; blank lines and # comments skipped (no continuation lines)."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise StackError(f"KAIROS_KAFKA_EXTRA_PROPERTIES: {exc}") from None
+    props = {}
+    for n, line in enumerate(lines, 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        key, sep, value = line.partition("=")
+        if not sep or not key.strip():
+            raise StackError(f"{path}:{n}: expected key=value, got {line!r}")
+        props[key.strip()] = value.strip()
+    return props
 
 
 def _java_argv(libs: Path, main: list[str], heap: str) -> list[str]:

@@ -40,6 +40,7 @@ from loadtest.producer import PRODUCERS
 from loadtest.scenario import STACK_WARMUP_S, ScenarioError
 from stream_engine.cli_args import whole_number
 from stream_engine.exceptions import ConfigError
+from stream_engine.kafka_security import KafkaSecurity
 from stream_engine.settings import (
     DEFAULT_KAFKA_BOOTSTRAP,
     DEFAULT_REDIS_URL,
@@ -393,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
             check_redis_url(args.redis, "--redis")
         if args.command in ("run", "replay"):
             check_kafka_bootstrap(args.bootstrap, "--bootstrap")
+        KafkaSecurity.from_env(os.environ)
     except ConfigError as exc:
         print(f"loadtest {args.command}: {exc}", file=sys.stderr)
         return 2

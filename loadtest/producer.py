@@ -21,6 +21,8 @@ from typing import Any, Protocol
 import confluent_kafka
 from aiokafka import AIOKafkaProducer
 
+from stream_engine.kafka_security import KafkaSecurity
+
 PRODUCERS = ("aiokafka", "librdkafka")
 
 
@@ -36,18 +38,23 @@ class EventProducer(Protocol):
     async def stop(self) -> None: ...
 
 
-def make_producer(kind: str, bootstrap: str) -> EventProducer:
+def make_producer(
+    kind: str, bootstrap: str, security: KafkaSecurity | None = None
+) -> EventProducer:
+    """`security`: TLS and SASL for a deployment's broker (the suite's `--bootstrap`)."""
+    security = security or KafkaSecurity()
     if kind == "aiokafka":
-        return AiokafkaEvents(bootstrap)
+        return AiokafkaEvents(bootstrap, security)
     if kind == "librdkafka":
-        return RdkafkaEvents(bootstrap)
+        return RdkafkaEvents(bootstrap, security)
     raise ValueError(f"unknown producer {kind!r}; expected one of {', '.join(PRODUCERS)}")
 
 
 class AiokafkaEvents:
-    def __init__(self, bootstrap: str) -> None:
+    def __init__(self, bootstrap: str, security: KafkaSecurity | None = None) -> None:
         self.failed = 0
-        self._producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=0)
+        self._producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=0,
+                                          **(security or KafkaSecurity()).aiokafka())  # fmt: skip
 
     async def start(self) -> None:
         try:
@@ -75,7 +82,9 @@ class RdkafkaEvents:
     """confluent-kafka's producer driven from the event loop: `produce` queues a message
     for librdkafka's threads and `poll(0)` runs the delivery reports that are due."""
 
-    def __init__(self, bootstrap: str, flush_timeout_s: float = 10.0) -> None:
+    def __init__(
+        self, bootstrap: str, security: KafkaSecurity | None = None, flush_timeout_s: float = 10.0
+    ) -> None:
         self.failed = 0
         self.flush_timeout_s = flush_timeout_s
         # Messages produced whose delivery report has not come back. len(producer) is not
@@ -89,6 +98,7 @@ class RdkafkaEvents:
             "enable.idempotence": False,
             "partitioner": "murmur2_random",
             "queue.buffering.max.messages": 1_000_000,
+            **(security or KafkaSecurity()).librdkafka(),
         })  # fmt: skip
 
     async def start(self) -> None:

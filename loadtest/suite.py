@@ -42,6 +42,7 @@ from loadtest.scenario import FOLLOW_LIMIT_S, Scenario, Step
 from loadtest.traffic import Traffic
 from stream_engine.catalog import load_items
 from stream_engine.demo_catalog import resolve_catalog_path
+from stream_engine.kafka_security import KafkaSecurity
 
 DEGRADED = ("timeout", "overload", "store_unavailable")
 FOLLOW_FIRST_S = 0.005  # the follower's first pause between polls, growing by a quarter
@@ -416,7 +417,8 @@ class Runner:
 
     async def run(self) -> list[dict[str, Any]]:
         self.baseline = await self.calibrate()
-        producer = make_producer(self.producer_kind, self.bootstrap)
+        security = KafkaSecurity.from_env(os.environ)  # the deployment's KAIROS_KAFKA_*
+        producer = make_producer(self.producer_kind, self.bootstrap, security)
         await producer.start()
         results = []
         try:

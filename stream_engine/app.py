@@ -32,6 +32,7 @@ def create_app(settings: Settings, catalog: Catalog, metrics: WorkerMetrics) -> 
     app = KairosApp(
         settings.consumer_group,
         broker=f"kafka://{settings.kafka_bootstrap}",
+        broker_credentials=settings.kafka.faust(),
         processing_guarantee="at_least_once",
         store="memory://",
         topic_partitions=settings.partitions,

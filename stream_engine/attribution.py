@@ -336,7 +336,8 @@ async def run(settings: Settings, catalog: Catalog, stopping: asyncio.Event) -> 
     """Consume both topics until `stopping` is set; Redis outages are retried in place."""
     redis = connect(settings.redis_url, timeout_s=STORE_TIMEOUT_S)
     topics = (settings.decisions_topic, settings.clickstream_topic)
-    identities = {t: TopicIdentity(settings.kafka_bootstrap, t) for t in topics}
+    identities = {t: TopicIdentity(settings.kafka_bootstrap, t, security=settings.kafka)
+                  for t in topics}  # fmt: skip
     attributor = Attributor(settings, catalog, redis, identities)
     consumer = AIOKafkaConsumer(
         settings.decisions_topic,
@@ -348,6 +349,7 @@ async def run(settings: Settings, catalog: Catalog, stopping: asyncio.Event) -> 
         session_timeout_ms=int(settings.group_session_timeout_s * 1000),
         heartbeat_interval_ms=int(min(3.0, settings.group_session_timeout_s / 4) * 1000),
         metadata_max_age_ms=CONSUMER_METADATA_MAX_AGE_MS,  # a topic created again: found soon
+        **settings.kafka.aiokafka(),
     )
     await consumer.start()
     try:

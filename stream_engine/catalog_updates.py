@@ -159,6 +159,7 @@ class CatalogFollower:
             fetch_max_wait_ms=200,
             isolation_level=self.settings.isolation_level,
             metadata_max_age_ms=CONSUMER_METADATA_MAX_AGE_MS,  # a topic created again: found soon
+            **self.settings.kafka.aiokafka(),
         )
         await consumer.start()
         try:

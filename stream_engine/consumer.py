@@ -77,12 +77,14 @@ class ClickstreamConsumer:
             fetch_max_wait_ms=s.fetch_max_wait_ms,
             isolation_level=s.isolation_level,
             metadata_max_age_ms=CONSUMER_METADATA_MAX_AGE_MS,
+            **s.kafka.aiokafka(),
         )
 
     async def run(self) -> None:
         s = self.settings
         consumer = self._consumer()
-        producer = AIOKafkaProducer(bootstrap_servers=s.kafka_bootstrap, linger_ms=0)
+        producer = AIOKafkaProducer(bootstrap_servers=s.kafka_bootstrap, linger_ms=0,
+                                    **s.kafka.aiokafka())  # fmt: skip
         await producer.start()
         await consumer.start()
         consumer.subscribe([s.clickstream_topic], listener=_Revocations(self.lanes, consumer))

@@ -140,7 +140,8 @@ class Ingest:
         shared_cache: bool = False,
     ) -> Ingest:
         """A worker's: in its lanes, fencing per incarnation of its clickstream topic."""
-        topic_id = TopicIdentity(settings.kafka_bootstrap, settings.clickstream_topic)
+        topic_id = TopicIdentity(settings.kafka_bootstrap, settings.clickstream_topic,
+                                 security=settings.kafka)  # fmt: skip
         return cls(settings, catalog, metrics, lanes=settings.lanes, shared_cache=shared_cache,
                    topic_id=topic_id)  # fmt: skip
 

@@ -89,12 +89,14 @@ class RdKafkaConsumer:
             "logger": log,
             "error_cb": _log_error,
             "on_commit": _log_commit_failure,
+            **s.kafka.librdkafka(),
         }
 
     async def run(self) -> None:
         s = self.settings
         loop = asyncio.get_running_loop()
-        producer = AIOKafkaProducer(bootstrap_servers=s.kafka_bootstrap, linger_ms=0)
+        producer = AIOKafkaProducer(bootstrap_servers=s.kafka_bootstrap, linger_ms=0,
+                                    **s.kafka.aiokafka())  # fmt: skip
         await producer.start()
         consumer = Consumer(self._config())
         consumer.subscribe([s.clickstream_topic], on_assign=self._on_assign,

@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
 from stream_engine.exceptions import ConfigError
+from stream_engine.kafka_security import KafkaSecurity
 from stream_engine.store import check_redis_url
 
 T = TypeVar("T")
@@ -98,6 +99,9 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "float": float,
     "bool": _parse_bool,
 }
+# Fields that are settings objects of their own, read from the same environment with
+# their own variables' prefix (KafkaSecurity: KAIROS_KAFKA_*).
+_NESTED: dict[str, Callable[[Mapping[str, str]], Any]] = {"KafkaSecurity": KafkaSecurity.from_env}
 
 
 def from_environment(cls: type[T], env: Mapping[str, str], prefix: str = "KAIROS_") -> T:
@@ -106,13 +110,16 @@ def from_environment(cls: type[T], env: Mapping[str, str], prefix: str = "KAIROS
     A malformed value raises ConfigError naming the variable, never a bare ValueError.
     """
     values: dict[str, Any] = {}
-    for field in fields(cls):  # type: ignore[arg-type]
-        name = f"{prefix}{field.name.upper()}"
+    for f in fields(cls):  # type: ignore[arg-type]
+        if (nested := _NESTED.get(str(f.type))) is not None:
+            values[f.name] = nested(env)
+            continue
+        name = f"{prefix}{f.name.upper()}"
         if name not in env:
             continue
-        parse = _PARSERS[str(field.type)]
+        parse = _PARSERS[str(f.type)]
         try:
-            values[field.name] = parse(env[name])
+            values[f.name] = parse(env[name])
         except ValueError as exc:
             raise ConfigError(f"{name}={env[name]!r}: {exc}") from None
     return cls(**values)
@@ -123,6 +130,8 @@ class Settings:
     """What a stream worker needs. Environment: KAIROS_<FIELD> (e.g. KAIROS_KAFKA_BOOTSTRAP)."""
 
     kafka_bootstrap: str = DEFAULT_KAFKA_BOOTSTRAP
+    # TLS and SASL for every Kafka client of the worker (KAIROS_KAFKA_SECURITY_PROTOCOL...)
+    kafka: KafkaSecurity = field(default_factory=KafkaSecurity)
     redis_url: str = DEFAULT_REDIS_URL
     # Prefix for every Redis key this deployment writes; tests use a unique one each.
     key_prefix: str = "kairos"

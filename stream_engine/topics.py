@@ -14,6 +14,7 @@ from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from confluent_kafka import TopicCollection
 from confluent_kafka.admin import AdminClient
 
+from stream_engine.kafka_security import KafkaSecurity
 from stream_engine.planning import incarnation_tag
 from stream_engine.settings import Settings
 
@@ -36,7 +37,8 @@ def topic_names(settings: Settings) -> list[str]:
 
 async def ensure_topics(settings: Settings) -> list[str]:
     """Create missing topics; returns the ones created. Existing topics are left alone."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap,
+                                **settings.kafka.aiokafka())  # fmt: skip
     try:
         await admin.start()  # inside: a start that fails leaves no client behind
         existing = set(await admin.list_topics())
@@ -93,11 +95,13 @@ class TopicIdentity:
     metadata requests predate topic ids. Calling it returns the id, or None when it can't
     be read (the broker unreachable, the topic missing, a broker before 2.8)."""
 
-    def __init__(self, bootstrap: str, topic: str, timeout_s: float = 5.0) -> None:
+    def __init__(self, bootstrap: str, topic: str, timeout_s: float = 5.0,
+                 security: KafkaSecurity | None = None) -> None:  # fmt: skip
         self.topic = topic
         self.timeout_s = timeout_s
         # librdkafka's own log lines (a broker unreachable) go to this module's logger.
-        config: dict[str, Any] = {"bootstrap.servers": bootstrap, "logger": log}
+        config: dict[str, Any] = {"bootstrap.servers": bootstrap, "logger": log,
+                                  **(security or KafkaSecurity()).librdkafka()}  # fmt: skip
         self._admin = AdminClient(config)
 
     async def __call__(self) -> str | None:
