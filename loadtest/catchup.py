@@ -81,7 +81,7 @@ class Backlog:
 
     async def produce(self, n: int) -> list[str]:
         """n events; the sessions they touch."""
-        producer = AIOKafkaProducer(bootstrap_servers=self.bench.bootstrap, linger_ms=5)
+        producer = AIOKafkaProducer(**self.bench.kafka(), linger_ms=5)
         await producer.start()
         touched: set[str] = set()
         try:
@@ -95,7 +95,7 @@ class Backlog:
         return sorted(touched)
 
     async def ends(self) -> dict[int, int]:
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.bench.bootstrap)
+        consumer = AIOKafkaConsumer(**self.bench.kafka())
         await consumer.start()
         try:
             tps = [TopicPartition(self.topic, p) for p in range(self.bench.partitions)]
@@ -108,7 +108,7 @@ class Backlog:
     ) -> float | None:
         """Seconds until the worker's group has committed up to `ends` (None: not within).
         `alive` raises if the worker has exited (checked at every look)."""
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.bench.bootstrap)
+        admin = AIOKafkaAdminClient(**self.bench.kafka())
         await admin.start()
         t0 = time.monotonic()
         try:

@@ -231,7 +231,7 @@ async def seed(bench: Bench, catalog: Path, workdir: Path, sessions: int, per: i
     """Sessions through the real pipeline (Kafka -> worker -> Redis); returns their ids."""
     traffic = Traffic(load_items(catalog), active_sessions=sessions, mean_session_events=10**9)
     worker = start_worker(bench, "aiokafka", catalog, workdir)
-    producer = AIOKafkaProducer(bootstrap_servers=bench.bootstrap, linger_ms=5)
+    producer = AIOKafkaProducer(**bench.kafka(), linger_ms=5)
     await producer.start()
     sent: set[str] = set()
     t0 = time.monotonic()

@@ -105,7 +105,7 @@ class Span:
 async def raw_leg(bench: Bench, backlog: Backlog, events: int) -> Leg:
     """A plain consumer reads the backlog from the start and drops it."""
     await backlog.produce(events)
-    consumer = AIOKafkaConsumer(bootstrap_servers=bench.bootstrap, enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(**bench.kafka(), enable_auto_commit=False)
     await consumer.start()
     span = Span(events, {"consumer": os.getpid()}, "consumer")
     started = time.monotonic()

@@ -51,6 +51,7 @@ from loadtest.search import Search, highest_held
 from loadtest.traffic import TRACKED, Traffic
 from stream_engine.catalog import load_items
 from stream_engine.demo_catalog import write_demo_catalog
+from stream_engine.kafka_security import KafkaSecurity
 from stream_engine.store import Shared, psubscribe
 
 DRAIN_S = 10.0
@@ -98,6 +99,9 @@ class Bench:
     # The client every leg (raw and engines) sends with (loadtest/producer.py). aiokafka
     # is the baseline's client; the same one in both legs keeps the comparison fair.
     producer: str = "aiokafka"
+    # TLS and SASL, as the worker it starts reads them (KAIROS_KAFKA_SECURITY_PROTOCOL...):
+    # every client of the bench, the baseline's too, goes through the same listener.
+    security: KafkaSecurity = field(default_factory=KafkaSecurity)
 
     @classmethod
     def from_env(cls) -> Bench:
@@ -105,7 +109,12 @@ class Bench:
         return cls(
             os.environ.get("KAIROS_KAFKA_BOOTSTRAP", "127.0.0.1:9092"),
             os.environ.get("KAIROS_REDIS_URL", "redis://127.0.0.1:6379/0"),
+            security=KafkaSecurity.from_env(os.environ),
         )
+
+    def kafka(self) -> dict[str, Any]:
+        """aiokafka's keyword arguments for the bench's broker."""
+        return {"bootstrap_servers": self.bootstrap, **self.security.aiokafka()}
 
     @property
     def prefix(self) -> str:
@@ -123,12 +132,12 @@ async def run_raw(bench: Bench, rate: int, duration: float) -> RunResult:
     await _create_topics(bench, [topic])
     intended: dict[int, float] = {}
     latencies: list[float] = []
-    consumer = AIOKafkaConsumer(bootstrap_servers=bench.bootstrap, enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(**bench.kafka(), enable_auto_commit=False)
     await consumer.start()
     tps = [TopicPartition(topic, p) for p in range(bench.partitions)]
     consumer.assign(tps)
     await consumer.seek_to_end(*tps)
-    producer = make_producer(bench.producer, bench.bootstrap)
+    producer = make_producer(bench.producer, bench.bootstrap, bench.security)
     await producer.start()
     pad = b"x" * 140  # about the size of a clickstream event
 
@@ -256,7 +265,7 @@ async def run_kairos(
     vis = Visibility(redis, bench.prefix)
     watcher = asyncio.create_task(vis.watch(db))
     await asyncio.sleep(0.2)
-    producer = make_producer(bench.producer, bench.bootstrap)
+    producer = make_producer(bench.producer, bench.bootstrap, bench.security)
     await producer.start()
     topic = bench.topic("clickstream")
     backlog: list[tuple[float, int]] = []
@@ -321,8 +330,8 @@ async def caught_up(bench: Bench, engine: str, limit_s: float = 180.0) -> float:
     topic = bench.topic("clickstream")
     group = f"kairos-{bench.prefix}"
     tps = [TopicPartition(topic, p) for p in range(bench.partitions)]
-    admin = AIOKafkaAdminClient(bootstrap_servers=bench.bootstrap)
-    probe = AIOKafkaConsumer(bootstrap_servers=bench.bootstrap)
+    admin = AIOKafkaAdminClient(**bench.kafka())
+    probe = AIOKafkaConsumer(**bench.kafka())
     await admin.start()
     await probe.start()
     t0 = time.monotonic()
@@ -445,7 +454,7 @@ async def _drain(done: Callable[[], bool]) -> None:
 async def _create_topics(bench: Bench, topics: list[str]) -> None:
     """Create topics and wait until every partition has a leader, so that the first
     measured sends don't include leader election."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bench.bootstrap)
+    admin = AIOKafkaAdminClient(**bench.kafka())
     await admin.start()
     try:
         await admin.create_topics([NewTopic(t, bench.partitions, 1) for t in topics])
@@ -460,7 +469,7 @@ async def _create_topics(bench: Bench, topics: list[str]) -> None:
 
 
 async def _cleanup(bench: Bench, redis: aioredis.Redis) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bench.bootstrap)
+    admin = AIOKafkaAdminClient(**bench.kafka())
     await admin.start()
     try:
         mine = [t for t in await admin.list_topics() if t.endswith(f"bench-{bench.run_id}")]

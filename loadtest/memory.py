@@ -60,7 +60,7 @@ async def run(sessions: int, per_session: int, engine: str) -> dict[str, Any]:
     await _create_topics(bench, [bench.topic(n) for n in TOPICS])
     before = await _used_memory(redis)
     worker = start_worker(bench, engine, catalog, workdir)
-    producer = AIOKafkaProducer(bootstrap_servers=bench.bootstrap, linger_ms=5)
+    producer = AIOKafkaProducer(**bench.kafka(), linger_ms=5)
     await producer.start()
     sent: set[str] = set()
     total = sessions * per_session

@@ -260,6 +260,17 @@ def listening(port: int, within_s: float = 10.0) -> bool:
     return False
 
 
+def worker_topics(unique: str) -> dict[str, str]:
+    """A test's own topics and consumer group, as the worker's variables name them."""
+    return {
+        "KAIROS_CLICKSTREAM_TOPIC": f"clickstream.{unique}",
+        "KAIROS_DLQ_TOPIC": f"clickstream.dlq.{unique}",
+        "KAIROS_CATALOG_TOPIC": f"catalog.{unique}",
+        "KAIROS_DECISIONS_TOPIC": f"decisions.{unique}",
+        "KAIROS_CONSUMER_GROUP": f"kairos-test-{unique}",
+    }
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

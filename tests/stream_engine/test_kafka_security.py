@@ -34,7 +34,15 @@ from stream_engine.exceptions import ConfigError
 from stream_engine.kafka_security import KafkaSecurity
 from stream_engine.settings import Settings
 from stream_engine.state import Keys
-from tests.conftest import PrivateKafka, Stack, free_port, spawn_group, stop_group, wait_for
+from tests.conftest import (
+    PrivateKafka,
+    Stack,
+    free_port,
+    spawn_group,
+    stop_group,
+    wait_for,
+    worker_topics,
+)
 
 USER, PASSWORD = "kairos", "kairos-secret"
 ITEMS = [it.item_id for it in generate(200)]
@@ -218,11 +226,7 @@ def worker_env(
         **os.environ, **secured_kafka.env(),
         "KAIROS_REDIS_URL": stack.redis_url,
         "KAIROS_KEY_PREFIX": key_prefix,
-        "KAIROS_CLICKSTREAM_TOPIC": f"clickstream.{unique}",
-        "KAIROS_DLQ_TOPIC": f"clickstream.dlq.{unique}",
-        "KAIROS_CATALOG_TOPIC": f"catalog.{unique}",
-        "KAIROS_DECISIONS_TOPIC": f"decisions.{unique}",
-        "KAIROS_CONSUMER_GROUP": f"kairos-test-{unique}",
+        **worker_topics(unique),
         "KAIROS_CATALOG_PATH": str(write_demo_catalog(tmp_path / "catalog.jsonl", n_items=200)),
         "KAIROS_PARTITIONS": "2",
         "KAIROS_METRICS_PORT": "0",

@@ -31,7 +31,14 @@ from stream_engine.settings import Settings
 from stream_engine.state import Keys
 from stream_engine.topics import ensure_topics, topic_names
 from stream_engine.vectors import from_bytes
-from tests.conftest import PrivateKafka, Stack, free_port, redis_server, wait_for
+from tests.conftest import (
+    PrivateKafka,
+    Stack,
+    free_port,
+    redis_server,
+    wait_for,
+    worker_topics,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 ITEMS = [it.item_id for it in generate(500)]
@@ -54,11 +61,7 @@ async def worker_env(
         "KAIROS_KAFKA_BOOTSTRAP": stack.kafka_bootstrap,
         "KAIROS_REDIS_URL": stack.redis_url,
         "KAIROS_KEY_PREFIX": key_prefix,
-        "KAIROS_CLICKSTREAM_TOPIC": f"clickstream.{unique}",
-        "KAIROS_DLQ_TOPIC": f"clickstream.dlq.{unique}",
-        "KAIROS_CATALOG_TOPIC": f"catalog.{unique}",
-        "KAIROS_DECISIONS_TOPIC": f"decisions.{unique}",
-        "KAIROS_CONSUMER_GROUP": f"kairos-test-{unique}",
+        **worker_topics(unique),
         "KAIROS_CATALOG_PATH": str(catalog),
         "KAIROS_PARTITIONS": "4",
         "KAIROS_ENGINE": engine,
