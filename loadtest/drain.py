@@ -48,6 +48,7 @@ from loadtest.ingest import (
     warn_bystanders,
 )
 from stream_engine.demo_catalog import write_demo_catalog
+from stream_engine.kafka_security import KafkaSecurity
 
 FROM, TO = 0.1, 0.9  # the span measured, as shares of the backlog applied
 POLL_S = 0.1
@@ -172,7 +173,7 @@ async def run(
     try:
         for rep in range(repeats):
             for kind in ["raw", *engines]:
-                bench = Bench(bootstrap, redis_url)
+                bench = Bench(bootstrap, redis_url, security=KafkaSecurity.from_env(os.environ))
                 benches.append(bench)
                 names = ("clickstream", "dlq", "catalog", "decisions")
                 await _create_topics(bench, [bench.topic(n) for n in names])

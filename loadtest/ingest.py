@@ -618,12 +618,14 @@ async def run(
     """`find`: (from, to) for --find-max, each engine's highest live rate sustained."""
     bootstrap = os.environ.get("KAIROS_KAFKA_BOOTSTRAP", "127.0.0.1:9092")
     redis_url = os.environ.get("KAIROS_REDIS_URL", "redis://127.0.0.1:6379/0")
-    raw = Bench(bootstrap, redis_url, producer=producer)
+    security = KafkaSecurity.from_env(os.environ)
+    raw = Bench(bootstrap, redis_url, producer=producer, security=security)
     workdir = Path(tempfile.mkdtemp(prefix="kairos-ingest-"))
     catalog = write_demo_catalog(workdir / "catalog.jsonl", 10_000)
     items = load_items(catalog)
     lanes = [
-        Lane(e, Bench(bootstrap, redis_url, run_id=f"{raw.run_id}-{e}", producer=producer),
+        Lane(e, Bench(bootstrap, redis_url, run_id=f"{raw.run_id}-{e}", producer=producer,
+                      security=security),
              Traffic(items, active_sessions=5000, seed=n + 1, tracked_share=TRACKED_SHARE))
         for n, e in enumerate(engines)
     ]  # fmt: skip
