@@ -11,6 +11,7 @@ pool). The hot round trips (the worker's batches, the API's state reads) go thro
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -225,8 +226,14 @@ _P = TypeVar("_P", bound=_Replies)
 
 @dataclass(frozen=True, slots=True)
 class _Address:
-    """Where and how to connect: from the client's pool (host, port, db, username,
-    password, connect timeout), so a redis:// URL as `connect` takes it."""
+    """Where and how to connect: from the client's pool (host and port or a unix socket's
+    path, TLS, db, username, password, connect timeout), so any URL `connect` takes, opened
+    as redis-py's own connection for it would be.
+
+    It once took host and port alone: a `unix://` URL connected to localhost:6379, another
+    Redis or none, and a `rediss://` one spoke plaintext to the TLS port (its AUTH in the
+    clear to whatever listened), while redis-py's connections of the same process did it
+    right (tests/stream_engine/test_store.py, the TLS and unix-socket tests)."""
 
     host: str
     port: int
@@ -234,10 +241,19 @@ class _Address:
     username: str | None
     password: str | None
     connect_timeout_s: float
+    path: str | None = None  # a unix socket's, instead of host and port
+    tls: ssl.SSLContext | None = None
 
     @classmethod
     def of(cls, redis: aioredis.Redis) -> _Address:
-        kwargs = redis.connection_pool.connection_kwargs
+        pool = redis.connection_pool
+        kwargs = pool.connection_kwargs
+        tls = None
+        if issubclass(pool.connection_class, aioredis.SSLConnection):
+            # redis-py's context for the URL's ssl_* parameters: the same certificates,
+            # checks and versions as the pool's own connections (building one connects
+            # nothing)
+            tls = pool.connection_class(**kwargs).ssl_context.get()
         return cls(
             host=kwargs.get("host", "localhost"),
             port=int(kwargs.get("port", 6379)),
@@ -245,21 +261,31 @@ class _Address:
             username=kwargs.get("username"),
             password=kwargs.get("password"),
             connect_timeout_s=kwargs.get("socket_connect_timeout") or 5.0,
-        )
+            path=kwargs.get("path") if issubclass(
+                pool.connection_class, aioredis.UnixDomainSocketConnection) else None,
+            tls=tls,
+        )  # fmt: skip
+
+    @property
+    def where(self) -> str:
+        return self.path or f"{self.host}:{self.port}"
 
     async def open(self, protocol: Callable[[], _P]) -> _P:
         """A logged-in connection on the right database; one cut off midway is closed."""
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.connect_timeout_s):
-                _, conn = await loop.create_connection(protocol, self.host, self.port)
+                if self.path is not None:
+                    _, conn = await loop.create_unix_connection(protocol, self.path)
+                else:
+                    _, conn = await loop.create_connection(
+                        protocol, self.host, self.port, ssl=self.tls
+                    )
         except TimeoutError:
+            raise RedisConnectionError(f"connecting to Redis at {self.where} timed out") from None
+        except OSError as exc:  # ssl.SSLError included
             raise RedisConnectionError(
-                f"connecting to Redis at {self.host}:{self.port} timed out"
-            ) from None
-        except OSError as exc:
-            raise RedisConnectionError(
-                f"cannot connect to Redis at {self.host}:{self.port}: {exc.strerror or exc}"
+                f"cannot connect to Redis at {self.where}: {exc.strerror or exc}"
             ) from None
         hello: list[tuple[Any, ...]] = []
         if self.password is not None:

@@ -260,6 +260,38 @@ def listening(port: int, within_s: float = 10.0) -> bool:
     return False
 
 
+@dataclass(frozen=True)
+class Tls:
+    """A CA of the tests' own, and a server certificate it signed for 127.0.0.1: for the
+    secured Kafka listener and the TLS Redis."""
+
+    ca: Path  # the test CA's certificate, what clients trust
+    server: Path  # the server's key and certificate (for 127.0.0.1), one PEM file
+    key: Path  # the same key alone
+    cert: Path  # and the certificate alone
+
+
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def tls(tmp_path_factory: pytest.TempPathFactory) -> Tls:
+    d = tmp_path_factory.mktemp("tls")
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+             "-subj", "/CN=kairos-test-ca",
+             "-keyout", str(d / "ca.key"), "-out", str(d / "ca.pem"))  # fmt: skip
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
+             "-keyout", str(d / "server.key"), "-out", str(d / "server.csr"))  # fmt: skip
+    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    _openssl("x509", "-req", "-in", str(d / "server.csr"), "-CA", str(d / "ca.pem"),
+             "-CAkey", str(d / "ca.key"), "-CAcreateserial", "-days", "2",
+             "-extfile", str(d / "san.ext"), "-out", str(d / "server.crt"))  # fmt: skip
+    server = d / "server.pem"
+    server.write_bytes((d / "server.key").read_bytes() + (d / "server.crt").read_bytes())
+    return Tls(d / "ca.pem", server, d / "server.key", d / "server.crt")
+
+
 def worker_topics(unique: str) -> dict[str, str]:
     """A test's own topics and consumer group, as the worker's variables name them."""
     return {

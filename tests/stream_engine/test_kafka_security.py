@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -37,6 +36,7 @@ from stream_engine.state import Keys
 from tests.conftest import (
     PrivateKafka,
     Stack,
+    Tls,
     free_port,
     spawn_group,
     stop_group,
@@ -46,33 +46,6 @@ from tests.conftest import (
 
 USER, PASSWORD = "kairos", "kairos-secret"
 ITEMS = [it.item_id for it in generate(200)]
-
-
-@dataclass(frozen=True)
-class Tls:
-    ca: Path  # the test CA's certificate, what clients trust
-    server: Path  # the broker's key and certificate (for 127.0.0.1), one PEM file
-
-
-def _openssl(*args: str) -> None:
-    subprocess.run(["openssl", *args], check=True, capture_output=True)
-
-
-@pytest.fixture(scope="module")
-def tls(tmp_path_factory: pytest.TempPathFactory) -> Tls:
-    d = tmp_path_factory.mktemp("tls")
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-             "-subj", "/CN=kairos-test-ca",
-             "-keyout", str(d / "ca.key"), "-out", str(d / "ca.pem"))  # fmt: skip
-    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
-             "-keyout", str(d / "server.key"), "-out", str(d / "server.csr"))  # fmt: skip
-    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    _openssl("x509", "-req", "-in", str(d / "server.csr"), "-CA", str(d / "ca.pem"),
-             "-CAkey", str(d / "ca.key"), "-CAcreateserial", "-days", "2",
-             "-extfile", str(d / "san.ext"), "-out", str(d / "server.crt"))  # fmt: skip
-    server = d / "server.pem"
-    server.write_bytes((d / "server.key").read_bytes() + (d / "server.crt").read_bytes())
-    return Tls(d / "ca.pem", server)
 
 
 @dataclass(frozen=True)
