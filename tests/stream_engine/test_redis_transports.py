@@ -5,12 +5,15 @@ runs end to end on a TLS Redis. They used to take host and port alone."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -76,6 +79,11 @@ def unix_redis(tmp_path: Path) -> Iterator[str]:
         proc.wait(10)
 
 
+def _get(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return orjson.loads(r.read())
+
+
 @pytest.mark.parametrize("transport", ["tls_redis", "unix_redis"])
 async def test_shared_batches_and_psubscribe_reach_the_server_the_url_names(
     transport: str, request: pytest.FixtureRequest
@@ -102,11 +110,13 @@ async def test_shared_batches_and_psubscribe_reach_the_server_the_url_names(
         await client.aclose()
 
 
-async def test_a_worker_on_a_tls_redis_applies_the_clickstream(
+async def test_a_worker_and_an_api_on_a_tls_redis_personalize(
     tls_redis: str, stack: Stack, unique: str, key_prefix: str, tmp_path: Path
 ) -> None:
-    """The worker's writes (Batches), its reads back (Shared) and its scripts over TLS,
-    with AUTH and SELECT on every connection it opens."""
+    """The worker's writes (Batches), its reads back (Shared) and its scripts, then the
+    API's state read (Shared) and its background reads, all over TLS, with AUTH and SELECT
+    on every connection they open."""
+    api_port = free_port()
     env = {
         **os.environ, **worker_topics(unique),
         "KAIROS_KAFKA_BOOTSTRAP": stack.kafka_bootstrap,
@@ -116,6 +126,7 @@ async def test_a_worker_on_a_tls_redis_applies_the_clickstream(
         "KAIROS_PARTITIONS": "1",
         "KAIROS_METRICS_PORT": "0",
         "KAIROS_ENGINE": "aiokafka",
+        "KAIROS_API_PORT": str(api_port),
     }  # fmt: skip
     await ensure_topics(Settings.from_env(env))
     worker = spawn_group([sys.executable, "-m", "stream_engine", "worker"], env,
@@ -136,6 +147,21 @@ async def test_a_worker_on_a_tls_redis_applies_the_clickstream(
             return await client.hget(session, "n") == b"4"
 
         await wait_for(applied, 60, "four events applied in the TLS Redis")
+        api = spawn_group([sys.executable, "-m", "api"], env, tmp_path / "api.log")
+        try:
+            url = f"http://127.0.0.1:{api_port}"
+
+            async def ready() -> bool:
+                try:
+                    return bool((await asyncio.to_thread(_get, f"{url}/readyz"))["redis"] == "ok")
+                except OSError:
+                    return False
+
+            await wait_for(ready, 60, "the API ready on TLS Redis")
+            answer = await asyncio.to_thread(_get, f"{url}/v1/slots/home_recs?session_id=tls-s1")
+            assert (answer["strategy"], answer.get("fallback_reason")) == ("personalized", None)
+        finally:
+            stop_group(api)
     finally:
         await producer.stop()
         await client.aclose()
