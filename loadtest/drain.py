@@ -48,7 +48,6 @@ from loadtest.ingest import (
     warn_bystanders,
 )
 from stream_engine.demo_catalog import write_demo_catalog
-from stream_engine.kafka_security import KafkaSecurity
 
 FROM, TO = 0.1, 0.9  # the span measured, as shares of the backlog applied
 POLL_S = 0.1
@@ -160,7 +159,6 @@ def _applied(port: int) -> int:
 async def run(
     events: int, repeats: int, engines: list[str], out_dir: Path, items: int = 10_000
 ) -> dict[str, Any]:
-    bootstrap = os.environ.get("KAIROS_KAFKA_BOOTSTRAP", "127.0.0.1:9092")
     redis_url = os.environ.get("KAIROS_REDIS_URL", "redis://127.0.0.1:6379/0")
     workdir = Path(tempfile.mkdtemp(prefix="kairos-drain-"))
     catalog = write_demo_catalog(workdir / "catalog.jsonl", items)
@@ -173,7 +171,7 @@ async def run(
     try:
         for rep in range(repeats):
             for kind in ["raw", *engines]:
-                bench = Bench(bootstrap, redis_url, security=KafkaSecurity.from_env(os.environ))
+                bench = Bench.from_env()
                 benches.append(bench)
                 names = ("clickstream", "dlq", "catalog", "decisions")
                 await _create_topics(bench, [bench.topic(n) for n in names])

@@ -104,12 +104,14 @@ class Bench:
     security: KafkaSecurity = field(default_factory=KafkaSecurity)
 
     @classmethod
-    def from_env(cls) -> Bench:
-        """On the stack the environment names (the local stack's ports by default)."""
+    def from_env(cls, **fields: Any) -> Bench:
+        """On the stack the environment names (the local stack's ports by default), with
+        its Kafka security; `fields` set the others (run_id, producer)."""
         return cls(
             os.environ.get("KAIROS_KAFKA_BOOTSTRAP", "127.0.0.1:9092"),
             os.environ.get("KAIROS_REDIS_URL", "redis://127.0.0.1:6379/0"),
             security=KafkaSecurity.from_env(os.environ),
+            **fields,
         )
 
     def kafka(self) -> dict[str, Any]:
@@ -616,16 +618,13 @@ async def run(
     producer: str = "aiokafka", find: tuple[int, int] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """`find`: (from, to) for --find-max, each engine's highest live rate sustained."""
-    bootstrap = os.environ.get("KAIROS_KAFKA_BOOTSTRAP", "127.0.0.1:9092")
-    redis_url = os.environ.get("KAIROS_REDIS_URL", "redis://127.0.0.1:6379/0")
-    security = KafkaSecurity.from_env(os.environ)
-    raw = Bench(bootstrap, redis_url, producer=producer, security=security)
+    raw = Bench.from_env(producer=producer)
+    redis_url = raw.redis_url
     workdir = Path(tempfile.mkdtemp(prefix="kairos-ingest-"))
     catalog = write_demo_catalog(workdir / "catalog.jsonl", 10_000)
     items = load_items(catalog)
     lanes = [
-        Lane(e, Bench(bootstrap, redis_url, run_id=f"{raw.run_id}-{e}", producer=producer,
-                      security=security),
+        Lane(e, Bench.from_env(run_id=f"{raw.run_id}-{e}", producer=producer),
              Traffic(items, active_sessions=5000, seed=n + 1, tracked_share=TRACKED_SHARE))
         for n, e in enumerate(engines)
     ]  # fmt: skip

@@ -15,6 +15,7 @@ from prometheus_client import generate_latest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from loadtest.ingest import (
+    Bench,
     CpuMeter,
     Visibility,
     _report_dead_watcher,
@@ -211,3 +212,22 @@ def test_the_runs_late_loop_ticks_come_from_the_workers_loop_lag_histogram() -> 
     assert worker_means(before, parse_sums(generate_latest(metrics.registry).decode()))[
         "loop_worst_ms"
     ] == float("inf")
+
+
+def test_a_bench_from_the_environment_speaks_to_a_secured_broker(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every bench is built by Bench.from_env and every client of one (the baseline's, the
+    admin, the probes) takes bench.kafka(). ingest and drain had built theirs without the
+    security the worker they start reads: the baseline spoke plaintext to a SASL_SSL
+    listener and the run stopped at once (loadtest/JOURNAL.md, session 39)."""
+    monkeypatch.setenv("KAIROS_KAFKA_SECURITY_PROTOCOL", "SASL_PLAINTEXT")
+    monkeypatch.setenv("KAIROS_KAFKA_SASL_MECHANISM", "SCRAM-SHA-512")
+    monkeypatch.setenv("KAIROS_KAFKA_SASL_USERNAME", "kairos")
+    monkeypatch.setenv("KAIROS_KAFKA_SASL_PASSWORD", "secret")
+    kafka = Bench.from_env().kafka()
+    assert (kafka["security_protocol"], kafka["sasl_mechanism"], kafka["sasl_plain_username"]) == (
+        "SASL_PLAINTEXT",
+        "SCRAM-SHA-512",
+        "kairos",
+    )
