@@ -233,7 +233,7 @@ class _Address:
     It once took host and port alone: a `unix://` URL connected to localhost:6379, another
     Redis or none, and a `rediss://` one spoke plaintext to the TLS port (its AUTH in the
     clear to whatever listened), while redis-py's connections of the same process did it
-    right (tests/stream_engine/test_store.py, the TLS and unix-socket tests)."""
+    right (tests/stream_engine/test_redis_transports.py)."""
 
     host: str
     port: int
