@@ -269,6 +269,8 @@ class Tls:
     server: Path  # the server's key and certificate (for 127.0.0.1), one PEM file
     key: Path  # the same key alone
     cert: Path  # and the certificate alone
+    client_key: Path  # a client's key and certificate, for servers that ask for one
+    client_cert: Path
 
 
 def _openssl(*args: str) -> None:
@@ -287,9 +289,15 @@ def tls(tmp_path_factory: pytest.TempPathFactory) -> Tls:
     _openssl("x509", "-req", "-in", str(d / "server.csr"), "-CA", str(d / "ca.pem"),
              "-CAkey", str(d / "ca.key"), "-CAcreateserial", "-days", "2",
              "-extfile", str(d / "san.ext"), "-out", str(d / "server.crt"))  # fmt: skip
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=kairos-client",
+             "-keyout", str(d / "client.key"), "-out", str(d / "client.csr"))  # fmt: skip
+    _openssl("x509", "-req", "-in", str(d / "client.csr"), "-CA", str(d / "ca.pem"),
+             "-CAkey", str(d / "ca.key"), "-CAcreateserial", "-days", "2",
+             "-out", str(d / "client.crt"))  # fmt: skip
     server = d / "server.pem"
     server.write_bytes((d / "server.key").read_bytes() + (d / "server.crt").read_bytes())
-    return Tls(d / "ca.pem", server, d / "server.key", d / "server.crt")
+    return Tls(d / "ca.pem", server, d / "server.key", d / "server.crt",
+               d / "client.key", d / "client.crt")  # fmt: skip
 
 
 def worker_topics(unique: str) -> dict[str, str]:

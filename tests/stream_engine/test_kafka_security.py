@@ -18,6 +18,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.errors import KafkaConnectionError
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.admin._scram import (  # not re-exported by name
     ScramCredentialInfo,
@@ -58,6 +59,16 @@ class SecuredKafka:
     def bootstrap(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    tls: Tls
+    mtls_port: int  # an SSL listener that wants a client certificate of the test CA's
+
+    def mtls_env(self) -> dict[str, str]:
+        return {"KAIROS_KAFKA_BOOTSTRAP": f"127.0.0.1:{self.mtls_port}",
+                "KAIROS_KAFKA_SECURITY_PROTOCOL": "SSL",
+                "KAIROS_KAFKA_SSL_CAFILE": str(self.ca),
+                "KAIROS_KAFKA_SSL_CERTFILE": str(self.tls.client_cert),
+                "KAIROS_KAFKA_SSL_KEYFILE": str(self.tls.client_key)}  # fmt: skip
+
     def security(self, mechanism: str = "SCRAM-SHA-512", password: str = PASSWORD) -> KafkaSecurity:
         return KafkaSecurity("SASL_SSL", mechanism, USER, password, str(self.ca))
 
@@ -74,10 +85,11 @@ def secured_kafka(
     tmp_path_factory: pytest.TempPathFactory, tls: Tls, stack: Stack
 ) -> Iterator[SecuredKafka]:
     """A broker of the module's own (deploy/stack.py, KAIROS_KAFKA_EXTRA_PROPERTIES) with a
-    SASL_SSL listener beside the plaintext one that `stack.py up` checks it by; the SCRAM
-    users are made through the plaintext one."""
+    SASL_SSL listener and an SSL one that wants a client certificate, beside the plaintext
+    one that `stack.py up` checks it by; the SCRAM users are made through the plaintext
+    one."""
     d = tmp_path_factory.mktemp("secured-kafka")
-    port, plain, controller = free_port(), free_port(), free_port()
+    port, plain, controller, mtls = free_port(), free_port(), free_port(), free_port()
     jaas = {
         "plain": "org.apache.kafka.common.security.plain.PlainLoginModule required "
         f'user_{USER}="{PASSWORD}";',
@@ -86,10 +98,14 @@ def secured_kafka(
     }
     props = {
         "listeners": f"PLAINTEXT://127.0.0.1:{plain},CONTROLLER://127.0.0.1:{controller},"
-                     f"SASL_SSL://127.0.0.1:{port}",
-        "advertised.listeners": f"PLAINTEXT://127.0.0.1:{plain},SASL_SSL://127.0.0.1:{port}",
+                     f"SASL_SSL://127.0.0.1:{port},SSL://127.0.0.1:{mtls}",
+        "advertised.listeners": f"PLAINTEXT://127.0.0.1:{plain},SASL_SSL://127.0.0.1:{port},"
+                                f"SSL://127.0.0.1:{mtls}",
         "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,"
-                                          "SASL_SSL:SASL_SSL",
+                                          "SASL_SSL:SASL_SSL,SSL:SSL",
+        "listener.name.ssl.ssl.client.auth": "required",
+        "ssl.truststore.type": "PEM",
+        "ssl.truststore.location": str(tls.ca),
         "sasl.enabled.mechanisms": "PLAIN,SCRAM-SHA-256,SCRAM-SHA-512",
         **{f"listener.name.sasl_ssl.{m}.sasl.jaas.config": v for m, v in jaas.items()},
         "ssl.keystore.type": "PEM",
@@ -109,7 +125,7 @@ def secured_kafka(
             )
             for future in admin.alter_user_scram_credentials([upsert]).values():
                 future.result(30)
-        yield SecuredKafka(broker, port, tls.ca)
+        yield SecuredKafka(broker, port, tls.ca, tls, mtls)
     finally:
         broker.stack("down")
 
@@ -350,3 +366,42 @@ async def test_the_apis_publisher_with_a_wrong_password_reports_kafka_down(
         assert not publisher.connected
     finally:
         await publisher.stop()
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("engine", ["faust", "aiokafka", "librdkafka"])
+async def test_a_worker_with_a_client_certificate_is_let_in_and_a_client_without_is_not(
+    engine: str, worker_env: dict[str, str], secured_kafka: SecuredKafka,
+    redis_client: aioredis.Redis, key_prefix: str, tmp_path: Path,
+) -> None:  # fmt: skip
+    """SSL with mutual TLS (Aiven's way): the worker's certificate and key reach every
+    client library; the broker refuses a client that brings none."""
+    plain = {k: v for k, v in worker_env.items() if not k.startswith("KAIROS_KAFKA_")}
+    env = {**plain, **secured_kafka.mtls_env(), "KAIROS_ENGINE": engine}
+    settings = Settings.from_env(env)
+    anonymous = AIOKafkaProducer(
+        bootstrap_servers=settings.kafka_bootstrap, request_timeout_ms=3000,
+        **KafkaSecurity("SSL", ssl_cafile=str(secured_kafka.ca)).aiokafka(),
+    )  # fmt: skip
+    with pytest.raises(KafkaConnectionError):
+        await anonymous.start()
+    await anonymous.stop()
+    worker = spawn_group([sys.executable, "-m", "stream_engine", "worker"], env,
+                         tmp_path / "worker.log")  # fmt: skip
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, linger_ms=0,
+                                **settings.kafka.aiokafka())  # fmt: skip
+    await producer.start()
+    try:
+        for n in range(3):
+            await producer.send_and_wait(env["KAIROS_CLICKSTREAM_TOPIC"], _event(n, "m1"),
+                                         key=b"m1")  # fmt: skip
+        session = Keys(key_prefix).session("m1")
+
+        async def applied() -> bool:
+            return await redis_client.hget(session, "n") == b"3"
+
+        await wait_for(applied, 90, f"the {engine} worker applying events over mutual TLS")
+    finally:
+        await producer.stop()
+        stop_group(worker)
