@@ -24,7 +24,7 @@ from typing import Any
 import confluent_kafka
 import orjson
 
-from stream_engine.kafka_security import KafkaSecurity
+from stream_engine.kafka_security import PLAINTEXT, KafkaSecurity
 
 log = logging.getLogger("kairos.api.publisher")
 
@@ -41,7 +41,7 @@ class Publisher:
         on_drop: Callable[[str, str, int], None],
         linger_ms: int = 5,
         delivery_timeout_ms: int = DELIVERY_TIMEOUT_MS,
-        security: KafkaSecurity | None = None,
+        security: KafkaSecurity = PLAINTEXT,
     ) -> None:
         self.capacity = capacity
         self.on_drop = on_drop  # (topic, why, count) -> None, for the metrics
@@ -63,7 +63,7 @@ class Publisher:
             "statistics.interval.ms": 1000,
             "stats_cb": self._statistics,
             "logger": log,
-            **(security or KafkaSecurity()).librdkafka(),
+            **security.librdkafka(),
         })  # fmt: skip
 
     def room(self) -> int:

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import confluent_kafka
 from aiokafka import AIOKafkaProducer
 
-from stream_engine.kafka_security import KafkaSecurity
+from stream_engine.kafka_security import PLAINTEXT, KafkaSecurity
 
 PRODUCERS = ("aiokafka", "librdkafka")
 
@@ -38,11 +38,8 @@ class EventProducer(Protocol):
     async def stop(self) -> None: ...
 
 
-def make_producer(
-    kind: str, bootstrap: str, security: KafkaSecurity | None = None
-) -> EventProducer:
+def make_producer(kind: str, bootstrap: str, security: KafkaSecurity = PLAINTEXT) -> EventProducer:
     """`security`: TLS and SASL for a deployment's broker (the suite's `--bootstrap`)."""
-    security = security or KafkaSecurity()
     if kind == "aiokafka":
         return AiokafkaEvents(bootstrap, security)
     if kind == "librdkafka":
@@ -51,10 +48,10 @@ def make_producer(
 
 
 class AiokafkaEvents:
-    def __init__(self, bootstrap: str, security: KafkaSecurity | None = None) -> None:
+    def __init__(self, bootstrap: str, security: KafkaSecurity = PLAINTEXT) -> None:
         self.failed = 0
         self._producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=0,
-                                          **(security or KafkaSecurity()).aiokafka())  # fmt: skip
+                                          **security.aiokafka())  # fmt: skip
 
     async def start(self) -> None:
         try:
@@ -83,7 +80,7 @@ class RdkafkaEvents:
     for librdkafka's threads and `poll(0)` runs the delivery reports that are due."""
 
     def __init__(
-        self, bootstrap: str, security: KafkaSecurity | None = None, flush_timeout_s: float = 10.0
+        self, bootstrap: str, security: KafkaSecurity = PLAINTEXT, flush_timeout_s: float = 10.0
     ) -> None:
         self.failed = 0
         self.flush_timeout_s = flush_timeout_s
@@ -98,7 +95,7 @@ class RdkafkaEvents:
             "enable.idempotence": False,
             "partitioner": "murmur2_random",
             "queue.buffering.max.messages": 1_000_000,
-            **(security or KafkaSecurity()).librdkafka(),
+            **security.librdkafka(),
         })  # fmt: skip
 
     async def start(self) -> None:

@@ -331,7 +331,7 @@ class KairosTransport(faust_aiokafka.Transport):
 class KairosApp(faust.App):
     """A faust App on the transport above; the broker URL stays kafka://."""
 
-    isolation_level = "read_uncommitted"  # of the worker's consumer, which start() creates
+    isolation_level: str  # of the worker's consumer (Settings.isolation_level; create_app)
 
     def _new_transport(self) -> Any:
         return KairosTransport(self.conf.broker_consumer, self)

@@ -165,6 +165,9 @@ class KafkaSecurity:
         )
 
 
+PLAINTEXT = KafkaSecurity()  # the default: no option added to any client
+
+
 def _var(name: str) -> str:
     return f"{ENV_PREFIX}{name.upper()}"
 

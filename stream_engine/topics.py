@@ -14,7 +14,7 @@ from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from confluent_kafka import TopicCollection
 from confluent_kafka.admin import AdminClient
 
-from stream_engine.kafka_security import KafkaSecurity
+from stream_engine.kafka_security import PLAINTEXT, KafkaSecurity
 from stream_engine.planning import incarnation_tag
 from stream_engine.settings import Settings
 
@@ -96,12 +96,12 @@ class TopicIdentity:
     be read (the broker unreachable, the topic missing, a broker before 2.8)."""
 
     def __init__(self, bootstrap: str, topic: str, timeout_s: float = 5.0,
-                 security: KafkaSecurity | None = None) -> None:  # fmt: skip
+                 security: KafkaSecurity = PLAINTEXT) -> None:  # fmt: skip
         self.topic = topic
         self.timeout_s = timeout_s
         # librdkafka's own log lines (a broker unreachable) go to this module's logger.
         config: dict[str, Any] = {"bootstrap.servers": bootstrap, "logger": log,
-                                  **(security or KafkaSecurity()).librdkafka()}  # fmt: skip
+                                  **security.librdkafka()}  # fmt: skip
         self._admin = AdminClient(config)
 
     async def __call__(self) -> str | None:
