@@ -274,7 +274,11 @@ class Tls:
 
 
 def _openssl(*args: str) -> None:
-    subprocess.run(["openssl", *args], check=True, capture_output=True)
+    # Debian's openssl, installed like redis-server when missing (deploy/stack.py)
+    from tests.deploy._stack_module import load
+
+    openssl = load().ensure_debian_binary("openssl", "openssl")
+    subprocess.run([openssl, *args], check=True, capture_output=True)
 
 
 @pytest.fixture(scope="session")
