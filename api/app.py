@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -44,7 +45,7 @@ from stream_engine.catalog import Catalog
 from stream_engine.demo_catalog import resolve_catalog_path
 from stream_engine.heap import freeze_startup_heap
 from stream_engine.state import Keys
-from stream_engine.store import Batches, connect
+from stream_engine.store import Batches, connect, store_unavailable
 
 log = logging.getLogger("kairos.api")
 
@@ -116,6 +117,16 @@ async def bad_request(request: Request, exc: Exception) -> Response:
     # would be read as the next request
     headers = {"connection": "close"} if exc.status == 408 else None
     return JSON({"error": exc.detail, "status": exc.status}, exc.status, headers=headers)
+
+
+async def store_error(request: Request, exc: Exception) -> Response:
+    """An admin operation that needs Redis (an erasure, the report) while Redis is down or
+    refusing writes: a 503 that says so, where it was a bare 500. The decision endpoints
+    never get here, they serve defaults. Any other Redis error is a bug: still a 500."""
+    if not store_unavailable(exc):
+        raise exc
+    detail = f"Redis is unavailable ({type(exc).__name__}); it may not have been done: retry"
+    return JSON({"error": detail, "status": 503}, 503, headers={"retry-after": "1"})
 
 
 def build_runtime(settings: Settings, metrics: ApiMetrics) -> Runtime:
@@ -266,7 +277,11 @@ def create_app(
                 BodyLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s
             ),
         ],
-        exception_handlers={HTTPException: http_error, BadRequest: bad_request},
+        exception_handlers={
+            HTTPException: http_error,
+            BadRequest: bad_request,
+            RedisError: store_error,
+        },
         lifespan=lifespan,
     )
     # what KairosHttpProtocol (api/server.py) answers before ASGI, on the same code

@@ -44,7 +44,6 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from stream_engine.catalog import Catalog
 from stream_engine.consumer import commit_applied
 from stream_engine.events import EventType, InvalidEvent, parse_event
-from stream_engine.ingest import STORE_ERRORS
 from stream_engine.processor import STORE_TIMEOUT_S
 from stream_engine.settings import Settings
 from stream_engine.state import (
@@ -59,7 +58,7 @@ from stream_engine.state import (
     stored_int,
     stored_text,
 )
-from stream_engine.store import connect, unless_wrong_type, wrong_type_as_none
+from stream_engine.store import STORE_ERRORS, connect, unless_wrong_type, wrong_type_as_none
 from stream_engine.topics import CONSUMER_METADATA_MAX_AGE_MS, Incarnation, TopicIdentity
 
 log = logging.getLogger("kairos.attribution")

@@ -33,11 +33,11 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer
 
 from stream_engine.catalog import Catalog, CatalogError, Item, item_from_mapping
-from stream_engine.ingest import MAX_BACKOFF_S, STORE_ERRORS
+from stream_engine.ingest import MAX_BACKOFF_S
 from stream_engine.latent import install_newer
 from stream_engine.metrics import WorkerMetrics
 from stream_engine.settings import Settings
-from stream_engine.store import unless_wrong_type
+from stream_engine.store import STORE_ERRORS, unless_wrong_type
 from stream_engine.topics import CONSUMER_METADATA_MAX_AGE_MS
 
 log = logging.getLogger("kairos.catalog")

@@ -16,15 +16,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import orjson
 import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import (
-    MasterDownError,
-    OutOfMemoryError,
-    ReadOnlyError,
-    ResponseError,
-    TryAgainError,
-)
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import ResponseError
 
 from stream_engine.catalog import Catalog
 from stream_engine.metrics import WorkerMetrics
@@ -42,26 +34,11 @@ from stream_engine.processor import (
 )
 from stream_engine.settings import Settings
 from stream_engine.state import FRESHNESS_FIELDS, FRESHNESS_MS, REPORT_TTL_MS, Keys, minute_key
-from stream_engine.store import connect
+from stream_engine.store import STORE_ERRORS, connect, store_unavailable
 from stream_engine.topics import Incarnation, TopicIdentity
 
 log = logging.getLogger("kairos.worker")
-# Redis unreachable or slow, or refusing writes for now: out of memory under `noeviction`,
-# a replica or a failover (still loading its data is a ConnectionError already). Retried,
-# never treated as a bad batch.
-STORE_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError,
-                OutOfMemoryError, ReadOnlyError, MasterDownError, TryAgainError)  # fmt: skip
 MAX_BACKOFF_S = 2.0
-
-
-def store_unavailable(exc: BaseException) -> bool:
-    """Redis unreachable, slow or refusing work for now (STORE_ERRORS, or BUSY running a
-    script, which redis-py leaves a plain ResponseError): retry the batch, never drop it
-    (an out-of-memory Redis had its refusals counted as erased sessions). Any other error
-    is the batch's own."""
-    return isinstance(exc, STORE_ERRORS) or (
-        isinstance(exc, ResponseError) and str(exc).startswith("BUSY")
-    )
 
 
 def tuning_of(settings: Settings) -> Tuning:

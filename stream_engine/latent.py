@@ -38,9 +38,8 @@ import orjson
 import redis.asyncio as aioredis
 
 from stream_engine.catalog import Catalog, Matrix
-from stream_engine.ingest import STORE_ERRORS
 from stream_engine.state import AGG_UNIT, COUNT_UP, UNMARKED, Keys, stored_int
-from stream_engine.store import unless_wrong_type, wrong_type_as_none
+from stream_engine.store import STORE_ERRORS, unless_wrong_type, wrong_type_as_none
 
 log = logging.getLogger("kairos.latent")
 

@@ -295,10 +295,18 @@ class BatchProcessor:
 
     async def load_scripts(self) -> None:
         """SCRIPT LOAD once; batches then call EVALSHA. Called again after a NOSCRIPT
-        (Redis restarted or flushed its scripts)."""
-        for name in ("APPLY_SESSION", "APPLY_USER", "APPLY_AGGREGATES", "BLOCK_USER",
-                     "UNBLOCK_USER", "MOVE_LANDMARK", "REPAIR_KEYS"):  # fmt: skip
-            self._sha[name] = await self.redis.script_load(getattr(state, name))
+        (Redis restarted or flushed its scripts, or a failover: a script cache is not
+        replicated). Loaded on the batches' own connection, the one that calls them: a
+        pooled redis-py connection could still be on the old primary after a failover
+        (SCRIPT LOAD is no write, so nothing told it), and the batches found NOSCRIPT on
+        the new one until they gave up (tests/stream_engine/test_redis_failover.py)."""
+        names = ("APPLY_SESSION", "APPLY_USER", "APPLY_AGGREGATES", "BLOCK_USER",
+                 "UNBLOCK_USER", "MOVE_LANDMARK", "REPAIR_KEYS")  # fmt: skip
+        loads = [("SCRIPT", "LOAD", getattr(state, name)) for name in names]
+        async with asyncio.timeout(STORE_TIMEOUT_S):
+            shas = await self.batches.execute(loads)
+        for name, sha in zip(names, raise_error_reply(shas), strict=True):
+            self._sha[name] = sha.decode()
 
     async def aclose(self) -> None:
         await self.batches.aclose()
@@ -521,11 +529,12 @@ class BatchProcessor:
         if new <= landmark:
             return landmark
         log.info("moving the aggregates' landmark from %d to %d", landmark, new)
-        async with asyncio.timeout(STORE_TIMEOUT_S):
-            await self.redis.evalsha(self._sha["MOVE_LANDMARK"], 1, self.keys.agg_meta,
-                                     landmark, new)  # fmt: skip
+        cmds: list[tuple[Any, ...]] = []
+        self._call(cmds, "MOVE_LANDMARK", [self.keys.agg_meta], [landmark, new])
+        cmds.append(("HGET", self.keys.agg_meta, "L"))
         self.cache.drop_aggregates()
-        stored = await self.redis.hget(self.keys.agg_meta, "L")
+        async with asyncio.timeout(STORE_TIMEOUT_S):  # on the node the batches write to
+            _, stored = raise_error_reply(await self.batches.execute(cmds))
         return stored_int(stored)
 
     @staticmethod

@@ -22,15 +22,64 @@ import hiredis
 import redis
 import redis.asyncio as aioredis
 from redis._parsers import BaseParser  # the exception class of each error reply
+from redis.asyncio.connection import AbstractConnection
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.connection import parse_url
+from redis.exceptions import (
+    BusyLoadingError,
+    InvalidResponse,
+    MasterDownError,
+    NoScriptError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import InvalidResponse, NoScriptError, RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from stream_engine._resp import pack_commands
 from stream_engine.exceptions import ConfigError
 
+# A reply that says this node is not the primary, or not serving yet: READONLY (a replica),
+# MASTERDOWN (a replica cut off from its primary), LOADING (reading its data set). After a
+# failover behind an address that follows the primary (a DNS name such as ElastiCache's
+# primary endpoint, a virtual IP, a proxy), a connection opened before it still reaches
+# the old primary, now a replica, which refuses every write with READONLY for as long as
+# the connection lasts: a worker retrying its batch on it waited for ever while the new
+# primary was one reconnect away. Such a reply drops its connection here, and the next
+# call connects again, to the node the address names now: in `_Replies` (Batches, Shared)
+# and through redis-py's retry (WRONG_NODE_RETRY). The node refused the command before
+# running it, so running it again is safe (tests/stream_engine/test_redis_failover.py).
+WRONG_NODE = (ReadOnlyError, MasterDownError, BusyLoadingError)
+# Redis unreachable or slow, or refusing writes for now: out of memory under `noeviction`,
+# a replica or a failover (still loading its data is a ConnectionError already). The
+# worker retries its batch, never treats it as a bad one; the admin routes answer 503.
+STORE_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError,
+                OutOfMemoryError, ReadOnlyError, MasterDownError, TryAgainError)  # fmt: skip
 
-class HiredisPackingConnection(aioredis.Connection):
+
+def store_unavailable(exc: BaseException) -> bool:
+    """Redis unreachable, slow or refusing work for now (STORE_ERRORS, or BUSY running a
+    script, which redis-py leaves a plain ResponseError): retry, never drop the work (an
+    out-of-memory Redis had its refusals counted as erased sessions). Any other error is
+    the work's own."""
+    return isinstance(exc, STORE_ERRORS) or (
+        isinstance(exc, ResponseError) and str(exc).startswith("BUSY")
+    )
+
+
+# redis-py calls its retry's failure callback, which disconnects, for these errors only;
+# one more try on a new connection, at once. (Its default here retried nothing.)
+WRONG_NODE_RETRY = Retry(NoBackoff(), 1, supported_errors=WRONG_NODE)
+
+
+class _KairosConnection(AbstractConnection):
+    """redis-py's connection for whichever transport the URL names, its commands packed
+    by hiredis in C."""
+
     def pack_command(self, *args: Any) -> list[bytes]:
         first = args[0]
         # "CONFIG SET"-style command names travel as separate arguments.
@@ -39,6 +88,25 @@ class HiredisPackingConnection(aioredis.Connection):
         ):
             args = (*first.split(), *args[1:])
         return [hiredis.pack_command(args)]
+
+
+class KairosConnection(_KairosConnection, aioredis.Connection):
+    pass
+
+
+class KairosSSLConnection(_KairosConnection, aioredis.SSLConnection):
+    pass
+
+
+class KairosUnixConnection(_KairosConnection, aioredis.UnixDomainSocketConnection):
+    pass
+
+
+_KAIROS_CLASS: dict[type, type[AbstractConnection]] = {
+    aioredis.Connection: KairosConnection,
+    aioredis.SSLConnection: KairosSSLConnection,
+    aioredis.UnixDomainSocketConnection: KairosUnixConnection,
+}
 
 
 def connect(
@@ -55,8 +123,11 @@ def connect(
         socket_timeout=timeout_s,
         socket_connect_timeout=2,
         health_check_interval=10,
-        connection_class=HiredisPackingConnection,
+        retry=WRONG_NODE_RETRY,  # copied by each connection
     )
+    # The URL chose redis-py's class for its transport (from_url lets it override any
+    # connection_class given); Kairos' subclass of it, before any connection is made.
+    pool.connection_class = _KAIROS_CLASS[pool.connection_class]
     return aioredis.Redis.from_pool(pool)  # the client owns the pool and closes it
 
 
@@ -118,7 +189,9 @@ class _Replies(asyncio.Protocol):
     gets its own, in the order the calls were written (Redis answers a connection's
     commands in order). A call whose caller gave up keeps its place: its replies are read
     and dropped, so the calls behind it still get theirs. Error replies stay in place as
-    redis-py's exception objects (ResponseError, NoScriptError, OutOfMemoryError, ...)."""
+    redis-py's exception objects (ResponseError, NoScriptError, OutOfMemoryError, ...).
+    One that says the node is the wrong one (WRONG_NODE) makes the connection `lost`, so
+    its owner opens a new one; the calls already in line still get their replies."""
 
     def __init__(self) -> None:
         self.reader = hiredis.Reader(protocolError=InvalidResponse, replyError=_error_reply)
@@ -147,10 +220,14 @@ class _Replies(asyncio.Protocol):
             return False
         call = calls[0]
         call.replies.append(reply)
+        if isinstance(reply, WRONG_NODE):
+            self.lost = True  # retired (WRONG_NODE): no new calls; closed once these are
         if len(call.replies) == call.count:
             calls.popleft()
             if not call.future.done():
                 call.future.set_result(call.replies)
+            if self.lost and not calls:
+                self.close()
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -122,6 +122,8 @@ async def test_a_killed_redis_gets_defaults_and_a_restarted_one_personalizes_aga
         proc.wait(timeout=10)
         down = [await _get(client) for _ in range(6)]
         ready = await client.get("/readyz")
+        auth = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+        erase = await client.post("/admin/erase", json={"session_id": "shopper"}, headers=auth)
         again = redis_server(int(port), tmp_path)  # a restart, once, in a test
         try:
             for _ in range(50):  # the processor's held connection died with the old server
@@ -137,6 +139,9 @@ async def test_a_killed_redis_gets_defaults_and_a_restarted_one_personalizes_aga
     assert {a["fallback_reason"] for a in down} == {"store_unavailable"}
     assert all(len(a["items"]) == 8 for a in down)
     assert ready.status_code == 503
+    # an erasure that cannot be done says so and can be retried (it raised: a bare 500)
+    assert (erase.status_code, erase.headers["retry-after"]) == (503, "1")
+    assert erase.json()["error"].startswith("Redis is unavailable (ConnectionError)")
     assert back["strategy"] == "personalized"
 
 

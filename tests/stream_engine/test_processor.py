@@ -657,7 +657,8 @@ async def test_a_large_batch_writes_its_aggregates_in_chunks_that_add_up_to_one_
         real = processor.batches.execute
 
         async def counting(commands: Any) -> list[Any]:
-            scripts.append(sum(1 for c in commands if c[1] == processor._sha["APPLY_AGGREGATES"]))
+            sha = processor._sha.get("APPLY_AGGREGATES")  # none while it loads its scripts
+            scripts.append(sum(1 for c in commands if c[1] == sha))
             return await real(commands)
 
         monkeypatch.setattr(processor.batches, "execute", counting)

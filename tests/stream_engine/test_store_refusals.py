@@ -14,10 +14,11 @@ from redis.exceptions import OutOfMemoryError, ReadOnlyError, ResponseError
 from stream_engine.catalog import Catalog
 from stream_engine.demo_catalog import generate
 from stream_engine.events import Event, EventType, encode_event
-from stream_engine.ingest import Ingest, store_unavailable
+from stream_engine.ingest import Ingest
 from stream_engine.metrics import WorkerMetrics
 from stream_engine.processor import Record
 from stream_engine.settings import Settings
+from stream_engine.store import store_unavailable
 
 CATALOG = Catalog(generate(200))
 ITEMS = [it.item_id for it in CATALOG.items]
