@@ -47,7 +47,7 @@ from stream_engine.settings import (
     ENGINES,
     check_kafka_bootstrap,
 )
-from stream_engine.store import check_redis_url
+from stream_engine.store import check_redis_url, connect
 
 
 def _number(zero_ok: bool, unit: str = "seconds") -> Callable[[str], float]:
@@ -122,7 +122,8 @@ async def run_suite(args: Any) -> int:
     steps = await runner.run()
     failures = verdict(scenario, steps)
     invalid, notes = invalid_steps(scenario, steps)
-    redis = aioredis.Redis.from_url(os.environ.get("KAIROS_REDIS_URL") or DEFAULT_REDIS_URL)
+    # connect(): any URL the services take (a Sentinel one too), not only redis-py's
+    redis = connect(os.environ.get("KAIROS_REDIS_URL") or DEFAULT_REDIS_URL, max_connections=1)
     try:
         info = await redis.info("server")
     except (OSError, aioredis.RedisError):

@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 
 import hiredis
 import redis
@@ -24,6 +24,7 @@ import redis.asyncio as aioredis
 from redis._parsers import BaseParser  # the exception class of each error reply
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
 from redis.backoff import NoBackoff
 from redis.connection import parse_url
 from redis.exceptions import (
@@ -109,13 +110,111 @@ _KAIROS_CLASS: dict[type, type[AbstractConnection]] = {
 }
 
 
+class KairosSentinelConnection(_KairosConnection, SentinelManagedConnection):
+    pass
+
+
+class KairosSentinelPool(SentinelConnectionPool, aioredis.BlockingConnectionPool):
+    """redis-py's pool for the primary a Sentinel names, blocking for a free connection
+    like every other Kairos pool; closing it closes the Sentinel connections too."""
+
+    async def disconnect(self, inuse_connections: bool = True) -> None:
+        await super().disconnect(inuse_connections)
+        if inuse_connections:  # the client's close (a failover drops only idle ones)
+            for sentinel in self.sentinel_manager.sentinels:
+                await sentinel.aclose()
+
+
+SENTINEL_SCHEME = "redis+sentinel"
+SENTINEL_PORT = 26379
+
+
+@dataclass(frozen=True, slots=True)
+class SentinelUrl:
+    """`redis+sentinel://[[user]:password@]host[:port][,host[:port]...]/service[/db]
+    [?sentinel_username=…&sentinel_password=…]`: the Sentinels (port 26379 unless given)
+    to ask where the primary of `service` is, at each new connection. The user, password
+    and database are the primary's; the Sentinels' own are in the query."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    service: str
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+    sentinel_username: str | None = None
+    sentinel_password: str | None = None
+
+    @classmethod
+    def parse(cls, url: str) -> SentinelUrl | None:
+        """None for a URL of another scheme; ValueError saying what is wrong with one of
+        this scheme."""
+        parts = urlsplit(url)
+        if parts.scheme != SENTINEL_SCHEME:
+            return None
+        hosts = parts.netloc.rsplit("@", 1)[-1]
+        sentinels = tuple(_host_port(entry) for entry in hosts.split(","))
+        path = [unquote(p) for p in parts.path.strip("/").split("/")] if parts.path else []
+        if not path or not path[0]:
+            raise ValueError("no service name: redis+sentinel://host:26379/SERVICE[/db]")
+        if len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
+            raise ValueError(f"the path must be /service[/db], got {parts.path!r}")
+        allowed = {"sentinel_username", "sentinel_password"}
+        query = parse_qs(parts.query, keep_blank_values=True)
+        if unknown := sorted(set(query) - allowed):
+            raise ValueError(f"unknown parameters {', '.join(unknown)} (known: "
+                             f"{', '.join(sorted(allowed))})")  # fmt: skip
+        return cls(
+            sentinels=sentinels,
+            service=path[0],
+            db=int(path[1]) if len(path) == 2 else 0,
+            username=unquote(parts.username) if parts.username else None,
+            password=unquote(parts.password) if parts.password is not None else None,
+            sentinel_username=query.get("sentinel_username", [None])[-1],
+            sentinel_password=query.get("sentinel_password", [None])[-1],
+        )
+
+    def client(self, max_connections: int, timeout_s: float | None) -> aioredis.Redis:
+        ask = {"username": self.sentinel_username, "password": self.sentinel_password,
+               "socket_timeout": 2.0, "socket_connect_timeout": 2.0}  # fmt: skip
+        manager = Sentinel(list(self.sentinels), sentinel_kwargs=ask)  # type: ignore[no-untyped-call]
+        client: aioredis.Redis = manager.master_for(
+            self.service,
+            connection_pool_class=KairosSentinelPool,
+            connection_class=KairosSentinelConnection,
+            max_connections=max_connections,
+            timeout=timeout_s or 5.0,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=2,
+            health_check_interval=10,
+            retry=WRONG_NODE_RETRY,
+            db=self.db,
+            username=self.username,
+            password=self.password,
+        )
+        return client
+
+
+def _host_port(entry: str) -> tuple[str, int]:
+    if entry.startswith("["):  # [::1]:26379
+        host, _, rest = entry[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    else:
+        host, _, port = entry.partition(":")
+    if not host or (port and not port.isdigit()) or ":" in port:
+        raise ValueError(f"a Sentinel must be host[:port], got {entry!r}")
+    return host, int(port) if port else SENTINEL_PORT
+
+
 def connect(
     url: str,
     max_connections: int = 8,
     timeout_s: float | None = 5.0,
 ) -> aioredis.Redis:
     """timeout_s=None drops redis-py's per-reply timer (a few µs per command): for callers
-    that bound a whole pipeline with one asyncio.timeout instead, like the worker."""
+    that bound a whole pipeline with one asyncio.timeout instead, like the worker. A
+    `redis+sentinel://` URL (SentinelUrl) connects to the primary its Sentinels name."""
+    if (sentinel := SentinelUrl.parse(url)) is not None:
+        return sentinel.client(max_connections, timeout_s)
     pool = aioredis.BlockingConnectionPool.from_url(
         url,
         max_connections=max_connections,
@@ -320,11 +419,21 @@ class _Address:
     connect_timeout_s: float
     path: str | None = None  # a unix socket's, instead of host and port
     tls: ssl.SSLContext | None = None
+    # where the primary is now, asked at each connection (a Sentinel-managed pool's)
+    resolve: Callable[[], Awaitable[tuple[str, int]]] | None = None
+    service: str = ""
 
     @classmethod
     def of(cls, redis: aioredis.Redis) -> _Address:
         pool = redis.connection_pool
         kwargs = pool.connection_kwargs
+        if isinstance(pool, SentinelConnectionPool):
+            return cls(
+                host="", port=0, db=int(kwargs.get("db", 0) or 0),
+                username=kwargs.get("username"), password=kwargs.get("password"),
+                connect_timeout_s=kwargs.get("socket_connect_timeout") or 5.0,
+                resolve=pool.get_master_address, service=pool.service_name,
+            )  # fmt: skip
         tls = None
         if issubclass(pool.connection_class, aioredis.SSLConnection):
             # redis-py's context for the URL's ssl_* parameters: the same certificates,
@@ -345,6 +454,8 @@ class _Address:
 
     @property
     def where(self) -> str:
+        if self.resolve is not None:
+            return f"the primary of {self.service!r} (Sentinel)"
         return self.path or f"{self.host}:{self.port}"
 
     async def open(self, protocol: Callable[[], _P]) -> _P:
@@ -355,9 +466,10 @@ class _Address:
                 if self.path is not None:
                     _, conn = await loop.create_unix_connection(protocol, self.path)
                 else:
-                    _, conn = await loop.create_connection(
-                        protocol, self.host, self.port, ssl=self.tls
-                    )
+                    host, port = self.host, self.port
+                    if self.resolve is not None:  # MasterNotFoundError: a ConnectionError
+                        host, port = await self.resolve()
+                    _, conn = await loop.create_connection(protocol, host, port, ssl=self.tls)
         except TimeoutError:
             raise RedisConnectionError(f"connecting to Redis at {self.where} timed out") from None
         except OSError as exc:  # ssl.SSLError included
@@ -522,6 +634,8 @@ def check_redis_url(url: str, name: str = "KAIROS_REDIS_URL") -> None:
     """Refuse (ConfigError, the password masked) a Redis URL redis-py can't use, or one it
     would quietly read differently: a database that is not a number was database 0."""
     try:
+        if SentinelUrl.parse(url) is not None:
+            return
         parse_url(url)  # type: ignore[no-untyped-call]
     except ValueError as exc:
         raise ConfigError(f"{name}={_shown(url)!r}: {exc}") from None
@@ -538,7 +652,10 @@ def check_topology(url: str, timeout_s: float = 2.0) -> None:
     works, but the clients here send everything through the one node the URL names and
     follow no MOVED redirection: on a cluster of several shards every command for a key
     elsewhere would fail, and the worker would send every event to the dead letters. A
-    Redis that does not answer passes: the processes handle that as an outage."""
+    Redis that does not answer passes: the processes handle that as an outage. A primary
+    that Sentinels name is never a cluster node (Sentinel does not manage clusters)."""
+    if SentinelUrl.parse(url) is not None:
+        return
     options: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
     db = int(options.get("db") or 0)
     options["db"] = 0  # a cluster node refuses SELECT: ask it anyway, then say why
