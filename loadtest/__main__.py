@@ -212,7 +212,8 @@ async def run_replay(args: Any) -> int:
         return 2
     known = {it.item_id for it in load_items(catalog)}
     pipeline = replay.Pipeline(args.api, args.bootstrap, args.topic, args.catalog_topic,
-                               args.redis, args.key_prefix)  # fmt: skip
+                               args.redis, args.key_prefix,
+                               KafkaSecurity.from_env(os.environ))  # fmt: skip
     player = replay.Replayer(pipeline, known, args.k, learn=not args.no_learn)
     result = await player.run_logs(train, test)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -36,6 +36,7 @@ from loadtest.http import Client, HttpError
 from loadtest.traffic import Traffic
 from stream_engine.catalog import LEARNED_DIMS, load_items
 from stream_engine.catalog_updates import catalog_items_key, catalog_version_key
+from stream_engine.kafka_security import PLAINTEXT, KafkaSecurity
 from stream_engine.latent import refresh
 from stream_engine.settings import Settings
 from stream_engine.store import connect
@@ -114,6 +115,7 @@ class Pipeline:
     catalog_topic: str
     redis_url: str
     key_prefix: str
+    security: KafkaSecurity = PLAINTEXT  # the deployment's KAIROS_KAFKA_*
 
 
 class Replayer:
@@ -218,7 +220,8 @@ class Replayer:
             await asyncio.sleep(0.01)
 
     async def run_logs(self, train: list[Row], test: list[Row]) -> dict[str, Any]:
-        producer = AIOKafkaProducer(bootstrap_servers=self.pipeline.bootstrap, linger_ms=0)
+        producer = AIOKafkaProducer(bootstrap_servers=self.pipeline.bootstrap, linger_ms=0,
+                                    **self.pipeline.security.aiokafka())  # fmt: skip
         await producer.start()
         topic = self.pipeline.topic
         started: dict[str, int] = defaultdict(int)

@@ -30,6 +30,7 @@ from loadtest.http import Client, HttpError
 from loadtest.traffic import Traffic
 from stream_engine.catalog import load_items
 from stream_engine.demo_catalog import resolve_catalog_path
+from stream_engine.kafka_security import KafkaSecurity
 
 log = logging.getLogger("kairos.simulator")
 PAGE_VIEW_SHARE = 0.25
@@ -67,13 +68,15 @@ async def run(rate: float, sessions: int, duration: float) -> int:
     traffic = Traffic(load_items(catalog), active_sessions=sessions, tracked_share=0.0)
     topic = env.get("KAIROS_CLICKSTREAM_TOPIC", "clickstream")
     bootstrap = env.get("KAIROS_KAFKA_BOOTSTRAP", "127.0.0.1:9092")
+    security = KafkaSecurity.from_env(env)  # the deployment's KAIROS_KAFKA_*, as the worker's
     api_url = env.get("KAIROS_API_URL", "")
     api = Client.for_url(api_url) if api_url else None
     rng = random.Random()
     sent = 0
     start = time.monotonic()
     while duration <= 0 or time.monotonic() - start < duration:
-        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=0)
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=0,
+                                    **security.aiokafka())  # fmt: skip
         try:
             await producer.start()
             print(f"simulating {sessions} shoppers at {rate:g} events/s into {topic}",

@@ -27,6 +27,7 @@ from confluent_kafka.admin._scram import (  # not re-exported by name
 )
 
 from api.publisher import Publisher
+from loadtest import simulate
 from loadtest.producer import make_producer
 from stream_engine.catalog_updates import catalog_items_key
 from stream_engine.demo_catalog import generate, write_demo_catalog
@@ -350,6 +351,24 @@ async def test_the_load_suites_producers_send_over_sasl_ssl(
     finally:
         await producer.stop()
     assert await _read(secured_kafka, topic, 1) == [b'{"n": 2}']
+
+
+@pytest.mark.integration
+async def test_the_simulator_sends_over_sasl_ssl(
+    secured_kafka: SecuredKafka, unique: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`python -m loadtest simulate` (make demo's shoppers) with the deployment's
+    KAIROS_KAFKA_*: it spoke plaintext, and against this listener sent nothing."""
+    topic = f"simulated.{unique}"
+    catalog = write_demo_catalog(tmp_path / "catalog.jsonl", n_items=50)
+    env = {**secured_kafka.env(), "KAIROS_CLICKSTREAM_TOPIC": topic, "KAIROS_API_URL": "",
+           "KAIROS_CATALOG_PATH": str(catalog)}  # fmt: skip
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    sent = await simulate.run(rate=20, sessions=3, duration=1.0)
+    events = [orjson.loads(v) for v in await _read(secured_kafka, topic, sent)]
+    assert sent >= 10
+    assert len({e["event_id"] for e in events}) == sent  # every one, once
 
 
 @pytest.mark.integration
