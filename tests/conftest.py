@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -23,8 +24,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import orjson
 import pytest
 import redis.asyncio as aioredis
+from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 REPO = Path(__file__).resolve().parent.parent
@@ -313,6 +316,60 @@ def worker_topics(unique: str) -> dict[str, str]:
         "KAIROS_DECISIONS_TOPIC": f"decisions.{unique}",
         "KAIROS_CONSUMER_GROUP": f"kairos-test-{unique}",
     }
+
+
+def stop_servers(procs: list[subprocess.Popen[bytes]], workdir: Path) -> None:
+    """A test's own servers stopped (all signalled first, then each waited for) and their
+    directory removed."""
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        proc.wait(10)
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def redis_worker_env(
+    stack: Stack, unique: str, key_prefix: str, tmp_path: Path, redis_url: str,
+    **extra: str,
+) -> dict[str, str]:  # fmt: skip
+    """A one-partition worker's (and an API's) environment on a Redis of the test's own:
+    the stack's broker, the test's topics, keys and a 100-item demo catalog."""
+    from stream_engine.demo_catalog import write_demo_catalog
+
+    return {
+        **os.environ, **worker_topics(unique),
+        "KAIROS_KAFKA_BOOTSTRAP": stack.kafka_bootstrap,
+        "KAIROS_REDIS_URL": redis_url,
+        "KAIROS_KEY_PREFIX": key_prefix,
+        "KAIROS_CATALOG_PATH": str(write_demo_catalog(tmp_path / "catalog.jsonl", n_items=100)),
+        "KAIROS_PARTITIONS": "1",
+        "KAIROS_METRICS_PORT": "0",
+        **extra,
+    }  # fmt: skip
+
+
+@dataclass
+class Views:
+    """View events into `topic`, a round being one for each session, every one with an id
+    of its own, sent and acknowledged one at a time."""
+
+    producer: AIOKafkaProducer
+    topic: str
+    sessions: list[str]
+    sent: int = 0
+
+    async def send(self, rounds: int = 1) -> None:
+        from stream_engine.demo_catalog import generate
+
+        items = [it.item_id for it in generate(100)]
+        for _ in range(rounds):
+            for sid in self.sessions:
+                body = {"event_id": f"{self.topic}-{self.sent}", "type": "view",
+                        "session_id": sid, "ts": int(time.time() * 1000),
+                        "item_id": items[self.sent % len(items)]}  # fmt: skip
+                await self.producer.send_and_wait(self.topic, orjson.dumps(body),
+                                                  key=sid.encode())  # fmt: skip
+                self.sent += 1
 
 
 def free_port() -> int:

@@ -11,7 +11,6 @@ Both servers are real redis-servers, the second a replica of the first until it 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -21,18 +20,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pytest
 import redis
 from aiokafka import AIOKafkaProducer
 from redis.exceptions import ReadOnlyError
 
-from stream_engine.demo_catalog import generate, write_demo_catalog
 from stream_engine.settings import Settings
 from stream_engine.state import Keys
 from stream_engine.store import Batches, Shared, connect
 from stream_engine.topics import ensure_topics
-from tests.conftest import Stack, free_port, spawn_group, stop_group, wait_for, worker_topics
+from tests.conftest import (
+    Stack,
+    Views,
+    free_port,
+    redis_worker_env,
+    spawn_group,
+    stop_group,
+    stop_servers,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -104,11 +110,7 @@ def pair() -> Iterator[Pair]:
             time.sleep(0.05)
         yield p
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            proc.wait(10)
-        shutil.rmtree(workdir, ignore_errors=True)
+        stop_servers(procs, workdir)
 
 
 async def test_each_connection_reaches_the_new_primary_after_at_most_one_refusal(
@@ -155,48 +157,27 @@ async def test_a_worker_applies_every_event_once_across_a_failover(
     replication; events after it land on the new one: none lost, none applied twice. The
     worker's scripts are not on the new primary (a script cache is not replicated), so
     this also takes it through loading them again."""
-    env = {
-        **os.environ, **worker_topics(unique),
-        "KAIROS_KAFKA_BOOTSTRAP": stack.kafka_bootstrap,
-        "KAIROS_REDIS_URL": pair.url,
-        "KAIROS_KEY_PREFIX": key_prefix,
-        "KAIROS_CATALOG_PATH": str(write_demo_catalog(tmp_path / "catalog.jsonl", n_items=100)),
-        "KAIROS_PARTITIONS": "1",
-        "KAIROS_METRICS_PORT": "0",
-    }  # fmt: skip
+    env = redis_worker_env(stack, unique, key_prefix, tmp_path, pair.url)
     await ensure_topics(Settings.from_env(env))
     worker = spawn_group([sys.executable, "-m", "stream_engine", "worker"], env,
                          tmp_path / "worker.log")  # fmt: skip
     producer = AIOKafkaProducer(bootstrap_servers=stack.kafka_bootstrap, linger_ms=0)
     await producer.start()
-    items = [it.item_id for it in generate(100)]
     sessions = [f"fo-s{i}" for i in range(5)]
+    views = Views(producer, env["KAIROS_CLICKSTREAM_TOPIC"], sessions)
     keys = Keys(key_prefix)
-    sent = 0
-
-    async def send(rounds: int) -> None:
-        nonlocal sent
-        for _ in range(rounds):
-            for sid in sessions:
-                item = items[sent % len(items)]
-                body = {"event_id": f"fo-{sent}", "type": "view", "session_id": sid,
-                        "ts": int(time.time() * 1000), "item_id": item}  # fmt: skip
-                await producer.send_and_wait(
-                    env["KAIROS_CLICKSTREAM_TOPIC"], orjson.dumps(body), key=sid.encode()
-                )
-                sent += 1
 
     def counts(server: str) -> list[Any]:
         with pair.admin(server) as admin:
             return [admin.hget(keys.session(sid), "n") for sid in sessions]
 
     try:
-        await send(3)
+        await views.send(3)
         await wait_for(lambda: counts("a") == [b"3"] * 5, 60, "three events a session applied")
         pair.failover()
-        await send(3)
+        await views.send(3)
         await wait_for(lambda: counts("b") == [b"6"] * 5, 30, "the next three on the new primary")
-        await send(1)  # and the worker stays there
+        await views.send(1)  # and the worker stays there
         await wait_for(lambda: counts("b") == [b"7"] * 5, 30, "one more on the new primary")
         assert worker.poll() is None, (tmp_path / "worker.log").read_text()[-3000:]
     finally:

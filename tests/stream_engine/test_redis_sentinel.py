@@ -6,8 +6,6 @@ followed the primary. Real redis-servers: a primary, its replica and one Sentine
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -23,7 +21,6 @@ import pytest
 import redis
 from aiokafka import AIOKafkaProducer
 
-from stream_engine.demo_catalog import generate, write_demo_catalog
 from stream_engine.exceptions import ConfigError
 from stream_engine.settings import Settings
 from stream_engine.state import Keys
@@ -31,12 +28,14 @@ from stream_engine.store import Batches, SentinelUrl, Shared, check_redis_url, c
 from stream_engine.topics import ensure_topics
 from tests.conftest import (
     Stack,
+    Views,
     free_port,
     listening,
+    redis_worker_env,
     spawn_group,
     stop_group,
+    stop_servers,
     wait_for,
-    worker_topics,
 )
 
 SERVICE = "kairos-primary"
@@ -155,11 +154,7 @@ def sentineled() -> Iterator[Sentineled]:
             time.sleep(0.1)
         yield s
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            proc.wait(10)
-        shutil.rmtree(workdir, ignore_errors=True)
+        stop_servers(procs, workdir)
 
 
 @pytest.mark.integration
@@ -242,37 +237,17 @@ async def test_a_worker_and_an_api_on_sentinel_carry_on_across_a_failover(
     """The worker applies events on the primary the Sentinel names, then on the new one
     after a failover, each once; the API answers personalized from either."""
     api_port = free_port()
-    env = {
-        **os.environ, **worker_topics(unique),
-        "KAIROS_KAFKA_BOOTSTRAP": stack.kafka_bootstrap,
-        "KAIROS_REDIS_URL": sentineled.url,
-        "KAIROS_KEY_PREFIX": key_prefix,
-        "KAIROS_CATALOG_PATH": str(write_demo_catalog(tmp_path / "catalog.jsonl", n_items=100)),
-        "KAIROS_PARTITIONS": "1",
-        "KAIROS_METRICS_PORT": "0",
-        "KAIROS_API_PORT": str(api_port),
-    }  # fmt: skip
+    env = redis_worker_env(stack, unique, key_prefix, tmp_path, sentineled.url,
+                           KAIROS_API_PORT=str(api_port))  # fmt: skip
     await ensure_topics(Settings.from_env(env))
     worker = spawn_group([sys.executable, "-m", "stream_engine", "worker"], env,
                          tmp_path / "worker.log")  # fmt: skip
     api = spawn_group([sys.executable, "-m", "api"], env, tmp_path / "api.log")
     producer = AIOKafkaProducer(bootstrap_servers=stack.kafka_bootstrap, linger_ms=0)
     await producer.start()
-    items = [it.item_id for it in generate(100)]
     sessions = [f"sn-s{i}" for i in range(4)]
+    views = Views(producer, env["KAIROS_CLICKSTREAM_TOPIC"], sessions)
     keys = Keys(key_prefix)
-    sent = 0
-
-    async def send(rounds: int) -> None:
-        nonlocal sent
-        for _ in range(rounds):
-            for sid in sessions:
-                body = {"event_id": f"sn-{sent}", "type": "view", "session_id": sid,
-                        "ts": int(time.time() * 1000), "item_id": items[sent % 100]}  # fmt: skip
-                await producer.send_and_wait(
-                    env["KAIROS_CLICKSTREAM_TOPIC"], orjson.dumps(body), key=sid.encode()
-                )
-                sent += 1
 
     def counts(port: int) -> list[Any]:
         return [sentineled.ask(port, "HGET", keys.session(sid), "n") for sid in sessions]
@@ -290,11 +265,11 @@ async def test_a_worker_and_an_api_on_sentinel_carry_on_across_a_failover(
 
     try:
         first = sentineled.primary()
-        await send(3)
+        await views.send(3)
         await wait_for(lambda: counts(first) == [b"3"] * 4, 60, "three events a session")
         await wait_for(personalized, 60, "the API personalized on the first primary")
         second = sentineled.fail_over()
-        await send(3)
+        await views.send(3)
         await wait_for(lambda: counts(second) == [b"6"] * 4, 60, "three more on the new primary")
         await wait_for(personalized, 30, "the API personalized after the failover")
         for proc, log in ((worker, "worker.log"), (api, "api.log")):

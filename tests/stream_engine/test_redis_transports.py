@@ -6,7 +6,6 @@ runs end to end on a TLS Redis. They used to take host and port alone."""
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from stream_engine.demo_catalog import generate, write_demo_catalog
+from stream_engine.demo_catalog import generate
 from stream_engine.settings import Settings
 from stream_engine.state import Keys
 from stream_engine.store import Batches, Shared, connect, psubscribe
@@ -29,10 +28,10 @@ from tests.conftest import (
     Tls,
     free_port,
     listening,
+    redis_worker_env,
     spawn_group,
     stop_group,
     wait_for,
-    worker_topics,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -117,17 +116,8 @@ async def test_a_worker_and_an_api_on_a_tls_redis_personalize(
     API's state read (Shared) and its background reads, all over TLS, with AUTH and SELECT
     on every connection they open."""
     api_port = free_port()
-    env = {
-        **os.environ, **worker_topics(unique),
-        "KAIROS_KAFKA_BOOTSTRAP": stack.kafka_bootstrap,
-        "KAIROS_REDIS_URL": tls_redis,
-        "KAIROS_KEY_PREFIX": key_prefix,
-        "KAIROS_CATALOG_PATH": str(write_demo_catalog(tmp_path / "catalog.jsonl", n_items=100)),
-        "KAIROS_PARTITIONS": "1",
-        "KAIROS_METRICS_PORT": "0",
-        "KAIROS_ENGINE": "aiokafka",
-        "KAIROS_API_PORT": str(api_port),
-    }  # fmt: skip
+    env = redis_worker_env(stack, unique, key_prefix, tmp_path, tls_redis,
+                           KAIROS_ENGINE="aiokafka", KAIROS_API_PORT=str(api_port))  # fmt: skip
     await ensure_topics(Settings.from_env(env))
     worker = spawn_group([sys.executable, "-m", "stream_engine", "worker"], env,
                          tmp_path / "worker.log")  # fmt: skip
