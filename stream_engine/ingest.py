@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import orjson
 import redis.asyncio as aioredis
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from redis.exceptions import ResponseError
 
 from stream_engine.catalog import Catalog
@@ -30,6 +31,7 @@ from stream_engine.processor import (
     Outcome,
     OwnerCache,
     Record,
+    StoreRegressed,
     Ttls,
 )
 from stream_engine.settings import Settings
@@ -107,6 +109,8 @@ class Ingest:
         # The fences are taken per incarnation of the clickstream topic (its id, from
         # topics.TopicIdentity; planning.is_new).
         self.incarnation = Incarnation(settings.clickstream_topic, topic_id)
+        # partition -> the highest aggregates' fence the lanes wrote (StoreRegressed)
+        self.written_through: dict[int, int] = {}
 
     @classmethod
     def of_worker(
@@ -141,6 +145,7 @@ class Ingest:
                 upkeep=self._upkeep,
                 cache=self._cache,
             )
+            proc.written_through = self.written_through  # one record for the lanes
             proc.adopt_incarnation(self.incarnation.tag)
         return proc
 
@@ -188,6 +193,9 @@ class Ingest:
         while True:
             try:
                 return await self.processor(lane).process(records)
+            except StoreRegressed as gone:
+                await self._refill(gone, lane)
+                continue
             except Exception as exc:
                 if store_unavailable(exc):
                     self.metrics.store_errors.inc()
@@ -200,6 +208,26 @@ class Ingest:
                     return _poisoned(records[0])
                 log.exception("batch failed; retrying its events one at a time")
                 return await self._one_by_one(records, lane)
+
+    async def _refill(self, gone: StoreRegressed, lane: int) -> None:
+        """Redis lost the effects of offsets gone.stored+1 .. gone.through of a partition
+        that this worker had applied (and may have committed): read them from Kafka again
+        and apply them, in order, before the batch that found out. Their dead letters were
+        sent the first time and are not sent again; what Redis kept, the fences skip."""
+        p, first, last = gone.partition, gone.stored + 1, gone.through
+        log.warning("partition %d: Redis lost the effects of offsets %d..%d (a failover, or "
+                    "a restart from older data): applying them again from Kafka",
+                    p, first, last)  # fmt: skip
+        self.metrics.store_regressions.inc()
+        records = await read_range(self.settings, p, first, last)
+        if len(records) < last - first + 1:
+            log.warning("partition %d: %d of offsets %d..%d are still in Kafka (retention, "
+                        "compaction or aborted transactions: the rest cannot be applied "
+                        "again)", p, len(records), first, last)  # fmt: skip
+        self.written_through.pop(p, None)  # the refill's own writes set it again
+        for i in range(0, len(records), REFILL_BATCH):
+            await self._apply(records[i : i + REFILL_BATCH], lane)
+        self.metrics.reapplied.inc(len(records))
 
     async def _one_by_one(self, records: Sequence[Record], lane: int) -> Outcome:
         total = Outcome()
@@ -308,3 +336,35 @@ def _add(total: Outcome, o: Outcome) -> None:
 
 def _poisoned(r: Record) -> Outcome:
     return Outcome(dead=[DeadLetter(r, "processing_error", "see worker log")])
+
+
+REFILL_BATCH = 500  # events a batch when applying again what Redis lost
+REFILL_TIMEOUT_S = 60.0
+
+
+async def read_range(settings: Settings, partition: int, first: int, last: int) -> list[Record]:
+    """The clickstream's records of `partition` at offsets first..last, as the worker's
+    consumer reads them (its security and isolation level), with a consumer of no group:
+    what is no longer in the topic is left out."""
+    tp = TopicPartition(settings.clickstream_topic, partition)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap, group_id=None, enable_auto_commit=False,
+        isolation_level=settings.isolation_level, **settings.kafka.aiokafka(),
+    )  # fmt: skip
+    await consumer.start()
+    out: list[Record] = []
+    try:
+        consumer.assign([tp])
+        consumer.seek(tp, first)
+        async with asyncio.timeout(REFILL_TIMEOUT_S):
+            while await consumer.position(tp) <= last:
+                end = (await consumer.end_offsets([tp]))[tp]
+                if await consumer.position(tp) >= end:
+                    break  # the rest is not there (and will not be)
+                for msg in (await consumer.getmany(tp, timeout_ms=500)).get(tp, []):
+                    if first <= msg.offset <= last and msg.value is not None:
+                        out.append(Record(partition, msg.offset, msg.key, msg.value,
+                                          msg.timestamp))  # fmt: skip
+    finally:
+        await consumer.stop()
+    return out

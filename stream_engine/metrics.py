@@ -132,6 +132,16 @@ class WorkerMetrics:
             "kairos_store_errors_total", "Redis failures while applying a batch (retried)",
             registry=r,
         )  # fmt: skip
+        self.store_regressions = Counter(
+            "kairos_store_regressions_total",
+            "Times Redis was found to hold less of a partition than the worker had written "
+            "(a failover, a restart from older data); the events in between applied again",
+            registry=r,
+        )  # fmt: skip
+        self.reapplied = Counter(
+            "kairos_events_reapplied_total",
+            "Events read again from Kafka because Redis had lost their effects", registry=r,
+        )  # fmt: skip
         self.apply_failures = Counter(
             "kairos_apply_failures_total",
             "Batch applies that failed other than on Redis (retried in place)", registry=r,

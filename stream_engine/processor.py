@@ -243,6 +243,21 @@ def _fence_only(write: SessionWrite) -> Entry:
             None, None, b"")  # fmt: skip
 
 
+class StoreRegressed(Exception):
+    """Redis holds less of a partition than this worker wrote to it: its aggregates' fence
+    is at `stored` where this worker had written through `through` (a failover that lost
+    what the old primary had not replicated; a restart from an older snapshot or an
+    `appendfsync everysec` log). The events in between are in Kafka, but the consumer
+    has moved past them: the caller applies them again (ingest.Ingest._refill), and the
+    fences skip whatever of them Redis still has. Raised before anything of the batch
+    is written."""
+
+    def __init__(self, partition: int, stored: int, through: int) -> None:
+        super().__init__(f"partition {partition}: Redis has its events through offset "
+                         f"{stored}, this worker wrote through {through}")  # fmt: skip
+        self.partition, self.stored, self.through = partition, stored, through
+
+
 class BatchProcessor:
     def __init__(
         self,
@@ -281,6 +296,11 @@ class BatchProcessor:
         self.upkeep = upkeep or AggregateUpkeep(ttls.aggregate_ms)
         self.batches = Batches(redis)
         self.repaired = 0  # keys deleted by _repair, ever
+        # partition -> the highest aggregates' fence this worker's writes set (Redis
+        # accepted them), to tell a Redis that lost some of them (StoreRegressed). Shared
+        # by a worker's lanes (Ingest); kept across cache clears, which follow exactly the
+        # errors a failover or a restart cause.
+        self.written_through: dict[int, int] = {}
         # The clickstream topic's incarnation the fences are taken on (planning.is_new):
         # 0 while unknown; set through adopt_incarnation.
         self.incarnation = 0
@@ -289,6 +309,8 @@ class BatchProcessor:
         """Fence on the topic's incarnation `tag` from the next batch on; the fences cached
         for another one are dropped."""
         if tag != self.incarnation:
+            if self.incarnation:  # offsets of another incarnation (a new lane's first tag
+                self.written_through.clear()  # leaves the lanes' shared record be)
             self.incarnation = tag
             self.cache.clear()
             self.upkeep.forget()
@@ -417,6 +439,17 @@ class BatchProcessor:
         stored = res[-2]
         fences = {p: fenced_on(stored[2 * i], stored[2 * i + 1], self.incarnation)
                   for i, p in enumerate(partitions)}  # fmt: skip
+        for p, fence in fences.items():
+            through = self.written_through.get(p)
+            if through is None or (fence is not None and fence >= through):
+                continue
+            if fence is None:  # an emptied Redis (or the fence expired): nothing to go by
+                log.warning("partition %d: Redis has no trace of its events, this worker "
+                            "wrote through offset %d: applying what follows to fresh "
+                            "state", p, through)  # fmt: skip
+                del self.written_through[p]
+                continue
+            raise StoreRegressed(p, fence, through)
         return snaps, fences, stored_int(res[-1])
 
     async def _repair(
@@ -680,6 +713,8 @@ class BatchProcessor:
             self.upkeep.forget()  # its schedule counted this write
             return 1
         self.cache.agg_fences[agg.partition] = agg.fence
+        if agg.fence > self.written_through.get(agg.partition, -1):
+            self.written_through[agg.partition] = agg.fence
         self.cache.landmark = agg.landmark
         if agg.landmark != self._settled_at or len(self._settled) > AggregateUpkeep.MAX_KNOWN:
             self._settled.clear()
