@@ -12,11 +12,12 @@ import bisect
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import orjson
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
 from redis.exceptions import ResponseError
 
 from stream_engine.catalog import Catalog
@@ -194,7 +195,13 @@ class Ingest:
             try:
                 return await self.processor(lane).process(records)
             except StoreRegressed as gone:
-                await self._refill(gone, lane)
+                try:
+                    await self._refill(gone, lane)
+                except (KafkaError, OSError, TimeoutError) as exc:
+                    log.warning("partition %d: reading lost offsets again failed (%r); "
+                                "retrying in %.2fs", gone.partition, exc, delay)  # fmt: skip
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, MAX_BACKOFF_S)
                 continue
             except Exception as exc:
                 if store_unavailable(exc):
@@ -212,22 +219,30 @@ class Ingest:
     async def _refill(self, gone: StoreRegressed, lane: int) -> None:
         """Redis lost the effects of offsets gone.stored+1 .. gone.through of a partition
         that this worker had applied (and may have committed): read them from Kafka again
-        and apply them, in order, before the batch that found out. Their dead letters were
-        sent the first time and are not sent again; what Redis kept, the fences skip."""
+        and apply them, in order and in batches as they come, before the batch that found
+        out. Their dead letters were sent the first time and are not sent again; what
+        Redis kept, the fences skip. Kafka failing meanwhile raises: the caller retries,
+        and finds the partition as far behind as the batches already applied left it."""
         p, first, last = gone.partition, gone.stored + 1, gone.through
         log.warning("partition %d: Redis lost the effects of offsets %d..%d (a failover, or "
                     "a restart from older data): applying them again from Kafka",
                     p, first, last)  # fmt: skip
         self.metrics.store_regressions.inc()
-        records = await read_range(self.settings, p, first, last)
-        if len(records) < last - first + 1:
-            log.warning("partition %d: %d of offsets %d..%d are still in Kafka (retention, "
-                        "compaction or aborted transactions: the rest cannot be applied "
-                        "again)", p, len(records), first, last)  # fmt: skip
         self.written_through.pop(p, None)  # the refill's own writes set it again
-        for i in range(0, len(records), REFILL_BATCH):
-            await self._apply(records[i : i + REFILL_BATCH], lane)
-        self.metrics.reapplied.inc(len(records))
+        found = 0
+        try:
+            async for records in read_range(self.settings, p, first, last):
+                await self._apply(records, lane)
+                found += len(records)
+                self.metrics.reapplied.inc(len(records))
+        except BaseException:
+            # what is still missing must be found missing again
+            self.written_through[p] = max(last, self.written_through.get(p, -1))
+            raise
+        if found < last - first + 1:
+            log.warning("partition %d: %d of offsets %d..%d were still in Kafka (retention, "
+                        "compaction, transaction markers: the rest cannot be applied "
+                        "again)", p, found, first, last)  # fmt: skip
 
     async def _one_by_one(self, records: Sequence[Record], lane: int) -> Outcome:
         total = Outcome()
@@ -339,32 +354,36 @@ def _poisoned(r: Record) -> Outcome:
 
 
 REFILL_BATCH = 500  # events a batch when applying again what Redis lost
-REFILL_TIMEOUT_S = 60.0
+REFILL_FETCH_TIMEOUT_S = 30.0
 
 
-async def read_range(settings: Settings, partition: int, first: int, last: int) -> list[Record]:
-    """The clickstream's records of `partition` at offsets first..last, as the worker's
-    consumer reads them (its security and isolation level), with a consumer of no group:
-    what is no longer in the topic is left out."""
+async def read_range(
+    settings: Settings, partition: int, first: int, last: int
+) -> AsyncIterator[list[Record]]:
+    """The clickstream's records of `partition` at offsets first..last, in batches of up
+    to REFILL_BATCH, as the worker's consumer reads them (its security and isolation
+    level), with a consumer of no group; what is no longer in the topic is left out.
+    A broker that stops answering raises (KafkaError, or TimeoutError after
+    REFILL_FETCH_TIMEOUT_S on one fetch)."""
     tp = TopicPartition(settings.clickstream_topic, partition)
     consumer = AIOKafkaConsumer(
         bootstrap_servers=settings.kafka_bootstrap, group_id=None, enable_auto_commit=False,
-        isolation_level=settings.isolation_level, **settings.kafka.aiokafka(),
+        isolation_level=settings.isolation_level, max_poll_records=REFILL_BATCH,
+        **settings.kafka.aiokafka(),
     )  # fmt: skip
-    await consumer.start()
-    out: list[Record] = []
-    try:
+    try:  # stopped also when it could not start (an unclosed consumer each retry)
+        await consumer.start()
         consumer.assign([tp])
         consumer.seek(tp, first)
-        async with asyncio.timeout(REFILL_TIMEOUT_S):
-            while await consumer.position(tp) <= last:
-                end = (await consumer.end_offsets([tp]))[tp]
-                if await consumer.position(tp) >= end:
-                    break  # the rest is not there (and will not be)
-                for msg in (await consumer.getmany(tp, timeout_ms=500)).get(tp, []):
-                    if first <= msg.offset <= last and msg.value is not None:
-                        out.append(Record(partition, msg.offset, msg.key, msg.value,
-                                          msg.timestamp))  # fmt: skip
+        while await consumer.position(tp) <= last:
+            if await consumer.position(tp) >= (await consumer.end_offsets([tp]))[tp]:
+                return  # the rest is not there (and will not be)
+            async with asyncio.timeout(REFILL_FETCH_TIMEOUT_S):
+                fetched = await consumer.getmany(tp, timeout_ms=1000)
+            records = [Record(partition, m.offset, m.key, m.value, m.timestamp)
+                       for m in fetched.get(tp, [])
+                       if m.offset <= last and m.value is not None]  # fmt: skip
+            if records:
+                yield records
     finally:
         await consumer.stop()
-    return out

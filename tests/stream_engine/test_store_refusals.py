@@ -18,6 +18,7 @@ from stream_engine.ingest import Ingest
 from stream_engine.metrics import WorkerMetrics
 from stream_engine.processor import Record
 from stream_engine.settings import Settings
+from stream_engine.state import Keys
 from stream_engine.store import store_unavailable
 
 CATALOG = Catalog(generate(200))
@@ -77,3 +78,34 @@ async def test_an_out_of_memory_redis_holds_the_batch_until_it_has_room(
         assert await check.hget("oom:{s1}:s", "n") == b"2"
     finally:
         await check.aclose()
+
+
+@pytest.mark.integration
+async def test_a_lost_write_that_kafka_cannot_give_back_yet_holds_the_batch(
+    private_redis: tuple[str, subprocess.Popen[bytes]],
+) -> None:
+    """Redis behind what this worker wrote (StoreRegressed) while the broker is out of
+    reach: the worker neither crashes nor goes on past the gap; it waits and retries."""
+    url, _proc = private_redis
+    admin = aioredis.Redis.from_url(url)
+    metrics = WorkerMetrics()
+    settings = Settings(redis_url=url, key_prefix="gap", kafka_bootstrap="127.0.0.1:1")
+    ingest = Ingest(settings, CATALOG, metrics)
+    now = int(time.time() * 1000)
+    try:
+        first = await ingest.apply([_view(n, f"s{n}", ITEMS[n], now) for n in (1, 2, 3)])
+        assert (first.applied, ingest.written_through) == (3, {0: 3})
+        await admin.hset(Keys("gap").agg_fence, "0", "1")  # Redis lost offsets 2 and 3
+        ingest.processor().cache.clear()  # as after the errors a failover causes
+        pending = asyncio.create_task(ingest.apply([_view(4, "s4", ITEMS[4], now)]))
+        await asyncio.sleep(1.5)
+        assert not pending.done()
+        assert (metrics.registry.get_sample_value("kairos_store_regressions_total") or 0) >= 1
+        assert await admin.exists("gap:{s4}:s") == 0  # not applied past the gap
+        assert ingest.written_through == {0: 3}  # still known to be missing
+        pending.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await pending
+    finally:
+        await ingest.aclose()
+        await admin.aclose()
