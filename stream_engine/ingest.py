@@ -145,8 +145,8 @@ class Ingest:
                 cache_size=max(1, self.settings.session_cache_size // self.lanes),
                 upkeep=self._upkeep,
                 cache=self._cache,
+                written_through=self.written_through,  # one record for the lanes
             )
-            proc.written_through = self.written_through  # one record for the lanes
             proc.adopt_incarnation(self.incarnation.tag)
         return proc
 

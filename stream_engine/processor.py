@@ -271,6 +271,7 @@ class BatchProcessor:
         cache_size: int = 50_000,
         upkeep: AggregateUpkeep | None = None,
         cache: OwnerCache | None = None,
+        written_through: dict[int, int] | None = None,
     ) -> None:
         self.redis = redis
         self.keys = keys
@@ -300,7 +301,7 @@ class BatchProcessor:
         # accepted them), to tell a Redis that lost some of them (StoreRegressed). Shared
         # by a worker's lanes (Ingest); kept across cache clears, which follow exactly the
         # errors a failover or a restart cause.
-        self.written_through: dict[int, int] = {}
+        self.written_through = written_through if written_through is not None else {}
         # The clickstream topic's incarnation the fences are taken on (planning.is_new):
         # 0 while unknown; set through adopt_incarnation.
         self.incarnation = 0

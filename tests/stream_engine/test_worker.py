@@ -131,6 +131,10 @@ class Rig:
     def topic(self) -> str:
         return self.env["KAIROS_CLICKSTREAM_TOPIC"]
 
+    @property
+    def redis_port(self) -> int:
+        return int(self.env["KAIROS_REDIS_URL"].rsplit(":", 1)[1].split("/")[0])
+
     async def publish(self, sessions: list[str], n: int, stride: int,
                       start: int = 0) -> dict[str, list[str]]:  # fmt: skip
         """Publish view events start..start+n-1 spread over the sessions; the items each
@@ -725,7 +729,7 @@ async def test_a_redis_restarted_empty_under_a_running_worker_gets_what_follows_
     describe a Redis that is gone. It waits out the outage, then applies what follows to
     fresh state, each event once, none to the dead letters."""
     rig, server = private_rig
-    port = int(rig.env["KAIROS_REDIS_URL"].rsplit(":", 1)[1].split("/")[0])
+    port = rig.redis_port
     metrics = free_port()
     sessions = [f"s{k}" for k in range(20)]
     worker = rig.start(metrics)
@@ -765,7 +769,7 @@ async def test_a_redis_restarted_from_an_older_snapshot_gets_the_lost_events_aga
     missing offsets again and applies them: every event once, none lost. Before, the
     100 events after the snapshot were gone for good."""
     rig, server = private_rig
-    port = int(rig.env["KAIROS_REDIS_URL"].rsplit(":", 1)[1].split("/")[0])
+    port = rig.redis_port
     metrics = free_port()
     sessions = [f"s{k}" for k in range(20)]
     worker = rig.start(metrics)
