@@ -63,7 +63,7 @@ def create_app(settings: Settings, catalog: Catalog, metrics: WorkerMetrics) -> 
     async def clickstream_agent(stream: Any) -> None:
         loop = type(asyncio.get_running_loop()).__module__.split(".")[0]
         log.info("faust agent running on the %s event loop", loop)
-        ingest.incarnation.forget()  # started again by each rebalance
+        ingest.rebalanced()  # the agent is started again by each rebalance
 
         consumer = cast(KairosConsumer, app.consumer)
         # The clickstream skips faust's per-event streams (faust_transport.Handoff); a
@@ -118,7 +118,7 @@ def create_app(settings: Settings, catalog: Catalog, metrics: WorkerMetrics) -> 
         finally:  # the worker stopping cancels this task: close what it opened
             await redis.aclose()
 
-    app.kairos_ingest = ingest  # type: ignore[attr-defined]
+    app.kairos_ingest = ingest
     return app
 
 

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import uvloop
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+from aiokafka.structs import OffsetAndMetadata
 
 from stream_engine.catalog import Catalog
 from stream_engine.catalog_updates import CatalogFollower
@@ -44,7 +45,7 @@ class _Revocations(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
         # Hand over cleanly: what we applied is committed before another worker takes over.
-        await commit_applied(self.consumer, self.lanes.revoke())
+        await commit_applied(self.consumer, self.lanes.revoke(), self.lanes.ingest.commit_note)
 
     async def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
         log.info("assigned %s", sorted(tp.partition for tp in assigned))
@@ -141,7 +142,7 @@ class ClickstreamConsumer:
         if not force and now - self._last_commit < self.settings.commit_interval_ms / 1000:
             return
         self._last_commit = now
-        await commit_applied(consumer, self.lanes.take_applied())
+        await commit_applied(consumer, self.lanes.take_applied(), self.ingest.commit_note)
 
     def _report_lag(self, consumer: AIOKafkaConsumer) -> None:
         now = time.monotonic()
@@ -153,15 +154,21 @@ class ClickstreamConsumer:
         )
 
 
-async def commit_applied(consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> None:
-    """Commit offsets whose effects are already fenced in Redis. A commit refused because
-    the group moved on (a rebalance, or a broker back from a crash that no longer knows
-    this member) loses nothing: whoever owns the partition now replays from the last
-    commit and the fences skip what was applied. Not a reason to stop the process."""
+async def commit_applied(
+    consumer: AIOKafkaConsumer,
+    offsets: dict[TopicPartition, int],
+    note: Callable[[int], str] | None = None,
+) -> None:
+    """Commit offsets whose effects are already fenced in Redis, each with its partition's
+    `note` if given (Ingest.commit_note). A commit refused because the group moved on (a rebalance,
+    or a broker back from a crash that no longer knows this member) loses nothing:
+    whoever owns the partition now replays from the last commit and the fences skip what
+    was applied. Not a reason to stop the process."""
     if not offsets:
         return
+    metadata = {tp: note(tp.partition) if note else "" for tp in offsets}
     try:
-        await consumer.commit(offsets)
+        await consumer.commit({tp: OffsetAndMetadata(o, metadata[tp]) for tp, o in offsets.items()})
     except (CommitFailedError, IllegalStateError, KafkaError) as exc:
         log.warning("commit after rebalance failed (%s); the new owner will replay", exc)
 

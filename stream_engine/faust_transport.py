@@ -33,13 +33,17 @@ import contextlib
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Container
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import faust
+from aiokafka.structs import OffsetAndMetadata
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
 from mode import Service
 from mode.utils.futures import maybe_async
+
+if TYPE_CHECKING:
+    from stream_engine.ingest import Ingest
 
 
 class InLoopConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
@@ -73,6 +77,18 @@ class InLoopConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         # its producer transactional. aiokafka keeps the level until the consumer's start()
         # builds its fetcher (a test reads an aborted transaction through every engine).
         consumer._isolation_level = cast("KairosApp", self.app).isolation_level
+        # faust commits with no metadata; the clickstream's commits carry the worker's note
+        # of what it wrote to Redis (Ingest.commit_note: whoever applies a partition next
+        # checks Redis against it).
+        ingest = cast("KairosApp", self.app).kairos_ingest
+        commit = consumer.commit
+
+        async def noted(offsets: dict[Any, OffsetAndMetadata]) -> None:
+            topic = ingest.settings.clickstream_topic
+            await commit({tp: OffsetAndMetadata(om.offset, ingest.commit_note(tp.partition))
+                          if tp.topic == topic else om for tp, om in offsets.items()})  # fmt: skip
+
+        consumer.commit = noted
         return consumer
 
     def _stopped_set(self) -> None:
@@ -332,6 +348,7 @@ class KairosApp(faust.App):
     """A faust App on the transport above; the broker URL stays kafka://."""
 
     isolation_level: str  # of the worker's consumer (Settings.isolation_level; create_app)
+    kairos_ingest: Ingest  # what applies the clickstream (create_app)
 
     def _new_transport(self) -> Any:
         return KairosTransport(self.conf.broker_consumer, self)

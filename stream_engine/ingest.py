@@ -12,12 +12,13 @@ import bisect
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 
 import orjson
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
+from confluent_kafka import KafkaException
 from redis.exceptions import ResponseError
 
 from stream_engine.catalog import Catalog
@@ -38,10 +39,13 @@ from stream_engine.processor import (
 from stream_engine.settings import Settings
 from stream_engine.state import FRESHNESS_FIELDS, FRESHNESS_MS, REPORT_TTL_MS, Keys, minute_key
 from stream_engine.store import STORE_ERRORS, connect, store_unavailable
-from stream_engine.topics import Incarnation, TopicIdentity
+from stream_engine.topics import GroupNotes, Incarnation, TopicIdentity
 
 log = logging.getLogger("kairos.worker")
 MAX_BACKOFF_S = 2.0
+# Commit notes (Ingest.commit_note): "kairos:1:<incarnation tag>:<written through>".
+NOTE_PREFIX = "kairos:1:"
+NOTE_ATTEMPTS = 4  # reads of a group's commit notes before going on unchecked (~1.4 s)
 
 
 def tuning_of(settings: Settings) -> Tuning:
@@ -90,6 +94,7 @@ class Ingest:
         lanes: int = 1,
         shared_cache: bool = False,
         topic_id: Callable[[], Awaitable[str | None]] | None = None,
+        notes: Callable[[Iterable[int]], Awaitable[dict[int, str]]] | None = None,
     ) -> None:
         self.settings = settings
         self.catalog = catalog
@@ -110,8 +115,13 @@ class Ingest:
         # The fences are taken per incarnation of the clickstream topic (its id, from
         # topics.TopicIdentity; planning.is_new).
         self.incarnation = Incarnation(settings.clickstream_topic, topic_id)
-        # partition -> the highest aggregates' fence the lanes wrote (StoreRegressed)
+        # partition -> the highest aggregates' fence the lanes wrote, or the group's last
+        # commit says was written (StoreRegressed)
         self.written_through: dict[int, int] = {}
+        # What the group committed with each partition's offset (topics.GroupNotes), read
+        # before the partition's first batch since the start or the last rebalance.
+        self._notes = notes
+        self._noted: set[int] = set()
 
     @classmethod
     def of_worker(
@@ -124,8 +134,10 @@ class Ingest:
         """A worker's: in its lanes, fencing per incarnation of its clickstream topic."""
         topic_id = TopicIdentity(settings.kafka_bootstrap, settings.clickstream_topic,
                                  security=settings.kafka)  # fmt: skip
+        notes = GroupNotes(settings.kafka_bootstrap, settings.consumer_group,
+                           settings.clickstream_topic, security=settings.kafka)  # fmt: skip
         return cls(settings, catalog, metrics, lanes=settings.lanes, shared_cache=shared_cache,
-                   topic_id=topic_id)  # fmt: skip
+                   topic_id=topic_id, notes=notes)  # fmt: skip
 
     @property
     def redis(self) -> aioredis.Redis:
@@ -168,6 +180,8 @@ class Ingest:
         if await self.incarnation.follow((r.partition, r.offset) for r in records):
             for proc in self._processors.values():
                 proc.adopt_incarnation(self.incarnation.tag)
+        if self._notes is not None:
+            await self.check_notes({r.partition for r in records})
         size = self.governor.slice()
         if size is None or len(records) <= size:
             await self.governor.admit(len(records))
@@ -178,6 +192,59 @@ class Ingest:
             await self.governor.admit(len(part))
             _add(total, await self._timed(part, lane))
         return total
+
+    def rebalanced(self) -> None:
+        """The group rebalanced: partitions assigned again are read as new (their topic's
+        id, and what the group committed with them). Safe from another thread."""
+        self.incarnation.forget()
+        self._noted = set()
+
+    def commit_note(self, partition: int) -> str:
+        """The metadata a commit of `partition` carries: the highest aggregates' fence
+        written to Redis (and the topic's incarnation it was taken on), for whoever
+        applies the partition next to check Redis against (check_notes). Safe from
+        another thread (librdkafka's commits are made from its polling thread)."""
+        through = self.written_through.get(partition)
+        return "" if through is None else f"{NOTE_PREFIX}{self.incarnation.tag}:{through}"
+
+    async def check_notes(self, partitions: set[int]) -> None:
+        """Before a partition's first batch since the start or the last rebalance: what
+        did the group's last commit say was written to Redis? A worker restarted, or the
+        partition's new owner, would otherwise take Redis's fences as they are, and miss a
+        Redis that lost writes meanwhile (a failover, a restart from older data): events
+        the group committed past, their effects gone. Noted this way, the first read of
+        the partition's fence finds it behind and the lost offsets are applied again
+        (StoreRegressed, _refill). A commit without a note (another tool's, or an
+        operator's offset reset, which skips a backlog on purpose) leaves Redis as it
+        is. A group that can't be asked is logged and not checked: the stream goes on."""
+        todo = partitions - self._noted
+        if not todo:
+            return
+        assert self._notes is not None
+        notes: dict[int, str] = {}
+        delay = 0.2
+        for attempt in range(NOTE_ATTEMPTS):
+            try:
+                notes = await self._notes(sorted(todo))
+                break
+            except (KafkaException, TimeoutError) as exc:
+                if attempt + 1 == NOTE_ATTEMPTS:
+                    log.warning("partitions %s: could not read what the group committed "
+                                "(%s); Redis is not checked against it", sorted(todo),
+                                exc)  # fmt: skip
+                    break
+                await asyncio.sleep(delay)
+                delay *= 2
+        self._noted.update(todo)
+        for p, note in notes.items():
+            noted = read_note(note)
+            if noted is None or noted[0] != self.incarnation.tag:
+                continue  # none of ours, or taken on another incarnation of the topic
+            through = noted[1]
+            if through > self.written_through.get(p, -1):
+                log.info("partition %d: the group committed it with Redis written through "
+                         "offset %d", p, through)  # fmt: skip
+                self.written_through[p] = through
 
     async def _timed(self, records: Sequence[Record], lane: int) -> Outcome:
         # kairos_batch_apply_seconds: what a batch spends in the worker once it is let
@@ -355,6 +422,17 @@ def _poisoned(r: Record) -> Outcome:
 
 REFILL_BATCH = 500  # events a batch when applying again what Redis lost
 REFILL_FETCH_TIMEOUT_S = 30.0
+
+
+def read_note(note: str) -> tuple[int, int] | None:
+    """(incarnation tag, written through) of a commit note (Ingest.commit_note); None for
+    any other metadata."""
+    if not note.startswith(NOTE_PREFIX):
+        return None
+    tag, sep, through = note[len(NOTE_PREFIX) :].partition(":")
+    if not (sep and tag.isascii() and tag.isdigit() and through.isascii() and through.isdigit()):
+        return None
+    return int(tag), int(through)
 
 
 async def read_range(

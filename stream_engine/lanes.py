@@ -161,7 +161,7 @@ class Lanes:
         with self._lock:
             applied, self._applied = self._applied, {}
             self.generation += 1
-        self.ingest.incarnation.forget()
+        self.ingest.rebalanced()
         return applied
 
     async def _run(

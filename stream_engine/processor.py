@@ -298,9 +298,10 @@ class BatchProcessor:
         self.batches = Batches(redis)
         self.repaired = 0  # keys deleted by _repair, ever
         # partition -> the highest aggregates' fence this worker's writes set (Redis
-        # accepted them), to tell a Redis that lost some of them (StoreRegressed). Shared
-        # by a worker's lanes (Ingest); kept across cache clears, which follow exactly the
-        # errors a failover or a restart cause.
+        # accepted them), or that the group's last commit says was written (the commit
+        # notes, ingest.Ingest.check_notes), to tell a Redis that lost some of them
+        # (StoreRegressed). Shared by a worker's lanes (Ingest); kept across cache clears,
+        # which follow exactly the errors a failover or a restart cause.
         self.written_through = written_through if written_through is not None else {}
         # The clickstream topic's incarnation the fences are taken on (planning.is_new):
         # 0 while unknown; set through adopt_incarnation.
@@ -411,7 +412,13 @@ class BatchProcessor:
                                              list(r), list(c), list(b), lt, block,
                                              fence2, part2, seen)  # fmt: skip
         missing = [sid for sid in sessions if sid not in snaps]
-        fences = {p: self.cache.agg_fences[p] for p in partitions if p in self.cache.agg_fences}
+        # A fence cached below what was written through (by another lane, or by whoever
+        # held the partition before, as its commits tell: ingest.Ingest.check_notes) is
+        # read again, and checked against that.
+        cached, written = self.cache.agg_fences, self.written_through
+        fences: dict[int, int | None] = {
+            p: f for p in partitions if (f := cached.get(p)) is not None and f >= written.get(p, -1)
+        }
         landmark = self.cache.landmark
         need_aggs = len(fences) < len(partitions) or landmark is None
         if not missing and not need_aggs:

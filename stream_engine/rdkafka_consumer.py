@@ -31,6 +31,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
@@ -113,7 +114,8 @@ class RdKafkaConsumer:
             self._halt.set()
             await asyncio.to_thread(poller.join)
             await self.lanes.drain()
-            await asyncio.to_thread(_commit, consumer, self.lanes.take_applied(), False)
+            await asyncio.to_thread(_commit, consumer, self.lanes.take_applied(),
+                                    self.ingest.commit_note, False)  # fmt: skip
         finally:
             self._halt.set()
             await asyncio.to_thread(poller.join)
@@ -145,7 +147,7 @@ class RdKafkaConsumer:
                 now = time.monotonic()
                 if now - last_commit >= commit_s:
                     last_commit = now
-                    _commit(consumer, self.lanes.take_applied(), True)
+                    _commit(consumer, self.lanes.take_applied(), self.ingest.commit_note, True)
                 if now - last_lag >= LAG_EVERY_S:
                     last_lag = now
                     loop.call_soon_threadsafe(self.ingest.report_lag, _highwaters(consumer))
@@ -171,7 +173,7 @@ class RdKafkaConsumer:
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Hand over cleanly: what we applied is committed before another worker takes over.
-        _commit(consumer, self.lanes.revoke(), False)
+        _commit(consumer, self.lanes.revoke(), self.ingest.commit_note, False)
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # The group went on without us: our generation can no longer commit.
@@ -205,10 +207,15 @@ def _batch(messages: list[Message]) -> Batch:
     return batch
 
 
-def _commit(consumer: Consumer, offsets: dict[Partition, int], asynchronous: bool) -> None:
+def _commit(
+    consumer: Consumer, offsets: dict[Partition, int], note: Callable[[int], str],
+    asynchronous: bool,
+) -> None:  # fmt: skip
+    """Commit offsets, each with its partition's note (Ingest.commit_note)."""
     if not offsets:
         return
-    listed = [TopicPartition(tp.topic, tp.partition, offset) for tp, offset in offsets.items()]
+    listed = [TopicPartition(tp.topic, tp.partition, offset, metadata=note(tp.partition))
+              for tp, offset in offsets.items()]  # fmt: skip
     try:
         if asynchronous:
             consumer.commit(offsets=listed, asynchronous=True)

@@ -11,7 +11,8 @@ from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
-from confluent_kafka import TopicCollection
+from confluent_kafka import ConsumerGroupTopicPartitions, KafkaException, TopicCollection
+from confluent_kafka import TopicPartition as ConfluentTopicPartition
 from confluent_kafka.admin import AdminClient
 
 from stream_engine.kafka_security import PLAINTEXT, KafkaSecurity
@@ -99,10 +100,7 @@ class TopicIdentity:
                  security: KafkaSecurity = PLAINTEXT) -> None:  # fmt: skip
         self.topic = topic
         self.timeout_s = timeout_s
-        # librdkafka's own log lines (a broker unreachable) go to this module's logger.
-        config: dict[str, Any] = {"bootstrap.servers": bootstrap, "logger": log,
-                                  **security.librdkafka()}  # fmt: skip
-        self._admin = AdminClient(config)
+        self._admin = admin_client(bootstrap, security)
 
     async def __call__(self) -> str | None:
         try:
@@ -116,6 +114,43 @@ class TopicIdentity:
             return None
         topic_id = str(described.topic_id)
         return None if topic_id in ("", NO_TOPIC_ID) else topic_id
+
+
+def admin_client(bootstrap: str, security: KafkaSecurity = PLAINTEXT) -> AdminClient:
+    """librdkafka's admin client; its own log lines (a broker unreachable) go to this
+    module's logger."""
+    config: dict[str, Any] = {"bootstrap.servers": bootstrap, "logger": log,
+                              **security.librdkafka()}  # fmt: skip
+    return AdminClient(config)
+
+
+class GroupNotes:
+    """The metadata a consumer group committed with its offsets of a topic's partitions
+    (the worker's commit notes, ingest.CommitNotes). Calling it with partitions returns
+    {partition: metadata} for those the group has committed; it raises what the admin
+    client raised (librdkafka's KafkaException, a timeout)."""
+
+    def __init__(self, bootstrap: str, group: str, topic: str, timeout_s: float = 5.0,
+                 security: KafkaSecurity = PLAINTEXT) -> None:  # fmt: skip
+        self.group = group
+        self.topic = topic
+        self.timeout_s = timeout_s
+        self._admin = admin_client(bootstrap, security)
+
+    async def __call__(self, partitions: Iterable[int]) -> dict[int, str]:
+        asked = ConsumerGroupTopicPartitions(
+            self.group, [ConfluentTopicPartition(self.topic, p) for p in partitions]
+        )
+        futures = self._admin.list_consumer_group_offsets([asked], request_timeout=self.timeout_s)
+        async with asyncio.timeout(self.timeout_s + 1):
+            answer = await asyncio.wrap_future(futures[self.group])
+        notes: dict[int, str] = {}
+        for tp in answer.topic_partitions:
+            if tp.error is not None:
+                raise KafkaException(tp.error)
+            if tp.offset >= 0:  # -1001: nothing committed
+                notes[tp.partition] = tp.metadata or ""
+        return notes
 
 
 class Incarnation:

@@ -18,7 +18,7 @@ from typing import Any, cast
 import orjson
 import pytest
 import redis.asyncio as aioredis
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from confluent_kafka import Producer
 
@@ -758,21 +758,28 @@ async def test_a_redis_restarted_empty_under_a_running_worker_gets_what_follows_
             again.wait(timeout=10)
 
 
+@pytest.mark.parametrize("worker", ["running", "restarted", "moved", "reset"])
 async def test_a_redis_restarted_from_an_older_snapshot_gets_the_lost_events_again(
     private_rig: tuple[Rig, subprocess.Popen[bytes]],
     tmp_path: Path,
+    worker: str,
 ) -> None:
     """Redis killed and started again from a snapshot older than the worker's last writes:
     what a failover that lost the old primary's unreplicated writes leaves, or a restart
-    with `appendfsync everysec`. The worker has moved past those events in Kafka (and
-    committed them); it finds each partition's fence behind what it wrote, reads the
-    missing offsets again and applies them: every event once, none lost. Before, the
-    100 events after the snapshot were gone for good."""
+    with `appendfsync everysec`. The group has moved past those events in Kafka (and
+    committed them): a worker that ran on through it finds each partition's fence behind
+    what it wrote; one started again meanwhile ("restarted"), or a second worker that
+    takes half the partitions over ("moved"), behind what the group's commits say was
+    written. Each reads the missing offsets again and applies them: every event once,
+    none lost. Before, the 100 events after the snapshot were gone for good (the
+    restarted and the second worker's until session 41). An operator who reset the
+    group's offsets meanwhile ("reset", to where they were: a reset carries no note) has
+    said where to go on from: nothing is read again."""
     rig, server = private_rig
     port = rig.redis_port
     metrics = free_port()
     sessions = [f"s{k}" for k in range(20)]
-    worker = rig.start(metrics)
+    proc = rig.start(metrics)
     redis = rig.redis
     again: subprocess.Popen[bytes] | None = None
     try:
@@ -782,23 +789,57 @@ async def test_a_redis_restarted_from_an_older_snapshot_gets_the_lost_events_aga
         await rig.publish(sessions, 100, 1, start=200)
         await rig.wait_applied(sessions, 300)
         await asyncio.sleep(1.5)  # offsets committed past them
+        if worker in ("restarted", "reset"):
+            os.killpg(proc.pid, signal.SIGTERM)  # a clean stop: it commits what it applied
+            proc.wait(timeout=30)
         server.kill()
         server.wait()
         again = redis_server(port, tmp_path)  # loads the snapshot
         await redis.connection_pool.disconnect()
         assert await rig.counts(sessions) == [10] * 20  # Redis lost 100 events' effects
+        if worker == "reset":
+            await _commit_again_without_notes(Settings.from_env(rig.env))
+        ports = [metrics]
+        if worker in ("restarted", "reset"):
+            ports = [free_port()]
+            proc = rig.start(ports[0])
+        elif worker == "moved":
+            ports.append(free_port())
+            rig.start(ports[1])
+            await asyncio.sleep(8)  # it joins the group before the events arrive
         await rig.publish(sessions, 100, 1, start=300)
-        await rig.wait_applied(sessions, 400, within_s=60)
+        lost = 100 if worker == "reset" else 0
+        await rig.wait_applied(sessions, 400 - lost, within_s=60)
         await asyncio.sleep(1.0)
-        assert await rig.counts(sessions) == [20] * 20
-        assert _metric(metrics, "kairos_events_reapplied_total", "") == 100
-        assert _metric(metrics, "kairos_store_regressions_total", "") >= 1
-        assert _metric(metrics, "kairos_dlq_events_total", "") == 0
-        assert worker.poll() is None
+        assert await rig.counts(sessions) == [20 - lost // 20] * 20
+        reapplied = [_metric(port, "kairos_events_reapplied_total", "") for port in ports]
+        assert sum(reapplied) == 100 - lost
+        assert all(reapplied) or lost, reapplied  # the second worker too, for its partitions
+        regressions = sum(_metric(port, "kairos_store_regressions_total", "") for port in ports)
+        assert (regressions >= 1) == (not lost)
+        assert sum(_metric(port, "kairos_dlq_events_total", "") for port in ports) == 0
+        assert proc.poll() is None
     finally:
         if again is not None:
             again.terminate()
             again.wait(timeout=10)
+
+
+async def _commit_again_without_notes(settings: Settings) -> None:
+    """The group's offsets committed again where they are, with no metadata: what an
+    operator's `kafka-consumer-groups --reset-offsets` leaves."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap,
+                                group_id=settings.consumer_group,
+                                enable_auto_commit=False)  # fmt: skip
+    await consumer.start()
+    try:
+        tps = [TopicPartition(settings.clickstream_topic, p) for p in range(settings.partitions)]
+        consumer.assign(tps)
+        offsets = {tp: c for tp in tps if (c := await consumer.committed(tp)) is not None}
+        assert offsets
+        await consumer.commit(offsets)
+    finally:
+        await consumer.stop()
 
 
 async def test_a_frozen_redis_delays_but_loses_and_doubles_nothing(
