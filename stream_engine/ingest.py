@@ -18,7 +18,6 @@ import orjson
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
-from confluent_kafka import KafkaException
 from redis.exceptions import ResponseError
 
 from stream_engine.catalog import Catalog
@@ -227,7 +226,7 @@ class Ingest:
             try:
                 notes = await self._notes(sorted(todo))
                 break
-            except (KafkaException, TimeoutError) as exc:
+            except KafkaError as exc:
                 if attempt + 1 == NOTE_ATTEMPTS:
                     log.warning("partitions %s: could not read what the group committed "
                                 "(%s); Redis is not checked against it", sorted(todo),
@@ -238,8 +237,13 @@ class Ingest:
         self._noted.update(todo)
         for p, note in notes.items():
             noted = read_note(note)
-            if noted is None or noted[0] != self.incarnation.tag:
-                continue  # none of ours, or taken on another incarnation of the topic
+            if noted is None:
+                if note.startswith(NOTE_PREFIX):
+                    log.warning("partition %d: the group's commit note %r does not read; "
+                                "Redis is not checked against it", p, note)  # fmt: skip
+                continue  # none of ours
+            if noted[0] != self.incarnation.tag:
+                continue  # taken on another incarnation of the topic
             through = noted[1]
             if through > self.written_through.get(p, -1):
                 log.info("partition %d: the group committed it with Redis written through "

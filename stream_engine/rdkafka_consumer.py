@@ -114,7 +114,7 @@ class RdKafkaConsumer:
             self._halt.set()
             await asyncio.to_thread(poller.join)
             await self.lanes.drain()
-            await asyncio.to_thread(_commit, consumer, self.lanes.take_applied(),
+            await asyncio.to_thread(commit_offsets, consumer, self.lanes.take_applied(),
                                     self.ingest.commit_note, False)  # fmt: skip
         finally:
             self._halt.set()
@@ -147,7 +147,9 @@ class RdKafkaConsumer:
                 now = time.monotonic()
                 if now - last_commit >= commit_s:
                     last_commit = now
-                    _commit(consumer, self.lanes.take_applied(), self.ingest.commit_note, True)
+                    commit_offsets(
+                        consumer, self.lanes.take_applied(), self.ingest.commit_note, True
+                    )
                 if now - last_lag >= LAG_EVERY_S:
                     last_lag = now
                     loop.call_soon_threadsafe(self.ingest.report_lag, _highwaters(consumer))
@@ -173,7 +175,7 @@ class RdKafkaConsumer:
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Hand over cleanly: what we applied is committed before another worker takes over.
-        _commit(consumer, self.lanes.revoke(), self.ingest.commit_note, False)
+        commit_offsets(consumer, self.lanes.revoke(), self.ingest.commit_note, False)
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # The group went on without us: our generation can no longer commit.
@@ -207,7 +209,7 @@ def _batch(messages: list[Message]) -> Batch:
     return batch
 
 
-def _commit(
+def commit_offsets(
     consumer: Consumer, offsets: dict[Partition, int], note: Callable[[int], str],
     asynchronous: bool,
 ) -> None:  # fmt: skip
