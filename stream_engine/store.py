@@ -24,7 +24,12 @@ import redis.asyncio as aioredis
 from redis._parsers import BaseParser  # the exception class of each error reply
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
+from redis.asyncio.sentinel import (
+    Sentinel,
+    SentinelConnectionPool,
+    SentinelManagedConnection,
+    SentinelManagedSSLConnection,
+)
 from redis.backoff import NoBackoff
 from redis.connection import parse_url
 from redis.exceptions import (
@@ -114,6 +119,10 @@ class KairosSentinelConnection(_KairosConnection, SentinelManagedConnection):
     pass
 
 
+class KairosSentinelSSLConnection(_KairosConnection, SentinelManagedSSLConnection):
+    pass
+
+
 class KairosSentinelPool(SentinelConnectionPool, aioredis.BlockingConnectionPool):
     """redis-py's pool for the primary a Sentinel names, blocking for a free connection
     like every other Kairos pool; closing it closes the Sentinel connections too."""
@@ -126,7 +135,23 @@ class KairosSentinelPool(SentinelConnectionPool, aioredis.BlockingConnectionPool
 
 
 SENTINEL_SCHEME = "redis+sentinel"
+SENTINEL_TLS_SCHEME = "rediss+sentinel"  # TLS to the Sentinels and to the primary
 SENTINEL_PORT = 26379
+# A rediss+sentinel URL's TLS parameters (redis-py's, as a rediss:// URL takes them), for
+# the Sentinels and the primary alike, and how each is read.
+SENTINEL_TLS_OPTIONS: dict[str, Callable[[str], Any]] = {
+    "ssl_ca_certs": str,
+    "ssl_certfile": str,
+    "ssl_keyfile": str,
+    "ssl_cert_reqs": lambda v: _one_of(v, ("none", "optional", "required")),
+    "ssl_check_hostname": lambda v: _one_of(v, ("true", "false")) == "true",
+}
+
+
+def _one_of(value: str, allowed: tuple[str, ...]) -> str:
+    if value.lower() not in allowed:
+        raise ValueError(f"{value!r} is none of {', '.join(allowed)}")
+    return value.lower()
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,7 +159,9 @@ class SentinelUrl:
     """`redis+sentinel://[[user]:password@]host[:port][,host[:port]...]/service[/db]
     [?sentinel_username=…&sentinel_password=…]`: the Sentinels (port 26379 unless given)
     to ask where the primary of `service` is, at each new connection. The user, password
-    and database are the primary's; the Sentinels' own are in the query."""
+    and database are the primary's; the Sentinels' own are in the query. `rediss+sentinel`
+    speaks TLS to the Sentinels and to the primary, with the TLS parameters of a
+    `rediss://` URL (SENTINEL_TLS_OPTIONS) for both."""
 
     sentinels: tuple[tuple[str, int], ...]
     service: str
@@ -143,26 +170,38 @@ class SentinelUrl:
     password: str | None = None
     sentinel_username: str | None = None
     sentinel_password: str | None = None
+    tls: bool = False
+    tls_options: tuple[tuple[str, Any], ...] = ()  # SENTINEL_TLS_OPTIONS given, read
 
     @classmethod
     def parse(cls, url: str) -> SentinelUrl | None:
         """None for a URL of another scheme; ValueError saying what is wrong with one of
         this scheme."""
         parts = urlsplit(url)
-        if parts.scheme != SENTINEL_SCHEME:
+        if parts.scheme not in (SENTINEL_SCHEME, SENTINEL_TLS_SCHEME):
             return None
+        tls = parts.scheme == SENTINEL_TLS_SCHEME
         hosts = parts.netloc.rsplit("@", 1)[-1]
         sentinels = tuple(_host_port(entry) for entry in hosts.split(","))
         path = [unquote(p) for p in parts.path.strip("/").split("/")] if parts.path else []
         if not path or not path[0]:
-            raise ValueError("no service name: redis+sentinel://host:26379/SERVICE[/db]")
+            raise ValueError(f"no service name: {parts.scheme}://host:26379/SERVICE[/db]")
         if len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
             raise ValueError(f"the path must be /service[/db], got {parts.path!r}")
         allowed = {"sentinel_username", "sentinel_password"}
+        if tls:
+            allowed |= set(SENTINEL_TLS_OPTIONS)
         query = parse_qs(parts.query, keep_blank_values=True)
         if unknown := sorted(set(query) - allowed):
+            more = "" if tls else f"; {SENTINEL_TLS_SCHEME}:// takes TLS parameters"
             raise ValueError(f"unknown parameters {', '.join(unknown)} (known: "
-                             f"{', '.join(sorted(allowed))})")  # fmt: skip
+                             f"{', '.join(sorted(allowed))}{more})")  # fmt: skip
+        tls_options = []
+        for name in sorted(set(query) & set(SENTINEL_TLS_OPTIONS)):
+            try:
+                tls_options.append((name, SENTINEL_TLS_OPTIONS[name](query[name][-1])))
+            except ValueError as exc:
+                raise ValueError(f"{name}: {exc}") from None
         return cls(
             sentinels=sentinels,
             service=path[0],
@@ -171,16 +210,20 @@ class SentinelUrl:
             password=unquote(parts.password) if parts.password is not None else None,
             sentinel_username=query.get("sentinel_username", [None])[-1],
             sentinel_password=query.get("sentinel_password", [None])[-1],
+            tls=tls,
+            tls_options=tuple(tls_options),
         )
 
     def client(self, max_connections: int, timeout_s: float | None) -> aioredis.Redis:
+        tls: dict[str, Any] = {"ssl": True, **dict(self.tls_options)} if self.tls else {}
         ask = {"username": self.sentinel_username, "password": self.sentinel_password,
-               "socket_timeout": 2.0, "socket_connect_timeout": 2.0}  # fmt: skip
+               "socket_timeout": 2.0, "socket_connect_timeout": 2.0, **tls}  # fmt: skip
         manager = Sentinel(list(self.sentinels), sentinel_kwargs=ask)  # type: ignore[no-untyped-call]
         client: aioredis.Redis = manager.master_for(
             self.service,
             connection_pool_class=KairosSentinelPool,
-            connection_class=KairosSentinelConnection,
+            connection_class=KairosSentinelSSLConnection if self.tls else KairosSentinelConnection,
+            **{k: v for k, v in tls.items() if k != "ssl"},
             max_connections=max_connections,
             timeout=timeout_s or 5.0,
             socket_timeout=timeout_s,
@@ -427,19 +470,20 @@ class _Address:
     def of(cls, redis: aioredis.Redis) -> _Address:
         pool = redis.connection_pool
         kwargs = pool.connection_kwargs
-        if isinstance(pool, SentinelConnectionPool):
-            return cls(
-                host="", port=0, db=int(kwargs.get("db", 0) or 0),
-                username=kwargs.get("username"), password=kwargs.get("password"),
-                connect_timeout_s=kwargs.get("socket_connect_timeout") or 5.0,
-                resolve=pool.get_master_address, service=pool.service_name,
-            )  # fmt: skip
         tls = None
         if issubclass(pool.connection_class, aioredis.SSLConnection):
             # redis-py's context for the URL's ssl_* parameters: the same certificates,
             # checks and versions as the pool's own connections (building one connects
             # nothing)
-            tls = pool.connection_class(**kwargs).ssl_context.get()
+            ssl_kwargs = {k: v for k, v in kwargs.items() if k.startswith("ssl_")}
+            tls = aioredis.SSLConnection(**ssl_kwargs).ssl_context.get()
+        if isinstance(pool, SentinelConnectionPool):
+            return cls(
+                host="", port=0, db=int(kwargs.get("db", 0) or 0),
+                username=kwargs.get("username"), password=kwargs.get("password"),
+                connect_timeout_s=kwargs.get("socket_connect_timeout") or 5.0,
+                tls=tls, resolve=pool.get_master_address, service=pool.service_name,
+            )  # fmt: skip
         return cls(
             host=kwargs.get("host", "localhost"),
             port=int(kwargs.get("port", 6379)),

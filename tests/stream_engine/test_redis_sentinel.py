@@ -28,6 +28,7 @@ from stream_engine.store import Batches, SentinelUrl, Shared, check_redis_url, c
 from stream_engine.topics import ensure_topics
 from tests.conftest import (
     Stack,
+    Tls,
     Views,
     free_port,
     listening,
@@ -52,6 +53,12 @@ def test_a_sentinel_url_is_read_whole() -> None:
     )  # fmt: skip
     assert SentinelUrl.parse("redis://127.0.0.1:6379/0") is None
     check_redis_url(url)
+    tls = SentinelUrl.parse(f"rediss+sentinel://h1/{SERVICE}?ssl_ca_certs=/etc/ca.pem"
+                            "&ssl_cert_reqs=Required&ssl_check_hostname=false")  # fmt: skip
+    assert tls is not None
+    assert tls.tls
+    assert dict(tls.tls_options) == {"ssl_ca_certs": "/etc/ca.pem", "ssl_cert_reqs": "required",
+                                     "ssl_check_hostname": False}  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -63,6 +70,17 @@ def test_a_sentinel_url_is_read_whole() -> None:
         ("redis+sentinel://127.0.0.1:port/svc", "a Sentinel must be host[:port]"),
         ("redis+sentinel://127.0.0.1,,h2/svc", "a Sentinel must be host[:port]"),
         ("redis+sentinel://h1/svc?sentinel_pasword=x", "unknown parameters sentinel_pasword"),
+        (
+            "redis+sentinel://h1/svc?ssl_ca_certs=/ca.pem",
+            "unknown parameters ssl_ca_certs (known: sentinel_password, sentinel_username; "
+            "rediss+sentinel:// takes TLS parameters)",
+        ),
+        (
+            "rediss+sentinel://h1/svc?ssl_cert_reqs=maybe",
+            "ssl_cert_reqs: 'maybe' is none of none, optional, required",
+        ),
+        ("rediss+sentinel://h1/svc?ssl_check_hostname=yes", "ssl_check_hostname: 'yes' is none"),
+        ("rediss+sentinel://h1", "no service name: rediss+sentinel://"),
     ],
 )
 def test_a_sentinel_url_that_cannot_work_is_refused_with_why(url: str, says: str) -> None:
@@ -73,18 +91,26 @@ def test_a_sentinel_url_that_cannot_work_is_refused_with_why(url: str, says: str
 
 @dataclass
 class Sentineled:
-    """A primary, its replica, and one Sentinel watching them (quorum 1)."""
+    """A primary, its replica, and one Sentinel watching them (quorum 1); with `tls`, each
+    listens for TLS only, the replica and the Sentinel reach the primary over TLS too."""
 
     ports: dict[str, int]
     sentinel_port: int
+    tls: Tls | None = None
 
     @property
     def url(self) -> str:
+        if self.tls is not None:
+            return (f"rediss+sentinel://:{PASSWORD}@127.0.0.1:{self.sentinel_port}/{SERVICE}"
+                    f"?ssl_ca_certs={self.tls.ca}")  # fmt: skip
         return f"redis+sentinel://:{PASSWORD}@127.0.0.1:{self.sentinel_port}/{SERVICE}"
 
     def ask(self, port: int, *command: Any) -> Any:
+        tls: dict[str, Any] = {}
+        if self.tls is not None:
+            tls = {"ssl": True, "ssl_ca_certs": str(self.tls.ca)}
         with redis.Redis(port=port, password=PASSWORD if port != self.sentinel_port else None,
-                         socket_timeout=5) as client:  # fmt: skip
+                         socket_timeout=5, **tls) as client:  # fmt: skip
             return client.execute_command(*command)
 
     def primary(self) -> int:
@@ -116,28 +142,48 @@ class Sentineled:
 
 @pytest.fixture
 def sentineled() -> Iterator[Sentineled]:
+    yield from _sentinel_set(None)
+
+
+@pytest.fixture
+def tls_sentineled(tls: Tls) -> Iterator[Sentineled]:
+    yield from _sentinel_set(tls)
+
+
+def _sentinel_set(tls: Tls | None) -> Iterator[Sentineled]:
     workdir = Path(tempfile.mkdtemp(prefix="ksn"))
     ports = {"a": free_port(), "b": free_port()}
     sentinel_port = free_port()
     common = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(workdir),
               "--requirepass", PASSWORD, "--masterauth", PASSWORD]  # fmt: skip
+    listen = {p: ["--port", str(p)] for p in ports.values()}
+    sentinel_listen = f"port {sentinel_port}\n"
+    if tls is not None:  # TLS only, and the replica's and the Sentinel's links too
+        files = {"tls-cert-file": tls.cert, "tls-key-file": tls.key, "tls-ca-cert-file": tls.ca,
+                 "tls-auth-clients": "no", "tls-replication": "yes"}  # fmt: skip
+        listen = {p: ["--port", "0", "--tls-port", str(p),
+                      *(a for k, v in files.items() for a in (f"--{k}", str(v)))]
+                  for p in ports.values()}  # fmt: skip
+        sentinel_listen = f"port 0\ntls-port {sentinel_port}\n" + "".join(
+            f"{k} {v}\n" for k, v in files.items()
+        )
     conf = workdir / "sentinel.conf"  # Sentinel rewrites its file: one of its own
     conf.write_text(
-        f"port {sentinel_port}\nbind 127.0.0.1\ndir {workdir}\n"
+        f"{sentinel_listen}bind 127.0.0.1\ndir {workdir}\n"
         f"sentinel monitor {SERVICE} 127.0.0.1 {ports['a']} 1\n"
         f"sentinel auth-pass {SERVICE} {PASSWORD}\n"
         f"sentinel down-after-milliseconds {SERVICE} 1000\n"
         f"sentinel failover-timeout {SERVICE} 5000\n"
     )
     argvs = [
-        ["redis-server", "--port", str(ports["a"]), "--dbfilename", "a.rdb", *common],
-        ["redis-server", "--port", str(ports["b"]), "--dbfilename", "b.rdb", *common,
+        ["redis-server", *listen[ports["a"]], "--dbfilename", "a.rdb", *common],
+        ["redis-server", *listen[ports["b"]], "--dbfilename", "b.rdb", *common,
          "--replicaof", "127.0.0.1", str(ports["a"])],
         ["redis-server", str(conf), "--sentinel"],
     ]  # fmt: skip
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        s = Sentineled(ports, sentinel_port)
+        s = Sentineled(ports, sentinel_port, tls)
         for argv, port in zip(argvs, (ports["a"], ports["b"], sentinel_port), strict=True):
             procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL,
                                           stderr=subprocess.DEVNULL))  # fmt: skip
@@ -159,10 +205,16 @@ def sentineled() -> Iterator[Sentineled]:
 
 @pytest.mark.integration
 @pytest.mark.timeout(120)
-async def test_each_connection_follows_the_primary_sentinel_names(sentineled: Sentineled) -> None:
+@pytest.mark.parametrize("which", ["sentineled", "tls_sentineled"])
+async def test_each_connection_follows_the_primary_sentinel_names(
+    which: str, request: pytest.FixtureRequest
+) -> None:
     """Batches (the worker's writes), Shared (the API's reads) and redis-py's pool connect to
     the primary the Sentinel names, and after a failover to the new one (Sentinel cuts the
-    old primary's clients off: at most one error each)."""
+    old primary's clients off: at most one error each). Over TLS too (`rediss+sentinel`,
+    servers that listen for TLS only): no client here spoke TLS to a Sentinel-managed
+    Redis before session 41."""
+    sentineled: Sentineled = request.getfixturevalue(which)
     client = connect(sentineled.url)
     batches, shared = Batches(client), Shared(client)
     first = sentineled.primary()
