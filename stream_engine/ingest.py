@@ -121,6 +121,8 @@ class Ingest:
         # before the partition's first batch since the start or the last rebalance.
         self._notes = notes
         self._noted: set[int] = set()
+        # partition -> the offset a refill under way must reach (_refill), noted meanwhile
+        self._refilling: dict[int, int] = {}
 
     @classmethod
     def of_worker(
@@ -203,8 +205,9 @@ class Ingest:
         written to Redis (and the topic's incarnation it was taken on), for whoever
         applies the partition next to check Redis against (check_notes). Safe from
         another thread (librdkafka's commits are made from its polling thread)."""
-        through = self.written_through.get(partition)
-        return "" if through is None else f"{NOTE_PREFIX}{self.incarnation.tag}:{through}"
+        through = max(self.written_through.get(partition, -1),
+                      self._refilling.get(partition, -1))  # fmt: skip
+        return "" if through < 0 else f"{NOTE_PREFIX}{self.incarnation.tag}:{through}"
 
     async def check_notes(self, partitions: set[int]) -> None:
         """Before a partition's first batch since the start or the last rebalance: what
@@ -299,7 +302,12 @@ class Ingest:
                     "a restart from older data): applying them again from Kafka",
                     p, first, last)  # fmt: skip
         self.metrics.store_regressions.inc()
-        self.written_through.pop(p, None)  # the refill's own writes set it again
+        # The refill's own writes set it again; until they reach `last`, commits (of
+        # batches applied before) still note `last`: a worker that stops meanwhile leaves
+        # the gap to be found by the next (check_notes).
+        self.written_through.pop(p, None)
+        outer = self._refilling.get(p)  # a refill that found Redis behind again
+        self._refilling[p] = max(last, outer if outer is not None else -1)
         found = 0
         try:
             async for records in read_range(self.settings, p, first, last):
@@ -310,6 +318,11 @@ class Ingest:
             # what is still missing must be found missing again
             self.written_through[p] = max(last, self.written_through.get(p, -1))
             raise
+        finally:
+            if outer is None:
+                del self._refilling[p]
+            else:
+                self._refilling[p] = outer
         if found < last - first + 1:
             log.warning("partition %d: %d of offsets %d..%d were still in Kafka (retention, "
                         "compaction, transaction markers: the rest cannot be applied "
