@@ -123,6 +123,7 @@ class Ingest:
         self._noted: set[int] = set()
         # partition -> the offset a refill under way must reach (_refill), noted meanwhile
         self._refilling: dict[int, int] = {}
+        self._emptied = 0  # the processors' emptied partitions counted in the metrics
 
     @classmethod
     def of_worker(
@@ -359,6 +360,10 @@ class Ingest:
             m.conflicts.inc(outcome.conflicts)
         if outcome.repaired:
             m.repaired.inc(outcome.repaired)
+        emptied = sum(proc.emptied for proc in self._processors.values())
+        if emptied > self._emptied:  # counted here whether the batch's write went through
+            m.store_emptied.inc(emptied - self._emptied)
+            self._emptied = emptied
 
     async def flush_report(self) -> None:
         """Freshness counts into the report's per-minute counters (stream_engine/attribution

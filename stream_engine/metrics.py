@@ -138,6 +138,12 @@ class WorkerMetrics:
             "(a failover, a restart from older data); the events in between applied again",
             registry=r,
         )  # fmt: skip
+        self.store_emptied = Counter(
+            "kairos_store_emptied_total",
+            "Times Redis had no trace of a partition the worker had written (or the group's "
+            "last commit says was written): emptied; what follows applies to fresh state",
+            registry=r,
+        )  # fmt: skip
         self.reapplied = Counter(
             "kairos_events_reapplied_total",
             "Events read again from Kafka because Redis had lost their effects", registry=r,

@@ -297,6 +297,9 @@ class BatchProcessor:
         self.upkeep = upkeep or AggregateUpkeep(ttls.aggregate_ms)
         self.batches = Batches(redis)
         self.repaired = 0  # keys deleted by _repair, ever
+        # partitions Redis had no trace of where this worker had written (or the group's
+        # commits say was written): an emptied Redis, ever (kairos_store_emptied_total)
+        self.emptied = 0
         # partition -> the highest aggregates' fence this worker's writes set (Redis
         # accepted them), or that the group's last commit says was written (the commit
         # notes, ingest.Ingest.check_notes), to tell a Redis that lost some of them
@@ -456,6 +459,7 @@ class BatchProcessor:
                             "wrote through offset %d: applying what follows to fresh "
                             "state", p, through)  # fmt: skip
                 del self.written_through[p]
+                self.emptied += 1
                 continue
             raise StoreRegressed(p, fence, through)
         return snaps, fences, stored_int(res[-1])
