@@ -160,15 +160,16 @@ async def commit_applied(
     note: Callable[[int], str] | None = None,
 ) -> None:
     """Commit offsets whose effects are already fenced in Redis, each with its partition's
-    `note` if given (Ingest.commit_note). A commit refused because the group moved on (a rebalance,
-    or a broker back from a crash that no longer knows this member) loses nothing:
-    whoever owns the partition now replays from the last commit and the fences skip what
-    was applied. Not a reason to stop the process."""
+    `note` if given (Ingest.commit_note). A commit refused because the group moved on (a
+    rebalance, or a broker back from a crash that no longer knows this member) loses
+    nothing: whoever owns the partition now replays from the last commit and the fences
+    skip what was applied. Not a reason to stop the process."""
     if not offsets:
         return
-    metadata = {tp: note(tp.partition) if note else "" for tp in offsets}
+    noted = {tp: OffsetAndMetadata(o, note(tp.partition) if note else "")
+             for tp, o in offsets.items()}  # fmt: skip
     try:
-        await consumer.commit({tp: OffsetAndMetadata(o, metadata[tp]) for tp, o in offsets.items()})
+        await consumer.commit(noted)
     except (CommitFailedError, IllegalStateError, KafkaError) as exc:
         log.warning("commit after rebalance failed (%s); the new owner will replay", exc)
 

@@ -100,7 +100,10 @@ class TopicIdentity:
                  security: KafkaSecurity = PLAINTEXT) -> None:  # fmt: skip
         self.topic = topic
         self.timeout_s = timeout_s
-        self._admin = admin_client(bootstrap, security)
+        # librdkafka's own log lines (a broker unreachable) go to this module's logger.
+        config: dict[str, Any] = {"bootstrap.servers": bootstrap, "logger": log,
+                                  **security.librdkafka()}  # fmt: skip
+        self._admin = AdminClient(config)
 
     async def __call__(self) -> str | None:
         try:
@@ -114,14 +117,6 @@ class TopicIdentity:
             return None
         topic_id = str(described.topic_id)
         return None if topic_id in ("", NO_TOPIC_ID) else topic_id
-
-
-def admin_client(bootstrap: str, security: KafkaSecurity = PLAINTEXT) -> AdminClient:
-    """librdkafka's admin client; its own log lines (a broker unreachable) go to this
-    module's logger."""
-    config: dict[str, Any] = {"bootstrap.servers": bootstrap, "logger": log,
-                              **security.librdkafka()}  # fmt: skip
-    return AdminClient(config)
 
 
 class GroupNotes:
